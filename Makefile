@@ -1,0 +1,58 @@
+# camserve: every prediction also returns a class activation map.
+# Python 3.11 and make are all a fresh machine needs; everything else is installed into .venv from requirements.txt.
+
+PYTHON ?= python3.11
+VENV := .venv
+BIN := $(VENV)/bin
+PY := $(BIN)/python
+RUN_DIR := .run/serve
+INFERENCE_PORT ?= 8080
+MANAGEMENT_PORT ?= 8081
+METRICS_PORT ?= 8082
+export PYTHONPATH := $(CURDIR)
+
+.PHONY: help venv serve stop test test-fast archive train evaluate bench clean
+
+help:
+	@echo "make serve     start TorchServe with the default model on 127.0.0.1:$(INFERENCE_PORT) (background)"
+	@echo "make stop      stop that server"
+	@echo "make test      install what is missing and run the whole test suite"
+	@echo "make archive   (re)build model_store/shapes.mar"
+	@echo "make train     retrain the default model (models/shapes/)"
+	@echo "make evaluate  measure the default model's accuracy and localization (docs/shapes-model.md)"
+	@echo "make bench     map overhead benchmark (docs/benchmarks.md)"
+
+# The venv is rebuilt when requirements.txt changes; the stamp records the last successful install.
+$(VENV)/.installed: requirements.txt
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --disable-pip-version-check -r requirements.txt
+	touch $@
+
+venv: $(VENV)/.installed
+
+model_store/shapes.mar: $(VENV)/.installed $(shell find camserve handlers -name '*.py') models/shapes/model-config.yaml models/shapes/shapes_net.pt models/shapes/index_to_name.json
+	$(PY) scripts/build_archive.py --name shapes --model-dir models/shapes --export-path model_store
+
+archive: model_store/shapes.mar
+
+serve: model_store/shapes.mar
+	$(PY) -m camserve.server start --run-dir $(RUN_DIR) --config config/dev.properties \
+		--inference-port $(INFERENCE_PORT) --management-port $(MANAGEMENT_PORT) --metrics-port $(METRICS_PORT)
+
+stop:
+	@test -x $(PY) && $(PY) -m camserve.server stop --run-dir $(RUN_DIR) || true
+
+test: model_store/shapes.mar
+	$(PY) -m pytest
+
+train: $(VENV)/.installed
+	$(PY) scripts/train_shapes.py
+
+evaluate: $(VENV)/.installed
+	$(PY) scripts/evaluate_shapes.py
+
+bench: $(VENV)/.installed
+	$(PY) scripts/bench_overhead.py
+
+clean:
+	rm -rf .run model_store/*.mar

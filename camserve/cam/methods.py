@@ -1,0 +1,184 @@
+"""The CAM family: one small unit per method, each turning what the extractor captured into a raw map.
+
+Every method receives a `LayerCapture` for one target layer, with shapes
+  activations  A: (B, K, H, W)  the layer's output for the batch
+  gradients    G: (B, K, H, W)  d(score of each sample's target class)/dA, when `needs_gradients`
+  class_weights W: (B, K)       the head's Linear weights of each target class, when `needs_class_weights`
+and returns the raw saliency (B, H, W). The extractor applies ReLU when `relu` is set, then normalisation is
+the caller's. Formulas follow the papers and pytorch-grad-cam's conventions (whose maps are our test oracle).
+
+Adding a method: write a function below and register it with `@method(...)`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+from torch.nn import functional as F
+
+
+@dataclass
+class LayerCapture:
+    activations: Tensor
+    gradients: Tensor | None = None
+    class_weights: Tensor | None = None
+    # Score-CAM only: the network input, and a function returning logits for a batch of inputs.
+    inputs: Tensor | None = None
+    score_fn: Callable[[Tensor], Tensor] | None = None
+    targets: Tensor | None = None
+
+
+MapFn = Callable[[LayerCapture], Tensor]
+
+
+@dataclass(frozen=True)
+class CamMethod:
+    name: str
+    compute: MapFn
+    needs_gradients: bool = False
+    needs_class_weights: bool = False
+    needs_forward_passes: bool = False
+    relu: bool = True
+
+    @property
+    def doc(self) -> str:
+        return (self.compute.__doc__ or "").strip().splitlines()[0]
+
+
+METHODS: dict[str, CamMethod] = {}
+
+
+def method(name: str, **requirements: bool) -> Callable[[MapFn], MapFn]:
+    def register(compute: MapFn) -> MapFn:
+        METHODS[name] = CamMethod(name=name, compute=compute, **requirements)
+        return compute
+
+    return register
+
+
+def _weighted_sum(weights: Tensor, activations: Tensor) -> Tensor:
+    """sum_k w_k A_k for channel weights (B, K)."""
+    return torch.einsum("bk,bkhw->bhw", weights, activations)
+
+
+@method("cam", needs_class_weights=True, relu=False)
+def cam(capture: LayerCapture) -> Tensor:
+    """CAM: L^c = sum_k w_k^c A_k, with w^c the class's row of the Linear layer after global average pooling.
+
+    Zhou et al. 2016, "Learning Deep Features for Discriminative Localization", https://arxiv.org/abs/1512.04150
+    No ReLU (as in the paper): negative evidence stays below the positive after normalisation.
+    """
+    assert capture.class_weights is not None
+    return _weighted_sum(capture.class_weights, capture.activations)
+
+
+@method("gradcam", needs_gradients=True)
+def gradcam(capture: LayerCapture) -> Tensor:
+    """Grad-CAM: L^c = ReLU(sum_k a_k^c A_k), a_k^c = mean_ij dy^c/dA_k^ij.
+
+    Selvaraju et al. 2017, "Grad-CAM: Visual Explanations from Deep Networks via Gradient-based Localization",
+    https://arxiv.org/abs/1610.02391
+    """
+    assert capture.gradients is not None
+    return _weighted_sum(capture.gradients.mean(dim=(2, 3)), capture.activations)
+
+
+@method("gradcampp", needs_gradients=True)
+def gradcampp(capture: LayerCapture) -> Tensor:
+    """Grad-CAM++: a_k^c = sum_ij alpha_k^ij ReLU(g_k^ij), alpha = g^2 / (2 g^2 + sum_ab A_k^ab g^3).
+
+    Chattopadhay et al. 2018, "Grad-CAM++: Improved Visual Explanations for Deep Convolutional Networks",
+    https://arxiv.org/abs/1710.11063 (second/third derivatives of exp(y^c) expressed through g = dy^c/dA).
+    """
+    grads, activations = capture.gradients, capture.activations
+    assert grads is not None
+    grads_2 = grads.pow(2)
+    spatial_sum = activations.sum(dim=(2, 3), keepdim=True)
+    alpha = grads_2 / (2 * grads_2 + spatial_sum * grads_2 * grads + 1e-6)
+    alpha = torch.where(grads != 0, alpha, torch.zeros_like(alpha))
+    return _weighted_sum((alpha * grads.clamp(min=0)).sum(dim=(2, 3)), activations)
+
+
+@method("xgradcam", needs_gradients=True)
+def xgradcam(capture: LayerCapture) -> Tensor:
+    """XGrad-CAM: a_k^c = sum_ij (A_k^ij / sum_ab A_k^ab) dy^c/dA_k^ij.
+
+    Fu et al. 2020, "Axiom-based Grad-CAM: Towards Accurate Visualization and Explanation of CNNs",
+    https://arxiv.org/abs/2008.02312
+    """
+    grads, activations = capture.gradients, capture.activations
+    assert grads is not None
+    spatial_sum = activations.sum(dim=(2, 3), keepdim=True)
+    return _weighted_sum((grads * activations / (spatial_sum + 1e-7)).sum(dim=(2, 3)), activations)
+
+
+@method("hirescam", needs_gradients=True)
+def hirescam(capture: LayerCapture) -> Tensor:
+    """HiResCAM: L^c = ReLU(sum_k g_k ⊙ A_k), the element-wise product instead of averaged gradients.
+
+    Draelos & Carin 2020, "Use HiResCAM instead of Grad-CAM for faithful explanations of convolutional neural
+    networks", https://arxiv.org/abs/2011.08891
+    """
+    assert capture.gradients is not None
+    return (capture.gradients * capture.activations).sum(dim=1)
+
+
+@method("layercam", needs_gradients=True)
+def layercam(capture: LayerCapture) -> Tensor:
+    """LayerCAM: L^c = ReLU(sum_k ReLU(g_k) ⊙ A_k), positive gradients as per-location weights.
+
+    Jiang et al. 2021, "LayerCAM: Exploring Hierarchical Class Activation Maps for Localization",
+    https://ieeexplore.ieee.org/document/9462463
+    """
+    assert capture.gradients is not None
+    return (capture.gradients.clamp(min=0) * capture.activations).sum(dim=1)
+
+
+@method("eigencam")
+def eigencam(capture: LayerCapture) -> Tensor:
+    """Eigen-CAM: the projection of the centred activations (HW x K) on their first right-singular vector.
+
+    Muhammad & Yeasin 2020, "Eigen-CAM: Class Activation Map using Principal Components",
+    https://arxiv.org/abs/2008.00299 . Gradient-free and class-agnostic. The singular vector's sign is arbitrary;
+    we orient it so that the map correlates positively with the mean activation (where the layer fires).
+    """
+    activations = capture.activations
+    batch, channels, height, width = activations.shape
+    tokens = activations.reshape(batch, channels, height * width).transpose(1, 2)  # (B, HW, K)
+    centred = tokens - tokens.mean(dim=1, keepdim=True)
+    _, _, vh = torch.linalg.svd(centred, full_matrices=False)
+    projection = centred @ vh[:, 0, :, None]  # (B, HW, 1)
+    mean_activation = tokens.mean(dim=2, keepdim=True)
+    sign = torch.sign(((projection - projection.mean(1, keepdim=True)) * mean_activation).sum(dim=(1, 2), keepdim=True))
+    projection = projection * torch.where(sign == 0, torch.ones_like(sign), sign)
+    return projection.reshape(batch, height, width)
+
+
+SCORECAM_BATCH = 32
+
+
+@method("scorecam", needs_forward_passes=True)
+def scorecam(capture: LayerCapture) -> Tensor:
+    """Score-CAM: a_k^c = softmax_k(y^c(X ⊙ norm(up(A_k)))), one forward pass per channel, in batches.
+
+    Wang et al. 2020, "Score-CAM: Score-Weighted Visual Explanations for Convolutional Neural Networks",
+    https://arxiv.org/abs/1910.01929 . Cost: K extra forward passes per image (K = channels scored, which the
+    extractor caps; channels past the cap get weight 0).
+    """
+    activations, inputs, score_fn, targets = capture.activations, capture.inputs, capture.score_fn, capture.targets
+    assert inputs is not None and score_fn is not None and targets is not None
+    batch, channels = activations.shape[:2]
+    # align_corners=True: pytorch-grad-cam's UpsamplingBilinear2d, our reference.
+    upsampled = F.interpolate(activations, size=inputs.shape[-2:], mode="bilinear", align_corners=True)
+    flat = upsampled.flatten(2)
+    lows, highs = flat.min(dim=2).values[..., None, None], flat.max(dim=2).values[..., None, None]
+    masks = (upsampled - lows) / (highs - lows + 1e-8)  # (B, K, H, W)
+    scores = torch.empty(batch, channels, dtype=activations.dtype, device=activations.device)
+    for b in range(batch):
+        for start in range(0, channels, SCORECAM_BATCH):
+            masked = inputs[b, None] * masks[b, start : start + SCORECAM_BATCH, None]
+            scores[b, start : start + SCORECAM_BATCH] = score_fn(masked)[:, targets[b]]
+    return _weighted_sum(torch.softmax(scores, dim=1), activations)

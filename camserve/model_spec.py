@@ -1,0 +1,107 @@
+"""What a served model is: the `handler:` section of its model-config.yaml, and how to build the model from it.
+
+    handler:
+      architecture: camserve.models.shapes_net:ShapesNet   # "package.module:Class", or "torchvision:resnet18"
+      num_classes: 6
+      weights: shapes_net.pt          # state-dict file inside the archive
+      labels: index_to_name.json      # {"0": "circle", ...}
+      input_size: [128, 128]          # [height, width] the whole image is resized to
+      mean: [0.5, 0.5, 0.5]
+      std: [0.25, 0.25, 0.25]
+      method: gradcam                 # default CAM method
+      target_layers: []               # module names; empty = found automatically
+      topk: 3
+      scorecam_max_channels: 64
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+from dataclasses import MISSING, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+
+class SpecError(ValueError):
+    """A model-config that cannot describe a loadable model; says which key is wrong."""
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    architecture: str
+    num_classes: int
+    weights: str
+    labels: str | None = None
+    input_size: tuple[int, int] = (224, 224)
+    mean: tuple[float, float, float] = (0.485, 0.456, 0.406)
+    std: tuple[float, float, float] = (0.229, 0.224, 0.225)
+    method: str = "gradcam"
+    target_layers: tuple[str, ...] = field(default_factory=tuple)
+    topk: int = 3
+    scorecam_max_channels: int = 64
+
+    @classmethod
+    def from_dict(cls, raw: dict[str, Any]) -> ModelSpec:
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(raw) - known)
+        if unknown:
+            raise SpecError(f"unknown key(s) {unknown} in the model-config handler section; known: {sorted(known)}")
+        required = [f.name for f in fields(cls) if f.default is MISSING and f.default_factory is MISSING]
+        missing = [name for name in required if name not in raw]
+        if missing:
+            raise SpecError(f"the model-config handler section lacks {missing}")
+        values = dict(raw)
+        for key in ("input_size", "mean", "std", "target_layers"):
+            if key in values and values[key] is not None:
+                values[key] = tuple(values[key])
+            elif key in values:
+                del values[key]
+        return cls(**values)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {f.name: list(v) if isinstance(v := getattr(self, f.name), tuple) else v for f in fields(self)}
+
+
+def build_architecture(architecture: str, num_classes: int) -> nn.Module:
+    """An untrained instance of `package.module:Class` or `torchvision:<builder>`."""
+    module_name, _, attribute = architecture.partition(":")
+    if not attribute:
+        raise SpecError(f"architecture {architecture!r} must look like 'package.module:Class' or 'torchvision:resnet18'")
+    if module_name == "torchvision":
+        from torchvision import models
+
+        try:
+            builder = models.get_model_builder(attribute)
+        except ValueError:
+            raise SpecError(f"torchvision has no model builder {attribute!r}; see torchvision.models.list_models()") from None
+        # aux_logits off: GoogLeNet / Inception v3 then return plain logits, and their aux weights are not needed.
+        extra = {"aux_logits": False, "init_weights": False} if attribute in ("googlenet", "inception_v3") else {}
+        return builder(weights=None, num_classes=num_classes, **extra)
+    try:
+        cls = getattr(importlib.import_module(module_name), attribute)
+    except (ImportError, AttributeError) as error:
+        raise SpecError(f"cannot import architecture {architecture!r}: {error}") from None
+    return cls(num_classes=num_classes)
+
+
+def load_model(spec: ModelSpec, model_dir: Path, device: torch.device | str = "cpu") -> nn.Module:
+    """The model with its weights, in eval mode, parameters frozen (serving never trains)."""
+    model = build_architecture(spec.architecture, spec.num_classes)
+    state = torch.load(Path(model_dir) / spec.weights, map_location=device, weights_only=True)
+    # Aux-classifier weights of GoogLeNet / Inception v3 checkpoints are unused at inference.
+    state = {k: v for k, v in state.items() if not k.startswith(("aux1.", "aux2.", "AuxLogits."))}
+    model.load_state_dict(state)
+    return model.to(device).eval().requires_grad_(False)
+
+
+def load_labels(spec: ModelSpec, model_dir: Path) -> list[str]:
+    if not spec.labels:
+        return [str(i) for i in range(spec.num_classes)]
+    mapping = json.loads((Path(model_dir) / spec.labels).read_text())
+    labels = [mapping.get(str(i), str(i)) for i in range(spec.num_classes)]
+    # torchvision-style labels files map to [wnid, name]; keep the name.
+    return [str(label[-1]) if isinstance(label, list) else str(label) for label in labels]

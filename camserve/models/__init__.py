@@ -1,0 +1,1 @@
+"""Model definitions the project owns (the default `shapes` classifier)."""

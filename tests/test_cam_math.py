@@ -1,0 +1,118 @@
+"""The maps on small hand-computed examples, and CAM = Grad-CAM up to scale for a GAP + Linear head."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from camserve.cam import CamExtractor, LayerCapture, METHODS, MethodError, find_target_layer, normalize_maps
+from camserve.cam.localization import bounding_box, box_iou, peak, upsample_map
+from camserve.models.shapes_net import ShapesNet
+
+
+class TinyNet(nn.Module):
+    """A 1x1 conv with fixed weights (the 'trunk'), GAP, and a Linear head: every map is computable by hand."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.features = nn.Conv2d(1, 2, kernel_size=1, bias=False)
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Linear(2, 2)
+        with torch.no_grad():
+            self.features.weight.copy_(torch.tensor([1.0, -1.0]).view(2, 1, 1, 1))
+            self.fc.weight.copy_(torch.tensor([[2.0, 0.5], [-1.0, 1.0]]))
+            self.fc.bias.zero_()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.pool(self.features(x)).flatten(1))
+
+
+# Input 2x2: A_0 = x, A_1 = -x.
+X = torch.tensor([[[[1.0, 2.0], [3.0, 4.0]]]])
+
+
+def test_cam_by_hand() -> None:
+    # Class 0: 2 * x + 0.5 * (-x) = 1.5 x -> [[1.5, 3], [4.5, 6]]; min-max -> [[0, 1/3], [2/3, 1]].
+    result = CamExtractor(TinyNet(), (2, 2), ["features"])(X, method="cam", targets=torch.tensor([0]))
+    torch.testing.assert_close(result.maps[0, 0], torch.tensor([[0.0, 1 / 3], [2 / 3, 1.0]]))
+
+
+def test_gradcam_by_hand() -> None:
+    # dy_1/dA_k = w_1k / 4 = [-0.25, 0.25]; sum_k a_k A_k = -0.25 x + 0.25 (-x) = -0.5 x: all negative, ReLU -> 0.
+    net = TinyNet()
+    result = CamExtractor(net, (2, 2), ["features"])(X, method="gradcam", targets=torch.tensor([1]))
+    assert torch.count_nonzero(result.maps) == 0
+    # Class 0: a = [0.5, 0.125] -> 0.5 x - 0.125 x = 0.375 x > 0 -> min-max of x.
+    result = CamExtractor(net, (2, 2), ["features"])(X, method="gradcam", targets=torch.tensor([0]))
+    torch.testing.assert_close(result.maps[0, 0], torch.tensor([[0.0, 1 / 3], [2 / 3, 1.0]]))
+
+
+def test_hirescam_and_layercam_by_hand() -> None:
+    activations = torch.tensor([[[[1.0, 2.0]], [[3.0, 0.0]]]])  # (1, 2, 1, 2)
+    gradients = torch.tensor([[[[1.0, -1.0]], [[-2.0, 0.5]]]])
+    capture = LayerCapture(activations=activations, gradients=gradients)
+    # HiResCAM: sum_k g*A = [1*1 + (-2)*3, -1*2 + 0.5*0] = [-5, -2]
+    torch.testing.assert_close(METHODS["hirescam"].compute(capture), torch.tensor([[[-5.0, -2.0]]]))
+    # LayerCAM: sum_k ReLU(g)*A = [1*1 + 0, 0 + 0.5*0] = [1, 0]
+    torch.testing.assert_close(METHODS["layercam"].compute(capture), torch.tensor([[[1.0, 0.0]]]))
+
+
+def test_cam_equals_gradcam_up_to_scale_on_gap_linear_head() -> None:
+    torch.manual_seed(0)
+    model = ShapesNet().eval()
+    inputs = torch.randn(4, 3, 64, 64)
+    extractor = CamExtractor(model, (64, 64))
+    targets = torch.tensor([0, 1, 2, 3])
+    cam = extractor(inputs, method="cam", targets=targets).maps
+    grad = extractor(inputs, method="gradcam", targets=targets).maps
+    # Grad-CAM = ReLU(CAM / HW): compare both after the same ReLU + min-max.
+    raw_cam = CamExtractor(model, (64, 64))
+    relu_cam = normalize_maps(torch.einsum("bk,bkhw->bhw", model.fc.weight[targets], _features(model, inputs)).clamp(min=0))
+    torch.testing.assert_close(grad[:, 0], relu_cam, atol=1e-5, rtol=1e-4)
+    assert raw_cam.default_layers == ("features",)
+    assert cam.shape == grad.shape == (4, 1, 16, 16)
+
+
+def _features(model: ShapesNet, inputs: torch.Tensor) -> torch.Tensor:
+    with torch.no_grad():
+        return model.features(inputs)
+
+
+def test_gradients_stop_at_the_target_layer() -> None:
+    """The trunk before the target layer must record no autograd graph (that is what keeps maps cheap)."""
+    model = ShapesNet().eval()
+    recorded = {}
+    model.features[0].register_forward_hook(lambda m, a, out: recorded.setdefault("early", out.requires_grad))
+    model.fc.register_forward_hook(lambda m, a, out: recorded.setdefault("head", out.requires_grad))
+    CamExtractor(model, (64, 64))(torch.randn(1, 3, 64, 64), method="gradcam")
+    assert recorded == {"early": False, "head": True}
+    assert not model.features._forward_hooks or len(model.features._forward_hooks) == 0  # no hook left behind
+    assert torch.is_grad_enabled()  # the caller's grad mode is restored
+
+
+def test_cam_refuses_a_head_that_is_not_gap_linear() -> None:
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 6 * 6, 3)).eval()
+    extractor = CamExtractor(model, (8, 8), ["1"])
+    with pytest.raises(MethodError, match="gradcam"):
+        extractor(torch.randn(1, 3, 8, 8), method="cam")
+    assert extractor(torch.randn(1, 3, 8, 8), method="gradcam").maps.shape == (1, 1, 6, 6)
+
+
+def test_unknown_method_names_the_choices() -> None:
+    with pytest.raises(MethodError, match="gradcam"):
+        CamExtractor(ShapesNet(), (32, 32))(torch.randn(1, 3, 32, 32), method="nope")
+
+
+def test_find_target_layer_on_a_cnn() -> None:
+    assert find_target_layer(ShapesNet(), (64, 64)) == "features"
+
+
+def test_localization_helpers() -> None:
+    heatmap = torch.zeros(10, 20)
+    heatmap[2:5, 3:8] = 1.0  # the large region
+    heatmap[8, 18] = 0.9  # a separate small one
+    assert bounding_box(heatmap) == (3, 2, 8, 5)
+    assert peak(heatmap) == (3, 2)
+    assert box_iou((0, 0, 10, 10), (5, 0, 15, 10)) == pytest.approx(50 / 150)
+    assert upsample_map(torch.ones(4, 4), (30, 20)).shape == (20, 30)
