@@ -101,6 +101,8 @@ class TorchServe:
             f"management_address=http://{self.host}:{self.management_port}",
             f"metrics_address=http://{self.host}:{self.metrics_port}",
         ]
+        # The frontend puts its worker sockets in java.io.tmpdir (not $TMPDIR): give each instance its own.
+        lines += [f"vmargs=-Xmx1g -XX:+UseContainerSupport -Djava.io.tmpdir={self.tmp_dir}"]
         lines += [f"{key}={value}" for key, value in self.extra_properties.items()]
         path = self.run_dir / "config.properties"
         path.write_text("\n".join(lines) + "\n")

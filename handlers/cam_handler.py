@@ -11,7 +11,6 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -21,30 +20,12 @@ from ts.torch_handler.base_handler import BaseHandler
 from camserve.cam import METHODS, CamExtractor, LayerError, MethodError
 from camserve.model_spec import ModelSpec, load_labels, load_model
 from camserve.preprocessing import whole_image_transform
+from camserve.protocol.batch import Batch, Item
 from camserve.protocol.options import OptionRules, Options, parse_options
 from camserve.protocol.requests import RequestError, decode_request
 from camserve.protocol.responses import cam_json, predictions_json
 
 logger = logging.getLogger(__name__)
-
-
-@dataclass
-class Item:
-    """One request of a batch on its way through the handler."""
-
-    index: int
-    size: tuple[int, int] = (0, 0)  # original (width, height)
-    options: Options | None = None
-    error: RequestError | None = None
-    response: Any = None
-    content_type: str = "application/json"
-
-
-@dataclass
-class Batch:
-    items: list[Item]
-    inputs: torch.Tensor | None = None  # stacked network inputs of the items without error, in order
-    live: list[Item] = field(default_factory=list)
 
 
 class CamHandler(BaseHandler):
@@ -87,8 +68,10 @@ class CamHandler(BaseHandler):
             item = Item(index=index)
             items.append(item)
             try:
-                request = decode_request(row)
-                item.options = parse_options(request.options, self.option_rules, self._header(index, "accept"))
+                headers = self.context.get_all_request_header(index) or {}
+                request = decode_request(row, headers)
+                accept = next((str(v) for k, v in headers.items() if isinstance(k, str) and k.lower() == "accept"), None)
+                item.options = parse_options(request.options, self.option_rules, accept)
                 item.size = request.image.size
                 tensors.append(self.transform(request.image))
             except RequestError as error:
@@ -145,13 +128,6 @@ class CamHandler(BaseHandler):
         return responses
 
     # -- helpers ----------------------------------------------------------------------------------------------
-
-    def _header(self, index: int, name: str) -> str | None:
-        headers = self.context.get_all_request_header(index) or {}
-        for key, value in headers.items():
-            if key.lower() == name:
-                return value
-        return None
 
     @staticmethod
     def _wanted_targets(options: Options, probabilities: torch.Tensor) -> list[int]:

@@ -7,10 +7,11 @@ Deterministic (fixed seeds, scenes from camserve.scenes.TRAIN_SEEDS); about 14 m
 The recipe, and why (found by a sweep; see docs/shapes-model.md):
 - Plain cross-entropy on the class alone sits at chance for ~2,500 steps before the network finds the shapes;
   on 2 CPU cores that plateau alone would eat the budget.
-- A training-only dense head (1x1 conv over the last feature map, 7-way: background or the object's class,
-  target = the true box on the 16x16 grid) gives every location a label and breaks the plateau within a few
-  hundred steps. It also teaches the trunk to put class evidence on the object, which is what the CAM reads.
-  The head is thrown away: the served model is ShapesNet alone, GAP + Linear.
+- A dense loss gives every location of the 16x16 feature grid a label (the object's class inside its true box,
+  background elsewhere) and breaks the plateau within a few hundred steps. Its per-location class logits are
+  the CAM itself (the head's Linear applied at each location) and background is a constant 0 logit, so the
+  loss teaches exactly what the map should show: class evidence above 0 on the object, below 0 elsewhere.
+  No extra module: the served model is ShapesNet alone, GAP + Linear (whose logits are the CAM's mean).
 - The first 30 % of steps see easy scenes (plain background, no clutter): a curriculum.
 """
 
@@ -76,6 +77,12 @@ def augment(images: torch.Tensor, dense: torch.Tensor) -> tuple[torch.Tensor, to
     return images.rot90(turns, dims=(2, 3)), dense.rot90(turns, dims=(1, 2))
 
 
+def dense_logits(model: ShapesNet, features: torch.Tensor) -> torch.Tensor:
+    """Per-location class logits (the class activation maps) plus a constant 0 background logit: (B, 7, h, w)."""
+    class_maps = F.conv2d(features, model.fc.weight[:, :, None, None], model.fc.bias)
+    return torch.cat([class_maps, torch.zeros_like(class_maps[:, :1])], dim=1)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--scenes", type=int, default=16_000, help="cluttered training scenes")
@@ -97,9 +104,7 @@ def main() -> None:
     std = torch.tensor(STD).view(1, 3, 1, 1) * 255
 
     model = ShapesNet(num_classes=len(CLASSES)).to(memory_format=torch.channels_last)
-    dense_head = nn.Conv2d(ShapesNet.feature_channels, len(CLASSES) + 1, kernel_size=1)  # training only
-    parameters = [*model.parameters(), *dense_head.parameters()]
-    optimizer = torch.optim.AdamW(parameters, lr=args.lr, weight_decay=1e-4)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=1e-4)
     scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=args.lr, total_steps=args.steps)
     class_loss = nn.CrossEntropyLoss(label_smoothing=0.05)
 
@@ -113,7 +118,7 @@ def main() -> None:
         batch = batch.float().sub_(mean).div_(std).contiguous(memory_format=torch.channels_last)
         features = model.features(batch)
         logits = model.fc(model.avgpool(features).flatten(1))
-        loss = class_loss(logits, labels[index]) + args.dense_weight * F.cross_entropy(dense_head(features), dense)
+        loss = class_loss(logits, labels[index]) + args.dense_weight * F.cross_entropy(dense_logits(model, features), dense)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()

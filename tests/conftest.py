@@ -63,7 +63,8 @@ def shapes_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TorchSer
 
 @pytest.fixture()
 def predict(shapes_server: TorchServe):
-    def post(body: bytes | None = None, *, params: dict | None = None, json: dict | None = None, headers: dict | None = None, path: str = "predictions/shapes", timeout: float = 60) -> requests.Response:
-        return requests.post(f"{shapes_server.inference_url}/{path}", data=body, params=params, json=json, headers={**shapes_server.auth_headers(), **(headers or {})}, timeout=timeout)
+    def post(body: bytes | None = None, *, json: dict | None = None, headers: dict | None = None, path: str = "predictions/shapes", timeout: float = 60) -> requests.Response:
+        headers = {**shapes_server.auth_headers(), **(headers or {})}
+        return requests.post(f"{shapes_server.inference_url}/{path}", data=body, json=json, headers=headers, timeout=timeout)
 
     return post

@@ -63,31 +63,42 @@ def test_cam_equals_gradcam_up_to_scale_on_gap_linear_head() -> None:
     model = ShapesNet().eval()
     inputs = torch.randn(4, 3, 64, 64)
     extractor = CamExtractor(model, (64, 64))
+    assert extractor.default_layers == ("features",)
     targets = torch.tensor([0, 1, 2, 3])
     cam = extractor(inputs, method="cam", targets=targets).maps
     grad = extractor(inputs, method="gradcam", targets=targets).maps
-    # Grad-CAM = ReLU(CAM / HW): compare both after the same ReLU + min-max.
-    raw_cam = CamExtractor(model, (64, 64))
-    relu_cam = normalize_maps(torch.einsum("bk,bkhw->bhw", model.fc.weight[targets], _features(model, inputs)).clamp(min=0))
-    torch.testing.assert_close(grad[:, 0], relu_cam, atol=1e-5, rtol=1e-4)
-    assert raw_cam.default_layers == ("features",)
-    assert cam.shape == grad.shape == (4, 1, 16, 16)
-
-
-def _features(model: ShapesNet, inputs: torch.Tensor) -> torch.Tensor:
+    assert cam.shape == grad.shape == (4, 1, 8, 8)
+    # Grad-CAM's weights are the head's weights / HW, so Grad-CAM = ReLU(CAM) after min-max normalisation.
     with torch.no_grad():
-        return model.features(inputs)
+        features = model.features(inputs)
+    relu_cam = normalize_maps(torch.einsum("bk,bkhw->bhw", model.fc.weight[targets], features).clamp(min=0))
+    torch.testing.assert_close(grad[:, 0], relu_cam, atol=1e-5, rtol=1e-4)
+    # Before ReLU and normalisation: Grad-CAM's raw map is exactly CAM's divided by H*W.
+    activations = features.clone().requires_grad_(True)
+    scores = model.fc(activations.mean(dim=(2, 3))).gather(1, targets[:, None]).sum()
+    (gradients,) = torch.autograd.grad(scores, activations)
+    raw_cam = METHODS["cam"].compute(LayerCapture(activations=features, class_weights=model.fc.weight[targets]))
+    raw_grad = METHODS["gradcam"].compute(LayerCapture(activations=features, gradients=gradients))
+    torch.testing.assert_close(raw_grad * 64, raw_cam, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(cam[:, 0], normalize_maps(raw_cam))
 
 
 def test_gradients_stop_at_the_target_layer() -> None:
     """The trunk before the target layer must record no autograd graph (that is what keeps maps cheap)."""
     model = ShapesNet().eval()
-    recorded = {}
-    model.features[0].register_forward_hook(lambda m, a, out: recorded.setdefault("early", out.requires_grad))
-    model.fc.register_forward_hook(lambda m, a, out: recorded.setdefault("head", out.requires_grad))
+    recorded: dict[str, bool] = {}
+
+    def record(name: str):
+        def hook(module: nn.Module, args: object, output: torch.Tensor) -> None:
+            recorded[name] = output.requires_grad
+
+        return hook
+
+    model.features[0].register_forward_hook(record("early"))
+    model.fc.register_forward_hook(record("head"))
     CamExtractor(model, (64, 64))(torch.randn(1, 3, 64, 64), method="gradcam")
     assert recorded == {"early": False, "head": True}
-    assert not model.features._forward_hooks or len(model.features._forward_hooks) == 0  # no hook left behind
+    assert len(model.features._forward_hooks) == 0  # no hook of ours left behind
     assert torch.is_grad_enabled()  # the caller's grad mode is restored
 
 

@@ -86,13 +86,22 @@ def _flatten_alpha(image: Image.Image) -> Image.Image:
     return Image.alpha_composite(background, rgba).convert("RGB")
 
 
-def decode_request(row: dict[str, Any]) -> DecodedRequest:
-    """One TorchServe request row -> image + raw options.
+HEADER_PREFIX = "x-cam-"
 
-    Options come from the query string (TorchServe adds each parameter to the row), from form fields beside the
-    image, or from JSON fields beside `data`; a JSON field wins over a query parameter of the same name.
+
+def options_from_headers(headers: dict[str, Any]) -> dict[str, str]:
+    """Options sent as `X-CAM-<Option>` headers (TorchServe 0.12 does not pass the query string to handlers)."""
+    return {key[len(HEADER_PREFIX) :].lower(): str(value) for key, value in headers.items() if isinstance(key, str) and key.lower().startswith(HEADER_PREFIX)}
+
+
+def decode_request(row: dict[str, Any], headers: dict[str, Any] | None = None) -> DecodedRequest:
+    """One TorchServe request row (and its HTTP headers) -> image + raw options.
+
+    Options come from `X-CAM-<Option>` headers, from form fields beside the image, or from JSON fields beside
+    `data`; a field in the body wins over a header of the same name.
     """
-    options = {str(k): _option_text(v) for k, v in row.items() if k not in _IMAGE_FIELDS}
+    options = options_from_headers(headers or {})
+    options.update({str(k): _option_text(v) for k, v in row.items() if k not in _IMAGE_FIELDS})
     image_field = next((name for name in _IMAGE_FIELDS if row.get(name) is not None), None)
     if image_field is None:
         raise RequestError("no image: send it as the body, as form field 'data' or 'file', or base64 in JSON field 'data'", kind="missing_image", option="data")

@@ -1,0 +1,33 @@
+"""The requests of one TorchServe batch on their way through the handler, each with its own fate.
+
+Kept out of the handler module: TorchServe requires that module to define exactly one class.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from camserve.protocol.options import Options
+from camserve.protocol.requests import RequestError
+
+
+@dataclass
+class Item:
+    """One request of a batch on its way through the handler."""
+
+    index: int
+    size: tuple[int, int] = (0, 0)  # original (width, height)
+    options: Options | None = None
+    error: RequestError | None = None
+    response: Any = None
+    content_type: str = "application/json"
+
+
+@dataclass
+class Batch:
+    items: list[Item]
+    inputs: torch.Tensor | None = None  # stacked network inputs of the items without error, in order
+    live: list[Item] = field(default_factory=list)

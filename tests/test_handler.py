@@ -1,0 +1,97 @@
+"""The handler through TorchServe's own MockContext: initialize from a model dir, then whole batches."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from ts.context import Context, RequestProcessor
+from ts.torch_handler.unit_tests.test_utils.mock_context import MockContext
+
+from camserve.models.shapes_net import ShapesNet
+from camserve.protocol.responses import decode_heatmap
+from conftest import ROOT, png_bytes
+from handlers.cam_handler import CamHandler
+
+
+class BatchContext(MockContext):
+    """TorchServe's MockContext plus the per-request parts of the real Context (headers, status, content type)."""
+
+    get_all_request_header = Context.get_all_request_header
+    get_request_header = Context.get_request_header
+    set_response_status = Context.set_response_status
+    get_response_status = Context.get_response_status
+    set_response_content_type = Context.set_response_content_type
+    get_response_content_type = Context.get_response_content_type
+    set_response_header = Context.set_response_header
+    get_response_headers = Context.get_response_headers
+
+    def for_batch(self, headers: list[dict[str, str]]) -> BatchContext:
+        self._request_processor = [RequestProcessor(dict(h)) for h in headers]
+        return self
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A model dir like an extracted archive; random weights are enough to test the plumbing."""
+    directory = tmp_path_factory.mktemp("shapes-model-dir")
+    torch.manual_seed(0)
+    torch.save(ShapesNet().state_dict(), directory / "shapes_net.pt")
+    for name in ("model-config.yaml", "index_to_name.json"):
+        shutil.copy2(ROOT / "models" / "shapes" / name, directory / name)
+    return directory
+
+
+@pytest.fixture(scope="module")
+def handler(model_dir: Path) -> CamHandler:
+    context = BatchContext(model_pt_file="shapes_net.pt", model_dir=str(model_dir), model_file=None, model_name="shapes", model_yaml_config_file="model-config.yaml")
+    handler = CamHandler()
+    handler.initialize(context)
+    return handler
+
+
+def run(handler: CamHandler, rows: list[dict], headers: list[dict] | None = None) -> tuple[list, BatchContext]:
+    context = BatchContext(model_pt_file=None, model_file=None).for_batch(headers or [{} for _ in rows])
+    return handler.handle(rows, context), context
+
+
+def test_initialize_reads_model_config(handler: CamHandler) -> None:
+    assert handler.initialized
+    assert handler.labels == ["circle", "square", "triangle", "star", "cross", "hexagon"]
+    assert handler.extractor.default_layers == ("features",)
+
+
+def test_a_batch_answers_each_request_with_its_own_map(handler: CamHandler, scenes) -> None:
+    rows = [{"body": png_bytes(scene.image)} for scene in scenes[:3]]
+    responses, context = run(handler, rows)
+    assert len(responses) == 3
+    for response, scene, index in zip(responses, scenes, range(3)):
+        assert context.get_response_status(index)[0] == 200
+        assert [p["index"] for p in response["predictions"]] and len(response["predictions"]) == 3
+        cam = response["cam"]
+        assert cam["method"] == "gradcam" and cam["layer"] == "features"
+        assert cam["index"] == response["predictions"][0]["index"]
+        assert cam["size"] == list(scene.image.size)
+        heatmap = decode_heatmap(cam["heatmap"])
+        assert heatmap.shape == (scene.image.height, scene.image.width) and heatmap.dtype.name == "uint8"
+        x0, y0, x1, y1 = cam["bbox"]
+        assert 0 <= x0 < x1 <= scene.image.width and 0 <= y0 < y1 <= scene.image.height
+        assert heatmap[cam["peak"][1], cam["peak"][0]] == heatmap.max()
+
+
+def test_a_bad_request_fails_alone(handler: CamHandler, scenes) -> None:
+    rows = [{"body": png_bytes(scenes[0].image)}, {"body": b"garbage"}, {"body": png_bytes(scenes[1].image), "method": b"cam"}]
+    responses, context = run(handler, rows)
+    assert context.get_response_status(1)[0] == 400
+    assert responses[1]["type"] == "invalid_image" and "image" in responses[1]["message"]
+    assert context.get_response_status(0)[0] == 200 and "cam" in responses[0]
+    assert context.get_response_status(2)[0] == 200 and responses[2]["cam"]["method"] == "cam"
+
+
+def test_plain_prediction_and_several_targets(handler: CamHandler, scenes) -> None:
+    rows = [{"body": png_bytes(scenes[0].image), "method": b"none"}, {"body": png_bytes(scenes[1].image), "target": b"star,circle"}]
+    responses, _ = run(handler, rows)
+    assert "cam" not in responses[0]
+    assert [cam["label"] for cam in responses[1]["cam"]] == ["star", "circle"]

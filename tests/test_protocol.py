@@ -1,0 +1,101 @@
+"""Request decoding and option parsing, without a model or TorchServe."""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+
+import pytest
+from PIL import Image
+
+from camserve.protocol.options import OptionRules, parse_options
+from camserve.protocol.requests import MAX_PIXELS, RequestError, decode_request
+
+RULES = OptionRules(methods={"cam", "gradcam"}, layers={"features", "fc"}, labels=["circle", "square", "triangle"], default_method="gradcam", default_topk=3)
+
+
+def encoded(image: Image.Image, fmt: str = "PNG", **save) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, format=fmt, **save)
+    return buffer.getvalue()
+
+
+def test_raw_body_json_and_form_fields_decode_alike() -> None:
+    payload = encoded(Image.new("RGB", (30, 20), "red"))
+    as_body = decode_request({"body": payload})
+    as_json = decode_request({"body": {"data": base64.b64encode(payload).decode(), "method": "cam"}})
+    as_json_bytes = decode_request({"body": json.dumps({"data": base64.b64encode(payload).decode()}).encode()})
+    as_form = decode_request({"file": payload, "topk": b"2"})
+    assert as_body.image.size == as_json.image.size == as_json_bytes.image.size == as_form.image.size == (30, 20)
+    assert as_json.options == {"method": "cam"}
+    assert as_form.options == {"topk": "2"}
+
+
+def test_header_options_and_body_fields_win_over_headers() -> None:
+    headers = {"X-CAM-Method": "cam", "X-Cam-Topk": "2", "Accept": "*/*"}
+    request = decode_request({"body": encoded(Image.new("RGB", (8, 8)))}, headers)
+    assert request.options == {"method": "cam", "topk": "2"}
+    payload = base64.b64encode(encoded(Image.new("RGB", (8, 8)))).decode()
+    assert decode_request({"body": {"data": payload, "method": "layercam"}}, headers).options["method"] == "layercam"
+
+
+def test_exif_orientation_is_applied() -> None:
+    image = Image.new("RGB", (40, 10))
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotate 90 degrees clockwise to display
+    decoded = decode_request({"body": encoded(image, "JPEG", exif=exif)}).image
+    assert decoded.size == (10, 40)
+
+
+def test_transparency_is_flattened_on_white() -> None:
+    image = Image.new("RGBA", (4, 4), (0, 0, 0, 0))
+    assert decode_request({"body": encoded(image)}).image.getpixel((0, 0)) == (255, 255, 255)
+
+
+@pytest.mark.parametrize(
+    "row, kind",
+    [
+        ({"body": b""}, "empty_body"),
+        ({"body": b"hello, not an image"}, "invalid_image"),
+        ({"body": encoded(Image.new("RGB", (50, 50)))[:60]}, "invalid_image"),
+        ({"body": b"{not json"}, "invalid_json"),
+        ({"body": {"image": "x"}}, "missing_image"),
+        ({"body": {"data": "%%% not base64"}}, "invalid_base64"),
+        ({}, "missing_image"),
+    ],
+)
+def test_bad_requests_name_the_problem(row: dict, kind: str) -> None:
+    with pytest.raises(RequestError) as caught:
+        decode_request(row)
+    assert caught.value.kind == kind
+    assert 400 <= caught.value.status < 500
+
+
+def test_declared_size_over_the_pixel_limit_is_refused_before_decoding() -> None:
+    side = int(MAX_PIXELS**0.5) + 10
+    # A PNG header declaring side x side pixels; decoding it would need gigabytes.
+    bomb = encoded(Image.new("1", (side, side)))
+    with pytest.raises(RequestError) as caught:
+        decode_request({"body": bomb})
+    assert caught.value.status == 413
+
+
+def test_options_defaults_and_validation() -> None:
+    options = parse_options({}, RULES)
+    assert (options.method, options.topk, options.output, options.maps, options.targets) == ("gradcam", 3, "png", 1, None)
+    assert parse_options({"method": "none"}, RULES).method is None
+    assert parse_options({"target": "square,0"}, RULES).targets == (1, 0)
+    assert parse_options({}, RULES, accept="image/jpeg").output == "overlay"
+    for raw, option in [
+        ({"method": "magic"}, "method"),
+        ({"target": "9"}, "target"),
+        ({"target": "dog"}, "target"),
+        ({"layer": "nope"}, "layer"),
+        ({"topk": "0"}, "topk"),
+        ({"output": "svg"}, "output"),
+        ({"colour": "red"}, "colour"),
+    ]:
+        with pytest.raises(RequestError) as caught:
+            parse_options(raw, RULES)
+        assert caught.value.option == option and caught.value.status == 400
