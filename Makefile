@@ -11,7 +11,7 @@ MANAGEMENT_PORT ?= 8081
 METRICS_PORT ?= 8082
 export PYTHONPATH := $(CURDIR)
 
-.PHONY: help venv serve stop test test-fast archive train evaluate bench clean
+.PHONY: help venv serve stop test archive train evaluate bench loadtest clean
 
 help:
 	@echo "make serve     start TorchServe with the default model on 127.0.0.1:$(INFERENCE_PORT) (background)"
@@ -21,6 +21,7 @@ help:
 	@echo "make train     retrain the default model (models/shapes/)"
 	@echo "make evaluate  measure the default model's accuracy and localization (docs/shapes-model.md)"
 	@echo "make bench     map overhead benchmark (docs/benchmarks.md)"
+	@echo "make loadtest  Locust load test with SLO gates (starts a server if none answers; LOADTEST_ARGS=...)"
 
 # The venv is rebuilt when requirements.txt changes; the stamp records the last successful install.
 $(VENV)/.installed: requirements.txt
@@ -33,7 +34,16 @@ venv: $(VENV)/.installed
 model_store/shapes.mar: $(VENV)/.installed $(shell find camserve handlers -name '*.py') models/shapes/model-config.yaml models/shapes/shapes_net.pt models/shapes/index_to_name.json
 	$(PY) scripts/build_archive.py --name shapes --model-dir models/shapes --export-path model_store
 
+# make archive                     -> model_store/shapes.mar
+# make archive MODEL=resnet18 WEIGHTS=<state-dict file | torchvision weights name> [LABELS=..] [METHOD=..] [LAYER=..] [NAME=..]
+MODEL ?= shapes
+ifeq ($(MODEL),shapes)
 archive: model_store/shapes.mar
+else
+archive: $(VENV)/.installed
+	$(PY) scripts/build_archive.py --torchvision $(MODEL) --weights "$(WEIGHTS)" $(if $(LABELS),--labels "$(LABELS)") \
+		$(if $(METHOD),--method $(METHOD)) $(if $(LAYER),--layer "$(LAYER)") $(if $(NAME),--name $(NAME))
+endif
 
 serve: model_store/shapes.mar
 	$(PY) -m camserve.server start --run-dir $(RUN_DIR) --config config/dev.properties \
@@ -53,6 +63,9 @@ evaluate: $(VENV)/.installed
 
 bench: $(VENV)/.installed
 	$(PY) scripts/bench_overhead.py
+
+loadtest: model_store/shapes.mar
+	$(PY) load_tests/run_loadtest.py $(LOADTEST_ARGS)
 
 clean:
 	rm -rf .run model_store/*.mar

@@ -57,6 +57,9 @@ class TorchServe:
     inference_port: int = 8080
     management_port: int = 8081
     metrics_port: int = 8082
+    # TorchServe always opens gRPC ports too (7070/7071 by default): a second instance would clash on them.
+    grpc_inference_port: int = field(default_factory=free_port)
+    grpc_management_port: int = field(default_factory=free_port)
     extra_properties: dict[str, str] = field(default_factory=dict)
     env: dict[str, str] = field(default_factory=dict)
 
@@ -95,11 +98,16 @@ class TorchServe:
 
     def _write_config(self) -> Path:
         """The given config with this instance's addresses (and any extra properties) filled in."""
-        lines = [line for line in self.config.read_text().splitlines() if not line.startswith(("inference_address", "management_address", "metrics_address"))]
+        ours = ("inference_address", "management_address", "metrics_address", "grpc_")
+        lines = [line for line in self.config.read_text().splitlines() if not line.startswith(ours)]
         lines += [
             f"inference_address=http://{self.host}:{self.inference_port}",
             f"management_address=http://{self.host}:{self.management_port}",
             f"metrics_address=http://{self.host}:{self.metrics_port}",
+            f"grpc_inference_address={self.host}",
+            f"grpc_management_address={self.host}",
+            f"grpc_inference_port={self.grpc_inference_port}",
+            f"grpc_management_port={self.grpc_management_port}",
         ]
         # The frontend puts its worker sockets in java.io.tmpdir (not $TMPDIR): give each instance its own.
         lines += [f"vmargs=-Xmx1g -XX:+UseContainerSupport -Djava.io.tmpdir={self.tmp_dir}"]
@@ -120,7 +128,8 @@ class TorchServe:
         ]
         # --foreground keeps the Java process our child, so we can always reap it; its output goes to a file.
         with open(self.log_dir / "torchserve.out", "ab") as out:
-            self.process = subprocess.Popen(command, env=self._environment(), stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+            # cwd: the run dir, so that nothing of the repository is importable by accident.
+            self.process = subprocess.Popen(command, env=self._environment(), cwd=self.run_dir, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
         (self.run_dir / "torchserve.pid").write_text(str(self.process.pid))
         self.wait_until_ready(timeout)
 

@@ -23,7 +23,7 @@ from camserve.preprocessing import whole_image_transform
 from camserve.protocol.batch import Batch, Item
 from camserve.protocol.options import OptionRules, Options, parse_options
 from camserve.protocol.requests import RequestError, decode_request
-from camserve.protocol.responses import cam_json, predictions_json
+from camserve.protocol.responses import encode_answer
 
 logger = logging.getLogger(__name__)
 
@@ -73,6 +73,9 @@ class CamHandler(BaseHandler):
                 accept = next((str(v) for k, v in headers.items() if isinstance(k, str) and k.lower() == "accept"), None)
                 item.options = parse_options(request.options, self.option_rules, accept)
                 item.size = request.image.size
+                item.explain = str(headers.get("explain", "")).lower() == "true"
+                if item.options.output == "overlay":
+                    item.image = request.image  # kept only when the answer is drawn on it
                 tensors.append(self.transform(request.image))
             except RequestError as error:
                 item.error = error
@@ -93,28 +96,23 @@ class CamHandler(BaseHandler):
             inputs = batch.inputs[positions]
             try:
                 if method is None:
-                    probabilities = self.extractor.predict(inputs).softmax(dim=1)
-                    for item, probs in zip(members, probabilities):
-                        item.response = {"predictions": predictions_json(probs, self.labels, item.options.topk)}
-                    continue
-                targets = self._targets(members)
-                result = self.extractor(inputs, method=method, targets=targets, layers=layers or None)
+                    logits, maps, targets, used_layers = self.extractor.predict(inputs), None, None, ()
+                else:
+                    result = self.extractor(inputs, method=method, targets=self._targets(members), layers=layers or None)
+                    logits, maps, targets, used_layers = result.logits, result.maps, result.targets, result.layers
             except (MethodError, LayerError) as error:
                 for item in members:
                     item.error = RequestError(str(error), kind="invalid_option", option="method" if isinstance(error, MethodError) else "layer")
                 continue
-            probabilities = result.logits.softmax(dim=1)
+            probabilities = logits.softmax(dim=1)
             for row, item in enumerate(members):
-                options = item.options
-                wanted = self._wanted_targets(options, probabilities[row])
-                cams = [
-                    cam_json(result.maps[row, column], item.size, method, result.layers, int(result.targets[row, column]), self.labels)
-                    for column in range(len(wanted))
-                ]
-                item.response = {
-                    "predictions": predictions_json(probabilities[row], self.labels, options.topk),
-                    "cam": cams[0] if len(cams) == 1 else cams,
-                }
+                count = len(self._wanted_targets(item.options, probabilities[row])) if maps is not None else 0
+                item.response, item.content_type = encode_answer(
+                    item.options, probabilities[row],
+                    maps[row, :count] if maps is not None else torch.empty(0),
+                    targets[row, :count] if targets is not None else torch.empty(0),
+                    item.size, method, used_layers, self.labels, image=item.image, explain=item.explain,
+                )
 
     def postprocess(self, batch: Batch) -> list[Any]:
         responses = []

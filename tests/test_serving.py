@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import base64
+import io
+
 import pytest
+from PIL import Image
 
 from camserve.protocol.responses import decode_heatmap
 from conftest import png_bytes
@@ -51,8 +55,6 @@ def test_garbage_gets_a_4xx_json_error_and_the_server_keeps_serving(predict, sce
 
 
 def test_options_in_a_json_body(predict, scenes) -> None:
-    import base64
-
     body = {"data": base64.b64encode(png_bytes(scenes[3].image)).decode(), "method": "cam", "topk": 2}
     response = predict(json=body)
     assert response.status_code == 200, response.text
@@ -63,3 +65,32 @@ def test_unknown_option_is_named(predict, scenes) -> None:
     response = predict(png_bytes(scenes[2].image), headers={"X-CAM-Method": "nonsense"})
     assert response.status_code == 400
     assert response.json()["option"] == "method" and "gradcam" in response.json()["message"]
+
+
+def test_output_kinds(predict, scenes) -> None:
+    scene = scenes[4]
+    grid = predict(png_bytes(scene.image), headers={"X-CAM-Output": "grid"}).json()["cam"]
+    assert grid["shape"] == [16, 16] and len(grid["grid"]) == 16
+    assert min(min(row) for row in grid["grid"]) >= 0 and max(max(row) for row in grid["grid"]) == 1.0
+    none = predict(png_bytes(scene.image), headers={"X-CAM-Output": "none"}).json()
+    assert "cam" not in none and none["predictions"]
+    overlay = predict(png_bytes(scene.image), headers={"Accept": "image/png"})
+    assert overlay.status_code == 200 and overlay.headers["content-type"] == "image/png"
+    assert Image.open(io.BytesIO(overlay.content)).size == scene.image.size
+    jpeg = predict(png_bytes(scene.image), headers={"X-CAM-Output": "overlay", "X-CAM-Format": "jpeg"})
+    assert jpeg.headers["content-type"] == "image/jpeg" and jpeg.content[:2] == b"\xff\xd8"
+
+
+def test_several_maps_come_as_a_list_in_target_order(predict, scenes) -> None:
+    body = predict(png_bytes(scenes[6].image), headers={"X-CAM-Target": "hexagon,0,star"}).json()
+    assert [cam["label"] for cam in body["cam"]] == ["hexagon", "circle", "star"]
+    top2 = predict(png_bytes(scenes[6].image), headers={"X-CAM-Maps": "2"}).json()
+    assert [cam["index"] for cam in top2["cam"]] == [p["index"] for p in top2["predictions"][:2]]
+
+
+def test_explanations_route_returns_our_map_without_predictions(predict, scenes) -> None:
+    response = predict(png_bytes(scenes[7].image), path="explanations/shapes")
+    assert response.status_code == 200, response.text
+    body = response.json()
+    assert "predictions" not in body and body["cam"]["method"] == "gradcam"
+    assert len(response.content) < 64_000  # not TorchServe's Integrated-Gradients tensor dump

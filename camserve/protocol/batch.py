@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+from PIL import Image
 
 from camserve.protocol.options import Options
 from camserve.protocol.requests import RequestError
@@ -24,6 +25,8 @@ class Item:
     error: RequestError | None = None
     response: Any = None
     content_type: str = "application/json"
+    explain: bool = False  # the /explanations route: the map payload alone
+    image: Image.Image | None = None  # the original, kept only for output=overlay
 
 
 @dataclass
