@@ -72,7 +72,8 @@ def find_target_layer(model: nn.Module, input_size: tuple[int, int]) -> str:
     was_training = model.training
     try:
         model.eval()
-        probe = torch.randn(1, 3, *input_size, device=next(model.parameters()).device)
+        parameter = next(model.parameters())
+        probe = torch.randn(1, 3, *input_size, device=parameter.device, dtype=parameter.dtype)
         with torch.enable_grad():
             probe.requires_grad_(True)
             logits = model(probe)
@@ -88,7 +89,10 @@ def find_target_layer(model: nn.Module, input_size: tuple[int, int]) -> str:
     for name, grad in zip(newest, grads):
         if grad is not None and to_grid(grad).abs().sum() > 0:
             return name
-    raise LayerError(f"{type(model).__name__} has no module whose output is a spatial map the score depends on; name a layer")
+    raise LayerError(
+        f"{type(model).__name__}: no module's spatial output receives a gradient from the score (a zero-initialised "
+        f"classifier gives none); name a target layer"
+    )
 
 
 def find_class_weights(model: nn.Module, channels: int, num_classes: int) -> nn.Linear | None:
