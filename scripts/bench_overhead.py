@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 import yaml
 
-from camserve.cam import CamExtractor, MethodError
+from camserve.cam import CamExtractor, MethodError, to_grid
 from camserve.model_spec import ModelSpec, build_architecture, load_model
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -49,7 +49,7 @@ def _reference(library: str, method: str, model: torch.nn.Module, layer: str) ->
                    "layercam": pgc.LayerCAM, "eigencam": pgc.EigenCAM, "scorecam": pgc.ScoreCAM}
         if method not in classes:
             return None
-        cam = classes[method](model=model, target_layers=[module])
+        cam = classes[method](model=model, target_layers=[module], reshape_transform=to_grid)
         if method == "scorecam":
             cam.batch_size = 32
         return lambda x: cam(input_tensor=x)
@@ -84,7 +84,16 @@ def bench(model_name: str, methods: list[str], batch_sizes: list[int], rounds: i
             variants[f"camserve {method}"] = lambda x, m=method: extractor(x, method=m)
             if references:
                 for library in ("pytorch-grad-cam", "torchcam"):
-                    if (ref := _reference(library, method, model, layer)) is not None:
+                    ref = _reference(library, method, model, layer)
+                    try:
+                        if ref is not None:
+                            with warnings.catch_warnings():
+                                warnings.simplefilter("ignore")
+                                ref(inputs[:1])
+                    except Exception as error:  # noqa: BLE001 - e.g. torchcam on transformer tokens
+                        print(f"{model_name}: {library} {method} does not run here ({type(error).__name__}); left out", flush=True)
+                        continue
+                    if ref is not None:
                         variants[f"{library} {method}"] = ref
         timings: dict[str, list[float]] = {name: [] for name in variants}
         for round_index in range(rounds + 1):

@@ -103,6 +103,19 @@ def test_gradients_stop_at_the_target_layer() -> None:
     assert torch.is_grad_enabled()  # the caller's grad mode is restored
 
 
+def test_closed_form_gradients_after_the_first_call_equal_autograd() -> None:
+    """Once a GAP + Linear head is verified, dy/dA = W[c] / HW replaces the backward pass, with the same maps."""
+    torch.manual_seed(1)
+    model = ShapesNet().eval()
+    inputs = torch.randn(3, 3, 64, 64)
+    for method in ("gradcam", "gradcampp", "xgradcam", "hirescam", "layercam"):
+        extractor = CamExtractor(model, (64, 64))
+        first = extractor(inputs, method=method).maps  # autograd, and verifies the head
+        assert extractor._gap_linear == {"features": True}
+        again = extractor(inputs, method=method).maps  # closed form under inference_mode
+        torch.testing.assert_close(again, first, atol=1e-5, rtol=1e-4)
+
+
 def test_cam_refuses_a_head_that_is_not_gap_linear() -> None:
     model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 6 * 6, 3)).eval()
     extractor = CamExtractor(model, (8, 8), ["1"])

@@ -3,8 +3,14 @@
 The trick that keeps Grad-CAM cheap: the forward pass starts under `torch.no_grad()`, so the trunk up to the target
 layer records no autograd graph. A forward hook on the (first) target layer detaches its output into a fresh leaf
 that requires grad and switches grad mode on, so only the layers *after* it are recorded; the backward pass then
-runs from the class score to the target layer and no further. Hooks live for one call and are always removed;
-nothing is retained between calls.
+runs from the class score to the target layer and no further.
+
+Cheaper still where the layer feeds global average pooling + one Linear layer (ResNets, EfficientNets, the default
+model...): there dy^c/dA = W[c] / (H W) at every location, exactly. Once a call has verified that the logits are
+Linear(GAP(A)) for a layer, later calls run the whole forward under `inference_mode` and use that closed form,
+re-checking the identity on every batch (and falling back to autograd, for good, if it ever fails).
+
+Hooks live for one call and are always removed; nothing but that per-layer verdict is kept between calls.
 """
 
 from __future__ import annotations
@@ -69,6 +75,9 @@ class CamExtractor:
         for name in self.default_layers:
             get_module(model, name)
         self.scorecam_max_channels = scorecam_max_channels
+        # layer name -> whether its logits were verified to be Linear(GAP(activations)) (see the module docstring)
+        self._gap_linear: dict[str, bool] = {}
+        self._heads: dict[tuple[int, int], nn.Linear | None] = {}  # (channels, classes) -> the candidate head
 
     @staticmethod
     def method(name: str) -> CamMethod:
@@ -97,7 +106,8 @@ class CamExtractor:
         layer_names = tuple(layers) if layers else self.default_layers
         modules = [get_module(self.model, name) for name in layer_names]
         captured: dict[str, Tensor] = {}
-        needs_grad = cam_method.needs_gradients
+        closed_form = cam_method.needs_gradients and len(layer_names) == 1 and self._gap_linear.get(layer_names[0], False)
+        needs_grad = cam_method.needs_gradients and not closed_form
 
         def capture(name: str):
             def hook(module: nn.Module, args: object, output: object) -> Tensor:
@@ -115,7 +125,8 @@ class CamExtractor:
 
         handles = [module.register_forward_hook(capture(name)) for name, module in zip(layer_names, modules)]
         try:
-            with torch.no_grad():  # restores the caller's grad mode on exit, whatever the hook switched on
+            # no_grad restores the caller's grad mode on exit, whatever the hook switched on.
+            with torch.no_grad() if needs_grad else torch.inference_mode():
                 logits = self.model(inputs)
                 torch.set_grad_enabled(False)  # the hook may have switched it on; map arithmetic needs no graph
                 missing = [name for name in layer_names if name not in captured]
@@ -126,21 +137,40 @@ class CamExtractor:
                 elif callable(targets):
                     targets = targets(logits.detach())
                 targets = (targets if targets.dim() == 2 else targets[:, None]).to(logits.device)
-                maps = [self._layer_maps(cam_method, name, captured, logits, targets, inputs) for name in layer_names]
+                head = None
+                if cam_method.needs_gradients and len(layer_names) == 1:
+                    head = self._gap_linear_head(layer_names[0], to_grid(captured[layer_names[0]].detach()), logits)
+                    if closed_form and head is None:
+                        self._gap_linear[layer_names[0]] = False
+                        return self(inputs, method, targets, layers)  # this batch breaks the identity: autograd
+                    self._gap_linear.setdefault(layer_names[0], head is not None)
+                closed_form_head = head if closed_form else None
+                maps = [self._layer_maps(cam_method, name, captured, logits, targets, inputs, closed_form_head) for name in layer_names]
         finally:
             for handle in handles:
                 handle.remove()
         return CamResult(logits=logits.detach(), targets=targets, maps=fuse_maps(maps), layers=layer_names)
 
     def _layer_maps(
-        self, cam_method: CamMethod, name: str, captured: dict[str, Tensor], logits: Tensor, targets: Tensor, inputs: Tensor
+        self,
+        cam_method: CamMethod,
+        name: str,
+        captured: dict[str, Tensor],
+        logits: Tensor,
+        targets: Tensor,
+        inputs: Tensor,
+        closed_form_head: nn.Linear | None,
     ) -> Tensor:
         raw = captured[name]
         activations = to_grid(raw.detach())
         per_target = []
         for t in range(targets.shape[1]):
             capture = LayerCapture(activations=activations, inputs=inputs, targets=targets[:, t])
-            if cam_method.needs_gradients:
+            if closed_form_head is not None:
+                height, width = activations.shape[-2:]
+                weights = closed_form_head.weight[targets[:, t]] / (height * width)
+                capture.gradients = weights[:, :, None, None].expand_as(activations)
+            elif cam_method.needs_gradients:
                 with torch.enable_grad():
                     score = logits.gather(1, targets[:, t : t + 1]).sum()
                 # Each sample's score depends only on its own activations, so one backward serves the batch.
@@ -156,14 +186,23 @@ class CamExtractor:
             per_target.append(saliency)
         return normalize_maps(torch.stack(per_target, dim=1))
 
+    def _gap_linear_head(self, name: str, activations: Tensor, logits: Tensor) -> nn.Linear | None:
+        """The Linear layer such that logits == Linear(GAP(activations)) on this batch, if there is one."""
+        key = (activations.shape[1], logits.shape[1])
+        if key not in self._heads:
+            self._heads[key] = find_class_weights(self.model, *key)
+        head = self._heads[key]
+        if head is None:
+            return None
+        pooled = F.linear(activations.mean(dim=(2, 3)), head.weight, head.bias)
+        scale = float(logits.abs().max().clamp(min=1.0))
+        return head if torch.allclose(pooled, logits, rtol=1e-4, atol=1e-4 * scale) else None
+
     def _class_weights(self, name: str, activations: Tensor, logits: Tensor) -> Tensor:
         """The head's weights, after checking that the logits really are Linear(GAP(activations))."""
-        head = find_class_weights(self.model, activations.shape[1], logits.shape[1])
+        head = self._gap_linear_head(name, activations, logits)
         if head is not None:
-            pooled = F.linear(activations.mean(dim=(2, 3)), head.weight, head.bias)
-            scale = logits.abs().max().clamp(min=1.0)
-            if torch.allclose(pooled, logits, rtol=1e-3, atol=1e-3 * float(scale)):
-                return head.weight
+            return head.weight
         gradient_methods = sorted(m.name for m in METHODS.values() if not m.needs_class_weights)
         raise MethodError(
             f"method 'cam' needs layer {name!r} to feed global average pooling and one Linear layer straight into "
