@@ -36,7 +36,8 @@ def default_model() -> tuple[torch.nn.Module, tuple[int, int]]:
 
 def torchvision_model(name: str) -> tuple[torch.nn.Module, tuple[int, int]]:
     size = (299, 299) if name == "inception_v3" else (224, 224)
-    return build_architecture(f"torchvision:{name}", 1000).eval().requires_grad_(False), size
+    # Parameters keep requires_grad: the reference libraries back-propagate through them (we never need it).
+    return build_architecture(f"torchvision:{name}", 1000).eval(), size
 
 
 def _reference(library: str, method: str, model: torch.nn.Module, layer: str) -> Callable[[torch.Tensor], object] | None:
