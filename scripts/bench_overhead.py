@@ -37,7 +37,11 @@ def default_model() -> tuple[torch.nn.Module, tuple[int, int]]:
 def torchvision_model(name: str) -> tuple[torch.nn.Module, tuple[int, int]]:
     size = (299, 299) if name == "inception_v3" else (224, 224)
     # Parameters keep requires_grad: the reference libraries back-propagate through them (we never need it).
-    return build_architecture(f"torchvision:{name}", 1000).eval(), size
+    model = build_architecture(f"torchvision:{name}", 1000).eval()
+    head = [m for m in model.modules() if isinstance(m, torch.nn.Linear)][-1]
+    if not head.weight.any():  # ViT zero-initialises its head: no gradient would reach any layer
+        torch.nn.init.normal_(head.weight, std=0.02)
+    return model, size
 
 
 def _reference(library: str, method: str, model: torch.nn.Module, layer: str) -> Callable[[torch.Tensor], object] | None:
