@@ -25,7 +25,7 @@ FAMILIES = {
     "alexnet": (96, False),
     "squeezenet1_1": (96, False),  # a conv classifier
     "googlenet": (96, True),
-    "inception_v3": (96, True),
+    "inception_v3": (299, True),  # below ~200 px its last blocks shrink to 1x1
     "mobilenet_v2": (64, True),
     "mobilenet_v3_small": (64, False),  # Linear - Hardswish - Linear
     "mnasnet0_5": (64, True),

@@ -149,13 +149,20 @@ def eigencam(capture: LayerCapture) -> Tensor:
     activations = capture.activations
     batch, channels, height, width = activations.shape
     tokens = activations.reshape(batch, channels, height * width).transpose(1, 2)  # (B, HW, K)
-    centred = tokens - tokens.mean(dim=1, keepdim=True)
-    _, _, vh = torch.linalg.svd(centred, full_matrices=False)
-    projection = centred @ vh[:, 0, :, None]  # (B, HW, 1)
-    mean_activation = tokens.mean(dim=2, keepdim=True)
+    # float64: the Gram matrix squares the condition number, and LAPACK's float32 eigh is far slower here.
+    centred = (tokens - tokens.mean(dim=1, keepdim=True)).double()
+    # X v1 = s1 u1: the top eigenpair of the smaller Gram matrix gives it without a full SVD (several times
+    # cheaper on a CPU when HW and K differ, as they do at every usual target layer).
+    if height * width <= channels:
+        eigenvalues, eigenvectors = torch.linalg.eigh(centred @ centred.transpose(1, 2))  # (B, HW, HW)
+        projection = eigenvectors[..., -1:] * eigenvalues[..., -1:, None].clamp(min=0).sqrt()
+    else:
+        _, eigenvectors = torch.linalg.eigh(centred.transpose(1, 2) @ centred)  # (B, K, K)
+        projection = centred @ eigenvectors[..., -1:]
+    mean_activation = tokens.mean(dim=2, keepdim=True).double()
     sign = torch.sign(((projection - projection.mean(1, keepdim=True)) * mean_activation).sum(dim=(1, 2), keepdim=True))
     projection = projection * torch.where(sign == 0, torch.ones_like(sign), sign)
-    return projection.reshape(batch, height, width)
+    return projection.reshape(batch, height, width).to(activations.dtype)
 
 
 SCORECAM_BATCH = 32
