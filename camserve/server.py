@@ -226,7 +226,7 @@ def main() -> None:
     auth = f" -H 'Authorization: Bearer {server.inference_key()}'" if server.inference_key() else ""
     print(f"TorchServe is up: inference {server.inference_url}, management {server.management_url}, metrics {server.metrics_url}")
     print("Try it:")
-    print(f"  python -c \"from camserve.scenes import make_scene; make_scene(7).image.save('scene.png')\"")
+    print("  .venv/bin/python -c \"from camserve.scenes import make_scene; make_scene(7).image.save('scene.png')\"")
     print(f"  curl -s{auth} {server.inference_url}/predictions/shapes -T scene.png | head -c 400; echo")
 
 
