@@ -9,6 +9,7 @@ RUN_DIR := .run/serve
 INFERENCE_PORT ?= 8080
 MANAGEMENT_PORT ?= 8081
 METRICS_PORT ?= 8082
+CONFIG ?= config/dev.properties
 export PYTHONPATH := $(CURDIR)
 
 .PHONY: help venv serve stop test archive train evaluate bench loadtest clean
@@ -46,7 +47,7 @@ archive: $(VENV)/.installed
 endif
 
 serve: model_store/shapes.mar
-	$(PY) -m camserve.server start --run-dir $(RUN_DIR) --config config/dev.properties \
+	$(PY) -m camserve.server start --run-dir $(RUN_DIR) --config $(CONFIG) \
 		--inference-port $(INFERENCE_PORT) --management-port $(MANAGEMENT_PORT) --metrics-port $(METRICS_PORT)
 
 stop:
