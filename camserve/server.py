@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import io
+import json
 import os
 import shutil
 import socket
@@ -164,8 +165,6 @@ class TorchServe:
 
     def inference_key(self) -> str | None:
         """The inference token of TorchServe's key file, when token authorization is on."""
-        import json
-
         key_file = self.run_dir / "key_file.json"
         if not key_file.exists():
             return None

@@ -106,7 +106,7 @@ class CamHandler(BaseHandler):
                 continue
             probabilities = logits.softmax(dim=1)
             for row, item in enumerate(members):
-                count = len(self._wanted_targets(item.options, probabilities[row])) if maps is not None else 0
+                count = item.options.map_count(len(self.labels)) if maps is not None else 0
                 item.response, item.content_type = encode_answer(
                     item.options, probabilities[row],
                     maps[row, :count] if maps is not None else torch.empty(0),

@@ -76,7 +76,8 @@ def test_default_layer_is_the_last_spatial_map_the_score_depends_on(case) -> Non
 
 
 def _reshape_for(model: torch.nn.Module):
-    return (lambda output: to_grid(output)) if isinstance(model, models.VisionTransformer) else None
+    """pytorch-grad-cam's reshape_transform: ViT tokens to a grid, exactly as we read them."""
+    return to_grid if isinstance(model, models.VisionTransformer) else None
 
 
 @pytest.mark.parametrize("method", sorted(GRAD_CAM_LIBRARY))

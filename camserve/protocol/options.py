@@ -29,6 +29,10 @@ class Options:
     def wants_map(self) -> bool:
         return self.method is not None and self.output != "none"
 
+    def map_count(self, num_classes: int) -> int:
+        """How many maps this request asked for: its explicit targets, or the top-`maps` classes."""
+        return len(self.targets) if self.targets is not None else min(self.maps, num_classes)
+
 
 @dataclass(frozen=True)
 class OptionRules:
