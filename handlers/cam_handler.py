@@ -8,6 +8,7 @@ and JSON error while the others are answered normally.
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 from collections.abc import Callable
@@ -15,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from ts.metrics.dimension import Dimension
 from ts.torch_handler.base_handler import BaseHandler
 
 from camserve.cam import METHODS, CamExtractor, LayerError, MethodError
@@ -94,6 +96,7 @@ class CamHandler(BaseHandler):
         for (method, layers), positions in groups.items():
             members = [batch.live[p] for p in positions]
             inputs = batch.inputs[positions]
+            started = time.perf_counter()
             try:
                 if method is None:
                     logits, maps, targets, used_layers = self.extractor.predict(inputs), None, None, ()
@@ -104,6 +107,9 @@ class CamHandler(BaseHandler):
                 for item in members:
                     item.error = RequestError(str(error), kind="invalid_option", option="method" if isinstance(error, MethodError) else "layer")
                 continue
+            # Map time per method (forward included): what a method costs, on /metrics as CamMapTime.
+            elapsed_ms = round((time.perf_counter() - started) * 1000, 2)
+            self.context.metrics.add_time("CamMapTime", elapsed_ms, None, "ms", [Dimension("Method", method or "none")])
             probabilities = logits.softmax(dim=1)
             for row, item in enumerate(members):
                 count = item.options.map_count(len(self.labels)) if maps is not None else 0
@@ -116,11 +122,18 @@ class CamHandler(BaseHandler):
 
     def postprocess(self, batch: Batch) -> list[Any]:
         responses = []
+        metrics = self.context.metrics
         for item in batch.items:
             if item.error is not None:
-                logger.warning("camserve rejected request %d: %s (%s, option=%s)", item.index, item.error, item.error.kind, item.error.option)
+                # One JSON line per rejection: why, and which option; never the image bytes.
+                logger.warning("camserve rejected %s", json.dumps({"status": item.error.status, "type": item.error.kind, "option": item.error.option, "message": str(item.error)[:300]}))
                 self.context.set_response_status(code=item.error.status, phrase=str(item.error)[:200], idx=item.index)
                 item.response = item.error.to_json()
+                metrics.add_counter("CamErrors", 1, None, [Dimension("Kind", item.error.kind)])
+            else:
+                assert item.options is not None
+                method = item.options.method if item.options.wants_map else None
+                metrics.add_counter("CamRequests", 1, None, [Dimension("Method", method or "none"), Dimension("Output", item.options.output)])
             self.context.set_response_content_type(item.index, item.content_type)
             responses.append(item.response)
         return responses

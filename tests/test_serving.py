@@ -6,6 +6,7 @@ import base64
 import io
 
 import pytest
+import requests
 from PIL import Image
 
 from camserve.protocol.responses import decode_heatmap
@@ -94,3 +95,12 @@ def test_explanations_route_returns_our_map_without_predictions(predict, scenes)
     body = response.json()
     assert "predictions" not in body and body["cam"]["method"] == "gradcam"
     assert len(response.content) < 64_000  # not TorchServe's Integrated-Gradients tensor dump
+
+
+def test_handler_metrics_on_the_prometheus_endpoint(shapes_server, predict, scenes) -> None:
+    assert predict(png_bytes(scenes[8].image), headers={"X-CAM-Method": "cam"}).status_code == 200
+    assert predict(b"not an image").status_code == 400
+    text = requests.get(f"{shapes_server.metrics_url}/metrics", timeout=30).text
+    assert 'CamRequests{' in text and 'Method="cam"' in text and 'Output="png"' in text
+    assert 'CamErrors{' in text and 'Kind="invalid_image"' in text
+    assert "CamMapTime{" in text
