@@ -144,6 +144,10 @@ class TorchServe:
         while pending and time.monotonic() < deadline:
             if getattr(self, "process", None) is not None and self.process.poll() is not None:
                 raise RuntimeError(f"TorchServe exited with code {self.process.returncode}; see {self.log_dir}")
+            if (failure := self.worker_failure()) is not None:
+                # A worker that cannot load its handler leaves /ping healthy and requests hanging: fail loudly now.
+                self.stop()
+                raise RuntimeError(f"a model worker died while loading: {failure}; full log in {self.log_dir / 'model_log.log'}")
             for name in list(pending):
                 try:
                     response = requests.post(f"{self.inference_url}/predictions/{name}", data=image, headers=self.auth_headers(), timeout=30)
@@ -158,6 +162,20 @@ class TorchServe:
         if pending:
             self.stop()
             raise TimeoutError(f"model(s) {sorted(pending)} did not answer within {timeout:.0f} s ({last_error}); logs in {self.log_dir}")
+
+    def worker_failure(self) -> str | None:
+        """The error line of the first worker traceback in the model log, if a worker has died."""
+        log = self.log_dir / "model_log.log"
+        if not log.exists():
+            return None
+        lines = log.read_text(errors="replace").splitlines()
+        died = next((i for i, line in enumerate(lines) if "Backend worker process died" in line), None)
+        if died is None:
+            return None
+        # TorchServe prefixes each traceback line with its logger's header; the message follows "MODEL_LOG - ".
+        trace = [line.split("MODEL_LOG - ", 1)[-1] for line in lines[died + 1 : died + 80] if "MODEL_LOG - " in line]
+        errors = [line for line in trace if line and not line.startswith((" ", "Traceback")) and ("Error" in line or "Exception" in line)]
+        return errors[0] if errors else "see the traceback"
 
     def auth_headers(self) -> dict[str, str]:
         key = self.inference_key()
