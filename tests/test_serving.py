@@ -104,3 +104,16 @@ def test_handler_metrics_on_the_prometheus_endpoint(shapes_server, predict, scen
     assert 'CamRequests{' in text and 'Method="cam"' in text and 'Output="png"' in text
     assert 'CamErrors{' in text and 'Kind="invalid_image"' in text
     assert "CamMapTime{" in text
+
+
+def test_multipart_form_with_options_as_fields(shapes_server, scenes) -> None:
+    response = requests.post(
+        f"{shapes_server.inference_url}/predictions/shapes",
+        files={"file": ("scene.png", png_bytes(scenes[9].image), "image/png")},
+        data={"method": "cam", "topk": "1"},
+        headers=shapes_server.auth_headers(),
+        timeout=60,
+    )
+    assert response.status_code == 200, response.text
+    body = response.json()
+    assert body["cam"]["method"] == "cam" and len(body["predictions"]) == 1

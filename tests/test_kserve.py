@@ -1,0 +1,42 @@
+"""KServe v1 and v2 protocols through TorchServe's envelopes (config/kserve*.properties), on a real TorchServe."""
+
+from __future__ import annotations
+
+import base64
+
+import pytest
+import requests
+
+from camserve.protocol.responses import decode_heatmap
+from conftest import ROOT, SHAPES_MAR, png_bytes, start_server
+
+pytestmark = [pytest.mark.slow, pytest.mark.serving]
+
+
+@pytest.fixture(scope="module", params=["kserve", "kserve-v2"])
+def kserve_server(request, tmp_path_factory: pytest.TempPathFactory):
+    server = start_server(tmp_path_factory.mktemp(request.param), {"shapes": SHAPES_MAR}, config=ROOT / "config" / f"{request.param}.properties")
+    try:
+        yield request.param, server
+    finally:
+        server.stop()
+
+
+def test_kserve_predict_and_explain(kserve_server, scenes) -> None:
+    protocol, server = kserve_server
+    images = [base64.b64encode(png_bytes(scene.image)).decode() for scene in scenes[:2]]
+    if protocol == "kserve":
+        body = {"instances": [{"data": images[0]}, {"data": images[1], "method": "cam"}, {"data": "!!not base64"}]}
+        answers = requests.post(f"{server.inference_url}/predictions/shapes", json=body, timeout=60).json()["predictions"]
+        assert answers[0]["cam"]["method"] == "gradcam" and answers[1]["cam"]["method"] == "cam"
+        for answer, scene in zip(answers[:2], scenes):
+            assert decode_heatmap(answer["cam"]["heatmap"]).shape == (scene.image.height, scene.image.width)
+        assert answers[2]["type"] == "invalid_base64"  # a bad instance fails alone, inside the answer
+        explained = requests.post(f"{server.inference_url}/explanations/shapes", json={"instances": [{"data": images[0]}]}, timeout=60).json()
+        assert "predictions" not in explained["explanations"][0] and explained["explanations"][0]["cam"]["method"] == "gradcam"
+    else:
+        body = {"inputs": [{"name": "image", "shape": [1], "datatype": "BYTES", "data": [images[0]]}]}
+        answer = requests.post(f"{server.inference_url}/predictions/shapes", json=body, timeout=60).json()
+        output = answer["outputs"][0]
+        assert output["datatype"] == "BYTES" and answer["model_name"] == "shapes"
+        assert output["data"][0]["cam"]["size"] == [scenes[0].image.width, scenes[0].image.height]
