@@ -26,6 +26,7 @@ class BatchContext(MockContext):
     set_response_content_type = Context.set_response_content_type
     get_response_content_type = Context.get_response_content_type
     set_response_header = Context.set_response_header
+    request_processor = Context.request_processor
     get_response_headers = Context.get_response_headers
 
     def for_batch(self, headers: list[dict[str, str]]) -> BatchContext:
