@@ -33,4 +33,6 @@ class Item:
 class Batch:
     items: list[Item]
     inputs: torch.Tensor | None = None  # stacked network inputs of the items without error, in order
+    # The items decoded without error, row i of `inputs` each. Fixed at preprocessing (not derived from the
+    # items' errors), because a group that fails later must not shift the other items' rows.
     live: list[Item] = field(default_factory=list)
