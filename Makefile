@@ -12,7 +12,7 @@ METRICS_PORT ?= 8082
 CONFIG ?= config/dev.properties
 export PYTHONPATH := $(CURDIR)
 
-.PHONY: help venv serve stop test archive train evaluate bench loadtest clean
+.PHONY: help venv serve stop test archive train evaluate bench bench-maps loadtest clean
 
 help:
 	@echo "make serve     start TorchServe with the default model on 127.0.0.1:$(INFERENCE_PORT) (background)"
@@ -21,7 +21,8 @@ help:
 	@echo "make archive   (re)build model_store/shapes.mar"
 	@echo "make train     retrain the default model (models/shapes/)"
 	@echo "make evaluate  measure the default model's accuracy and localization (docs/shapes-model.md)"
-	@echo "make bench     map overhead benchmark (docs/benchmarks.md)"
+	@echo "make bench     serving benchmark: built-in vs our handler through TorchServe (docs/serving-benchmark.md; BENCH_ARGS=...)"
+	@echo "make bench-maps in-process map overhead, against pytorch-grad-cam and torchcam (docs/benchmarks.md)"
 	@echo "make loadtest  Locust load test with SLO gates (starts a server if none answers; LOADTEST_ARGS=...)"
 
 # The venv is rebuilt when requirements.txt changes; the stamp records the last successful install.
@@ -62,8 +63,12 @@ train: $(VENV)/.installed
 evaluate: $(VENV)/.installed
 	$(PY) scripts/evaluate_shapes.py
 
+# About 30 minutes: two models x six variants x three concurrencies x two batch sizes, each a Locust run.
 bench: $(VENV)/.installed
-	$(PY) scripts/bench_overhead.py
+	$(PY) load_tests/serving_benchmark.py $(BENCH_ARGS)
+
+bench-maps: $(VENV)/.installed
+	$(PY) scripts/bench_overhead.py $(BENCH_ARGS)
 
 loadtest: model_store/shapes.mar
 	$(PY) load_tests/run_loadtest.py $(LOADTEST_ARGS)

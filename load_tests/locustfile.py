@@ -34,7 +34,6 @@ import logging
 import math
 import random
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -45,14 +44,10 @@ from locust.env import Environment
 from locust.runners import CPU_WARNING_THRESHOLD, WorkerRunner
 from PIL import Image
 
-from camserve.scenes import EVAL_SEED_START, make_scene
+from load_tests.image_pool import Sample, image_pool
 
 logger = logging.getLogger("camserve.loadtest")
 
-# Load tests draw their own seed range (evaluation from EVAL_SEED_START, tests from + 5,000,000).
-LOAD_SEED_START = EVAL_SEED_START + 7_000_000
-# Every fourth image has a camera / web size, so decoding, resizing and full-size heat maps get their share.
-CAMERA_SIZES: tuple[tuple[int, int], ...] = ((1024, 768), (1280, 720), (1280, 960))
 STEPS = 4
 
 
@@ -82,30 +77,7 @@ def auth_headers(token_file: str) -> dict[str, str]:
     return {"Authorization": f"Bearer {key}"}
 
 
-# --- the image pool --------------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Sample:
-    body: bytes
-    content_type: str
-    size: tuple[int, int]  # width, height: what every heat map and overlay must match
-
-
-def encode_sample(index: int) -> Sample:
-    """Scene `index` of the pool, PNG or JPEG in turn (camera-sized ones are JPEG, as photos are)."""
-    size = CAMERA_SIZES[index // 4 % len(CAMERA_SIZES)] if index % 4 == 3 else None
-    image = make_scene(LOAD_SEED_START + index, size=size).image
-    image_format = "JPEG" if index % 2 else "PNG"
-    buffer = io.BytesIO()
-    image.save(buffer, format=image_format, quality=90)
-    return Sample(body=buffer.getvalue(), content_type=f"image/{image_format.lower()}", size=image.size)
-
-
-@functools.lru_cache(maxsize=1)
-def image_pool(size: int) -> tuple[Sample, ...]:
-    """Generated and encoded once per process, before the test starts, so no request pays for it."""
-    return tuple(encode_sample(index) for index in range(size))
+# --- the image pool (load_tests/image_pool.py) ---------------------------------------------------------------
 
 
 @events.init.add_listener

@@ -1,0 +1,152 @@
+"""The serving benchmark's client: N users, each posting pool images back to back, checking every answer cheaply.
+
+Run by load_tests/serving_benchmark.py, once per cell (variant x concurrency), as a subprocess:
+
+    PYTHONPATH=. locust -f load_tests/benchmark_locustfile.py --headless -u 4 -r 4 -t 20s --reset-stats \
+        --host http://127.0.0.1:8080 --path /predictions/shapes --answer map --header X-CAM-Method=gradcam \
+        --summary out.json
+
+Unlike locustfile.py (the load test), users never wait: concurrency is exactly the number of users (a closed
+loop), so throughput at 16 users is the server's saturated throughput. The checks are structural (status, JSON
+shape, label present, heat map is base64 PNG) and cost the client microseconds: on a 2-core machine every client
+cycle is taken from the server, and a full image decode per answer would tax map variants more than plain ones.
+The full decode-and-compare checks live in the load test. At the end the run's figures go to --summary as JSON.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from locust import constant, events, task
+from locust.argument_parser import LocustArgumentParser
+from locust.contrib.fasthttp import FastHttpUser, FastResponse
+from locust.env import Environment
+from locust.runners import WorkerRunner
+
+from load_tests.image_pool import image_pool
+
+PNG_BASE64_SIGNATURE = "iVBORw0KGgo"  # base64 of the 8-byte PNG signature
+PERCENTILES = (0.5, 0.95, 0.99)
+
+
+@events.init_command_line_parser.add_listener
+def add_arguments(parser: LocustArgumentParser) -> None:
+    parser.add_argument("--path", default="/predictions/shapes", help="request path, e.g. /predictions/shapes")
+    parser.add_argument("--header", action="append", default=[], help="extra request header NAME=VALUE (repeatable)")
+    parser.add_argument("--answer", default="map", choices=sorted(CHECKS), help="what a correct answer looks like")
+    parser.add_argument("--pool-size", type=int, default=32, help="generated images (default: 32)")
+    parser.add_argument("--summary", default="", help="write the run's figures here as JSON")
+
+
+class WrongAnswer(ValueError):
+    """The server answered, but not what this variant promises."""
+
+
+def expect(condition: bool, message: str) -> None:
+    if not condition:
+        raise WrongAnswer(message)
+
+
+def ok_json(response: FastResponse) -> Any:
+    expect(response.status_code == 200, f"HTTP {response.status_code}: {' '.join((response.text or '').split())[:200]}")
+    return response.json()
+
+
+def check_builtin(response: FastResponse) -> None:
+    """TorchServe's ImageClassifier: {label: probability, ...} for the top classes."""
+    body = ok_json(response)
+    expect(isinstance(body, dict) and len(body) > 0, "no {label: probability} object")
+    expect(all(isinstance(value, float) for value in body.values()), "non-numeric probabilities")
+
+
+def check_integrated_gradients(response: FastResponse) -> None:
+    """TorchServe's VisionHandler explanation: the attributions as a nested list, channels x height x width."""
+    body = ok_json(response)
+    expect(isinstance(body, list) and len(body) == 3 and isinstance(body[0], list) and isinstance(body[0][0], list), "no 3 x H x W attribution list")
+
+
+def predictions(body: Any) -> list[dict[str, Any]]:
+    expect(isinstance(body, dict), "the body is not a JSON object")
+    found = body.get("predictions")
+    expect(isinstance(found, list) and len(found) > 0 and isinstance(found[0].get("label"), str), "no predictions with labels")
+    return found
+
+
+def check_plain(response: FastResponse) -> None:
+    body = ok_json(response)
+    predictions(body)
+    expect("cam" not in body, "a map was computed although X-CAM-Method: none")
+
+
+def check_map(response: FastResponse) -> None:
+    body = ok_json(response)
+    top = predictions(body)[0]
+    cam = body.get("cam")
+    expect(isinstance(cam, dict), "no map in 'cam'")
+    expect(isinstance(cam.get("heatmap"), str) and cam["heatmap"].startswith(PNG_BASE64_SIGNATURE), "the heat map is not a base64 PNG")
+    expect(cam.get("index") == top["index"], f"map of class {cam.get('index')}, top-1 is {top['index']}")
+
+
+CHECKS: dict[str, Callable[[FastResponse], None]] = {
+    "builtin": check_builtin,
+    "integrated-gradients": check_integrated_gradients,
+    "plain": check_plain,
+    "map": check_map,
+}
+
+
+def parse_headers(pairs: list[str]) -> dict[str, str]:
+    headers = {}
+    for pair in pairs:
+        name, separator, value = pair.partition("=")
+        if not separator:
+            raise SystemExit(f"--header {pair!r}: expected NAME=VALUE")
+        headers[name] = value
+    return headers
+
+
+@events.init.add_listener
+def prepare(environment: Environment, **_kwargs: Any) -> None:
+    image_pool(environment.parsed_options.pool_size)  # before any user starts: no request pays for it
+
+
+class BenchmarkUser(FastHttpUser):
+    wait_time = constant(0)
+
+    @task
+    def post_image(self) -> None:
+        options = self.environment.parsed_options
+        sample = random.choice(image_pool(options.pool_size))
+        headers = {"Content-Type": sample.content_type, **parse_headers(options.header)}
+        with self.client.post(options.path, data=sample.body, headers=headers, name=options.path, catch_response=True) as response:
+            try:
+                CHECKS[options.answer](response)
+            except (ValueError, KeyError, TypeError, AttributeError, IndexError) as error:
+                response.failure(f"{type(error).__name__}: {error}")
+            else:
+                response.success()
+
+
+@events.quitting.add_listener
+def write_summary(environment: Environment, **_kwargs: Any) -> None:
+    """Figures of the measured window (--reset-stats drops the ramp-up): what serving_benchmark.py tabulates."""
+    runner = environment.runner
+    if isinstance(runner, WorkerRunner) or not environment.parsed_options.summary:
+        return
+    total = environment.stats.total
+    summary = {
+        "requests": total.num_requests,
+        "failures": total.num_failures,
+        "throughput_rps": total.total_rps,
+        "mean_ms": total.avg_response_time,
+        "response_bytes": total.avg_content_length,
+        "client_cpu_saturated": bool(runner.cpu_warning_emitted),
+        "errors": [f"{error.occurrences} x {error.error}" for error in environment.stats.errors.values()][:5],
+        **{f"p{round(q * 100)}_ms": total.get_response_time_percentile(q) for q in PERCENTILES},
+    }
+    Path(environment.parsed_options.summary).write_text(json.dumps(summary, indent=1) + "\n")
+    environment.process_exit_code = 0  # failures are figures here, not a verdict: the driver reports them

@@ -1,0 +1,504 @@
+"""`make bench`: what a map costs in production, measured side by side through real TorchServe servers.
+
+    make bench                                     # the full run (about 30 min): docs/serving-benchmark.md + plots
+    make bench BENCH_ARGS="--tune"                 # worker settings sweep: docs/serving-tuning.md
+    PYTHONPATH=. .venv/bin/python load_tests/serving_benchmark.py --models shapes --concurrency 1,4 --duration 5 \
+        --batch-sizes 1 --out /tmp/bench          # a quick look
+
+Variants, all on the same server and the same worker settings, one after the other:
+
+| variant | request |
+|---|---|
+| `built-in plain` | TorchServe's built-in `ImageClassifier`, `POST /predictions/<model>_builtin`: the baseline |
+| `none` | our handler with `X-CAM-Method: none`: labels only |
+| `cam`, `gradcam`, `eigencam` | our handler with that method: labels + map (heat map PNG, peak, box) |
+| `built-in IG` | the built-in `POST /explanations/<model>_builtin`: Integrated Gradients through captum |
+
+The built-in handler gets the same input recipe as ours (the whole image resized to the model's input, the model's
+mean/std, read from the same model-config.yaml), so a ratio measures what the handler and the map add, not two
+different resizes. Models: the default `shapes` model and torchvision resnet18 (randomly initialised with a fixed
+seed: no weights can be downloaded here, and speed does not depend on their values).
+
+Each cell (model x batch size x variant x concurrency) is one headless Locust run (load_tests/benchmark_locustfile.py,
+as a subprocess) whose N users post pool images back to back: throughput at 16 users is the server's saturated
+throughput. Ramp-up is dropped (--reset-stats) and in-flight requests finish before the next cell starts, so no
+cell inherits another's queue. The model's in-process forward throughput at the same batch size and threads is
+measured too, before any server starts: served plain ÷ in-process is what TorchServe and the handler cost.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+import yaml
+
+from camserve.model_spec import ModelSpec, load_model
+from camserve.server import TorchServe, free_port
+from scripts.build_archive import build_archive, torchvision_model_dir
+
+ROOT = Path(__file__).resolve().parent.parent
+RUN_DIR = ROOT / ".run" / "bench"
+LOCUSTFILE = ROOT / "load_tests" / "benchmark_locustfile.py"
+BUILTIN_HANDLER = ROOT / "load_tests" / "builtin_image_classifier.py"
+BASELINE = "built-in plain"
+
+# The built-in handler loads an eager model from a file that defines exactly one class.
+RESNET18_MODEL_FILE = '''"""torchvision resnet18 as one class, for TorchServe's eager model loading."""
+from torchvision.models.resnet import BasicBlock, ResNet
+
+
+class ResNet18(ResNet):
+    def __init__(self):
+        super().__init__(BasicBlock, [2, 2, 2, 2], num_classes=1000)
+'''
+
+
+@dataclass(frozen=True)
+class Variant:
+    name: str
+    builtin: bool  # served by the built-in ImageClassifier archive, else by ours
+    route: str
+    answer: str  # what benchmark_locustfile.py checks
+    method: str = ""  # X-CAM-Method
+
+    def headers(self) -> list[str]:
+        return [f"X-CAM-Method={self.method}"] if self.method else []
+
+
+VARIANTS = (
+    Variant(BASELINE, True, "predictions", "builtin"),
+    Variant("none", False, "predictions", "plain", "none"),
+    Variant("cam", False, "predictions", "map", "cam"),
+    Variant("gradcam", False, "predictions", "map", "gradcam"),
+    Variant("eigencam", False, "predictions", "map", "eigencam"),
+    Variant("built-in IG", True, "explanations", "integrated-gradients"),
+)
+
+
+@dataclass(frozen=True)
+class Settings:
+    """TorchServe worker settings, the same for every variant of a run."""
+
+    workers: int
+    threads: int  # torch intra-op threads per worker (OMP_NUM_THREADS)
+    batch_size: int
+    max_batch_delay_ms: int
+
+    @property
+    def label(self) -> str:
+        return f"{self.workers} worker(s) x {self.threads} thread(s), batch {self.batch_size}, delay {self.max_batch_delay_ms} ms"
+
+    @property
+    def slug(self) -> str:
+        return f"w{self.workers}t{self.threads}b{self.batch_size}d{self.max_batch_delay_ms}"
+
+
+# --- models and archives ---------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class BenchModel:
+    name: str
+    model_dir: Path  # ours: weights, labels, model-config.yaml
+    model_file: Path  # the built-in's eager model class
+
+    def spec(self) -> ModelSpec:
+        return ModelSpec.from_dict(yaml.safe_load((self.model_dir / "model-config.yaml").read_text())["handler"])
+
+
+def prepare_models(names: list[str], work_dir: Path) -> list[BenchModel]:
+    models = []
+    for name in names:
+        if name == "shapes":
+            models.append(BenchModel("shapes", ROOT / "models" / "shapes", ROOT / "camserve" / "models" / "shapes_net.py"))
+        elif name == "resnet18":
+            import torchvision
+
+            torch.manual_seed(0)
+            weights = work_dir / "resnet18-random.pt"
+            torch.save(torchvision.models.resnet18().state_dict(), weights)
+            model_dir = torchvision_model_dir("resnet18", str(weights), work_dir / "resnet18")
+            model_file = work_dir / "resnet18_model.py"
+            model_file.write_text(RESNET18_MODEL_FILE)
+            models.append(BenchModel("resnet18", model_dir, model_file))
+        else:
+            sys.exit(f"unknown benchmark model {name!r}: shapes or resnet18")
+    return models
+
+
+def model_config(model: BenchModel, settings: Settings) -> dict:
+    """The model's own model-config.yaml with the run's worker settings."""
+    config = yaml.safe_load((model.model_dir / "model-config.yaml").read_text())
+    config.update(
+        minWorkers=settings.workers, maxWorkers=settings.workers, batchSize=settings.batch_size,
+        maxBatchDelay=settings.max_batch_delay_ms, responseTimeout=300,
+    )
+    return config
+
+
+def build_archives(model: BenchModel, settings: Settings, store: Path, staging: Path) -> None:
+    """`<model>.mar` (our handler) and `<model>_builtin.mar` (TorchServe's ImageClassifier) with the same settings."""
+    ours = staging / f"{model.name}-ours"
+    shutil.copytree(model.model_dir, ours, dirs_exist_ok=True)
+    config = model_config(model, settings)
+    (ours / "model-config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
+    build_archive(model.name, ours, store)
+    spec = model.spec()
+    command = [
+        str(Path(sys.executable).with_name("torch-model-archiver")),
+        "--model-name", f"{model.name}_builtin", "--version", "1.0",
+        "--handler", str(BUILTIN_HANDLER),
+        "--model-file", str(model.model_file),
+        "--serialized-file", str(model.model_dir / spec.weights),
+        "--extra-files", str(model.model_dir / spec.labels),
+        "--config-file", str(ours / "model-config.yaml"),
+        "--export-path", str(store), "--force",
+    ]
+    subprocess.run(command, check=True)
+
+
+# --- in-process forward throughput -----------------------------------------------------------------------------
+
+
+def _forward_throughput(model_dir: str, batch_size: int, threads: int, seconds: float, queue: multiprocessing.Queue) -> None:
+    torch.set_num_threads(threads)
+    spec = ModelSpec.from_dict(yaml.safe_load((Path(model_dir) / "model-config.yaml").read_text())["handler"])
+    model = load_model(spec, Path(model_dir))
+    batch = torch.randn(batch_size, 3, *spec.input_size)
+    with torch.inference_mode():
+        for _ in range(3):
+            model(batch)
+        count, start = 0, time.perf_counter()
+        while time.perf_counter() - start < seconds:
+            model(batch)
+            count += 1
+        queue.put(count * batch_size / (time.perf_counter() - start))
+
+
+def forward_throughput(model: BenchModel, settings: Settings, seconds: float) -> float:
+    """Images/s of the bare model forward (inference_mode, random input) in `workers` processes of `threads`
+    threads each, as the server's workers run: the ceiling of what any handler can serve."""
+    context = multiprocessing.get_context("spawn")
+    queue = context.Queue()
+    processes = [
+        context.Process(target=_forward_throughput, args=(str(model.model_dir), settings.batch_size, settings.threads, seconds, queue))
+        for _ in range(settings.workers)
+    ]
+    for process in processes:
+        process.start()
+    rates = [queue.get(timeout=seconds + 300) for _ in processes]
+    for process in processes:
+        process.join()
+    return sum(rates)
+
+
+# --- serving ---------------------------------------------------------------------------------------------------
+
+
+def start_server(models: list[BenchModel], settings: Settings, work_dir: Path) -> TorchServe:
+    store = work_dir / f"store-{settings.slug}"
+    with tempfile.TemporaryDirectory(prefix="camserve-bench-") as staging:
+        for model in models:
+            build_archives(model, settings, store, Path(staging))
+    run_dir = work_dir / f"server-{settings.slug}"
+    shutil.rmtree(run_dir, ignore_errors=True)
+    run_dir.mkdir(parents=True)
+    entries = ",".join(f"{name}={name}.mar" for model in models for name in (model.name, f"{model.name}_builtin"))
+    threads = str(settings.threads)
+    server = TorchServe(
+        run_dir=run_dir, config=ROOT / "config" / "dev.properties", model_store=store, models=entries,
+        inference_port=free_port(), management_port=free_port(), metrics_port=free_port(),
+        env={"OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads},
+    )
+    try:
+        server.start(timeout=600)
+    except BaseException:
+        server.stop()
+        raise
+    return server
+
+
+def run_cell(server: TorchServe, model: BenchModel, variant: Variant, users: int, seconds: float, work_dir: Path) -> dict:
+    """One headless Locust run; its summary (throughput, percentiles, failures, response size)."""
+    summary = work_dir / "cell.json"
+    summary.unlink(missing_ok=True)
+    name = f"{model.name}_builtin" if variant.builtin else model.name
+    command = [
+        sys.executable, "-m", "locust", "-f", str(LOCUSTFILE), "--headless", "--only-summary", "--loglevel", "WARNING",
+        "--host", server.inference_url, "-u", str(users), "-r", str(users), "-t", f"{max(1, round(seconds))}s", "--reset-stats",
+        # Users finish the request in flight, so the next cell starts on an idle server.
+        "--stop-timeout", "600",
+        "--path", f"/{variant.route}/{name}", "--answer", variant.answer, "--summary", str(summary),
+    ]
+    for header in variant.headers():
+        command += ["--header", header]
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    completed = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True)
+    if not summary.exists():
+        raise RuntimeError(f"Locust wrote no summary (exit {completed.returncode}):\n{completed.stderr[-3000:]}")
+    return json.loads(summary.read_text())
+
+
+@dataclass
+class Cell:
+    model: str
+    settings: Settings
+    variant: str
+    users: int
+    figures: dict
+
+
+def measure(
+    models: list[BenchModel], settings: Settings, variants: list[Variant], concurrency: list[int], seconds: float, work_dir: Path
+) -> list[Cell]:
+    cells = []
+    server = start_server(models, settings, work_dir)
+    try:
+        for model in models:
+            for variant in variants:
+                run_cell(server, model, variant, 1, min(3.0, seconds), work_dir)  # warm-up: first-call costs, caches
+                for users in concurrency:
+                    figures = run_cell(server, model, variant, users, seconds, work_dir)
+                    cells.append(Cell(model.name, settings, variant.name, users, figures))
+                    print(
+                        f"  {model.name:9} {settings.slug:12} {variant.name:14} users {users:3}: {figures['throughput_rps']:7.2f} req/s"
+                        f"  p50 {figures['p50_ms']:6.0f}  p95 {figures['p95_ms']:6.0f}  p99 {figures['p99_ms']:6.0f} ms"
+                        f"  fail {figures['failures']}/{figures['requests']}",
+                        flush=True,
+                    )
+    finally:
+        server.stop()
+    return cells
+
+
+# --- report ----------------------------------------------------------------------------------------------------
+
+
+def baseline_of(cells: list[Cell], cell: Cell) -> dict | None:
+    return next(
+        (c.figures for c in cells if (c.model, c.settings, c.users, c.variant) == (cell.model, cell.settings, cell.users, BASELINE)),
+        None,
+    )
+
+
+def ratio(value: float, reference: float | None) -> str:
+    return f"{value / reference:.2f}" if reference else "-"
+
+
+def size_text(size: float) -> str:
+    return f"{size / 1024:.1f} KiB" if size < 1024 * 1024 else f"{size / 1024 / 1024:.2f} MiB"
+
+
+def results_table(cells: list[Cell]) -> list[str]:
+    lines = [
+        "| model | batch | variant | users | req/s | ÷ built-in | p50 ms | p95 ms | p99 ms | p95 ÷ built-in | errors | response |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for cell in cells:
+        f, base = cell.figures, baseline_of(cells, cell)
+        error_rate = f["failures"] / f["requests"] if f["requests"] else 1.0
+        flag = " (client CPU saturated)" if f["client_cpu_saturated"] else ""
+        lines.append(
+            f"| {cell.model} | {cell.settings.batch_size} | {cell.variant} | {cell.users} | {f['throughput_rps']:.2f} | "
+            f"{ratio(f['throughput_rps'], base and base['throughput_rps'])} | {f['p50_ms']:.0f} | {f['p95_ms']:.0f} | {f['p99_ms']:.0f} | "
+            f"{ratio(f['p95_ms'], base and base['p95_ms'])} | {error_rate:.1%} ({f['failures']}/{f['requests']}){flag} | {size_text(f['response_bytes'])} |"
+        )
+    return lines
+
+
+TARGETS = (
+    # variant, figure, comparison, bound, text
+    ("gradcam", "throughput_rps", ">=", 0.95, "gradcam throughput ≥ 0.95× built-in plain"),
+    ("gradcam", "p95_ms", "<=", 1.10, "gradcam p95 ≤ 1.10× built-in plain"),
+    ("cam", "throughput_rps", ">=", 0.98, "cam throughput ≥ 0.98× built-in plain"),
+)
+
+
+def target_lines(cells: list[Cell], forward: dict[tuple[str, Settings], float]) -> list[str]:
+    """Each target at saturation (the highest concurrency), per model and batch size."""
+    saturation = max(cell.users for cell in cells)
+    lines = ["| model | batch | target | measured | verdict |", "|---|---|---|---|---|"]
+    for cell in cells:
+        if cell.users != saturation:
+            continue
+        base = baseline_of(cells, cell)
+        for variant, figure, comparison, bound, text in TARGETS:
+            if cell.variant == variant and base and base[figure]:
+                value = cell.figures[figure] / base[figure]
+                met = value >= bound if comparison == ">=" else value <= bound
+                lines.append(f"| {cell.model} | {cell.settings.batch_size} | {text} | {value:.2f} | {'met' if met else '**missed**'} |")
+        if cell.variant in (BASELINE, "none") and (cell.model, cell.settings) in forward:
+            value = cell.figures["throughput_rps"] / forward[(cell.model, cell.settings)]
+            lines.append(
+                f"| {cell.model} | {cell.settings.batch_size} | {cell.variant} served ≥ 0.85× in-process forward "
+                f"({forward[(cell.model, cell.settings)]:.1f} img/s) | {value:.2f} | {'met' if value >= 0.85 else '**missed**'} |"
+            )
+    return lines
+
+
+def plot(cells: list[Cell], out_dir: Path, stem: str) -> list[Path]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from matplotlib import pyplot as plt
+
+    panels = sorted({(cell.model, cell.settings.batch_size) for cell in cells})
+    variants = list(dict.fromkeys(cell.variant for cell in cells))
+    saturation = max(cell.users for cell in cells)
+    throughput_png, latency_png = out_dir / f"{stem}-throughput.png", out_dir / f"{stem}-latency.png"
+
+    figure, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.8), squeeze=False)
+    for axis, (model, batch) in zip(axes[0], panels):
+        for variant in variants:
+            points = sorted((c.users, c.figures["throughput_rps"]) for c in cells if (c.model, c.settings.batch_size, c.variant) == (model, batch, variant))
+            axis.plot(*zip(*points), marker="o", label=variant)
+        axis.set(title=f"{model}, batch {batch}", xlabel="concurrent users", ylabel="requests / s", xscale="log", yscale="log")
+        axis.set_xticks(sorted({c.users for c in cells}), labels=[str(u) for u in sorted({c.users for c in cells})])
+        axis.grid(True, which="both", alpha=0.3)
+    axes[0][0].legend(fontsize=7)
+    figure.suptitle("Served throughput vs concurrency (same server, same worker settings)")
+    figure.tight_layout()
+    figure.savefig(throughput_png, dpi=110)
+    plt.close(figure)
+
+    figure, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.8), squeeze=False)
+    width = 0.27
+    for axis, (model, batch) in zip(axes[0], panels):
+        shown = [v for v in variants if any((c.model, c.settings.batch_size, c.variant, c.users) == (model, batch, v, saturation) for c in cells)]
+        for offset, key in enumerate(("p50_ms", "p95_ms", "p99_ms")):
+            values = [next(c.figures[key] for c in cells if (c.model, c.settings.batch_size, c.variant, c.users) == (model, batch, v, saturation)) for v in shown]
+            axis.bar([i + (offset - 1) * width for i in range(len(shown))], values, width, label=key.removesuffix("_ms"))
+        axis.set_xticks(range(len(shown)), labels=shown, rotation=35, ha="right", fontsize=7)
+        axis.set(title=f"{model}, batch {batch}, {saturation} users", ylabel="latency, ms", yscale="log")
+        axis.grid(True, axis="y", which="both", alpha=0.3)
+    axes[0][0].legend(fontsize=7)
+    figure.suptitle("Latency percentiles at saturation")
+    figure.tight_layout()
+    figure.savefig(latency_png, dpi=110)
+    plt.close(figure)
+    return [throughput_png, latency_png]
+
+
+def machine() -> str:
+    return f"{os.cpu_count()} CPU cores ({platform.processor() or platform.machine()}), torch {torch.__version__}, Python {platform.python_version()}"
+
+
+def write_report(
+    path: Path, title: str, command: str, cells: list[Cell], forward: dict[tuple[str, Settings], float], seconds: float
+) -> None:
+    plots = plot(cells, path.parent, path.stem)
+    settings = list(dict.fromkeys(cell.settings for cell in cells))
+    lines = [
+        f"# {title}",
+        "",
+        f"Generated by `{command}` on {time.strftime('%Y-%m-%d %H:%M')} UTC; do not edit by hand (analysis: docs/benchmarks.md).",
+        "",
+        f"- Machine: {machine()}. Server and Locust share it.",
+        f"- Worker settings: {'; '.join(s.label for s in settings)}.",
+        f"- Each cell: {seconds:.0f} s of N users posting pool images back to back (a quarter camera-sized JPEG, the rest "
+        f"~280×220 PNG/JPEG scenes), after ramp-up; in-flight requests complete before the next cell.",
+        "- `÷ built-in`: the variant's figure over TorchServe's built-in ImageClassifier's, same model, batch and users.",
+        "",
+        "## Targets at saturation",
+        "",
+        *target_lines(cells, forward),
+        "",
+        "## In-process forward throughput (the model alone, inference_mode, same workers × threads)",
+        "",
+        "| model | settings | images/s |",
+        "|---|---|---|",
+        *[f"| {model} | {s.label} | {rate:.1f} |" for (model, s), rate in forward.items()],
+        "",
+        "## All cells",
+        "",
+        *results_table(cells),
+        "",
+        *[f"![{p.stem}]({p.name})" for p in plots],
+        "",
+    ]
+    path.write_text("\n".join(lines))
+    path.with_suffix(".json").write_text(
+        json.dumps({"forward": [{"model": m, "settings": asdict(s), "images_per_s": r} for (m, s), r in forward.items()],
+                    "cells": [asdict(c) for c in cells]}, indent=1) + "\n"
+    )
+
+
+# --- main ------------------------------------------------------------------------------------------------------
+
+
+def int_list(text: str) -> list[int]:
+    return [int(part) for part in text.split(",") if part]
+
+
+TUNING_GRID = (
+    (1, 2, 1, 0), (2, 1, 1, 0),
+    (1, 2, 8, 5), (2, 1, 8, 5),
+    (1, 2, 8, 20), (2, 1, 8, 20),
+)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--models", default="shapes,resnet18")
+    parser.add_argument("--variants", default=",".join(v.name for v in VARIANTS), help="comma-separated, of: " + ", ".join(v.name for v in VARIANTS))
+    parser.add_argument("--concurrency", type=int_list, default=[1, 4, 16])
+    parser.add_argument("--batch-sizes", type=int_list, default=[1, 8])
+    parser.add_argument("--workers", type=int, default=2, help="workers per model (default: 2; see docs/serving-tuning.md)")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads per worker (default: 1)")
+    parser.add_argument("--max-batch-delay", type=int, default=5, help="ms a batch waits to fill, batch sizes > 1 (default: 5)")
+    parser.add_argument("--duration", type=float, default=15.0, help="measured seconds per cell (default: 15)")
+    parser.add_argument("--tune", action="store_true", help="sweep worker settings instead (built-in plain and gradcam at the highest concurrency)")
+    parser.add_argument("--out", type=Path, default=ROOT / "docs", help="where the report and plots go (default: docs/)")
+    parser.add_argument("--run-dir", type=Path, default=RUN_DIR, help="archives and server logs (default: .run/bench)")
+    args = parser.parse_args()
+
+    known = {variant.name: variant for variant in VARIANTS}
+    unknown = [name for name in args.variants.split(",") if name not in known]
+    if unknown:
+        sys.exit(f"unknown variant(s) {unknown}; known: {list(known)}")
+    variants = [known[name] for name in args.variants.split(",")]
+    if args.tune:
+        variants = [known[BASELINE], known["gradcam"]]
+        grid = [Settings(*entry) for entry in TUNING_GRID]
+        concurrency = [max(args.concurrency)]
+    else:
+        grid = [Settings(args.workers, args.threads, b, args.max_batch_delay if b > 1 else 0) for b in args.batch_sizes]
+        concurrency = args.concurrency
+    if args.workers * args.threads > (os.cpu_count() or 1):
+        print(f"warning: {args.workers} workers x {args.threads} threads > {os.cpu_count()} cores", file=sys.stderr)
+
+    run_dir = args.run_dir.resolve()
+    run_dir.mkdir(parents=True, exist_ok=True)
+    args.out.mkdir(parents=True, exist_ok=True)
+    models = prepare_models(args.models.split(","), run_dir)
+    forward: dict[tuple[str, Settings], float] = {}
+    for settings in grid:
+        for model in models:
+            forward[(model.name, settings)] = forward_throughput(model, settings, seconds=min(5.0, args.duration))
+            print(f"in-process forward {model.name} {settings.slug}: {forward[(model.name, settings)]:.1f} images/s", flush=True)
+    cells: list[Cell] = []
+    for settings in grid:
+        print(f"serving with {settings.label}", flush=True)
+        cells += measure(models, settings, variants, concurrency, args.duration, run_dir)
+
+    command = f'make bench BENCH_ARGS="{" ".join(sys.argv[1:])}"' if len(sys.argv) > 1 else "make bench"
+    report = args.out / ("serving-tuning.md" if args.tune else "serving-benchmark.md")
+    title = "Serving benchmark: worker settings sweep" if args.tune else "Serving benchmark: what a map costs through TorchServe"
+    write_report(report, title, command, cells, forward, args.duration)
+    print(f"wrote {report} and its plots")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,49 @@
+"""`make bench` in miniature: the real benchmark driver, real servers, real Locust runs, a real report.
+
+The figures of so short a run mean nothing (and are never asserted); what is checked is that every variant is
+served and answered correctly through both handlers, and that the report, its data and its plots are written.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from conftest import ROOT
+
+pytestmark = [pytest.mark.slow, pytest.mark.serving]
+
+VARIANTS = ("built-in plain", "none", "gradcam", "built-in IG")
+
+
+def test_benchmark_serves_every_variant_and_writes_its_report(tmp_path: Path) -> None:
+    command = [
+        sys.executable, str(ROOT / "load_tests" / "serving_benchmark.py"),
+        "--models", "shapes", "--variants", ",".join(VARIANTS), "--concurrency", "2", "--batch-sizes", "1",
+        "--duration", "2", "--out", str(tmp_path / "docs"), "--run-dir", str(tmp_path / "run"),
+    ]
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    completed = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert completed.returncode == 0, completed.stdout[-2000:] + completed.stderr[-4000:]
+
+    data = json.loads((tmp_path / "docs" / "serving-benchmark.json").read_text())
+    cells = {cell["variant"]: cell["figures"] for cell in data["cells"]}
+    assert set(cells) == set(VARIANTS)
+    for variant, figures in cells.items():
+        assert figures["requests"] > 0 and figures["failures"] == 0, (variant, figures["errors"])
+    # A map makes the answer larger; Integrated Gradients answers with a float per input value (3 x 128 x 128).
+    assert cells["gradcam"]["response_bytes"] > cells["none"]["response_bytes"]
+    assert cells["built-in IG"]["response_bytes"] > 3 * 128 * 128
+    assert data["forward"][0]["images_per_s"] > 0
+
+    report = (tmp_path / "docs" / "serving-benchmark.md").read_text()
+    for variant in VARIANTS:
+        assert f"| shapes | 1 | {variant} | 2 |" in report
+    assert "gradcam throughput ≥ 0.95× built-in plain" in report
+    for plot in ("serving-benchmark-throughput.png", "serving-benchmark-latency.png"):
+        assert (tmp_path / "docs" / plot).read_bytes().startswith(b"\x89PNG")
