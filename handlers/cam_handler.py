@@ -41,6 +41,8 @@ class CamHandler(BaseHandler):
         self.model = load_model(self.spec, model_dir, self.device)
         self.labels = load_labels(self.spec, model_dir)
         self.transform = whole_image_transform(self.spec.input_size, self.spec.mean, self.spec.std)
+        height, width = self.spec.input_size
+        self.decode_at_least = (width, height)
         self.extractor = CamExtractor(self.model, self.spec.input_size, self.spec.target_layers, self.spec.scorecam_max_channels)
         self.option_rules = OptionRules(
             methods=METHODS.keys(),
@@ -71,13 +73,15 @@ class CamHandler(BaseHandler):
             items.append(item)
             try:
                 headers = self._headers(index)
-                request = decode_request(row, headers)
+                # A JPEG decodes at reduced scale when the model input allows it: a large speed-up for photos.
+                request = decode_request(row, headers, at_least=self.decode_at_least)
                 accept = next((str(v) for k, v in headers.items() if isinstance(k, str) and k.lower() == "accept"), None)
                 item.options = parse_options(request.options, self.option_rules, accept)
-                item.size = request.image.size
+                item.size = request.size
                 item.explain = str(headers.get("explain", "")).lower() == "true"
                 if item.options.output == "overlay":
-                    item.image = request.image  # kept only when the answer is drawn on it
+                    # Kept only when the answer is drawn on it, and then at full size: decoded again if reduced.
+                    item.image = request.image if request.image.size == request.size else decode_request(row, headers).image
                 tensors.append(self.transform(request.image))
             except RequestError as error:
                 item.error = error

@@ -2,36 +2,19 @@
 
 from __future__ import annotations
 
+import io
 import shutil
 from pathlib import Path
 
 import pytest
 import torch
-from ts.context import Context, RequestProcessor
-from ts.torch_handler.unit_tests.test_utils.mock_context import MockContext
+from PIL import Image
 
 from camserve.models.shapes_net import ShapesNet
 from camserve.protocol.responses import decode_heatmap
 from conftest import ROOT, png_bytes
 from handlers.cam_handler import CamHandler
-
-
-class BatchContext(MockContext):
-    """TorchServe's MockContext plus the per-request parts of the real Context (headers, status, content type)."""
-
-    get_all_request_header = Context.get_all_request_header
-    get_request_header = Context.get_request_header
-    set_response_status = Context.set_response_status
-    get_response_status = Context.get_response_status
-    set_response_content_type = Context.set_response_content_type
-    get_response_content_type = Context.get_response_content_type
-    set_response_header = Context.set_response_header
-    request_processor = Context.request_processor
-    get_response_headers = Context.get_response_headers
-
-    def for_batch(self, headers: list[dict[str, str]]) -> BatchContext:
-        self._request_processor = [RequestProcessor(dict(h)) for h in headers]
-        return self
+from handlers.local_context import BatchContext
 
 
 @pytest.fixture(scope="module")
@@ -96,3 +79,17 @@ def test_plain_prediction_and_several_targets(handler: CamHandler, scenes) -> No
     responses, _ = run(handler, rows)
     assert "cam" not in responses[0]
     assert [cam["label"] for cam in responses[1]["cam"]] == ["star", "circle"]
+
+
+def test_a_photo_decoded_at_reduced_scale_still_gets_full_size_answers(handler: CamHandler, scenes) -> None:
+    """JPEGs decode at a reduced DCT scale for the model; the heat map and the overlay keep the photo's size."""
+    photo = scenes[0].image.resize((1280, 960))
+    buffer = io.BytesIO()
+    photo.save(buffer, format="JPEG", quality=90)
+    rows = [{"body": buffer.getvalue()}, {"body": buffer.getvalue()}]
+    responses, context = run(handler, rows, headers=[{}, {"Accept": "image/png"}])
+    assert responses[0]["cam"]["size"] == [1280, 960]
+    assert decode_heatmap(responses[0]["cam"]["heatmap"]).shape == (960, 1280)
+    assert context.get_response_content_type(1) == "image/png"
+    with Image.open(io.BytesIO(responses[1])) as overlay:
+        assert overlay.size == (1280, 960)

@@ -7,7 +7,7 @@ import io
 import json
 
 import pytest
-from PIL import Image
+from PIL import Image, ImageChops
 
 from camserve.protocol.options import OptionRules, parse_options
 from camserve.protocol.requests import MAX_PIXELS, RequestError, decode_request
@@ -44,8 +44,27 @@ def test_exif_orientation_is_applied() -> None:
     image = Image.new("RGB", (40, 10))
     exif = Image.Exif()
     exif[0x0112] = 6  # rotate 90 degrees clockwise to display
-    decoded = decode_request({"body": encoded(image, "JPEG", exif=exif)}).image
-    assert decoded.size == (10, 40)
+    decoded = decode_request({"body": encoded(image, "JPEG", exif=exif)})
+    assert decoded.image.size == decoded.size == (10, 40)
+
+
+def test_a_large_jpeg_decodes_at_reduced_scale_but_keeps_its_full_size() -> None:
+    photo = Image.radial_gradient("L").resize((1280, 960)).convert("RGB")
+    reduced = decode_request({"body": encoded(photo, "JPEG")}, at_least=(224, 224))
+    # The smallest DCT scale that still covers 224 x 224: a quarter.
+    assert reduced.image.size == (320, 240) and reduced.size == (1280, 960)
+    full = decode_request({"body": encoded(photo, "JPEG")})
+    assert full.image.size == full.size == (1280, 960)
+    # Close to a resize of the full decode: what the model sees barely changes.
+    difference = ImageChops.difference(reduced.image.resize((224, 224)), full.image.resize((224, 224)))
+    assert max(high for _low, high in difference.getextrema()) <= 12
+    # Turned by EXIF: the size as shown swaps; other formats are decoded in full.
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    turned = decode_request({"body": encoded(photo, "JPEG", exif=exif)}, at_least=(224, 224))
+    assert turned.image.size == (240, 320) and turned.size == (960, 1280)
+    png = decode_request({"body": encoded(photo, "PNG")}, at_least=(224, 224))
+    assert png.image.size == png.size == (1280, 960)
 
 
 def test_transparency_is_flattened_on_white() -> None:

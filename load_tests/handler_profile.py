@@ -1,0 +1,165 @@
+"""Where a served request's time goes: both handlers run in-process, stage by stage, on the benchmark's images.
+
+    PYTHONPATH=. .venv/bin/python load_tests/handler_profile.py --models shapes,resnet18 --methods none,gradcam
+
+The serving benchmark (load_tests/serving_benchmark.py) appends this table to its report. Each request is a batch
+of one, as at batch size 1; the figure is the mean over the image pool (a quarter camera-sized JPEGs), in ms per
+request, with torch on `--threads` threads. What the served latency at one user adds on top of a handler's total
+is TorchServe's (HTTP, frontend queue, socket to the worker, worker loop) and the client's.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from collections import defaultdict
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+
+import handlers.cam_handler as cam_handler_module
+from camserve.cam import CamExtractor
+from handlers.cam_handler import CamHandler
+from handlers.local_context import BatchContext
+from load_tests.image_pool import Sample, image_pool
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+class Stopwatch:
+    """Milliseconds spent in wrapped callables, summed per stage name."""
+
+    def __init__(self) -> None:
+        self.totals: dict[str, float] = defaultdict(float)
+
+    def wrap(self, stage: str, function: Callable[..., Any]) -> Callable[..., Any]:
+        def timed(*args: Any, **kwargs: Any) -> Any:
+            started = time.perf_counter()
+            try:
+                return function(*args, **kwargs)
+            finally:
+                self.totals[stage] += (time.perf_counter() - started) * 1000
+
+        return timed
+
+    def time(self, stage: str, function: Callable[..., Any], *args: Any) -> Any:
+        return self.wrap(stage, function)(*args)
+
+
+def builtin_handler(model_dir: Path, model_file: Path) -> Any:
+    """The benchmark's baseline handler on a model dir laid out as its archive is."""
+    import shutil
+    import tempfile
+
+    from load_tests.builtin_image_classifier import BuiltinImageClassifier
+
+    staging = Path(tempfile.mkdtemp(prefix="camserve-profile-"))
+    for path in (*model_dir.iterdir(), model_file):
+        shutil.copy2(path, staging / path.name)
+    weights = next(p.name for p in model_dir.iterdir() if p.suffix in (".pt", ".pth"))
+    context = BatchContext(model_pt_file=weights, model_dir=str(staging), model_file=model_file.name, gpu_id=None,
+                           model_name="builtin", model_yaml_config_file="model-config.yaml")
+    sys.path.insert(0, str(staging))  # a TorchServe worker imports the model file from the model dir
+    handler = BuiltinImageClassifier()
+    handler.initialize(context)
+    return handler
+
+
+def ours_handler(model_dir: Path) -> CamHandler:
+    weights = next(p.name for p in model_dir.iterdir() if p.suffix in (".pt", ".pth"))
+    context = BatchContext(model_pt_file=weights, model_dir=str(model_dir), model_file=None, gpu_id=None,
+                           model_name="ours", model_yaml_config_file="model-config.yaml")
+    handler = CamHandler()
+    handler.initialize(context)
+    return handler
+
+
+def profile_builtin(handler: Any, samples: tuple[Sample, ...], rounds: int) -> dict[str, float]:
+    watch = Stopwatch()
+    for _ in range(rounds):
+        for sample in samples:
+            started = time.perf_counter()
+            inputs = watch.time("decode + resize + normalise", handler.preprocess, [{"body": sample.body}])
+            with torch.inference_mode():
+                logits = watch.time("forward", handler.inference, inputs)
+            answer = watch.time("top-k + labels", handler.postprocess, logits)
+            watch.time("JSON (worker)", json.dumps, answer[0])
+            watch.totals["total"] += (time.perf_counter() - started) * 1000
+    return {stage: value / (rounds * len(samples)) for stage, value in watch.totals.items()}
+
+
+def profile_ours(handler: CamHandler, method: str, samples: tuple[Sample, ...], rounds: int) -> dict[str, float]:
+    """Our handler's stages, timed by wrapping what handle() calls; whatever is left is the handler's own glue."""
+    watch = Stopwatch()
+    originals = (cam_handler_module.decode_request, cam_handler_module.encode_answer, handler.transform,
+                 CamExtractor.predict, CamExtractor.__call__)
+    cam_handler_module.decode_request = watch.wrap("decode + options", cam_handler_module.decode_request)
+    cam_handler_module.encode_answer = watch.wrap("answer (map: upsample, peak, box, PNG)", cam_handler_module.encode_answer)
+    handler.transform = watch.wrap("resize + normalise", handler.transform)
+    CamExtractor.predict = watch.wrap("forward (+ map)", CamExtractor.predict)
+    CamExtractor.__call__ = watch.wrap("forward (+ map)", CamExtractor.__call__)
+    try:
+        for _ in range(rounds):
+            for sample in samples:
+                context = BatchContext(model_pt_file=None, model_file=None, gpu_id=None).for_batch(
+                    [{"X-CAM-Method": method, "Content-Type": sample.content_type}]
+                )
+                started = time.perf_counter()
+                answer = handler.handle([{"body": sample.body}], context)
+                watch.time("JSON (worker)", json.dumps, answer[0])
+                watch.totals["total"] += (time.perf_counter() - started) * 1000
+    finally:
+        (cam_handler_module.decode_request, cam_handler_module.encode_answer, handler.transform,
+         CamExtractor.predict, CamExtractor.__call__) = originals
+    per_request = {stage: value / (rounds * len(samples)) for stage, value in watch.totals.items()}
+    per_request["handler glue"] = per_request["total"] - sum(v for k, v in per_request.items() if k != "total")
+    return per_request
+
+
+def profile(model_name: str, model_dir: Path, model_file: Path, methods: list[str], threads: int, pool_size: int = 32, rounds: int = 3) -> dict[str, dict[str, float]]:
+    """{variant: {stage: ms per request}} for the built-in and our handler with each method."""
+    torch.set_num_threads(threads)
+    samples = image_pool(pool_size)
+    builtin = builtin_handler(model_dir, model_file)
+    ours = ours_handler(model_dir)
+    profile_builtin(builtin, samples[:4], 1)  # warm-up: first calls allocate
+    results = {"built-in plain": profile_builtin(builtin, samples, rounds)}
+    for method in methods:
+        profile_ours(ours, method, samples[:4], 1)
+        results[method] = profile_ours(ours, method, samples, rounds)
+    return results
+
+
+def profile_table(model_name: str, results: dict[str, dict[str, float]]) -> list[str]:
+    stages = list(dict.fromkeys(stage for figures in results.values() for stage in figures if stage != "total"))
+    variants = list(results)
+    lines = [f"| {model_name}: ms per request | " + " | ".join(variants) + " |", "|---" * (len(variants) + 1) + "|"]
+    for stage in [*stages, "total"]:
+        cells = [f"{results[v][stage]:.2f}" if stage in results[v] else "" for v in variants]
+        name = f"**{stage}**" if stage == "total" else stage
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return lines
+
+
+def main() -> None:
+    from load_tests.serving_benchmark import prepare_models
+
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--models", default="shapes,resnet18")
+    parser.add_argument("--methods", default="none,cam,gradcam,eigencam")
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--rounds", type=int, default=3)
+    args = parser.parse_args()
+    work_dir = ROOT / ".run" / "profile"
+    work_dir.mkdir(parents=True, exist_ok=True)
+    for model in prepare_models(args.models.split(","), work_dir):
+        results = profile(model.name, model.model_dir, model.model_file, args.methods.split(","), args.threads, rounds=args.rounds)
+        print("\n".join(profile_table(model.name, results)) + "\n")
+
+
+if __name__ == "__main__":
+    main()
