@@ -396,9 +396,19 @@ def machine() -> str:
 
 
 def write_report(
-    path: Path, title: str, command: str, cells: list[Cell], forward: dict[tuple[str, Settings], float], seconds: float
+    path: Path, title: str, command: str, cells: list[Cell], forward: dict[tuple[str, Settings], float], seconds: float,
+    profile_lines: list[str],
 ) -> None:
     plots = plot(cells, path.parent, path.stem)
+    profile_block = [
+        "## Where a request's time goes (in-process, batch 1, one request at a time)",
+        "",
+        "Both handlers run in-process on the same images (load_tests/handler_profile.py), stage by stage. The "
+        "served p50 at one user minus the handler's total is what TorchServe (HTTP, frontend, worker socket) and the "
+        "client add.",
+        "",
+        *profile_lines,
+    ] if profile_lines else []
     settings = list(dict.fromkeys(cell.settings for cell in cells))
     lines = [
         f"# {title}",
@@ -421,6 +431,7 @@ def write_report(
         "|---|---|---|",
         *[f"| {model} | {s.label} | {rate:.1f} |" for (model, s), rate in forward.items()],
         "",
+        *profile_block,
         "## All cells",
         "",
         *results_table(cells),
@@ -433,6 +444,24 @@ def write_report(
         json.dumps({"forward": [{"model": m, "settings": asdict(s), "images_per_s": r} for (m, s), r in forward.items()],
                     "cells": [asdict(c) for c in cells]}, indent=1) + "\n"
     )
+
+
+def profile_sections(models: list[BenchModel], cells: list[Cell], variants: list[Variant], threads: int) -> list[str]:
+    """Per model: each handler's stages in ms per request, and the served p50 at one user beside them."""
+    from load_tests.handler_profile import profile, profile_table
+
+    methods = [v.method for v in variants if v.method]
+    lines: list[str] = []
+    for model in models:
+        results = profile(model.name, model.model_dir, model.model_file, methods, threads)
+        table = profile_table(model.name, results)
+        served = []
+        for variant in results:
+            name = BASELINE if variant == BASELINE else next(v.name for v in variants if v.method == variant)
+            p50 = next((c.figures["p50_ms"] for c in cells if (c.model, c.variant, c.users, c.settings.batch_size) == (model.name, name, 1, 1)), None)
+            served.append(f"{p50:.0f}" if p50 is not None else "")
+        lines += [*table, "| served p50, 1 user, batch 1 | " + " | ".join(served) + " |", ""]
+    return lines
 
 
 # --- main ------------------------------------------------------------------------------------------------------
@@ -493,10 +522,11 @@ def main() -> None:
         print(f"serving with {settings.label}", flush=True)
         cells += measure(models, settings, variants, concurrency, args.duration, run_dir)
 
+    profile_lines = [] if args.tune else profile_sections(models, cells, variants, args.threads)
     command = f'make bench BENCH_ARGS="{" ".join(sys.argv[1:])}"' if len(sys.argv) > 1 else "make bench"
     report = args.out / ("serving-tuning.md" if args.tune else "serving-benchmark.md")
     title = "Serving benchmark: worker settings sweep" if args.tune else "Serving benchmark: what a map costs through TorchServe"
-    write_report(report, title, command, cells, forward, args.duration)
+    write_report(report, title, command, cells, forward, args.duration, profile_lines)
     print(f"wrote {report} and its plots")
 
 
