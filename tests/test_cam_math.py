@@ -141,3 +141,52 @@ def test_localization_helpers() -> None:
     assert peak(heatmap) == (3, 2)
     assert box_iou((0, 0, 10, 10), (5, 0, 15, 10)) == pytest.approx(50 / 150)
     assert upsample_map(torch.ones(4, 4), (30, 20)).shape == (20, 30)
+
+
+def labelled_box(heatmap: torch.Tensor, threshold: float = 0.2) -> tuple[int, int, int, int]:
+    """The reference: label every pixel with scipy.ndimage (4-connected), keep the largest region (first on ties)."""
+    import numpy as np
+    from scipy import ndimage
+
+    labels, count = ndimage.label((heatmap >= threshold * float(heatmap.max())).numpy())
+    sizes = np.bincount(labels.ravel())
+    sizes[0] = 0
+    ys, xs = np.nonzero(labels == int(sizes.argmax()))
+    return int(xs.min()), int(ys.min()), int(xs.max()) + 1, int(ys.max()) + 1
+
+
+def test_bounding_box_is_the_box_of_labelling_every_pixel() -> None:
+    generator = torch.Generator().manual_seed(0)
+    for case in range(400):
+        h, w, height, width = (int(v) for v in torch.randint(1, 40, (4,), generator=generator))
+        kind = case % 4
+        if kind == 0:  # an upsampled map, as served
+            heatmap = upsample_map(torch.rand(h, w, generator=generator), (width, height))
+        elif kind == 1:  # plateaus: equal values, several regions of equal size
+            heatmap = upsample_map(torch.floor(torch.rand(h, w, generator=generator) * 3) / 3, (width, height))
+        elif kind == 2:  # pixel noise: many runs per row, many regions, ties
+            heatmap = (torch.rand(height, width, generator=generator) > 0.5).float()
+        else:  # sparse pixels: mostly single-pixel regions
+            heatmap = (torch.rand(height, width, generator=generator) > 0.85).float() * 0.5
+        if float(heatmap.max()) > 0:
+            assert bounding_box(heatmap) == labelled_box(heatmap), (case, h, w, height, width)
+
+
+def test_bounding_box_regions_are_4_connected_and_ties_go_to_the_first() -> None:
+    diagonal = torch.zeros(4, 4)
+    diagonal[0, 0] = diagonal[1, 1] = 1.0  # touching by a corner only: two regions of one pixel
+    assert bounding_box(diagonal) == (0, 0, 1, 1)
+    u_shape = torch.zeros(6, 7)
+    u_shape[0:5, 1] = u_shape[0:5, 5] = u_shape[4, 1:6] = 1.0  # two runs per row until they meet at the bottom
+    assert bounding_box(u_shape) == (1, 0, 6, 5)
+    twins = torch.zeros(5, 9)
+    twins[3:5, 0:2] = twins[0:2, 6:8] = 1.0  # equal sizes: the one met first in reading order (top right) wins
+    assert bounding_box(twins) == (6, 0, 8, 2)
+    assert bounding_box(torch.zeros(3, 5)) == (0, 0, 5, 3)
+    assert bounding_box(torch.full((3, 5), float("nan"))) == (0, 0, 5, 3)
+
+
+def test_peak_is_the_first_maximum_in_reading_order() -> None:
+    heatmap = torch.zeros(4, 6)
+    heatmap[2, 1] = heatmap[1, 4] = heatmap[3, 0] = 1.0
+    assert peak(heatmap) == (4, 1)

@@ -1,4 +1,4 @@
-"""Request decoding and option parsing, without a model or TorchServe."""
+"""Request decoding, option parsing and response encoding, without a model or TorchServe."""
 
 from __future__ import annotations
 
@@ -6,11 +6,14 @@ import base64
 import io
 import json
 
+import numpy as np
 import pytest
+import torch
 from PIL import Image, ImageChops
 
 from camserve.protocol.options import OptionRules, parse_options
 from camserve.protocol.requests import MAX_PIXELS, RequestError, decode_request
+from camserve.protocol.responses import HEATMAP_STEP, cam_json, decode_heatmap, heatmap_png
 
 RULES = OptionRules(methods={"cam", "gradcam"}, layers={"features", "fc"}, labels=["circle", "square", "triangle"], default_method="gradcam", default_topk=3)
 
@@ -118,3 +121,29 @@ def test_options_defaults_and_validation() -> None:
         with pytest.raises(RequestError) as caught:
             parse_options(raw, RULES)
         assert caught.value.option == option and caught.value.status == 400
+
+
+@pytest.mark.parametrize("height, width", [(1, 1), (1, 7), (7, 1), (23, 37), (240, 320)])
+def test_heatmap_png_is_the_quantised_map_as_8_bit_grey(height: int, width: int) -> None:
+    generator = torch.Generator().manual_seed(height * 1000 + width)
+    heatmap = torch.rand(height, width, generator=generator) * 1.4 - 0.2  # values outside [0, 1] clamp
+    heatmap[0, 0] = 30.5 / (255 // HEATMAP_STEP)  # x 63 is exactly 30.5 in float32: to even (30), as torch.round
+    expected = ((heatmap.clamp(0, 1) * (255 // HEATMAP_STEP)).round() * HEATMAP_STEP).to(torch.uint8).numpy()
+    image = Image.open(io.BytesIO(heatmap_png(heatmap)))
+    assert image.format == "PNG" and image.mode == "L" and image.size == (width, height)
+    assert (np.asarray(image) == expected).all() and int(np.asarray(image)[0, 0]) == 30 * HEATMAP_STEP
+    assert (np.asarray(image) % HEATMAP_STEP == 0).all() and len(np.unique(expected)) <= 256 // HEATMAP_STEP
+
+
+def test_cam_json_box_and_peak_are_those_of_the_full_size_map() -> None:
+    grid = torch.zeros(7, 7)
+    grid[2, 4] = 1.0
+    grid[5, 1] = 0.6
+    cam = cam_json(grid, (320, 240), "gradcam", ("features",), 1, ["a", "b"])
+    assert cam["size"] == [320, 240] and cam["label"] == "b" and cam["layer"] == "features"
+    heatmap = decode_heatmap(cam["heatmap"])
+    assert heatmap.shape == (240, 320)
+    x, y = cam["peak"]
+    assert heatmap[y, x] == heatmap.max() and 4 * 320 / 7 <= x < 5 * 320 / 7 and 2 * 240 / 7 <= y < 3 * 240 / 7
+    x0, y0, x1, y1 = cam["bbox"]
+    assert x0 <= x < x1 and y0 <= y < y1 and x0 >= 3 * 320 / 7 and y1 <= 4 * 240 / 7  # the larger blob alone
