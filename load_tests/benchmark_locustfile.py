@@ -133,7 +133,8 @@ class BenchmarkUser(FastHttpUser):
 
 @events.quitting.add_listener
 def write_summary(environment: Environment, **_kwargs: Any) -> None:
-    """Figures of the measured window (--reset-stats drops the ramp-up): what serving_benchmark.py tabulates."""
+    """Figures of the measured window (--reset-stats drops the ramp-up): what serving_benchmark.py merges over
+    rounds and tabulates."""
     runner = environment.runner
     if isinstance(runner, WorkerRunner) or not environment.parsed_options.summary:
         return
@@ -146,6 +147,10 @@ def write_summary(environment: Environment, **_kwargs: Any) -> None:
         "response_bytes": total.avg_content_length,
         "client_cpu_saturated": bool(runner.cpu_warning_emitted),
         "errors": [f"{error.occurrences} x {error.error}" for error in environment.stats.errors.values()][:5],
+        # What the driver needs to merge rounds: the window, and Locust's histogram of (rounded) response times.
+        "window_s": (total.last_request_timestamp or 0) - total.start_time if total.num_requests else 0.0,
+        "response_bytes_total": total.total_content_length,
+        "response_times_ms": {str(ms): count for ms, count in total.response_times.items()},
         **{f"p{round(q * 100)}_ms": total.get_response_time_percentile(q) for q in PERCENTILES},
     }
     Path(environment.parsed_options.summary).write_text(json.dumps(summary, indent=1) + "\n")

@@ -3,7 +3,7 @@
     PYTHONPATH=. .venv/bin/python load_tests/handler_profile.py --models shapes,resnet18 --methods none,gradcam
 
 The serving benchmark (load_tests/serving_benchmark.py) appends this table to its report. Each request is a batch
-of one, as at batch size 1; the figure is the mean over the image pool (a quarter camera-sized JPEGs), in ms per
+of --batch-size requests (default 1); the figure is the mean over the image pool (a quarter camera-sized JPEGs), in ms per
 request, with torch on `--threads` threads. What the served latency at one user adds on top of a handler's total
 is TorchServe's (HTTP, frontend queue, socket to the worker, worker loop) and the client's.
 """
@@ -78,21 +78,26 @@ def ours_handler(model_dir: Path) -> CamHandler:
     return handler
 
 
-def profile_builtin(handler: Any, samples: tuple[Sample, ...], rounds: int) -> dict[str, float]:
+def batches(samples: tuple[Sample, ...], batch_size: int) -> list[tuple[Sample, ...]]:
+    return [samples[i : i + batch_size] for i in range(0, len(samples), batch_size)]
+
+
+def profile_builtin(handler: Any, samples: tuple[Sample, ...], rounds: int, batch_size: int = 1) -> dict[str, float]:
     watch = Stopwatch()
     for _ in range(rounds):
-        for sample in samples:
+        for batch in batches(samples, batch_size):
             started = time.perf_counter()
-            inputs = watch.time("decode + resize + normalise", handler.preprocess, [{"body": sample.body}])
+            inputs = watch.time("decode + resize + normalise", handler.preprocess, [{"body": sample.body} for sample in batch])
             with torch.inference_mode():
                 logits = watch.time("forward", handler.inference, inputs)
-            answer = watch.time("top-k + labels", handler.postprocess, logits)
-            watch.time("JSON (worker)", json.dumps, answer[0])
+            answers = watch.time("top-k + labels", handler.postprocess, logits)
+            for answer in answers:
+                watch.time("JSON (worker)", json.dumps, answer)
             watch.totals["total"] += (time.perf_counter() - started) * 1000
     return {stage: value / (rounds * len(samples)) for stage, value in watch.totals.items()}
 
 
-def profile_ours(handler: CamHandler, method: str, samples: tuple[Sample, ...], rounds: int) -> dict[str, float]:
+def profile_ours(handler: CamHandler, method: str, samples: tuple[Sample, ...], rounds: int, batch_size: int = 1) -> dict[str, float]:
     """Our handler's stages, timed by wrapping what handle() calls; whatever is left is the handler's own glue."""
     watch = Stopwatch()
     originals = (cam_handler_module.decode_request, cam_handler_module.encode_answer, handler.transform,
@@ -104,13 +109,14 @@ def profile_ours(handler: CamHandler, method: str, samples: tuple[Sample, ...], 
     CamExtractor.__call__ = watch.wrap("forward (+ map)", CamExtractor.__call__)
     try:
         for _ in range(rounds):
-            for sample in samples:
+            for batch in batches(samples, batch_size):
                 context = BatchContext(model_pt_file=None, model_file=None, gpu_id=None).for_batch(
-                    [{"X-CAM-Method": method, "Content-Type": sample.content_type}]
+                    [{"X-CAM-Method": method, "Content-Type": sample.content_type} for sample in batch]
                 )
                 started = time.perf_counter()
-                answer = handler.handle([{"body": sample.body}], context)
-                watch.time("JSON (worker)", json.dumps, answer[0])
+                answers = handler.handle([{"body": sample.body} for sample in batch], context)
+                for answer in answers:
+                    watch.time("JSON (worker)", json.dumps, answer)
                 watch.totals["total"] += (time.perf_counter() - started) * 1000
     finally:
         (cam_handler_module.decode_request, cam_handler_module.encode_answer, handler.transform,
@@ -120,17 +126,20 @@ def profile_ours(handler: CamHandler, method: str, samples: tuple[Sample, ...], 
     return per_request
 
 
-def profile(model_name: str, model_dir: Path, model_file: Path, methods: list[str], threads: int, pool_size: int = 32, rounds: int = 3) -> dict[str, dict[str, float]]:
+def profile(
+    model_name: str, model_dir: Path, model_file: Path, methods: list[str], threads: int, batch_size: int = 1,
+    pool_size: int = 32, rounds: int = 3,
+) -> dict[str, dict[str, float]]:
     """{variant: {stage: ms per request}} for the built-in and our handler with each method."""
     torch.set_num_threads(threads)
     samples = image_pool(pool_size)
     builtin = builtin_handler(model_dir, model_file)
     ours = ours_handler(model_dir)
-    profile_builtin(builtin, samples[:4], 1)  # warm-up: first calls allocate
-    results = {"built-in plain": profile_builtin(builtin, samples, rounds)}
+    profile_builtin(builtin, samples[:8], 1, batch_size)  # warm-up: first calls allocate
+    results = {"built-in plain": profile_builtin(builtin, samples, rounds, batch_size)}
     for method in methods:
-        profile_ours(ours, method, samples[:4], 1)
-        results[method] = profile_ours(ours, method, samples, rounds)
+        profile_ours(ours, method, samples[:8], 1, batch_size)
+        results[method] = profile_ours(ours, method, samples, rounds, batch_size)
     return results
 
 
@@ -153,12 +162,13 @@ def main() -> None:
     parser.add_argument("--methods", default="none,cam,gradcam,eigencam")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--batch-size", type=int, default=1)
     args = parser.parse_args()
     work_dir = ROOT / ".run" / "profile"
     work_dir.mkdir(parents=True, exist_ok=True)
     for model in prepare_models(args.models.split(","), work_dir):
-        results = profile(model.name, model.model_dir, model.model_file, args.methods.split(","), args.threads, rounds=args.rounds)
-        print("\n".join(profile_table(model.name, results)) + "\n")
+        results = profile(model.name, model.model_dir, model.model_file, args.methods.split(","), args.threads, args.batch_size, rounds=args.rounds)
+        print("\n".join(profile_table(f"{model.name}, batch {args.batch_size}", results)) + "\n")
 
 
 if __name__ == "__main__":

@@ -19,11 +19,13 @@ mean/std, read from the same model-config.yaml), so a ratio measures what the ha
 different resizes. Models: the default `shapes` model and torchvision resnet18 (randomly initialised with a fixed
 seed: no weights can be downloaded here, and speed does not depend on their values).
 
-Each cell (model x batch size x variant x concurrency) is one headless Locust run (load_tests/benchmark_locustfile.py,
-as a subprocess) whose N users post pool images back to back: throughput at 16 users is the server's saturated
-throughput. Ramp-up is dropped (--reset-stats) and in-flight requests finish before the next cell starts, so no
-cell inherits another's queue. The model's in-process forward throughput at the same batch size and threads is
-measured too, before any server starts: served plain ÷ in-process is what TorchServe and the handler cost.
+Each cell (model x batch size x variant x concurrency) is measured in rounds of headless Locust runs
+(load_tests/benchmark_locustfile.py, as a subprocess) whose N users post pool images back to back: throughput at
+16 users is the server's saturated throughput. Variants take turns round by round, so that drifting load on this
+shared machine falls on all of them. Ramp-up is dropped (--reset-stats), and before the next run the requests
+left in flight are drained, so no run inherits another's queue. The model's in-process forward throughput at the
+same batch size and threads is measured too, before any server starts: served plain ÷ in-process is what
+TorchServe and the handler cost.
 """
 
 from __future__ import annotations
@@ -41,11 +43,12 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+import requests
 import torch
 import yaml
 
 from camserve.model_spec import ModelSpec, load_model
-from camserve.server import TorchServe, free_port
+from camserve.server import TorchServe, free_port, sample_image_png
 from scripts.build_archive import build_archive, torchvision_model_dir
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -231,16 +234,13 @@ def start_server(models: list[BenchModel], settings: Settings, work_dir: Path) -
 
 
 def run_cell(server: TorchServe, model: BenchModel, variant: Variant, users: int, seconds: float, work_dir: Path) -> dict:
-    """One headless Locust run; its summary (throughput, percentiles, failures, response size)."""
+    """One headless Locust run; its summary (throughput, percentiles, failures, response size, histogram)."""
     summary = work_dir / "cell.json"
     summary.unlink(missing_ok=True)
-    name = f"{model.name}_builtin" if variant.builtin else model.name
     command = [
         sys.executable, "-m", "locust", "-f", str(LOCUSTFILE), "--headless", "--only-summary", "--loglevel", "WARNING",
-        "--host", server.inference_url, "-u", str(users), "-r", str(users), "-t", f"{max(1, round(seconds))}s", "--reset-stats",
-        # Users finish the request in flight, so the next cell starts on an idle server.
-        "--stop-timeout", "600",
-        "--path", f"/{variant.route}/{name}", "--answer", variant.answer, "--summary", str(summary),
+        "--host", server.inference_url, "-u", str(users), "-r", str(4 * users), "-t", f"{max(1, round(seconds))}s", "--reset-stats",
+        "--path", f"/{variant.route}/{served_name(model, variant)}", "--answer", variant.answer, "--summary", str(summary),
     ]
     for header in variant.headers():
         command += ["--header", header]
@@ -248,7 +248,56 @@ def run_cell(server: TorchServe, model: BenchModel, variant: Variant, users: int
     completed = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True)
     if not summary.exists():
         raise RuntimeError(f"Locust wrote no summary (exit {completed.returncode}):\n{completed.stderr[-3000:]}")
+    drain(server, served_name(model, variant))
     return json.loads(summary.read_text())
+
+
+def served_name(model: BenchModel, variant: Variant) -> str:
+    return f"{model.name}_builtin" if variant.builtin else model.name
+
+
+def drain(server: TorchServe, name: str) -> None:
+    """Wait until the requests Locust left in flight are done: a plain request queued behind them returns last.
+
+    Locust stops its users at the end of the window without waiting for their answers (waiting would measure a
+    draining queue at falling concurrency), so the server may still hold up to `users` requests.
+    """
+    image = sample_image_png()
+    headers = {} if name.endswith("_builtin") else {"X-CAM-Method": "none"}
+    for _ in range(2):  # one per worker at most still busy after the first comes back
+        requests.post(f"{server.inference_url}/predictions/{name}", data=image, headers=headers, timeout=900).raise_for_status()
+
+
+def merge(rounds: list[dict]) -> dict:
+    """One cell's figures from its rounds: requests and bytes add up, percentiles from the merged histogram."""
+    histogram: dict[float, int] = {}
+    for figures in rounds:
+        for ms, count in figures["response_times_ms"].items():
+            histogram[float(ms)] = histogram.get(float(ms), 0) + count
+    requests_made = sum(f["requests"] for f in rounds)
+    window = sum(f["window_s"] for f in rounds)
+    return {
+        "requests": requests_made,
+        "failures": sum(f["failures"] for f in rounds),
+        "throughput_rps": requests_made / window if window > 0 else 0.0,
+        "response_bytes": sum(f["response_bytes_total"] for f in rounds) / requests_made if requests_made else 0.0,
+        "client_cpu_saturated": any(f["client_cpu_saturated"] for f in rounds),
+        "errors": [error for f in rounds for error in f["errors"]][:5],
+        "rounds": len(rounds),
+        **{f"p{round(q * 100)}_ms": percentile(histogram, q) for q in (0.5, 0.95, 0.99)},
+    }
+
+
+def percentile(histogram: dict[float, int], fraction: float) -> float:
+    """Locust's rule (locust.stats.calculate_response_time_percentile): the smallest recorded time with at most
+    (1 - fraction) of all requests slower. Locust is not imported here: it monkey-patches the interpreter."""
+    total = sum(histogram.values())
+    allowed_slower, slower = total - int(total * fraction), 0
+    for ms in sorted(histogram, reverse=True):
+        slower += histogram[ms]
+        if slower >= allowed_slower:
+            return ms
+    return 0
 
 
 @dataclass
@@ -261,16 +310,27 @@ class Cell:
 
 
 def measure(
-    models: list[BenchModel], settings: Settings, variants: list[Variant], concurrency: list[int], seconds: float, work_dir: Path
+    models: list[BenchModel], settings: Settings, variants: list[Variant], concurrency: list[int], seconds: float,
+    rounds: int, work_dir: Path,
 ) -> list[Cell]:
+    """Every (model, variant, users) cell, in `rounds` interleaved rounds of seconds / rounds each.
+
+    Within a concurrency the variants take turns, in reverse order every other round, so that a slow minute of
+    this shared machine falls on all of them rather than on one.
+    """
     cells = []
     server = start_server(models, settings, work_dir)
     try:
         for model in models:
             for variant in variants:
-                run_cell(server, model, variant, 1, min(3.0, seconds), work_dir)  # warm-up: first-call costs, caches
-                for users in concurrency:
-                    figures = run_cell(server, model, variant, users, seconds, work_dir)
+                run_cell(server, model, variant, 1, 2.0, work_dir)  # warm-up: first-call costs, caches
+            for users in concurrency:
+                results: dict[str, list[dict]] = {variant.name: [] for variant in variants}
+                for round_ in range(rounds):
+                    for variant in variants if round_ % 2 == 0 else variants[::-1]:
+                        results[variant.name].append(run_cell(server, model, variant, users, seconds / rounds, work_dir))
+                for variant in variants:
+                    figures = merge(results[variant.name])
                     cells.append(Cell(model.name, settings, variant.name, users, figures))
                     print(
                         f"  {model.name:9} {settings.slug:12} {variant.name:14} users {users:3}: {figures['throughput_rps']:7.2f} req/s"
@@ -401,11 +461,12 @@ def write_report(
 ) -> None:
     plots = plot(cells, path.parent, path.stem)
     profile_block = [
-        "## Where a request's time goes (in-process, batch 1, one request at a time)",
+        "## Where a request's time goes (in-process, ms per request)",
         "",
-        "Both handlers run in-process on the same images (load_tests/handler_profile.py), stage by stage. The "
-        "served p50 at one user minus the handler's total is what TorchServe (HTTP, frontend, worker socket) and the "
-        "client add.",
+        "Both handlers run in-process on the same images, one batch after another (load_tests/handler_profile.py), "
+        "stage by stage, torch on the workers' threads. At one user and batch 1, the served p50 minus the handler's "
+        "total is what TorchServe (HTTP, frontend, worker socket) and the client add; at batch 8 and one user, the "
+        "served p50 also holds the batch delay.",
         "",
         *profile_lines,
     ] if profile_lines else []
@@ -417,8 +478,9 @@ def write_report(
         "",
         f"- Machine: {machine()}. Server and Locust share it.",
         f"- Worker settings: {'; '.join(s.label for s in settings)}.",
-        f"- Each cell: {seconds:.0f} s of N users posting pool images back to back (a quarter camera-sized JPEG, the rest "
-        f"~280×220 PNG/JPEG scenes), after ramp-up; in-flight requests complete before the next cell.",
+        f"- Each cell: {seconds:.0f} s of Locust runs (about 2 s each before the window opens) of N users posting pool images back to back (a quarter camera-sized JPEG, the rest "
+        f"~280×220 PNG/JPEG scenes), in {cells[0].figures.get('rounds', 1)} rounds taken in turn with the other variants; "
+        "ramp-up dropped, left-over requests drained between runs.",
         "- `÷ built-in`: the variant's figure over TorchServe's built-in ImageClassifier's, same model, batch and users.",
         "",
         "## Targets at saturation",
@@ -446,21 +508,23 @@ def write_report(
     )
 
 
-def profile_sections(models: list[BenchModel], cells: list[Cell], variants: list[Variant], threads: int) -> list[str]:
-    """Per model: each handler's stages in ms per request, and the served p50 at one user beside them."""
+def profile_sections(models: list[BenchModel], cells: list[Cell], variants: list[Variant], threads: int, batch_sizes: list[int]) -> list[str]:
+    """Per model and batch size: each handler's stages in ms per request, and the served p50 at one user beside them."""
     from load_tests.handler_profile import profile, profile_table
 
     methods = [v.method for v in variants if v.method]
     lines: list[str] = []
     for model in models:
-        results = profile(model.name, model.model_dir, model.model_file, methods, threads)
-        table = profile_table(model.name, results)
-        served = []
-        for variant in results:
-            name = BASELINE if variant == BASELINE else next(v.name for v in variants if v.method == variant)
-            p50 = next((c.figures["p50_ms"] for c in cells if (c.model, c.variant, c.users, c.settings.batch_size) == (model.name, name, 1, 1)), None)
-            served.append(f"{p50:.0f}" if p50 is not None else "")
-        lines += [*table, "| served p50, 1 user, batch 1 | " + " | ".join(served) + " |", ""]
+        for batch_size in batch_sizes:
+            results = profile(model.name, model.model_dir, model.model_file, methods, threads, batch_size)
+            served = []
+            for variant in results:
+                name = BASELINE if variant == BASELINE else next(v.name for v in variants if v.method == variant)
+                key = (model.name, name, min(c.users for c in cells), batch_size)
+                p50 = next((c.figures["p50_ms"] for c in cells if (c.model, c.variant, c.users, c.settings.batch_size) == key), None)
+                served.append(f"{p50:.0f}" if p50 is not None else "")
+            lines += [*profile_table(f"{model.name}, batch {batch_size}", results),
+                      f"| served p50 at {min(c.users for c in cells)} user(s) | " + " | ".join(served) + " |", ""]
     return lines
 
 
@@ -487,7 +551,9 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=2, help="workers per model (default: 2; see docs/serving-tuning.md)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads per worker (default: 1)")
     parser.add_argument("--max-batch-delay", type=int, default=5, help="ms a batch waits to fill, batch sizes > 1 (default: 5)")
-    parser.add_argument("--duration", type=float, default=15.0, help="measured seconds per cell (default: 15)")
+    # A Locust run loses about 2 s to its own start before the measured window opens: 8 s runs measure about 6.
+    parser.add_argument("--duration", type=float, default=16.0, help="seconds of Locust runs per cell, all rounds together (default: 16)")
+    parser.add_argument("--rounds", type=int, default=2, help="interleaved rounds per cell (default: 2)")
     parser.add_argument("--tune", action="store_true", help="sweep worker settings instead (built-in plain and gradcam at the highest concurrency)")
     parser.add_argument("--out", type=Path, default=ROOT / "docs", help="where the report and plots go (default: docs/)")
     parser.add_argument("--run-dir", type=Path, default=RUN_DIR, help="archives and server logs (default: .run/bench)")
@@ -520,9 +586,9 @@ def main() -> None:
     cells: list[Cell] = []
     for settings in grid:
         print(f"serving with {settings.label}", flush=True)
-        cells += measure(models, settings, variants, concurrency, args.duration, run_dir)
+        cells += measure(models, settings, variants, concurrency, args.duration, args.rounds, run_dir)
 
-    profile_lines = [] if args.tune else profile_sections(models, cells, variants, args.threads)
+    profile_lines = [] if args.tune else profile_sections(models, cells, variants, args.threads, args.batch_sizes)
     command = f'make bench BENCH_ARGS="{" ".join(sys.argv[1:])}"' if len(sys.argv) > 1 else "make bench"
     report = args.out / ("serving-tuning.md" if args.tune else "serving-benchmark.md")
     title = "Serving benchmark: worker settings sweep" if args.tune else "Serving benchmark: what a map costs through TorchServe"

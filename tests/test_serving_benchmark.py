@@ -16,16 +16,16 @@ import pytest
 
 from conftest import ROOT
 
-pytestmark = [pytest.mark.slow, pytest.mark.serving]
-
 VARIANTS = ("built-in plain", "none", "gradcam", "built-in IG")
 
 
+@pytest.mark.slow
+@pytest.mark.serving
 def test_benchmark_serves_every_variant_and_writes_its_report(tmp_path: Path) -> None:
     command = [
         sys.executable, str(ROOT / "load_tests" / "serving_benchmark.py"),
         "--models", "shapes", "--variants", ",".join(VARIANTS), "--concurrency", "2", "--batch-sizes", "1",
-        "--duration", "2", "--out", str(tmp_path / "docs"), "--run-dir", str(tmp_path / "run"),
+        "--duration", "8", "--rounds", "2", "--out", str(tmp_path / "docs"), "--run-dir", str(tmp_path / "run"),
     ]
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     completed = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
@@ -36,6 +36,7 @@ def test_benchmark_serves_every_variant_and_writes_its_report(tmp_path: Path) ->
     assert set(cells) == set(VARIANTS)
     for variant, figures in cells.items():
         assert figures["requests"] > 0 and figures["failures"] == 0, (variant, figures["errors"])
+        assert figures["rounds"] == 2 and figures["p50_ms"] <= figures["p95_ms"] <= figures["p99_ms"]
     # A map makes the answer larger; Integrated Gradients answers with a float per input value (3 x 128 x 128).
     assert cells["gradcam"]["response_bytes"] > cells["none"]["response_bytes"]
     assert cells["built-in IG"]["response_bytes"] > 3 * 128 * 128
@@ -47,3 +48,19 @@ def test_benchmark_serves_every_variant_and_writes_its_report(tmp_path: Path) ->
     assert "gradcam throughput ≥ 0.95× built-in plain" in report
     for plot in ("serving-benchmark-throughput.png", "serving-benchmark-latency.png"):
         assert (tmp_path / "docs" / plot).read_bytes().startswith(b"\x89PNG")
+
+
+def test_rounds_merge_by_histogram_as_locust_computes_percentiles() -> None:
+    from load_tests.serving_benchmark import merge
+
+    # 150 requests of 10 ms in 2 s, then 50 of 30 ms in 3 s: the merged p50 is 10 ms, p95 and p99 30 ms.
+    rounds = [
+        {"requests": 150, "failures": 0, "window_s": 2.0, "response_bytes_total": 1000, "client_cpu_saturated": False,
+         "errors": [], "response_times_ms": {"10": 150}},
+        {"requests": 50, "failures": 1, "window_s": 3.0, "response_bytes_total": 3000, "client_cpu_saturated": False,
+         "errors": ["1 x HTTP 503"], "response_times_ms": {"30": 50}},
+    ]
+    merged = merge(rounds)
+    assert merged["throughput_rps"] == 40.0 and merged["requests"] == 200 and merged["failures"] == 1
+    assert merged["response_bytes"] == 20.0 and merged["errors"] == ["1 x HTTP 503"]
+    assert (merged["p50_ms"], merged["p95_ms"], merged["p99_ms"]) == (10, 30, 30)
