@@ -104,6 +104,11 @@ class Settings:
         return f"{self.workers} worker(s) x {self.threads} thread(s), batch {self.batch_size}, delay {self.max_batch_delay_ms} ms"
 
     @property
+    def short(self) -> str:
+        """For table cells: workers x threads, batch size, delay."""
+        return f"{self.workers}×{self.threads}, b{self.batch_size}" + (f", {self.max_batch_delay_ms} ms" if self.batch_size > 1 else "")
+
+    @property
     def slug(self) -> str:
         return f"w{self.workers}t{self.threads}b{self.batch_size}d{self.max_batch_delay_ms}"
 
@@ -363,7 +368,7 @@ def size_text(size: float) -> str:
 
 def results_table(cells: list[Cell]) -> list[str]:
     lines = [
-        "| model | batch | variant | users | req/s | ÷ built-in | p50 ms | p95 ms | p99 ms | p95 ÷ built-in | errors | response |",
+        "| model | workers×threads, batch | variant | users | req/s | ÷ built-in | p50 ms | p95 ms | p99 ms | p95 ÷ built-in | errors | response |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for cell in cells:
@@ -371,7 +376,7 @@ def results_table(cells: list[Cell]) -> list[str]:
         error_rate = f["failures"] / f["requests"] if f["requests"] else 1.0
         flag = " (client CPU saturated)" if f["client_cpu_saturated"] else ""
         lines.append(
-            f"| {cell.model} | {cell.settings.batch_size} | {cell.variant} | {cell.users} | {f['throughput_rps']:.2f} | "
+            f"| {cell.model} | {cell.settings.short} | {cell.variant} | {cell.users} | {f['throughput_rps']:.2f} | "
             f"{ratio(f['throughput_rps'], base and base['throughput_rps'])} | {f['p50_ms']:.0f} | {f['p95_ms']:.0f} | {f['p99_ms']:.0f} | "
             f"{ratio(f['p95_ms'], base and base['p95_ms'])} | {error_rate:.1%} ({f['failures']}/{f['requests']}){flag} | {size_text(f['response_bytes'])} |"
         )
@@ -389,7 +394,7 @@ TARGETS = (
 def target_lines(cells: list[Cell], forward: dict[tuple[str, Settings], float]) -> list[str]:
     """Each target at saturation (the highest concurrency), per model and batch size."""
     saturation = max(cell.users for cell in cells)
-    lines = ["| model | batch | target | measured | verdict |", "|---|---|---|---|---|"]
+    lines = ["| model | workers×threads, batch | target | measured | verdict |", "|---|---|---|---|---|"]
     for cell in cells:
         if cell.users != saturation:
             continue
@@ -398,11 +403,11 @@ def target_lines(cells: list[Cell], forward: dict[tuple[str, Settings], float]) 
             if cell.variant == variant and base and base[figure]:
                 value = cell.figures[figure] / base[figure]
                 met = value >= bound if comparison == ">=" else value <= bound
-                lines.append(f"| {cell.model} | {cell.settings.batch_size} | {text} | {value:.2f} | {'met' if met else '**missed**'} |")
+                lines.append(f"| {cell.model} | {cell.settings.short} | {text} | {value:.2f} | {'met' if met else '**missed**'} |")
         if cell.variant in (BASELINE, "none") and (cell.model, cell.settings) in forward:
             value = cell.figures["throughput_rps"] / forward[(cell.model, cell.settings)]
             lines.append(
-                f"| {cell.model} | {cell.settings.batch_size} | {cell.variant} served ≥ 0.85× in-process forward "
+                f"| {cell.model} | {cell.settings.short} | {cell.variant} served ≥ 0.85× in-process forward "
                 f"({forward[(cell.model, cell.settings)]:.1f} img/s) | {value:.2f} | {'met' if value >= 0.85 else '**missed**'} |"
             )
     return lines
@@ -414,7 +419,7 @@ def plot(cells: list[Cell], out_dir: Path, stem: str) -> list[Path]:
     matplotlib.use("Agg")
     from matplotlib import pyplot as plt
 
-    panels = sorted({(cell.model, cell.settings.batch_size) for cell in cells})
+    panels = list(dict.fromkeys((cell.model, cell.settings) for cell in cells))
     variants = list(dict.fromkeys(cell.variant for cell in cells))
     saturation = max(cell.users for cell in cells)
     throughput_png, latency_png = out_dir / f"{stem}-throughput.png", out_dir / f"{stem}-latency.png"
@@ -422,9 +427,9 @@ def plot(cells: list[Cell], out_dir: Path, stem: str) -> list[Path]:
     figure, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.8), squeeze=False)
     for axis, (model, batch) in zip(axes[0], panels):
         for variant in variants:
-            points = sorted((c.users, c.figures["throughput_rps"]) for c in cells if (c.model, c.settings.batch_size, c.variant) == (model, batch, variant))
+            points = sorted((c.users, c.figures["throughput_rps"]) for c in cells if (c.model, c.settings, c.variant) == (model, batch, variant))
             axis.plot(*zip(*points), marker="o", label=variant)
-        axis.set(title=f"{model}, batch {batch}", xlabel="concurrent users", ylabel="requests / s", xscale="log", yscale="log")
+        axis.set(title=f"{model}, {batch.short}", xlabel="concurrent users", ylabel="requests / s", xscale="log", yscale="log")
         axis.set_xticks(sorted({c.users for c in cells}), labels=[str(u) for u in sorted({c.users for c in cells})])
         axis.grid(True, which="both", alpha=0.3)
     axes[0][0].legend(fontsize=7)
@@ -436,12 +441,12 @@ def plot(cells: list[Cell], out_dir: Path, stem: str) -> list[Path]:
     figure, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.8), squeeze=False)
     width = 0.27
     for axis, (model, batch) in zip(axes[0], panels):
-        shown = [v for v in variants if any((c.model, c.settings.batch_size, c.variant, c.users) == (model, batch, v, saturation) for c in cells)]
+        shown = [v for v in variants if any((c.model, c.settings, c.variant, c.users) == (model, batch, v, saturation) for c in cells)]
         for offset, key in enumerate(("p50_ms", "p95_ms", "p99_ms")):
-            values = [next(c.figures[key] for c in cells if (c.model, c.settings.batch_size, c.variant, c.users) == (model, batch, v, saturation)) for v in shown]
+            values = [next(c.figures[key] for c in cells if (c.model, c.settings, c.variant, c.users) == (model, batch, v, saturation)) for v in shown]
             axis.bar([i + (offset - 1) * width for i in range(len(shown))], values, width, label=key.removesuffix("_ms"))
         axis.set_xticks(range(len(shown)), labels=shown, rotation=35, ha="right", fontsize=7)
-        axis.set(title=f"{model}, batch {batch}, {saturation} users", ylabel="latency, ms", yscale="log")
+        axis.set(title=f"{model}, {batch.short}, {saturation} users", ylabel="latency, ms", yscale="log")
         axis.grid(True, axis="y", which="both", alpha=0.3)
     axes[0][0].legend(fontsize=7)
     figure.suptitle("Latency percentiles at saturation")
@@ -459,7 +464,9 @@ def write_report(
     path: Path, title: str, command: str, cells: list[Cell], forward: dict[tuple[str, Settings], float], seconds: float,
     profile_lines: list[str],
 ) -> None:
-    plots = plot(cells, path.parent, path.stem)
+    """`path` (Markdown), its plots beside it (not for a sweep of settings), and `path` with .json: every figure,
+    from which --report-from writes the same report again."""
+    plots = plot(cells, path.parent, path.stem) if len({cell.settings.workers for cell in cells}) == 1 else []
     profile_block = [
         "## Where a request's time goes (in-process, ms per request)",
         "",
@@ -491,7 +498,7 @@ def write_report(
         "",
         "| model | settings | images/s |",
         "|---|---|---|",
-        *[f"| {model} | {s.label} | {rate:.1f} |" for (model, s), rate in forward.items()],
+        *[f"| {model} | {s.short} | {rate:.1f} |" for (model, s), rate in forward.items()],
         "",
         *profile_block,
         "## All cells",
@@ -503,9 +510,18 @@ def write_report(
     ]
     path.write_text("\n".join(lines))
     path.with_suffix(".json").write_text(
-        json.dumps({"forward": [{"model": m, "settings": asdict(s), "images_per_s": r} for (m, s), r in forward.items()],
+        json.dumps({"title": title, "command": command, "seconds": seconds, "profile_lines": profile_lines,
+                    "forward": [{"model": m, "settings": asdict(s), "images_per_s": r} for (m, s), r in forward.items()],
                     "cells": [asdict(c) for c in cells]}, indent=1) + "\n"
     )
+
+
+def rewrite_report(data_file: Path) -> None:
+    """The report and plots again from a run's JSON, without measuring (after a change of layout)."""
+    data = json.loads(data_file.read_text())
+    forward = {(entry["model"], Settings(**entry["settings"])): entry["images_per_s"] for entry in data["forward"]}
+    cells = [Cell(c["model"], Settings(**c["settings"]), c["variant"], c["users"], c["figures"]) for c in data["cells"]]
+    write_report(data_file.with_suffix(".md"), data["title"], data["command"], cells, forward, data["seconds"], data["profile_lines"])
 
 
 def profile_sections(models: list[BenchModel], cells: list[Cell], variants: list[Variant], threads: int, batch_sizes: list[int]) -> list[str]:
@@ -557,7 +573,11 @@ def main() -> None:
     parser.add_argument("--tune", action="store_true", help="sweep worker settings instead (built-in plain and gradcam at the highest concurrency)")
     parser.add_argument("--out", type=Path, default=ROOT / "docs", help="where the report and plots go (default: docs/)")
     parser.add_argument("--run-dir", type=Path, default=RUN_DIR, help="archives and server logs (default: .run/bench)")
+    parser.add_argument("--report-from", type=Path, metavar="JSON", help="only write the report again from a run's JSON")
     args = parser.parse_args()
+    if args.report_from:
+        rewrite_report(args.report_from)
+        return
 
     known = {variant.name: variant for variant in VARIANTS}
     unknown = [name for name in args.variants.split(",") if name not in known]
