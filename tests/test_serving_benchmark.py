@@ -44,7 +44,7 @@ def test_benchmark_serves_every_variant_and_writes_its_report(tmp_path: Path) ->
 
     report = (tmp_path / "docs" / "serving-benchmark.md").read_text()
     for variant in VARIANTS:
-        assert f"| shapes | 1 | {variant} | 2 |" in report
+        assert f"| shapes | 2×1, b1 | {variant} | 2 |" in report
     assert "gradcam throughput ≥ 0.95× built-in plain" in report
     for plot in ("serving-benchmark-throughput.png", "serving-benchmark-latency.png"):
         assert (tmp_path / "docs" / plot).read_bytes().startswith(b"\x89PNG")
