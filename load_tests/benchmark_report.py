@@ -1,0 +1,223 @@
+"""What the serving benchmark measured, and its report: tables, targets, plots (docs/serving-benchmark.md).
+
+load_tests/serving_benchmark.py measures and calls write_report; `serving_benchmark.py --report-from <json>`
+writes a report again from a run's data, without measuring.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+BASELINE = "built-in plain"  # the variant every ratio divides by: TorchServe's built-in ImageClassifier
+
+
+@dataclass(frozen=True)
+class Settings:
+    """TorchServe worker settings, the same for every variant of a run."""
+
+    workers: int
+    threads: int  # torch intra-op threads per worker (OMP_NUM_THREADS)
+    batch_size: int
+    max_batch_delay_ms: int
+
+    @property
+    def label(self) -> str:
+        return f"{self.workers} worker(s) x {self.threads} thread(s), batch {self.batch_size}, delay {self.max_batch_delay_ms} ms"
+
+    @property
+    def short(self) -> str:
+        """For table cells: workers x threads, batch size, delay."""
+        return f"{self.workers}×{self.threads}, b{self.batch_size}" + (f", {self.max_batch_delay_ms} ms" if self.batch_size > 1 else "")
+
+    @property
+    def slug(self) -> str:
+        return f"w{self.workers}t{self.threads}b{self.batch_size}d{self.max_batch_delay_ms}"
+
+
+@dataclass
+class Cell:
+    model: str
+    settings: Settings
+    variant: str
+    users: int
+    figures: dict
+
+
+def baseline_of(cells: list[Cell], cell: Cell) -> dict | None:
+    return next(
+        (c.figures for c in cells if (c.model, c.settings, c.users, c.variant) == (cell.model, cell.settings, cell.users, BASELINE)),
+        None,
+    )
+
+
+def ratio(value: float, reference: float | None) -> str:
+    return f"{value / reference:.2f}" if reference else "-"
+
+
+def size_text(size: float) -> str:
+    return f"{size / 1024:.1f} KiB" if size < 1024 * 1024 else f"{size / 1024 / 1024:.2f} MiB"
+
+
+def results_table(cells: list[Cell]) -> list[str]:
+    lines = [
+        "| model | workers×threads, batch | variant | users | req/s | ÷ built-in | p50 ms | p95 ms | p99 ms | p95 ÷ built-in | errors | response |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for cell in cells:
+        f, base = cell.figures, baseline_of(cells, cell)
+        error_rate = f["failures"] / f["requests"] if f["requests"] else 1.0
+        flag = " (client CPU saturated)" if f["client_cpu_saturated"] else ""
+        lines.append(
+            f"| {cell.model} | {cell.settings.short} | {cell.variant} | {cell.users} | {f['throughput_rps']:.2f} | "
+            f"{ratio(f['throughput_rps'], base and base['throughput_rps'])} | {f['p50_ms']:.0f} | {f['p95_ms']:.0f} | {f['p99_ms']:.0f} | "
+            f"{ratio(f['p95_ms'], base and base['p95_ms'])} | {error_rate:.1%} ({f['failures']}/{f['requests']}){flag} | {size_text(f['response_bytes'])} |"
+        )
+    return lines
+
+
+TARGETS = (
+    # variant, figure, comparison, bound, text
+    ("gradcam", "throughput_rps", ">=", 0.95, "gradcam throughput ≥ 0.95× built-in plain"),
+    ("gradcam", "p95_ms", "<=", 1.10, "gradcam p95 ≤ 1.10× built-in plain"),
+    ("cam", "throughput_rps", ">=", 0.98, "cam throughput ≥ 0.98× built-in plain"),
+)
+
+
+def target_lines(cells: list[Cell], forward: dict[tuple[str, Settings], float]) -> list[str]:
+    """Each target at saturation (the highest concurrency), per model and batch size."""
+    saturation = max(cell.users for cell in cells)
+    lines = ["| model | workers×threads, batch | target | measured | verdict |", "|---|---|---|---|---|"]
+    for cell in cells:
+        if cell.users != saturation:
+            continue
+        base = baseline_of(cells, cell)
+        for variant, figure, comparison, bound, text in TARGETS:
+            if cell.variant == variant and base and base[figure]:
+                value = cell.figures[figure] / base[figure]
+                met = value >= bound if comparison == ">=" else value <= bound
+                lines.append(f"| {cell.model} | {cell.settings.short} | {text} | {value:.2f} | {'met' if met else '**missed**'} |")
+        if cell.variant in (BASELINE, "none") and (cell.model, cell.settings) in forward:
+            value = cell.figures["throughput_rps"] / forward[(cell.model, cell.settings)]
+            lines.append(
+                f"| {cell.model} | {cell.settings.short} | {cell.variant} served ≥ 0.85× in-process forward "
+                f"({forward[(cell.model, cell.settings)]:.1f} img/s) | {value:.2f} | {'met' if value >= 0.85 else '**missed**'} |"
+            )
+    return lines
+
+
+def plot(cells: list[Cell], out_dir: Path, stem: str) -> list[Path]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from matplotlib import pyplot as plt
+
+    panels = list(dict.fromkeys((cell.model, cell.settings) for cell in cells))
+    variants = list(dict.fromkeys(cell.variant for cell in cells))
+    saturation = max(cell.users for cell in cells)
+    throughput_png, latency_png = out_dir / f"{stem}-throughput.png", out_dir / f"{stem}-latency.png"
+
+    figure, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.8), squeeze=False)
+    for axis, (model, batch) in zip(axes[0], panels):
+        for variant in variants:
+            points = sorted((c.users, c.figures["throughput_rps"]) for c in cells if (c.model, c.settings, c.variant) == (model, batch, variant))
+            axis.plot(*zip(*points), marker="o", label=variant)
+        axis.set(title=f"{model}, {batch.short}", xlabel="concurrent users", ylabel="requests / s", xscale="log", yscale="log")
+        axis.set_xticks(sorted({c.users for c in cells}), labels=[str(u) for u in sorted({c.users for c in cells})])
+        axis.grid(True, which="both", alpha=0.3)
+    axes[0][0].legend(fontsize=7)
+    figure.suptitle("Served throughput vs concurrency (same server, same worker settings)")
+    figure.tight_layout()
+    figure.savefig(throughput_png, dpi=110)
+    plt.close(figure)
+
+    figure, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.8), squeeze=False)
+    width = 0.27
+    for axis, (model, batch) in zip(axes[0], panels):
+        shown = [v for v in variants if any((c.model, c.settings, c.variant, c.users) == (model, batch, v, saturation) for c in cells)]
+        for offset, key in enumerate(("p50_ms", "p95_ms", "p99_ms")):
+            values = [next(c.figures[key] for c in cells if (c.model, c.settings, c.variant, c.users) == (model, batch, v, saturation)) for v in shown]
+            axis.bar([i + (offset - 1) * width for i in range(len(shown))], values, width, label=key.removesuffix("_ms"))
+        axis.set_xticks(range(len(shown)), labels=shown, rotation=35, ha="right", fontsize=7)
+        axis.set(title=f"{model}, {batch.short}, {saturation} users", ylabel="latency, ms", yscale="log")
+        axis.grid(True, axis="y", which="both", alpha=0.3)
+    axes[0][0].legend(fontsize=7)
+    figure.suptitle("Latency percentiles at saturation")
+    figure.tight_layout()
+    figure.savefig(latency_png, dpi=110)
+    plt.close(figure)
+    return [throughput_png, latency_png]
+
+
+def machine() -> str:
+    return f"{os.cpu_count()} CPU cores ({platform.processor() or platform.machine()}), torch {torch.__version__}, Python {platform.python_version()}"
+
+
+def write_report(
+    path: Path, title: str, command: str, cells: list[Cell], forward: dict[tuple[str, Settings], float], seconds: float,
+    profile_lines: list[str],
+) -> None:
+    """`path` (Markdown), its plots beside it (not for a sweep of settings), and `path` with .json: every figure,
+    from which --report-from writes the same report again."""
+    plots = plot(cells, path.parent, path.stem) if len({cell.settings.workers for cell in cells}) == 1 else []
+    profile_block = [
+        "## Where a request's time goes (in-process, ms per request)",
+        "",
+        "Both handlers run in-process on the same images, one batch after another (load_tests/handler_profile.py), "
+        "stage by stage, torch on the workers' threads. At one user and batch 1, the served p50 minus the handler's "
+        "total is what TorchServe (HTTP, frontend, worker socket) and the client add; at batch 8 and one user, the "
+        "served p50 also holds the batch delay.",
+        "",
+        *profile_lines,
+    ] if profile_lines else []
+    settings = list(dict.fromkeys(cell.settings for cell in cells))
+    lines = [
+        f"# {title}",
+        "",
+        f"Generated by `{command}` on {time.strftime('%Y-%m-%d %H:%M')} UTC; do not edit by hand (analysis: docs/benchmarks.md).",
+        "",
+        f"- Machine: {machine()}. Server and Locust share it.",
+        f"- Worker settings: {'; '.join(s.label for s in settings)}.",
+        f"- Each cell: {seconds:.0f} s of Locust runs (about 2 s each before the window opens) of N users posting pool images back to back (a quarter camera-sized JPEG, the rest "
+        f"~280×220 PNG/JPEG scenes), in {cells[0].figures.get('rounds', 1)} rounds taken in turn with the other variants; "
+        "ramp-up dropped, left-over requests drained between runs.",
+        "- `÷ built-in`: the variant's figure over TorchServe's built-in ImageClassifier's, same model, batch and users.",
+        "",
+        "## Targets at saturation",
+        "",
+        *target_lines(cells, forward),
+        "",
+        "## In-process forward throughput (the model alone, inference_mode, same workers × threads)",
+        "",
+        "| model | settings | images/s |",
+        "|---|---|---|",
+        *[f"| {model} | {s.short} | {rate:.1f} |" for (model, s), rate in forward.items()],
+        "",
+        *profile_block,
+        "## All cells",
+        "",
+        *results_table(cells),
+        "",
+        *[f"![{p.stem}]({p.name})" for p in plots],
+        "",
+    ]
+    path.write_text("\n".join(lines))
+    path.with_suffix(".json").write_text(
+        json.dumps({"title": title, "command": command, "seconds": seconds, "profile_lines": profile_lines,
+                    "forward": [{"model": m, "settings": asdict(s), "images_per_s": r} for (m, s), r in forward.items()],
+                    "cells": [asdict(c) for c in cells]}, indent=1) + "\n"
+    )
+
+
+def rewrite_report(data_file: Path) -> None:
+    """The report and plots again from a run's JSON, without measuring (after a change of layout)."""
+    data = json.loads(data_file.read_text())
+    forward = {(entry["model"], Settings(**entry["settings"])): entry["images_per_s"] for entry in data["forward"]}
+    cells = [Cell(c["model"], Settings(**c["settings"]), c["variant"], c["users"], c["figures"]) for c in data["cells"]]
+    write_report(data_file.with_suffix(".md"), data["title"], data["command"], cells, forward, data["seconds"], data["profile_lines"])
