@@ -72,7 +72,10 @@ def results_table(cells: list[Cell]) -> list[str]:
     ]
     for cell in cells:
         f, base = cell.figures, baseline_of(cells, cell)
-        error_rate = f["failures"] / f["requests"] if f["requests"] else 1.0
+        if not f["requests"]:
+            lines.append(f"| {cell.model} | {cell.settings.short} | {cell.variant} | {cell.users} | no answer within the window | | | | | | | |")
+            continue
+        error_rate = f["failures"] / f["requests"]
         flag = " (client CPU saturated)" if f["client_cpu_saturated"] else ""
         lines.append(
             f"| {cell.model} | {cell.settings.short} | {cell.variant} | {cell.users} | {f['throughput_rps']:.2f} | "
