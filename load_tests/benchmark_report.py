@@ -85,6 +85,26 @@ def results_table(cells: list[Cell]) -> list[str]:
     return lines
 
 
+def saturation_table(cells: list[Cell]) -> list[str]:
+    """One row per model and settings: each variant's throughput and p95 at the highest concurrency, and their
+    ratios to the built-in plain prediction's."""
+    saturation = max(cell.users for cell in cells)
+    variants = list(dict.fromkeys(cell.variant for cell in cells))
+    lines = ["| model | workers×threads, batch | " + " | ".join(variants) + " |", "|---|---" + "|---" * len(variants) + "|"]
+    for model, settings in dict.fromkeys((cell.model, cell.settings) for cell in cells):
+        row = []
+        for variant in variants:
+            cell = next((c for c in cells if (c.model, c.settings, c.variant, c.users) == (model, settings, variant, saturation)), None)
+            if cell is None or not cell.figures["requests"]:
+                row.append("no answer")
+                continue
+            f, base = cell.figures, baseline_of(cells, cell)
+            row.append(f"{f['throughput_rps']:.1f}/s (×{ratio(f['throughput_rps'], base and base['throughput_rps'])}), "
+                       f"p95 {f['p95_ms']:.0f} ms (×{ratio(f['p95_ms'], base and base['p95_ms'])})")
+        lines.append(f"| {model} | {settings.short} | " + " | ".join(row) + " |")
+    return lines
+
+
 TARGETS = (
     # variant, figure, comparison, bound, text
     ("gradcam", "throughput_rps", ">=", 0.95, "gradcam throughput ≥ 0.95× built-in plain"),
@@ -189,9 +209,13 @@ def write_report(
         f"- Machine: {machine()}. Server and Locust share it.",
         f"- Worker settings: {'; '.join(s.label for s in settings)}.",
         f"- Each cell: {seconds:.0f} s of Locust runs (about 2 s each before the window opens) of N users posting pool images back to back (a quarter camera-sized JPEG, the rest "
-        f"~280×220 PNG/JPEG scenes), in {cells[0].figures.get('rounds', 1)} rounds taken in turn with the other variants; "
+        f"~280×220 PNG/JPEG scenes), in {cells[0].figures.get('rounds', 1)} round(s) taken in turn with the other variants; "
         "ramp-up dropped, left-over requests drained between runs.",
         "- `÷ built-in`: the variant's figure over TorchServe's built-in ImageClassifier's, same model, batch and users.",
+        "",
+        f"## At saturation ({max(cell.users for cell in cells)} users): throughput and p95, × the built-in plain prediction's",
+        "",
+        *saturation_table(cells),
         "",
         "## Targets at saturation",
         "",
