@@ -63,7 +63,7 @@ train: $(VENV)/.installed
 evaluate: $(VENV)/.installed
 	$(PY) scripts/evaluate_shapes.py
 
-# About 30 minutes: two models x six variants x three concurrencies x two batch sizes, each a Locust run.
+# About 40 minutes: two models x six variants x three concurrencies x two batch sizes, each a Locust run.
 bench: $(VENV)/.installed
 	$(PY) load_tests/serving_benchmark.py $(BENCH_ARGS)
 

@@ -1,6 +1,6 @@
 """`make bench`: what a map costs in production, measured side by side through real TorchServe servers.
 
-    make bench                                     # the full run (about 30 min): docs/serving-benchmark.md + plots
+    make bench                                     # the full run (about 40 min): docs/serving-benchmark.md + plots
     make bench BENCH_ARGS="--tune"                 # worker settings sweep: docs/serving-tuning.md
     PYTHONPATH=. .venv/bin/python load_tests/serving_benchmark.py --models shapes --concurrency 1,4 --duration 5 \
         --batch-sizes 1 --out /tmp/bench          # a quick look
