@@ -41,8 +41,9 @@ class CamHandler(BaseHandler):
         self.model = load_model(self.spec, model_dir, self.device)
         self.labels = load_labels(self.spec, model_dir)
         self.transform = whole_image_transform(self.spec.input_size, self.spec.mean, self.spec.std)
-        height, width = self.spec.input_size
-        self.decode_at_least = (width, height)
+        # Square, so that it covers the model input whichever way EXIF turns the stored image.
+        side = max(self.spec.input_size)
+        self.decode_at_least = (side, side)
         self.extractor = CamExtractor(self.model, self.spec.input_size, self.spec.target_layers, self.spec.scorecam_max_channels)
         self.option_rules = OptionRules(
             methods=METHODS.keys(),
