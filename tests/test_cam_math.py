@@ -190,3 +190,56 @@ def test_peak_is_the_first_maximum_in_reading_order() -> None:
     heatmap = torch.zeros(4, 6)
     heatmap[2, 1] = heatmap[1, 4] = heatmap[3, 0] = 1.0
     assert peak(heatmap) == (4, 1)
+
+
+class ShiftedHead(nn.Module):
+    """fc(GAP(features(x))) + shift: with shift != 0 the logits are no longer Linear(GAP(A)) of the verified head."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = ShapesNet()
+        self.shift = 0.0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x) + self.shift
+
+
+def test_a_batch_that_breaks_the_verified_head_falls_back_to_autograd() -> None:
+    torch.manual_seed(3)
+    model = ShiftedHead().eval()
+    inputs = torch.randn(2, 3, 64, 64)
+    extractor = CamExtractor(model, (64, 64), ["net.features"])
+    extractor(inputs, method="gradcam")
+    assert extractor._gap_linear == {"net.features": True}
+    model.shift = 1.0
+    # A constant shift leaves the gradients unchanged: the autograd maps equal the closed form's.
+    reference = CamExtractor(model, (64, 64), ["net.features"])(inputs, method="gradcam").maps
+    for _ in range(2):
+        result = extractor(inputs, method="gradcam")
+        torch.testing.assert_close(result.maps, reference)
+    assert extractor._gap_linear == {"net.features": False}
+    assert not model.net.features._forward_hooks
+    assert torch.is_grad_enabled()
+
+
+def test_scorecam_on_two_layers_scores_the_plain_model() -> None:
+    """Score-CAM's extra forward passes run without our hooks: each layer's map is its single-layer map."""
+    torch.manual_seed(4)
+    model = ShapesNet().eval()
+    inputs = torch.randn(1, 3, 64, 64)
+    extractor = CamExtractor(model, (64, 64), scorecam_max_channels=8)
+    early, late = "features.3", "features"
+    alone = [extractor(inputs, method="scorecam", layers=[name], targets=torch.tensor([1])).maps for name in (early, late)]
+    both = extractor(inputs, method="scorecam", layers=[early, late], targets=torch.tensor([1]))
+    from camserve.cam import fuse_maps
+
+    torch.testing.assert_close(both.maps, fuse_maps(alone))
+
+
+def test_repeated_layers_are_taken_once() -> None:
+    model = ShapesNet().eval()
+    inputs = torch.randn(1, 3, 64, 64)
+    extractor = CamExtractor(model, (64, 64))
+    twice = extractor(inputs, method="gradcam", layers=["features", "features"])
+    assert twice.layers == ("features",)
+    torch.testing.assert_close(twice.maps, extractor(inputs, method="gradcam", layers=["features"]).maps)

@@ -7,10 +7,12 @@ runs from the class score to the target layer and no further.
 
 Cheaper still where the layer feeds global average pooling + one Linear layer (ResNets, EfficientNets, the default
 model...): there dy^c/dA = W[c] / (H W) at every location, exactly. Once a call has verified that the logits are
-Linear(GAP(A)) for a layer, later calls run the whole forward under `inference_mode` and use that closed form,
-re-checking the identity on every batch (and falling back to autograd, for good, if it ever fails).
+Linear(GAP(A)) for a layer, later calls run the whole forward under `inference_mode` and use that closed form.
+The identity is checked again on every batch; a batch that breaks it is run once more with autograd, and that
+layer stays on autograd from then on.
 
-Hooks live for one call and are always removed; nothing but that per-layer verdict is kept between calls.
+Hooks live for one forward pass and are always removed before any map is computed, so Score-CAM's extra forward
+passes see the plain model. Nothing but the per-layer verdict is kept between calls.
 """
 
 from __future__ import annotations
@@ -25,6 +27,8 @@ from torch.nn import functional as F
 from camserve.cam.layers import LayerError, find_class_weights, find_target_layer, get_module, to_grid
 from camserve.cam.methods import METHODS, CamMethod, LayerCapture
 
+Targets = Tensor | Callable[[Tensor], Tensor] | None
+
 
 class MethodError(ValueError):
     """A method that is unknown or cannot apply to the chosen model and layer; the message says why."""
@@ -36,6 +40,12 @@ class CamResult:
     targets: Tensor  # (B, T) class indices the maps are for
     maps: Tensor  # (B, T, h, w) in [0, 1], at the (finest) target layer's resolution
     layers: tuple[str, ...]
+
+
+@dataclass
+class _Forward:
+    logits: Tensor
+    outputs: dict[str, Tensor]  # each target layer's output; a leaf requiring grad when the graph was recorded
 
 
 def normalize_maps(maps: Tensor) -> Tensor:
@@ -90,103 +100,118 @@ class CamExtractor:
         with torch.inference_mode():
             return self.model(inputs)
 
-    def __call__(
-        self,
-        inputs: Tensor,
-        method: str = "gradcam",
-        targets: Tensor | Callable[[Tensor], Tensor] | None = None,
-        layers: Sequence[str] | None = None,
-    ) -> CamResult:
+    def __call__(self, inputs: Tensor, method: str = "gradcam", targets: Targets = None, layers: Sequence[str] | None = None) -> CamResult:
         """Logits and maps for `inputs` (B, 3, H, W).
 
         `targets`: class indices (B,) or (B, T); or a function of the logits returning them, for choices that
         depend on the prediction (top-k classes) without a second forward pass; default each sample's top-1.
+        `layers` repeated are taken once.
         """
         cam_method = self.method(method)
-        layer_names = tuple(layers) if layers else self.default_layers
-        modules = [get_module(self.model, name) for name in layer_names]
-        captured: dict[str, Tensor] = {}
-        closed_form = cam_method.needs_gradients and len(layer_names) == 1 and self._gap_linear.get(layer_names[0], False)
-        needs_grad = cam_method.needs_gradients and not closed_form
+        layer_names = tuple(dict.fromkeys(layers)) if layers else self.default_layers
+        for name in layer_names:
+            get_module(self.model, name)
+        # The closed form needs one layer: with several, the head sees only the last one.
+        single = layer_names[0] if len(layer_names) == 1 else None
+        head = None
+        if cam_method.needs_gradients and single is not None and self._gap_linear.get(single, False):
+            forward = self._forward(inputs, layer_names, record_graph=False)
+            head = self._verified_head(to_grid(forward.outputs[single]), forward.logits)
+            if head is None:
+                self._gap_linear[single] = False
+        if head is None:
+            forward = self._forward(inputs, layer_names, record_graph=cam_method.needs_gradients)
+            if cam_method.needs_gradients and single is not None and single not in self._gap_linear:
+                self._gap_linear[single] = self._verified_head(to_grid(forward.outputs[single].detach()), forward.logits.detach()) is not None
+        chosen = self._choose_targets(forward.logits.detach(), targets)
+        with torch.no_grad():
+            maps = self._maps(cam_method, forward, chosen, inputs, head)
+        return CamResult(logits=forward.logits.detach(), targets=chosen, maps=fuse_maps(maps), layers=layer_names)
 
-        def capture(name: str):
+    def _forward(self, inputs: Tensor, layer_names: tuple[str, ...], record_graph: bool) -> _Forward:
+        """One forward pass capturing the target layers' outputs; autograd records only after the first of them."""
+        outputs: dict[str, Tensor] = {}
+
+        def capture(name: str) -> Callable[[nn.Module, object, object], Tensor]:
             def hook(module: nn.Module, args: object, output: object) -> Tensor:
                 if not isinstance(output, Tensor):
                     raise LayerError(f"layer {name!r} returns {type(output).__name__}, not a tensor")
-                if needs_grad and not torch.is_grad_enabled():
-                    # First target layer reached: everything before it ran without autograd; record from here on.
+                if record_graph and not torch.is_grad_enabled():
                     output = output.detach().requires_grad_(True)
                     torch.set_grad_enabled(True)
-                captured[name] = output
+                outputs[name] = output
                 # The network continues on a copy, so an in-place op downstream cannot change what we captured.
                 return output.clone()
 
             return hook
 
-        handles = [module.register_forward_hook(capture(name)) for name, module in zip(layer_names, modules)]
+        handles = [get_module(self.model, name).register_forward_hook(capture(name)) for name in layer_names]
         try:
             # no_grad restores the caller's grad mode on exit, whatever the hook switched on.
-            with torch.no_grad() if needs_grad else torch.inference_mode():
+            with torch.no_grad() if record_graph else torch.inference_mode():
                 logits = self.model(inputs)
-                torch.set_grad_enabled(False)  # the hook may have switched it on; map arithmetic needs no graph
-                missing = [name for name in layer_names if name not in captured]
-                if missing:
-                    raise LayerError(f"layer(s) {missing} did not run in the forward pass")
-                if targets is None:
-                    targets = logits.argmax(dim=1)
-                elif callable(targets):
-                    targets = targets(logits.detach())
-                targets = (targets if targets.dim() == 2 else targets[:, None]).to(logits.device)
-                head = None
-                if cam_method.needs_gradients and len(layer_names) == 1:
-                    head = self._gap_linear_head(layer_names[0], to_grid(captured[layer_names[0]].detach()), logits)
-                    if closed_form and head is None:
-                        self._gap_linear[layer_names[0]] = False
-                        return self(inputs, method, targets, layers)  # this batch breaks the identity: autograd
-                    self._gap_linear.setdefault(layer_names[0], head is not None)
-                closed_form_head = head if closed_form else None
-                maps = [self._layer_maps(cam_method, name, captured, logits, targets, inputs, closed_form_head) for name in layer_names]
         finally:
             for handle in handles:
                 handle.remove()
-        return CamResult(logits=logits.detach(), targets=targets, maps=fuse_maps(maps), layers=layer_names)
+        missing = [name for name in layer_names if name not in outputs]
+        if missing:
+            raise LayerError(f"layer(s) {missing} did not run in the forward pass")
+        if logits.dim() != 2:
+            raise MethodError(f"the model returns logits of shape {tuple(logits.shape)}, not (batch, classes)")
+        return _Forward(logits=logits, outputs=outputs)
 
-    def _layer_maps(
-        self,
-        cam_method: CamMethod,
-        name: str,
-        captured: dict[str, Tensor],
-        logits: Tensor,
-        targets: Tensor,
-        inputs: Tensor,
-        closed_form_head: nn.Linear | None,
-    ) -> Tensor:
-        raw = captured[name]
-        activations = to_grid(raw.detach())
-        per_target = []
-        for t in range(targets.shape[1]):
-            capture = LayerCapture(activations=activations, inputs=inputs, targets=targets[:, t])
-            if closed_form_head is not None:
-                height, width = activations.shape[-2:]
-                weights = closed_form_head.weight[targets[:, t]] / (height * width)
-                capture.gradients = weights[:, :, None, None].expand_as(activations)
-            elif cam_method.needs_gradients:
-                with torch.enable_grad():
-                    score = logits.gather(1, targets[:, t : t + 1]).sum()
-                # Each sample's score depends only on its own activations, so one backward serves the batch.
-                (grad,) = torch.autograd.grad(score, raw, retain_graph=t + 1 < targets.shape[1] or len(captured) > 1)
-                capture.gradients = to_grid(grad)
-            if cam_method.needs_class_weights:
-                capture.class_weights = self._class_weights(name, activations, logits)[targets[:, t]]
-            if cam_method.needs_forward_passes:
-                capture = self._scorecam_subset(capture)
-            saliency = cam_method.compute(capture)
-            if cam_method.relu:
-                saliency = saliency.clamp(min=0)
-            per_target.append(saliency)
-        return normalize_maps(torch.stack(per_target, dim=1))
+    @staticmethod
+    def _choose_targets(logits: Tensor, targets: Targets) -> Tensor:
+        if targets is None:
+            chosen = logits.argmax(dim=1)
+        elif callable(targets):
+            chosen = targets(logits)
+        else:
+            chosen = targets
+        return (chosen if chosen.dim() == 2 else chosen[:, None]).to(logits.device)
 
-    def _gap_linear_head(self, name: str, activations: Tensor, logits: Tensor) -> nn.Linear | None:
+    def _maps(self, cam_method: CamMethod, forward: _Forward, targets: Tensor, inputs: Tensor, head: nn.Linear | None) -> list[Tensor]:
+        """Each target layer's normalised maps (B, T, h, w)."""
+        names = list(forward.outputs)
+        activations = {name: to_grid(output.detach()) for name, output in forward.outputs.items()}
+        gradients: dict[str, list[Tensor]] = {name: [] for name in names}
+        if cam_method.needs_gradients:
+            for t in range(targets.shape[1]):
+                for name, grad in zip(names, self._gradients(forward, names, targets[:, t], head, retain=t + 1 < targets.shape[1])):
+                    gradients[name].append(grad)
+        maps = []
+        for name in names:
+            class_weights = self._class_weights(name, activations[name], forward.logits) if cam_method.needs_class_weights else None
+            per_target = []
+            for t in range(targets.shape[1]):
+                capture = LayerCapture(
+                    activations=self._scored_channels(activations[name]) if cam_method.needs_forward_passes else activations[name],
+                    gradients=gradients[name][t] if cam_method.needs_gradients else None,
+                    class_weights=class_weights[targets[:, t]] if class_weights is not None else None,
+                    input_size=tuple(inputs.shape[-2:]),
+                    masked_scores=self._masked_scores(inputs, targets[:, t]) if cam_method.needs_forward_passes else None,
+                )
+                saliency = cam_method.compute(capture)
+                per_target.append(saliency.clamp(min=0) if cam_method.relu else saliency)
+            maps.append(normalize_maps(torch.stack(per_target, dim=1)))
+        return maps
+
+    def _gradients(self, forward: _Forward, names: list[str], target: Tensor, head: nn.Linear | None, retain: bool) -> list[Tensor]:
+        """d(score of each sample's `target` class)/d(each layer's output), as (B, K, h, w) grids."""
+        if head is not None:
+            activations = to_grid(forward.outputs[names[0]])
+            height, width = activations.shape[-2:]
+            return [(head.weight[target] / (height * width))[:, :, None, None].expand_as(activations)]
+        with torch.enable_grad():
+            score = forward.logits.gather(1, target[:, None]).sum()
+        # Each sample's score depends only on its own activations, so one backward serves the batch.
+        grads = torch.autograd.grad(score, [forward.outputs[name] for name in names], retain_graph=retain, allow_unused=True)
+        unused = [name for name, grad in zip(names, grads) if grad is None]
+        if unused:
+            raise LayerError(f"the class score does not depend on layer(s) {unused}; choose a layer the prediction uses")
+        return [to_grid(grad) for grad in grads]
+
+    def _verified_head(self, activations: Tensor, logits: Tensor) -> nn.Linear | None:
         """The Linear layer such that logits == Linear(GAP(activations)) on this batch, if there is one."""
         key = (activations.shape[1], logits.shape[1])
         if key not in self._heads:
@@ -199,8 +224,8 @@ class CamExtractor:
         return head if torch.allclose(pooled, logits, rtol=1e-4, atol=1e-4 * scale) else None
 
     def _class_weights(self, name: str, activations: Tensor, logits: Tensor) -> Tensor:
-        """The head's weights, after checking that the logits really are Linear(GAP(activations))."""
-        head = self._gap_linear_head(name, activations, logits)
+        """The head's weights (classes, K), after checking that the logits really are Linear(GAP(activations))."""
+        head = self._verified_head(activations, logits)
         if head is not None:
             return head.weight
         gradient_methods = sorted(m.name for m in METHODS.values() if not m.needs_class_weights)
@@ -209,12 +234,17 @@ class CamExtractor:
             f"the logits, and this model's head is not that; use one of {gradient_methods}"
         )
 
-    def _scorecam_subset(self, capture: LayerCapture) -> LayerCapture:
-        """Score only the most active channels (at most `scorecam_max_channels`); the rest weigh 0."""
-        activations = capture.activations
-        if activations.shape[1] > self.scorecam_max_channels:
-            top = activations.mean(dim=(2, 3)).topk(self.scorecam_max_channels, dim=1).indices
-            activations = activations.gather(1, top[..., None, None].expand(-1, -1, *activations.shape[2:]))
-        capture.activations = activations
-        capture.score_fn = self.predict
-        return capture
+    def _scored_channels(self, activations: Tensor) -> Tensor:
+        """Score-CAM scores only the most active channels (at most `scorecam_max_channels`); the rest weigh 0."""
+        if activations.shape[1] <= self.scorecam_max_channels:
+            return activations
+        top = activations.mean(dim=(2, 3)).topk(self.scorecam_max_channels, dim=1).indices
+        return activations.gather(1, top[..., None, None].expand(-1, -1, *activations.shape[2:]))
+
+    def _masked_scores(self, inputs: Tensor, target: Tensor) -> Callable[[int, Tensor], Tensor]:
+        """For Score-CAM: (sample b, masks (K, H, W)) -> the target's logit for the input times each mask (K,)."""
+
+        def score(b: int, masks: Tensor) -> Tensor:
+            return self.predict(inputs[b, None] * masks[:, None])[:, target[b]]
+
+        return score

@@ -4,6 +4,7 @@ Every method receives a `LayerCapture` for one target layer, with shapes
   activations  A: (B, K, H, W)  the layer's output for the batch
   gradients    G: (B, K, H, W)  d(score of each sample's target class)/dA, when `needs_gradients`
   class_weights W: (B, K)       the head's Linear weights of each target class, when `needs_class_weights`
+  masked_scores                 y^c of the input times masks, when `needs_forward_passes` (Score-CAM)
 and returns the raw saliency (B, H, W). The extractor applies ReLU when `relu` is set, then normalisation is
 the caller's. Formulas follow the papers and pytorch-grad-cam's conventions (whose maps are our test oracle).
 
@@ -20,15 +21,16 @@ from torch import Tensor
 from torch.nn import functional as F
 
 
-@dataclass
+@dataclass(frozen=True)
 class LayerCapture:
+    """What one target layer gives a method for one target class; a method reads only the fields it declared."""
+
     activations: Tensor
     gradients: Tensor | None = None
     class_weights: Tensor | None = None
-    # Score-CAM only: the network input, and a function returning logits for a batch of inputs.
-    inputs: Tensor | None = None
-    score_fn: Callable[[Tensor], Tensor] | None = None
-    targets: Tensor | None = None
+    input_size: tuple[int, ...] = ()  # (H, W) of the network input
+    # Score-CAM: (sample b, masks (K, H, W) over the input) -> the target class's logit for the input times each mask
+    masked_scores: Callable[[int, Tensor], Tensor] | None = None
 
 
 MapFn = Callable[[LayerCapture], Tensor]
@@ -42,10 +44,6 @@ class CamMethod:
     needs_class_weights: bool = False
     needs_forward_passes: bool = False
     relu: bool = True
-
-    @property
-    def doc(self) -> str:
-        return (self.compute.__doc__ or "").strip().splitlines()[0]
 
 
 METHODS: dict[str, CamMethod] = {}
@@ -176,17 +174,16 @@ def scorecam(capture: LayerCapture) -> Tensor:
     https://arxiv.org/abs/1910.01929 . Cost: K extra forward passes per image (K = channels scored, which the
     extractor caps; channels past the cap get weight 0).
     """
-    activations, inputs, score_fn, targets = capture.activations, capture.inputs, capture.score_fn, capture.targets
-    assert inputs is not None and score_fn is not None and targets is not None
+    activations, masked_scores = capture.activations, capture.masked_scores
+    assert masked_scores is not None
     batch, channels = activations.shape[:2]
     # align_corners=True: pytorch-grad-cam's UpsamplingBilinear2d, our reference.
-    upsampled = F.interpolate(activations, size=inputs.shape[-2:], mode="bilinear", align_corners=True)
+    upsampled = F.interpolate(activations, size=capture.input_size, mode="bilinear", align_corners=True)
     flat = upsampled.flatten(2)
     lows, highs = flat.min(dim=2).values[..., None, None], flat.max(dim=2).values[..., None, None]
     masks = (upsampled - lows) / (highs - lows + 1e-8)  # (B, K, H, W)
     scores = torch.empty(batch, channels, dtype=activations.dtype, device=activations.device)
     for b in range(batch):
         for start in range(0, channels, SCORECAM_BATCH):
-            masked = inputs[b, None] * masks[b, start : start + SCORECAM_BATCH, None]
-            scores[b, start : start + SCORECAM_BATCH] = score_fn(masked)[:, targets[b]]
+            scores[b, start : start + SCORECAM_BATCH] = masked_scores(b, masks[b, start : start + SCORECAM_BATCH])
     return _weighted_sum(torch.softmax(scores, dim=1), activations)
