@@ -12,6 +12,7 @@
       target_layers: []               # module names; empty = found automatically
       topk: 3
       scorecam_max_channels: 64
+      max_request_cost: null          # forward passes one request may cost; null = twice a default Score-CAM map
 """
 
 from __future__ import annotations
@@ -43,6 +44,17 @@ class ModelSpec:
     target_layers: tuple[str, ...] = field(default_factory=tuple)
     topk: int = 3
     scorecam_max_channels: int = 64
+    max_request_cost: int | None = None
+
+    @property
+    def request_cost_limit(self) -> int:
+        """At most this many forward passes of one image per request (see camserve.protocol.options.request_cost).
+
+        By default twice what one Score-CAM map costs (its forward passes plus the prediction), so the default
+        Score-CAM request fits with room for a second class or layer, and every gradient method with all 10 maps
+        at 4 layers (41) fits too.
+        """
+        return self.max_request_cost or 2 * (1 + self.scorecam_max_channels)
 
     @classmethod
     def from_dict(cls, raw: dict[str, Any]) -> ModelSpec:

@@ -92,6 +92,8 @@ class TorchServe:
         env = dict(os.environ)
         env.update(
             JAVA_HOME=java_home(),
+            # The worker refuses answers over the frontend's limit, which only the frontend's config knows.
+            TS_MAX_RESPONSE_SIZE=str(self.max_response_size),
             TMPDIR=str(self.tmp_dir),
             LOG_LOCATION=str(self.log_dir),
             METRICS_LOCATION=str(self.log_dir),
@@ -100,6 +102,13 @@ class TorchServe:
         )
         env.update(self.env)
         return env
+
+    @property
+    def max_response_size(self) -> int:
+        """The config's max_response_size (an extra property wins), else TorchServe's default."""
+        properties = dict(line.split("=", 1) for line in self.config.read_text().splitlines() if "=" in line and not line.startswith("#"))
+        properties.update(self.extra_properties)
+        return int(properties.get("max_response_size", 6_553_500))
 
     def _write_config(self) -> Path:
         """The given config with this instance's addresses (and any extra properties) filled in."""
@@ -124,6 +133,8 @@ class TorchServe:
     def start(self, timeout: float = 180.0) -> None:
         for directory in (self.tmp_dir, self.log_dir):
             directory.mkdir(parents=True, exist_ok=True)
+        # TorchServe appends to its logs: only what this start writes can tell whether this start failed.
+        self._model_log_offset = self._model_log.stat().st_size if self._model_log.exists() else 0
         command = [
             str(Path(sys.executable).with_name("torchserve")),
             "--start", "--ncs", "--foreground",
@@ -180,12 +191,17 @@ class TorchServe:
             return {"data": image, "headers": {}}
         return {"data": json.dumps(body), "headers": {"Content-Type": "application/json"}}
 
+    @property
+    def _model_log(self) -> Path:
+        return self.log_dir / "model_log.log"
+
     def worker_failure(self) -> str | None:
-        """The error line of the first worker traceback in the model log, if a worker has died."""
-        log = self.log_dir / "model_log.log"
-        if not log.exists():
+        """The error line of the first worker traceback that this start wrote to the model log, if a worker died."""
+        if not self._model_log.exists():
             return None
-        lines = log.read_text(errors="replace").splitlines()
+        with self._model_log.open("rb") as log:
+            log.seek(getattr(self, "_model_log_offset", 0))
+            lines = log.read().decode(errors="replace").splitlines()
         died = next((i for i, line in enumerate(lines) if "Backend worker process died" in line), None)
         if died is None:
             return None
@@ -193,6 +209,13 @@ class TorchServe:
         trace = [line.split("MODEL_LOG - ", 1)[-1] for line in lines[died + 1 : died + 80] if "MODEL_LOG - " in line]
         errors = [line for line in trace if line and not line.startswith((" ", "Traceback")) and ("Error" in line or "Exception" in line)]
         return errors[0] if errors else "see the traceback"
+
+    def worker_pids(self) -> list[int]:
+        """The process ids of this server's model workers (children of the frontend)."""
+        import psutil
+
+        frontend = psutil.Process(self.process.pid)
+        return [p.pid for p in frontend.children(recursive=True) if "model_service_worker" in " ".join(p.cmdline())]
 
     def auth_headers(self) -> dict[str, str]:
         key = self.inference_key()
@@ -257,7 +280,10 @@ def main() -> None:
         sys.exit(f"a server of {server.run_dir} seems to run already (pid file present); `make stop` first")
     shutil.rmtree(server.tmp_dir, ignore_errors=True)
     server.start()
-    auth = f" -H 'Authorization: Bearer {server.inference_key()}'" if server.inference_key() else ""
+    # The token itself stays out of the output (terminals and CI logs are kept): the example reads it from the file.
+    key_file = server.run_dir / "key_file.json"
+    read_key = f"$({sys.executable} -c 'import json,sys; print(json.load(open(sys.argv[1]))[\"inference\"][\"key\"])' {key_file})"
+    auth = f' -H "Authorization: Bearer {read_key}"' if server.inference_key() else ""
     print(f"TorchServe is up: inference {server.inference_url}, management {server.management_url}, metrics {server.metrics_url}")
     print("Try it:")
     print("  .venv/bin/python -c \"from camserve.scenes import make_scene; make_scene(7).image.save('scene.png')\"")

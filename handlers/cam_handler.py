@@ -1,17 +1,20 @@
 """TorchServe handler: every prediction also returns a class activation map.
 
-A thin adapter over TorchServe's BaseHandler contract (initialize / preprocess / inference / postprocess):
-request decoding lives in camserve.protocol.requests/options, the maps in camserve.cam, response encoding in
-camserve.protocol.responses. Each request in a batch succeeds or fails on its own: a bad one gets its own 4xx
-and JSON error while the others are answered normally.
+A thin adapter over TorchServe's BaseHandler contract, each stage doing what its name says:
+- preprocess decodes each request (camserve.protocol.requests, .options) into a network input;
+- inference runs the model and the maps (camserve.cam), one pass per (method, layers) group of the batch;
+- postprocess encodes each answer (camserve.protocol.responses), checks its size and sets its status.
+Each request in a batch succeeds or fails on its own: a bad one gets its own 4xx and JSON error while the others
+are answered normally, and no request can make the worker exit.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import os
 import time
-from collections.abc import Callable
+from http import HTTPStatus
 from pathlib import Path
 from typing import Any
 
@@ -23,11 +26,17 @@ from camserve.cam import METHODS, CamExtractor, LayerError, MethodError
 from camserve.model_spec import ModelSpec, load_labels, load_model
 from camserve.preprocessing import whole_image_transform
 from camserve.protocol.batch import Batch, Item
-from camserve.protocol.options import OptionRules, Options, parse_options
-from camserve.protocol.requests import RequestError, decode_request
-from camserve.protocol.responses import encode_answer
+from camserve.protocol.options import OptionRules, parse_options
+from camserve.protocol.requests import MAX_PIXELS, RequestError, decode_request
+from camserve.protocol.responses import answer_size, encode_answer
 
 logger = logging.getLogger(__name__)
+
+# TorchServe's own default for max_response_size; TS_MAX_RESPONSE_SIZE (which TorchServe reads too, with
+# enable_envvars_config) tells the worker the frontend's limit. An answer over it would make the frontend drop
+# the worker's connection, so it is refused here instead.
+DEFAULT_MAX_RESPONSE_SIZE = 6_553_500
+_ENVELOPE_ALLOWANCE = 65_536  # TorchServe's framing, indentation and a KServe envelope around our bytes
 
 
 class CamHandler(BaseHandler):
@@ -51,7 +60,11 @@ class CamHandler(BaseHandler):
             labels=self.labels,
             default_method=self.spec.method,
             default_topk=self.spec.topk,
+            default_layer_count=len(self.extractor.default_layers),
+            scorecam_max_channels=self.spec.scorecam_max_channels,
+            max_request_cost=self.spec.request_cost_limit,
         )
+        self.max_answer_bytes = int(os.environ.get("TS_MAX_RESPONSE_SIZE", DEFAULT_MAX_RESPONSE_SIZE)) - _ENVELOPE_ALLOWANCE
         logger.info("camserve: %s, default method %s at layer(s) %s", self.spec.architecture, self.spec.method, self.extractor.default_layers)
         self.initialized = True
 
@@ -68,6 +81,7 @@ class CamHandler(BaseHandler):
         return responses
 
     def preprocess(self, data: list[dict[str, Any]]) -> Batch:
+        """Each request -> its options and network input; a request that cannot be read gets its error."""
         items, tensors = [], []
         for index, row in enumerate(data):
             item = Item(index=index)
@@ -76,10 +90,15 @@ class CamHandler(BaseHandler):
                 headers = self._headers(index)
                 # A JPEG decodes at reduced scale when the model input allows it: a large speed-up for photos.
                 request = decode_request(row, headers, at_least=self.decode_at_least)
-                accept = next((str(v) for k, v in headers.items() if isinstance(k, str) and k.lower() == "accept"), None)
-                item.options = parse_options(request.options, self.option_rules, accept)
+                item.options = parse_options(request.options, self.option_rules, headers.get("accept"))
                 item.size = request.size
                 item.explain = str(headers.get("explain", "")).lower() == "true"
+                if item.options.map_count * request.size[0] * request.size[1] > MAX_PIXELS:
+                    raise RequestError(
+                        f"{item.options.map_count} full-size heat maps of a {request.size[0]}x{request.size[1]} image "
+                        f"exceed {MAX_PIXELS} pixels per request; ask for fewer maps, or output=grid",
+                        status=413, kind="answer_too_large",
+                    )
                 if item.options.output == "overlay":
                     # Kept only when the answer is drawn on it, and then at full size: decoded again if reduced.
                     item.image = request.image if request.image.size == request.size else decode_request(row, headers).image
@@ -91,7 +110,7 @@ class CamHandler(BaseHandler):
         return Batch(items=items, inputs=inputs, live=live)
 
     def inference(self, batch: Batch) -> None:
-        """One forward per (method, layers) group of the batch; plain predictions share one inference-mode pass."""
+        """Predictions and maps, one forward per (method, layers) group of the batch; plain ones share one pass."""
         assert batch.inputs is not None
         groups: dict[tuple[str | None, tuple[str, ...]], list[int]] = {}
         for position, item in enumerate(batch.live):
@@ -100,52 +119,95 @@ class CamHandler(BaseHandler):
             groups.setdefault(key, []).append(position)
         for (method, layers), positions in groups.items():
             members = [batch.live[p] for p in positions]
-            inputs = batch.inputs[positions]
             started = time.perf_counter()
             try:
-                if method is None:
-                    logits, maps, targets, used_layers = self.extractor.predict(inputs), None, None, ()
-                else:
-                    result = self.extractor(inputs, method=method, targets=self._targets(members), layers=layers or None)
-                    logits, maps, targets, used_layers = result.logits, result.maps, result.targets, result.layers
+                self._run_group(members, batch.inputs[positions], method, layers)
             except (MethodError, LayerError) as error:
+                option = "method" if isinstance(error, MethodError) else "layer"
                 for item in members:
-                    item.error = RequestError(str(error), kind="invalid_option", option="method" if isinstance(error, MethodError) else "layer")
+                    item.error = RequestError(str(error), kind="invalid_option", option=option)
+                continue
+            except Exception:  # noqa: BLE001 - a fault of ours fails this group alone, never the worker
+                logger.exception("camserve: maps failed for method %s, layers %s", method, layers)
+                for item in members:
+                    item.error = RequestError("the server failed to compute this answer; the error is logged", status=500, kind="internal_error")
                 continue
             # Map time per method (forward included): what a method costs, on /metrics as CamMapTime.
             elapsed_ms = round((time.perf_counter() - started) * 1000, 2)
             self.context.metrics.add_time("CamMapTime", elapsed_ms, None, "ms", [Dimension("Method", method or "none")])
-            probabilities = logits.softmax(dim=1)
-            for row, item in enumerate(members):
-                count = item.options.map_count(len(self.labels)) if maps is not None else 0
-                item.response, item.content_type = encode_answer(
-                    item.options, probabilities[row],
-                    maps[row, :count] if maps is not None else torch.empty(0),
-                    targets[row, :count] if targets is not None else torch.empty(0),
-                    item.size, method, used_layers, self.labels, image=item.image, explain=item.explain,
-                )
 
     def postprocess(self, batch: Batch) -> list[Any]:
+        """Each request's answer, its status and content type; an answer over the size limit becomes a 413."""
         responses = []
-        metrics = self.context.metrics
         for item in batch.items:
+            if item.error is None:
+                self._encode(item)
             if item.error is not None:
-                # One JSON line per rejection: why, and which option; never the image bytes.
-                logger.warning("camserve rejected %s", json.dumps({"status": item.error.status, "type": item.error.kind, "option": item.error.option, "message": str(item.error)[:300]}))
-                if self._is_http_request(item.index):
-                    self.context.set_response_status(code=item.error.status, phrase=str(item.error)[:200], idx=item.index)
-                item.response = item.error.to_json()
-                metrics.add_counter("CamErrors", 1, None, [Dimension("Kind", item.error.kind)])
+                self._refuse(item)
             else:
                 assert item.options is not None
                 method = item.options.method if item.options.wants_map else None
-                metrics.add_counter("CamRequests", 1, None, [Dimension("Method", method or "none"), Dimension("Output", item.options.output)])
+                self.context.metrics.add_counter("CamRequests", 1, None, [Dimension("Method", method or "none"), Dimension("Output", item.options.output)])
             if self._is_http_request(item.index):
                 self.context.set_response_content_type(item.index, item.content_type)
             responses.append(item.response)
         return responses
 
-    # -- helpers ----------------------------------------------------------------------------------------------
+    # -- stages' parts ----------------------------------------------------------------------------------------
+
+    def _run_group(self, members: list[Item], inputs: torch.Tensor, method: str | None, layers: tuple[str, ...]) -> None:
+        if method is None:
+            logits = self.extractor.predict(inputs)
+        else:
+            # Each request's classes come from its own logits; shorter lists repeat their last class, and those
+            # extra maps are dropped below.
+            def choose(logits: torch.Tensor) -> torch.Tensor:
+                wanted = [item.options.chosen_targets(row) for item, row in zip(members, logits)]
+                width = max(len(w) for w in wanted)
+                return torch.tensor([w + [w[-1]] * (width - len(w)) for w in wanted], device=logits.device)
+
+            result = self.extractor(inputs, method=method, targets=choose, layers=layers or None)
+            logits = result.logits
+        probabilities = logits.softmax(dim=1).cpu()
+        for row, item in enumerate(members):
+            item.probabilities = probabilities[row]
+            if method is not None:
+                count = item.options.map_count
+                item.maps = result.maps[row, :count]
+                item.targets = result.targets[row, :count].tolist()
+                item.layers = result.layers
+
+    def _encode(self, item: Item) -> None:
+        assert item.options is not None and item.probabilities is not None
+        try:
+            item.response, item.content_type = encode_answer(
+                item.options, item.probabilities, item.maps, item.targets, item.size, item.layers, self.labels,
+                image=item.image, explain=item.explain,
+            )
+        except Exception:  # noqa: BLE001
+            logger.exception("camserve: encoding an answer failed")
+            item.error = RequestError("the server failed to encode this answer; the error is logged", status=500, kind="internal_error")
+            return
+        size = answer_size(item.response)
+        if size > self.max_answer_bytes:
+            item.error = RequestError(
+                f"the answer would be {size} bytes, over this server's limit of {self.max_answer_bytes} "
+                f"(max_response_size less {_ENVELOPE_ALLOWANCE} for framing); ask for fewer maps, output=grid, "
+                f"format=jpeg or a smaller image",
+                status=413, kind="answer_too_large",
+            )
+
+    def _refuse(self, item: Item) -> None:
+        error = item.error
+        assert error is not None
+        # One JSON line per rejection: why, and which option; never the image bytes.
+        logger.warning("camserve rejected %s", json.dumps({"status": error.status, "type": error.kind, "option": error.option, "message": str(error)[:300]}))
+        if self._is_http_request(item.index):
+            # A fixed ASCII reason: TorchServe frames the phrase by its length in characters but writes UTF-8
+            # bytes, so user text there (any non-ASCII character) would corrupt the frame and kill the worker.
+            self.context.set_response_status(code=error.status, phrase=HTTPStatus(error.status).phrase, idx=item.index)
+        item.response, item.content_type = error.to_json(), "application/json"
+        self.context.metrics.add_counter("CamErrors", 1, None, [Dimension("Kind", error.kind)])
 
     # Under a KServe envelope (service_envelope=kserve|kservev2) the rows are the *instances* of one HTTP request:
     # they share its headers, and their errors travel inside the envelope's answer, not as HTTP statuses.
@@ -153,23 +215,6 @@ class CamHandler(BaseHandler):
         return index < len(self.context.request_processor or [])
 
     def _headers(self, index: int) -> dict[str, Any]:
-        return self.context.get_all_request_header(index if self._is_http_request(index) else 0) or {}
-
-    @staticmethod
-    def _wanted_targets(options: Options, probabilities: torch.Tensor) -> list[int]:
-        if options.targets is not None:
-            return list(options.targets)
-        return probabilities.topk(min(options.maps, probabilities.numel())).indices.tolist()
-
-    def _targets(self, members: list[Item]) -> Callable[[torch.Tensor], torch.Tensor] | None:
-        """Class indices per request (B, T) chosen from the logits; None lets the extractor take each top-1."""
-        if all(item.options.targets is None and item.options.maps == 1 for item in members):
-            return None
-
-        def choose(logits: torch.Tensor) -> torch.Tensor:
-            wanted = [self._wanted_targets(item.options, row) for item, row in zip(members, logits)]
-            width = max(len(w) for w in wanted)
-            # Shorter lists repeat their last class; those extra maps are dropped when answering.
-            return torch.tensor([w + [w[-1]] * (width - len(w)) for w in wanted], device=logits.device)
-
-        return choose
+        """The request's headers, names lower-cased (HTTP header names are case-insensitive)."""
+        headers = self.context.get_all_request_header(index if self._is_http_request(index) else 0) or {}
+        return {key.lower(): value for key, value in headers.items() if isinstance(key, str) and isinstance(value, str)}

@@ -17,16 +17,22 @@ from camserve.protocol.requests import RequestError
 
 @dataclass
 class Item:
-    """One request of a batch on its way through the handler."""
+    """One request of a batch: what preprocess decoded, what inference computed, what postprocess answers."""
 
     index: int
     size: tuple[int, int] = (0, 0)  # original (width, height)
     options: Options | None = None
-    error: RequestError | None = None
-    response: Any = None
-    content_type: str = "application/json"
     explain: bool = False  # the /explanations route: the map payload alone
     image: Image.Image | None = None  # the original, kept only for output=overlay
+    error: RequestError | None = None
+    # inference
+    probabilities: torch.Tensor | None = None  # (classes,)
+    maps: torch.Tensor | None = None  # (T, h, w) in [0, 1], one per class in `targets`
+    targets: list[int] = field(default_factory=list)
+    layers: tuple[str, ...] = ()
+    # postprocess
+    response: Any = None
+    content_type: str = "application/json"
 
 
 @dataclass

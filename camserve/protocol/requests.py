@@ -16,9 +16,12 @@ from typing import Any
 
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-# Decompression bombs: refuse images whose *declared* size exceeds this, before decoding any pixel.
+# Decompression bombs: refuse images whose *declared* size exceeds these, before decoding any pixel. The side and
+# aspect-ratio bounds matter as much as the pixel count: resizing a 1 x 40,000,000 image to the model input takes
+# gigabytes in PIL's intermediate pass, and its full-size heat map is as long as the image.
 MAX_PIXELS = 40_000_000
-Image.MAX_IMAGE_PIXELS = MAX_PIXELS
+MAX_SIDE = 16_384
+MAX_ASPECT_RATIO = 20
 _IMAGE_FIELDS = ("data", "file", "body")
 ORIENTATION_TAG = 0x0112  # EXIF Orientation
 
@@ -69,20 +72,26 @@ def decode_image(payload: bytes, at_least: tuple[int, int] | None = None) -> tup
         raise RequestError("the request has no image: the body is empty", kind="empty_body")
     try:
         with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            # Our own bounds below are tighter than PIL's global pixel limit, which stays as PIL sets it.
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
             image = Image.open(io.BytesIO(payload))
             width, height = image.size
-            if width * height > MAX_PIXELS:
-                raise Image.DecompressionBombError(f"{width}x{height}")
-            if at_least is not None and image.format == "JPEG":
-                image.draft("RGB", at_least)
+            check_dimensions(width, height)
+            if image.format == "JPEG":
+                _check_jpeg_length(len(payload), width, height)
+                if at_least is not None:
+                    image.draft("RGB", at_least)
             image.load()
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
+    except Image.DecompressionBombError:
         raise RequestError(f"the image is too large: at most {MAX_PIXELS} pixels are accepted", status=413, kind="image_too_large") from None
     except UnidentifiedImageError:
         raise RequestError("the body is not an image in a format we can read (JPEG, PNG, WebP, BMP, GIF, TIFF)", kind="invalid_image") from None
-    except (OSError, SyntaxError, ValueError) as error:
-        raise RequestError(f"the image could not be decoded: {error}", kind="invalid_image") from None
+    except RequestError:
+        raise
+    except MemoryError:
+        raise RequestError("the image could not be decoded within this server's memory", status=413, kind="image_too_large") from None
+    except Exception as error:  # noqa: BLE001 - whatever a decoder raises on hostile bytes is the bytes' fault
+        raise RequestError(f"the image could not be decoded: {str(error)[:200]}", kind="invalid_image") from None
     # Orientations 5-8 turn the image by 90 degrees: width and height swap.
     if image.getexif().get(ORIENTATION_TAG, 1) in (5, 6, 7, 8):
         width, height = height, width
@@ -91,6 +100,36 @@ def decode_image(payload: bytes, at_least: tuple[int, int] | None = None) -> tup
     if image.mode != "RGB":
         image = _flatten_alpha(image) if "A" in image.getbands() or "transparency" in image.info else image.convert("RGB")
     return image, (width, height)
+
+
+def check_dimensions(width: int, height: int) -> None:
+    """Refuse a declared size that would cost far more than a photo of the same bytes (413 or 422)."""
+    if width < 1 or height < 1:
+        raise RequestError(f"the image declares an empty size {width}x{height}", kind="invalid_image")
+    if width * height > MAX_PIXELS or max(width, height) > MAX_SIDE:
+        raise RequestError(
+            f"the image is too large: {width}x{height}; at most {MAX_PIXELS} pixels and {MAX_SIDE} pixels a side are accepted",
+            status=413, kind="image_too_large",
+        )
+    if max(width, height) > MAX_ASPECT_RATIO * min(width, height):
+        raise RequestError(
+            f"the image is {width}x{height}, more than {MAX_ASPECT_RATIO} times as long as it is wide; crop it first",
+            status=422, kind="image_aspect_ratio",
+        )
+
+
+def _check_jpeg_length(length: int, width: int, height: int) -> None:
+    """A JPEG cut short and closed with an end marker decodes as grey padding without an error: refuse it.
+
+    Huffman coding spends at least one bit on every 8x8 block of every component (a flat grey image at quality 1
+    takes six), so a file with fewer bits than the luma blocks alone cannot hold the whole image.
+    """
+    blocks = ((width + 7) // 8) * ((height + 7) // 8)
+    if length * 8 < blocks:
+        raise RequestError(
+            f"the JPEG is truncated: {length} bytes cannot hold a {width}x{height} image (at least {blocks // 8} are needed)",
+            kind="invalid_image",
+        )
 
 
 def _flatten_alpha(image: Image.Image) -> Image.Image:
@@ -105,7 +144,16 @@ HEADER_PREFIX = "x-cam-"
 
 def options_from_headers(headers: dict[str, Any]) -> dict[str, str]:
     """Options sent as `X-CAM-<Option>` headers (TorchServe 0.12 does not pass the query string to handlers)."""
-    return {key[len(HEADER_PREFIX) :].lower(): str(value) for key, value in headers.items() if isinstance(key, str) and key.lower().startswith(HEADER_PREFIX)}
+    return {key[len(HEADER_PREFIX) :].lower(): _header_text(str(value)) for key, value in headers.items() if isinstance(key, str) and key.lower().startswith(HEADER_PREFIX)}
+
+
+def _header_text(value: str) -> str:
+    """A header value as the client wrote it: TorchServe's frontend reads header bytes as Latin-1, so a UTF-8
+    value such as 'café' arrives as 'cafÃ©'; read it again as UTF-8 where it is valid UTF-8."""
+    try:
+        return value.encode("latin-1").decode("utf-8")
+    except UnicodeError:
+        return value
 
 
 def decode_request(row: dict[str, Any], headers: dict[str, Any] | None = None, at_least: tuple[int, int] | None = None) -> DecodedRequest:
@@ -115,7 +163,7 @@ def decode_request(row: dict[str, Any], headers: dict[str, Any] | None = None, a
     `data`; a field in the body wins over a header of the same name.
     """
     options = options_from_headers(headers or {})
-    options.update({str(k): _option_text(v) for k, v in row.items() if k not in _IMAGE_FIELDS})
+    options.update({str(k): _option_text(str(k), v) for k, v in row.items() if k not in _IMAGE_FIELDS})
     image_field = next((name for name in _IMAGE_FIELDS if row.get(name) is not None), None)
     if image_field is None:
         raise RequestError("no image: send it as the body, as form field 'data' or 'file', or base64 in JSON field 'data'", kind="missing_image", option="data")
@@ -123,10 +171,12 @@ def decode_request(row: dict[str, Any], headers: dict[str, Any] | None = None, a
     if isinstance(payload, (bytes, bytearray)) and payload.lstrip()[:1] == b"{":
         try:
             payload = json.loads(payload)
-        except (UnicodeDecodeError, json.JSONDecodeError) as error:
-            raise RequestError(f"the body starts like JSON but is not valid JSON: {error}", kind="invalid_json") from None
+        except RecursionError:
+            raise RequestError("the JSON body is nested too deeply", kind="invalid_json") from None
+        except ValueError as error:  # JSONDecodeError, UnicodeDecodeError, an integer of over 4300 digits
+            raise RequestError(f"the body starts like JSON but is not valid JSON: {str(error)[:200]}", kind="invalid_json") from None
     if isinstance(payload, dict):  # a JSON object (TorchServe parses application/json bodies itself)
-        options.update({str(k): _option_text(v) for k, v in payload.items() if k != "data"})
+        options.update({str(k): _option_text(str(k), v) for k, v in payload.items() if k != "data"})
         if payload.get("data") is None:
             raise RequestError("the JSON body has no 'data' field with the base64 image", kind="missing_image", option="data")
         image_field, payload = "data", payload["data"]
@@ -136,9 +186,15 @@ def decode_request(row: dict[str, Any], headers: dict[str, Any] | None = None, a
     return DecodedRequest(image=image, options=options, size=size)
 
 
-def _option_text(value: Any) -> str:
+_SCALARS = (str, int, float, bool)
+
+
+def _option_text(name: str, value: Any) -> str:
+    """An option's raw text: a string or number as sent, a list of them comma-joined (form fields arrive as bytes)."""
     if isinstance(value, (bytes, bytearray)):
         return bytes(value).decode("utf-8", errors="replace")
-    if isinstance(value, list):
+    if isinstance(value, list) and all(isinstance(v, _SCALARS) for v in value):
         return ",".join(str(v) for v in value)
-    return str(value)
+    if isinstance(value, _SCALARS):
+        return str(value)
+    raise RequestError(f"option {name[:40]!r} must be a string, a number or a list of them", kind="invalid_option", option=name[:40])

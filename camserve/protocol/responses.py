@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import base64
 import io
+import json
 import struct
 import zlib
 from typing import Any
@@ -140,10 +141,9 @@ def overlay_image(image: Image.Image, grid: Tensor, image_format: str) -> bytes:
 def encode_answer(
     options: Options,
     probabilities: Tensor,
-    maps: Tensor,
-    targets: Tensor,
+    maps: Tensor | None,
+    targets: list[int],
     size: tuple[int, int],
-    method: str | None,
     layers: tuple[str, ...],
     labels: list[str],
     image: Image.Image | None = None,
@@ -151,19 +151,27 @@ def encode_answer(
 ) -> tuple[Any, str]:
     """One request's answer and its content type.
 
-    `maps` (T, h, w) and `targets` (T,) hold the maps of the requested classes (none for a plain prediction).
+    `maps` (T, h, w) and `targets` (T classes) are the maps of the requested classes (None for a plain prediction).
     `explain` (the /explanations route) answers the map payload alone, without predictions.
     """
-    if options.output == "overlay" and image is not None and len(maps):
+    if options.output == "overlay" and image is not None and maps is not None and len(maps):
         return overlay_image(image, maps[0], options.image_format), f"image/{options.image_format}"
     body: dict[str, Any] = {} if explain else {"predictions": predictions_json(probabilities, labels, options.topk)}
-    if method is not None and options.output != "none" and len(maps):
+    method = options.method
+    if method is not None and maps is not None and options.output != "none" and len(maps):
         if options.output == "grid":
-            cams = [cam_grid_json(grid, method, layers, int(t), labels) for grid, t in zip(maps, targets)]
+            cams = [cam_grid_json(grid, method, layers, t, labels) for grid, t in zip(maps, targets)]
         else:
-            cams = [cam_json(grid, size, method, layers, int(t), labels) for grid, t in zip(maps, targets)]
+            cams = [cam_json(grid, size, method, layers, t, labels) for grid, t in zip(maps, targets)]
         body["cam"] = cams[0] if len(cams) == 1 else cams
     return body, "application/json"
+
+
+def answer_size(answer: Any) -> int:
+    """The bytes of an answer as sent: an image as it is, a JSON body serialised compactly."""
+    if isinstance(answer, (bytes, bytearray)):
+        return len(answer)
+    return len(json.dumps(answer, separators=(",", ":")))
 
 
 def decode_heatmap(encoded: str) -> np.ndarray:
