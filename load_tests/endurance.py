@@ -71,8 +71,7 @@ def serving(batch_size: int = 1, max_batch_delay: int = 20) -> Iterator[TorchSer
 
 
 def worker_processes(server: TorchServe) -> list[psutil.Process]:
-    frontend = psutil.Process(server.process.pid)
-    return [p for p in frontend.children(recursive=True) if "model_service_worker" in " ".join(p.cmdline())]
+    return [psutil.Process(pid) for pid in server.worker_pids()]
 
 
 @dataclass
