@@ -74,9 +74,6 @@ class ModelSpec:
                 del values[key]
         return cls(**values)
 
-    def to_dict(self) -> dict[str, Any]:
-        return {f.name: list(v) if isinstance(v := getattr(self, f.name), tuple) else v for f in fields(self)}
-
 
 def build_architecture(architecture: str, num_classes: int) -> nn.Module:
     """An untrained instance of `package.module:Class` or `torchvision:<builder>`."""

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from PIL import Image
 from torchvision import transforms
 
 
@@ -23,6 +22,3 @@ def whole_image_transform(size: int | Sequence[int], mean: Sequence[float], std:
         ]
     )
 
-
-def to_rgb(image: Image.Image) -> Image.Image:
-    return image if image.mode == "RGB" else image.convert("RGB")

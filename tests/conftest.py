@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import io
 import shutil
+import struct
+import zlib
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -19,10 +21,24 @@ SHAPES_MAR = ROOT / "model_store" / "shapes.mar"
 TEST_SEED_START = EVAL_SEED_START + 5_000_000
 
 
-def png_bytes(image) -> bytes:
+def encoded(image, fmt: str, **save) -> bytes:
     buffer = io.BytesIO()
-    image.save(buffer, format="PNG")
+    image.save(buffer, format=fmt, **save)
     return buffer.getvalue()
+
+
+def png_bytes(image) -> bytes:
+    return encoded(image, "PNG")
+
+
+def png_declaring(width: int, height: int) -> bytes:
+    """A tiny PNG whose header declares width x height (a decompression bomb's calling card), with almost no pixels."""
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    header = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"\x00" * 64)) + chunk(b"IEND", b"")
 
 
 @pytest.fixture(scope="session")

@@ -6,31 +6,13 @@ from __future__ import annotations
 import base64
 import io
 import json
-import struct
-import zlib
 
 import pytest
 from PIL import Image
 
-from conftest import png_bytes
+from conftest import encoded, png_bytes, png_declaring
 
 pytestmark = pytest.mark.serving
-
-
-def encoded(image: Image.Image, fmt: str, **save) -> bytes:
-    buffer = io.BytesIO()
-    image.save(buffer, format=fmt, **save)
-    return buffer.getvalue()
-
-
-def png_declaring(width: int, height: int) -> bytes:
-    """A tiny PNG whose header declares width x height (a decompression bomb's calling card)."""
-
-    def chunk(kind: bytes, data: bytes) -> bytes:
-        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
-
-    header = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
-    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"\x00" * 64)) + chunk(b"IEND", b"")
 
 
 def corrupt_png_chunk(image: Image.Image) -> bytes:
