@@ -4,7 +4,6 @@ and the worker survives (the next good request is answered by the same worker pr
 from __future__ import annotations
 
 import base64
-import io
 import json
 
 import pytest

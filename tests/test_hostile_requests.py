@@ -6,7 +6,6 @@ once by the same worker process, and the worker's peak memory over the whole mod
 from __future__ import annotations
 
 import base64
-import io
 import json
 from pathlib import Path
 
