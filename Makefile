@@ -11,8 +11,10 @@ MANAGEMENT_PORT ?= 8081
 METRICS_PORT ?= 8082
 CONFIG ?= config/dev.properties
 export PYTHONPATH := $(CURDIR)
+comma := ,
+space := $(empty) $(empty)
 
-.PHONY: help venv serve stop test archive train evaluate bench bench-maps loadtest clean
+.PHONY: help venv serve stop test archive train evaluate bench bench-maps loadtest clean kserve-bundle kserve-local kserve-local-stop check-manifests
 
 help:
 	@echo "make serve     start TorchServe with the default model on 127.0.0.1:$(INFERENCE_PORT) (background)"
@@ -24,6 +26,10 @@ help:
 	@echo "make bench     serving benchmark: built-in vs our handler through TorchServe (docs/serving-benchmark.md; BENCH_ARGS=...)"
 	@echo "make bench-maps in-process map overhead, against pytorch-grad-cam and torchcam (docs/benchmarks.md)"
 	@echo "make loadtest  Locust load test with SLO gates (starts a server if none answers; LOADTEST_ARGS=...)"
+	@echo "make kserve-bundle   KServe storage tree: config/config.properties + model-store/ (CONFIG=, MODELS=, PROTOCOL=v1|v2, BUNDLE_DIR=)"
+	@echo "make kserve-local    the KServe pod on loopback: KServe's model server on 127.0.0.1:$(KSERVE_PORT), TorchServe on 8085 (PROTOCOL=)"
+	@echo "make kserve-local-stop  stop both"
+	@echo "make check-manifests validate deploy/ against the Kubernetes schemas and KServe's typed models (docs/deploy.md)"
 
 # The venv is rebuilt when requirements.txt changes; the stamp records the last successful install.
 $(VENV)/.installed: requirements.txt
@@ -72,6 +78,29 @@ bench-maps: $(VENV)/.installed
 
 loadtest: model_store/shapes.mar
 	$(PY) load_tests/run_loadtest.py $(LOADTEST_ARGS)
+
+# --- deployment (docs/deploy.md) ---
+# The bundle carries CONFIG's settings (token authorization, sizes, metrics); make's default CONFIG is the
+# development one, so unless CONFIG is given on the command line or in the environment the production one is used.
+BUNDLE_CONFIG := $(if $(filter command line environment,$(origin CONFIG)),$(CONFIG),config/production.properties)
+MODELS ?= model_store/shapes.mar
+PROTOCOL ?= v1
+BUNDLE_DIR ?= .run/kserve-bundle
+KSERVE_PORT ?= 8080
+KSERVE_RUN_DIR := .run/kserve-local
+
+kserve-bundle: $(VENV)/.installed $(MODELS)
+	@$(PY) -m camserve_tools.kserve.bundle --out $(BUNDLE_DIR) --config $(BUNDLE_CONFIG) --protocol $(PROTOCOL) $(MODELS)
+
+kserve-local: $(VENV)/.installed $(MODELS)
+	$(PY) -m camserve_tools.kserve.local start --run-dir $(KSERVE_RUN_DIR) --api $(PROTOCOL) --port $(KSERVE_PORT) \
+		--config $(BUNDLE_CONFIG) --archives "$(subst $(space),$(comma),$(strip $(MODELS)))"
+
+kserve-local-stop:
+	@test -x $(PY) && $(PY) -m camserve_tools.kserve.local stop --run-dir $(KSERVE_RUN_DIR) || true
+
+check-manifests: $(VENV)/.installed
+	$(PY) -m camserve_tools.manifests deploy
 
 clean:
 	rm -rf .run model_store/*.mar

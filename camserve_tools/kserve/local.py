@@ -1,0 +1,200 @@
+"""`make kserve-local`: the kserve-torchserve pod on loopback, for KServe's own client.
+
+    python -m camserve_tools.kserve.local start [--api v1|v2] [--port 8080] [--bundle DIR | --archives a.mar,b.mar]
+    python -m camserve_tools.kserve.local stop
+
+As in the pod: TorchServe starts from the bundle's own config/config.properties and model-store/ (its
+model_snapshot picks the archives), on 8085, with the environment the InferenceServices in deploy/kserve/ give it
+(TS_SERVICE_ENVELOPE from the protocol, token authorization off: docs/deploy.md says why); KServe's model server
+(camserve_tools.kserve.front) answers on 127.0.0.1:8080 in front of it. Each process gets its own session in
+`--run-dir`, and `stop` ends exactly those two.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import requests
+
+from camserve.server import TorchServe, free_port
+from camserve_tools.kserve.bundle import ENVELOPES, GRPC_INFERENCE_PORT, GRPC_MANAGEMENT_PORT, INFERENCE_PORT, MANAGEMENT_PORT, METRICS_PORT, read_properties, write_bundle
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def pod_environment(api: str) -> dict[str, str]:
+    """What the InferenceServices of deploy/kserve/ set on the kserve-container (the runtime adds the envelope)."""
+    return {"TS_SERVICE_ENVELOPE": ENVELOPES[api], "TS_DISABLE_TOKEN_AUTHORIZATION": "true"}
+
+
+@dataclass
+class KServeLocal:
+    run_dir: Path
+    bundle: Path
+    api: str = "v1"
+    host: str = "127.0.0.1"
+    port: int = 8080
+    inference_port: int = INFERENCE_PORT
+    management_port: int = MANAGEMENT_PORT
+    metrics_port: int = METRICS_PORT
+    grpc_inference_port: int = GRPC_INFERENCE_PORT
+    grpc_management_port: int = GRPC_MANAGEMENT_PORT
+    torchserve: TorchServe = field(init=False)
+
+    def __post_init__(self) -> None:
+        config = self.bundle / "config" / "config.properties"
+        properties = dict(read_properties(config))
+        self.models = list(json.loads(properties["model_snapshot"])["models"])
+        self.max_body_bytes = int(properties.get("max_request_size", 6553500))
+        self.torchserve = TorchServe(
+            run_dir=self.run_dir / "torchserve", config=config, model_store=self.bundle / "model-store",
+            # The snapshot in the config decides what loads; the names only tell the start-up probe what to ask.
+            models=",".join(f"{name}={name}.mar" for name in self.models),
+            host=self.host, inference_port=self.inference_port, management_port=self.management_port, metrics_port=self.metrics_port,
+            grpc_inference_port=self.grpc_inference_port, grpc_management_port=self.grpc_management_port,
+            env=pod_environment(self.api),
+        )
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.host}:{self.port}"
+
+    @property
+    def front_pid_file(self) -> Path:
+        return self.run_dir / "front.pid"
+
+    def start(self, timeout: float = 240.0) -> None:
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        self.torchserve.start(timeout)
+        try:
+            self._start_front(timeout=60.0)
+        except Exception:
+            self.stop()
+            raise
+
+    def _start_front(self, timeout: float) -> None:
+        command = [
+            sys.executable, "-m", "camserve_tools.kserve.front", "--models", ",".join(self.models), "--api", self.api,
+            "--host", self.host, "--port", str(self.port), "--max-body-bytes", str(self.max_body_bytes),
+            "--torchserve", self.torchserve.inference_url, "--management", self.torchserve.management_url,
+        ]
+        env = {**os.environ, "PYTHONPATH": str(ROOT)}
+        with open(self.run_dir / "front.log", "ab") as log:
+            self.front = subprocess.Popen(command, env=env, cwd=self.run_dir, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        self.front_pid_file.write_text(str(self.front.pid))
+        deadline = time.monotonic() + timeout
+        ready_path = f"/v2/models/{self.models[0]}/ready" if self.api == "v2" else f"/v1/models/{self.models[0]}"
+        while time.monotonic() < deadline:
+            if self.front.poll() is not None:
+                raise RuntimeError(f"the KServe front exited with code {self.front.returncode}; see {self.run_dir / 'front.log'}")
+            try:
+                if requests.get(self.url + ready_path, timeout=5).status_code == 200:
+                    return
+            except requests.RequestException:
+                pass
+            time.sleep(0.5)
+        raise TimeoutError(f"the KServe front did not report {self.models[0]} ready within {timeout:.0f} s; see {self.run_dir / 'front.log'}")
+
+    def stop(self) -> None:
+        front = getattr(self, "front", None)
+        if front is not None or self.front_pid_file.exists():
+            pid = front.pid if front is not None else int(self.front_pid_file.read_text())
+            try:
+                os.killpg(pid, signal.SIGTERM)
+                if front is not None:  # our child: wait() reaps it (a zombie would still answer kill 0)
+                    try:
+                        front.wait(timeout=10)
+                    except subprocess.TimeoutExpired:
+                        os.killpg(pid, signal.SIGKILL)
+                        front.wait()
+                else:
+                    for _ in range(40):
+                        os.killpg(pid, 0)
+                        time.sleep(0.25)
+                    os.killpg(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+            self.front_pid_file.unlink(missing_ok=True)
+        process = getattr(self.torchserve, "process", None)
+        pid_file = self.torchserve.run_dir / "torchserve.pid"
+        group = process.pid if process is not None else int(pid_file.read_text()) if pid_file.exists() else None
+        self.torchserve.stop()
+        if group is not None:
+            # TorchServe.stop waits for its launcher; the JVM and the Python workers of its session may still be
+            # winding down. Stopped means all of them are gone.
+            wait_for_group_exit(group, timeout=30.0)
+
+
+def wait_for_group_exit(group: int, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    try:
+        while time.monotonic() < deadline:
+            os.killpg(group, 0)
+            time.sleep(0.25)
+        os.killpg(group, signal.SIGKILL)
+        time.sleep(0.5)
+    except ProcessLookupError:
+        pass
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("action", choices=("start", "stop"))
+    parser.add_argument("--run-dir", type=Path, default=ROOT / ".run" / "kserve-local")
+    parser.add_argument("--bundle", type=Path, help="a bundle from `make kserve-bundle`; default: one written into the run dir")
+    parser.add_argument("--archives", default=str(ROOT / "model_store" / "shapes.mar"), help="comma list of .mar files, when no --bundle")
+    parser.add_argument("--config", type=Path, default=ROOT / "config" / "production.properties", help="base settings, when no --bundle")
+    parser.add_argument("--api", choices=sorted(ENVELOPES), default="v1")
+    parser.add_argument("--port", type=int, default=int(os.environ.get("KSERVE_PORT", 8080)))
+    parser.add_argument("--inference-port", type=int, default=INFERENCE_PORT)
+    parser.add_argument("--management-port", type=int, default=MANAGEMENT_PORT)
+    parser.add_argument("--metrics-port", type=int, default=METRICS_PORT)
+    parser.add_argument("--grpc-inference-port", type=int, default=GRPC_INFERENCE_PORT)
+    parser.add_argument("--grpc-management-port", type=int, default=GRPC_MANAGEMENT_PORT)
+    parser.add_argument("--free-ports", action="store_true", help="any free ports instead of the pod's")
+    args = parser.parse_args()
+    run_dir = args.run_dir.resolve()
+    if args.free_ports:
+        for name in ("port", "inference_port", "management_port", "metrics_port", "grpc_inference_port", "grpc_management_port"):
+            setattr(args, name, free_port())
+    bundle = args.bundle.resolve() if args.bundle else run_dir / "bundle"
+    if args.action == "start":
+        if (run_dir / "front.pid").exists() or (run_dir / "torchserve" / "torchserve.pid").exists():
+            sys.exit(f"a kserve-local of {run_dir} seems to run already (pid file present); `make kserve-local-stop` first")
+        if not args.bundle:
+            write_bundle(bundle, [Path(p) for p in args.archives.split(",") if p], args.config, args.api)
+    elif not (bundle / "config" / "config.properties").exists():
+        print(f"nothing to stop in {run_dir}")
+        return
+    local = KServeLocal(
+        run_dir=run_dir, bundle=bundle, api=args.api, port=args.port, inference_port=args.inference_port,
+        management_port=args.management_port, metrics_port=args.metrics_port,
+        grpc_inference_port=args.grpc_inference_port, grpc_management_port=args.grpc_management_port,
+    )
+    if args.action == "stop":
+        local.stop()
+        print(f"stopped the KServe front and TorchServe of {run_dir}")
+        return
+    local.start()
+    model = local.models[0]
+    print(f"KServe ({args.api}) on {local.url} -> TorchServe {local.torchserve.inference_url}; metrics {local.torchserve.metrics_url}/metrics")
+    print("Try it:")
+    print("  .venv/bin/python -c \"from camserve.scenes import make_scene; make_scene(7).image.save('scene.png')\"")
+    if args.api == "v1":
+        print(f"  curl -s {local.url}/v1/models/{model}:predict -H 'Content-Type: application/json' \\")
+        print("    -d \"{\\\"instances\\\": [{\\\"data\\\": \\\"$(base64 -w0 scene.png)\\\"}]}\" | head -c 400; echo")
+    else:
+        print(f"  curl -s {local.url}/v2/models/{model}/infer -H 'Content-Type: application/json' \\")
+        print("    -d \"{\\\"inputs\\\": [{\\\"name\\\": \\\"image\\\", \\\"shape\\\": [1], \\\"datatype\\\": \\\"BYTES\\\", \\\"data\\\": [\\\"$(base64 -w0 scene.png)\\\"]}]}\" | head -c 400; echo")
+
+
+if __name__ == "__main__":
+    main()
