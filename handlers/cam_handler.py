@@ -73,6 +73,7 @@ class CamHandler(BaseHandler):
     def handle(self, data: list[dict[str, Any]], context: Any) -> list[Any]:
         started = time.perf_counter()
         self.context = context
+        self._rows_are_requests = len(data) == len(context.request_processor or [])
         batch = self.preprocess(data)
         if batch.live:
             self.inference(batch)
@@ -209,10 +210,12 @@ class CamHandler(BaseHandler):
         item.response, item.content_type = error.to_json(), "application/json"
         self.context.metrics.add_counter("CamErrors", 1, None, [Dimension("Kind", error.kind)])
 
-    # Under a KServe envelope (service_envelope=kserve|kservev2) the rows are the *instances* of one HTTP request:
-    # they share its headers, and their errors travel inside the envelope's answer, not as HTTP statuses.
+    # Under a KServe envelope (service_envelope=kserve|kservev2) the rows are the *instances* of the HTTP requests.
+    # Where each request carries one, row and request still match. Otherwise the instances share their request's
+    # headers and their errors travel inside the envelope's answer: a status set for one row would answer for
+    # instances that succeeded.
     def _is_http_request(self, index: int) -> bool:
-        return index < len(self.context.request_processor or [])
+        return self._rows_are_requests and index < len(self.context.request_processor or [])
 
     def _headers(self, index: int) -> dict[str, Any]:
         """The request's headers, names lower-cased (HTTP header names are case-insensitive)."""

@@ -32,6 +32,10 @@ def test_kserve_predict_and_explain(kserve_server, scenes) -> None:
         for answer, scene in zip(answers[:2], scenes):
             assert decode_heatmap(answer["cam"]["heatmap"]).shape == (scene.image.height, scene.image.width)
         assert answers[2]["type"] == "invalid_base64"  # a bad instance fails alone, inside the answer
+        # A bad *first* instance does not set the status of a request whose other instances succeed.
+        bad_first = requests.post(f"{server.inference_url}/predictions/shapes", json={"instances": [{"data": "!!"}, {"data": images[0]}]}, timeout=60)
+        assert bad_first.status_code == 200, bad_first.text
+        assert bad_first.json()["predictions"][0]["type"] == "invalid_base64" and "cam" in bad_first.json()["predictions"][1]
         explained = requests.post(f"{server.inference_url}/explanations/shapes", json={"instances": [{"data": images[0]}]}, timeout=60).json()
         assert "predictions" not in explained["explanations"][0] and explained["explanations"][0]["cam"]["method"] == "gradcam"
     else:
