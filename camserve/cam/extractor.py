@@ -77,7 +77,7 @@ class CamExtractor:
         self.scorecam_max_channels = scorecam_max_channels
         # layer name -> whether its logits were verified to be Linear(GAP(activations)) (see the module docstring)
         self._gap_linear: dict[str, bool] = {}
-        self._heads: dict[tuple[int, int], nn.Linear | None] = {}  # (channels, classes) -> the candidate head
+        self._heads: dict[tuple[int, int], nn.Module | None] = {}  # (channels, classes) -> the candidate head
 
     @staticmethod
     def method(name: str) -> CamMethod:
@@ -159,7 +159,7 @@ class CamExtractor:
         logits: Tensor,
         targets: Tensor,
         inputs: Tensor,
-        closed_form_head: nn.Linear | None,
+        closed_form_head: nn.Module | None,
     ) -> Tensor:
         raw = captured[name]
         activations = to_grid(raw.detach())
@@ -186,15 +186,16 @@ class CamExtractor:
             per_target.append(saliency)
         return normalize_maps(torch.stack(per_target, dim=1))
 
-    def _gap_linear_head(self, name: str, activations: Tensor, logits: Tensor) -> nn.Linear | None:
-        """The Linear layer such that logits == Linear(GAP(activations)) on this batch, if there is one."""
+    def _gap_linear_head(self, name: str, activations: Tensor, logits: Tensor) -> nn.Module | None:
+        """The linear layer such that logits == Linear(GAP(activations)) on this batch, if there is one (an nn.Linear or
+        its look-alike in an unflattened torch.export program: `find_class_weights`)."""
         key = (activations.shape[1], logits.shape[1])
         if key not in self._heads:
             self._heads[key] = find_class_weights(self.model, *key)
         head = self._heads[key]
         if head is None:
             return None
-        pooled = F.linear(activations.mean(dim=(2, 3)), head.weight, head.bias)
+        pooled = F.linear(activations.mean(dim=(2, 3)), head.weight, getattr(head, "bias", None))
         scale = float(logits.abs().max().clamp(min=1.0))
         return head if torch.allclose(pooled, logits, rtol=1e-4, atol=1e-4 * scale) else None
 
