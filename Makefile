@@ -85,7 +85,7 @@ evaluate: $(VENV)/.installed
 bench: $(VENV)/.installed
 	$(PY) load_tests/serving_benchmark.py $(BENCH_ARGS)
 
-bench-maps: $(VENV)/.installed
+bench-maps: $(VENV)/.installed model_store/imagenet.mar
 	$(PY) scripts/bench_overhead.py $(BENCH_ARGS)
 
 loadtest: $(MODELS)

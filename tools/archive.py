@@ -478,3 +478,21 @@ def _exported(request: ArchiveRequest, directory: Path) -> str:
                           **_common(request, size, IMAGENET_MEAN, IMAGENET_STD))
     write_model_dir(directory, config, request.labels)
     return path.stem
+
+
+def load_archive(mar: Path) -> tuple:
+    """(model, spec, labels) of a built archive, loaded from its own files as a worker loads them: for scripts
+    (figures, benchmarks) that should see exactly what is served. The archive's model file, if any, is imported."""
+    from camserve.model_spec import load_labels, load_model
+
+    with tempfile.TemporaryDirectory(prefix="camserve-unpacked-") as unpacked:
+        with zipfile.ZipFile(mar) as archive_file:
+            archive_file.extractall(unpacked)
+        root = Path(unpacked)
+        spec = ModelSpec.from_dict(yaml.safe_load((root / "model-config.yaml").read_text())["handler"])
+        sys.path.insert(0, unpacked)
+        try:
+            model = load_model(spec, root)
+        finally:
+            sys.path.remove(unpacked)
+        return model, spec, load_labels(spec, root)

@@ -44,7 +44,7 @@ def load(name: str) -> Image.Image:
 
 # The photos with an ImageNet-1k class, for measuring accuracy; the first two are the test subjects.
 LABELLED = [
-    Photo("chelsea", CATS, box=(90, 30, 390, 300), object_crop=(40, 0, 400, 300), source="skimage.data.chelsea"),
+    Photo("chelsea", CATS, box=(40, 0, 395, 300), object_crop=(40, 0, 400, 300), source="skimage.data.chelsea"),
     Photo("coffee", COFFEE, box=(75, 15, 480, 390), object_crop=(70, 10, 485, 395), source="skimage.data.coffee"),
     Photo("rocket", frozenset({"missile", "projectile", "space shuttle"}), source="skimage.data.rocket"),
     Photo("stereo_motorcycle", frozenset({"moped", "motor scooter"}), source="skimage.data.stereo_motorcycle"),
