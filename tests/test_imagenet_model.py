@@ -8,6 +8,7 @@ place on another photo) the peak follows the object.
 from __future__ import annotations
 
 import io
+import json
 
 import pytest
 import requests
@@ -18,6 +19,7 @@ from tools.photos import BACKGROUNDS, LABELLED, composite
 pytestmark = pytest.mark.serving
 IMAGENET_MAR = ROOT / "model_store" / "imagenet.mar"
 SUBJECTS = {photo.name: photo for photo in LABELLED[:2]}  # chelsea (a cat), coffee (an espresso)
+labels = [name for _, name in sorted((int(k), v) for k, v in json.loads((ROOT / "models" / "imagenet" / "index_to_name.json").read_text()).items())]
 
 
 def jpeg(image) -> bytes:
@@ -59,15 +61,14 @@ def test_photo_top1_is_the_right_family_and_the_peak_is_on_the_object(imagenet, 
 @pytest.mark.parametrize("name", list(SUBJECTS))
 def test_on_a_composite_the_peak_follows_the_object(imagenet, name: str, background: str, seed: int) -> None:
     item = composite(SUBJECTS[name], background, seed)
-    body = jpeg(item.image)
-    ranked = imagenet(body, {"X-CAM-Method": "none", "X-CAM-Topk": "1000"}).json()["predictions"]
-    # The map of the object's class: its family's most probable member, wherever it ranks.
-    index = next(p["index"] for p in ranked if p["label"] in item.subject.family)
-    response = imagenet(body, {"X-CAM-Target": str(index)})
+    family = sorted(labels.index(label) for label in item.subject.family)
+    # One map per family member, and every class's probability: the object's class is the family's most probable.
+    response = imagenet(jpeg(item.image), {"X-CAM-Target": ",".join(map(str, family)), "X-CAM-Topk": "1000"})
     assert response.status_code == 200, response.text
-    cam = response.json()["cam"]
-    assert cam["index"] == index
-    assert inside(cam["peak"], item.box), (cam["peak"], item.box, ranked[:3])
+    body = response.json()
+    probability = {p["index"]: p["probability"] for p in body["predictions"]}
+    cam = max(body["cam"], key=lambda c: probability[c["index"]])
+    assert inside(cam["peak"], item.box), (cam["label"], cam["peak"], item.box, body["predictions"][:3])
 
 
 def test_cam_applies_to_its_gap_linear_head(imagenet) -> None:

@@ -401,8 +401,9 @@ def _torchvision(request: ArchiveRequest, directory: Path) -> str:
         raise ArchiveError(f"WEIGHTS={request.weights} has no classifier weight (no 2-D tensor): not a state dict of {builder}")
     torch.save(state, directory / "weights.pt")
     labels: Path | dict | None = request.labels
-    if labels is None and categories and len(categories) == num_classes:
-        labels = {str(i): name for i, name in enumerate(categories)}
+    if labels is None:  # the weights' categories where torchvision has them, else the class numbers
+        names = categories if categories and len(categories) == num_classes else [str(i) for i in range(num_classes)]
+        labels = {str(i): name for i, name in enumerate(names)}
     config = model_config(f"torchvision:{builder}", num_classes, "weights.pt", None, **_common(request, (side, side), mean, std))
     write_model_dir(directory, config, labels)
     return builder
@@ -496,3 +497,12 @@ def load_archive(mar: Path) -> tuple:
         finally:
             sys.path.remove(unpacked)
         return model, spec, load_labels(spec, root)
+
+
+def torchvision_model_dir(builder: str, weights: str, directory: Path, labels: Path | None = None, method: str = "gradcam",
+                          layers: tuple[str, ...] = ()) -> Path:
+    """A model dir (state dict, labels, model-config.yaml) for a torchvision classifier, unchecked: for callers that
+    archive it themselves with other settings (load_tests/serving_benchmark.py)."""
+    directory.mkdir(parents=True, exist_ok=True)
+    _torchvision(ArchiveRequest(model=builder, weights=weights, labels=labels, method=method, layers=tuple(layers)), directory)
+    return directory

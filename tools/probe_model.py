@@ -54,7 +54,7 @@ def probe(root: Path) -> dict:
     try:
         extractor = CamExtractor(model, spec.input_size, spec.target_layers or None, spec.scorecam_max_channels)
         for method in dict.fromkeys((spec.method, "gradcam")):
-            maps = extractor(torch.randn(2, 3, *spec.input_size), method=method).maps
+            maps = extractor(torch.randn(1, 3, *spec.input_size), method=method).maps
             if not torch.isfinite(maps).all():
                 return {"error": f"method {method!r} gives non-finite maps at layer(s) {list(extractor.default_layers)}"}
     except Exception as error:  # noqa: BLE001 - LayerError, MethodError, a hook that cannot run...
