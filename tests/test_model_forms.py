@@ -13,6 +13,7 @@ import os
 import subprocess
 import sys
 import textwrap
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -214,6 +215,20 @@ def test_unflattened_program_records_no_graph_before_the_target_layer(tmp_path) 
         np.testing.assert_allclose(ours.maps[sample, 0].numpy(), theirs, atol=1e-4)
 
 
+def test_unflattened_program_takes_the_closed_form_head_and_matches_the_original(tmp_path) -> None:
+    """GAP + Linear found in the unflattened program (its Linear is an InterpreterModule): Grad-CAM in closed form."""
+    torch.manual_seed(0)
+    original = randomised(ExportedNet()).requires_grad_(False)
+    export(original, 48, tmp_path / "net.pt2")
+    program = torch.export.unflatten(torch.export.load(tmp_path / "net.pt2")).eval().requires_grad_(False)
+    inputs = torch.randn(5, 3, 48, 48)
+    ours, theirs = CamExtractor(program, (48, 48)), CamExtractor(original, (48, 48))
+    assert ours.default_layers == theirs.default_layers == ("blocks",)
+    for method in ("gradcam", "gradcam", "cam"):  # the second call runs the closed form under inference_mode
+        np.testing.assert_allclose(ours(inputs, method=method).maps.numpy(), theirs(inputs, method=method).maps.numpy(), atol=1e-5)
+    assert ours._gap_linear == {"blocks": True}
+
+
 # -- archive-time errors --------------------------------------------------------------------------------------
 
 
@@ -235,8 +250,11 @@ def sources(tmp_path_factory: pytest.TempPathFactory) -> Path:
     torch.manual_seed(0)
     torch.save(import_model_file(directory)().state_dict(), directory / "tiny.pth")
     torch.save({"fc.weight": torch.zeros(7, 24)}, directory / "partial.pth")
+    (directory / "labels.json").write_text(json.dumps({str(i): f"class_{i}" for i in range(3)}))
     torch.save({f"conv.{k}": v for k, v in nn.Conv2d(3, 4, 3).state_dict().items()}, directory / "features.pth")
-    torch.jit.save(torch.jit.script(ExportedNet().eval()), directory / "scripted.pt")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)  # torch.jit is deprecated: exactly why it is refused
+        torch.jit.save(torch.jit.script(ExportedNet().eval()), directory / "scripted.pt")
     return directory
 
 
@@ -279,8 +297,11 @@ def run_build_archive(*arguments: str, store: Path) -> subprocess.CompletedProce
         (lambda d: ["--model-file", str(d / "tiny_net.py"), "--weights", str(d / "tiny.pth")], "No module named 'tiny_blocks'"),
         # a feature extractor, not a classifier
         (lambda d: ["--model-file", str(d / "features.py"), "--weights", str(d / "features.pth")], "not (batch, classes) logits"),
+        # labels for another number of classes than the weights have
+        (lambda d: ["--model-file", str(d / "tiny_net.py"), "--extra-files", str(d / "tiny_blocks.py"), "--weights", str(d / "tiny.pth"),
+                    "--labels", str(d / "labels.json")], "LABELS has 3 entries (keys 0..2), the model outputs 7 classes"),
     ],
-    ids=["state-dict-mismatch", "extra-file-missing", "output-not-logits"],
+    ids=["state-dict-mismatch", "extra-file-missing", "output-not-logits", "labels-count"],
 )
 def test_models_that_cannot_serve_fail_at_archive_time_with_one_line(sources: Path, tmp_path, arguments, message: str) -> None:
     completed = run_build_archive(*arguments(sources), store=tmp_path / "store")

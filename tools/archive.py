@@ -419,7 +419,8 @@ def _timm(request: ArchiveRequest, directory: Path) -> str:
     weights = existing_file("WEIGHTS", request.weights)
     state = load_state_dict("WEIGHTS", weights)
     labels = labels_mapping(request.labels) if request.labels else None
-    num_classes = len(labels) if labels else classes_of(state)
+    # The weights say how many classes; LABELS only where they cannot (a mismatch is reported after the probe).
+    num_classes = classes_of(state) or (len(labels) if labels else None)
     if num_classes is None:
         raise ArchiveError(f"WEIGHTS={weights} has no classifier weight (no 2-D tensor); give LABELS= to say how many classes")
     shutil.copy2(weights, directory / "weights.pt")
@@ -444,7 +445,7 @@ def _model_file(request: ArchiveRequest, directory: Path) -> tuple[str, Path, tu
     state = load_state_dict("WEIGHTS", weights)
     class_name, takes_num_classes = model_file_class(model_file, request.class_name, extra)
     labels = labels_mapping(request.labels) if request.labels else None
-    num_classes = len(labels) if labels else classes_of(state)
+    num_classes = classes_of(state) or (len(labels) if labels else None)
     if num_classes is None and takes_num_classes:
         raise ArchiveError(f"cannot tell how many classes {class_name}(num_classes=...) should have: give LABELS=")
     shutil.copy2(weights, directory / "weights.pt")
