@@ -17,7 +17,7 @@ import sys
 from pathlib import Path
 
 import torch
-from PIL import Image, ImageOps
+from PIL import ImageOps
 from torchvision import transforms
 
 from camserve.cam import CamExtractor
