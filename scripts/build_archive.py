@@ -1,160 +1,98 @@
-"""Build a self-contained TorchServe archive (.mar) around handlers/cam_handler.py.
+"""Build a checked, self-contained TorchServe archive (.mar) around handlers/cam_handler.py.
 
-    make archive                                    # the default shapes model -> model_store/shapes.mar
-    make archive MODEL=resnet18 WEIGHTS=resnet18.pth [LABELS=labels.json] [METHOD=gradcam] [LAYER=layer4] [NAME=...]
-    make archive MODEL=resnet50 WEIGHTS=ResNet50_Weights.IMAGENET1K_V2   # torchvision weights: downloads if it can
+    make archive                                                  # the default shapes model -> model_store/shapes.mar
+    make archive MODEL=resnet18 WEIGHTS=resnet18.pth              # a torchvision builder + state dict (or weights name)
+    make archive MODEL=timm:resnet50 WEIGHTS=resnet50.pth         # a timm model + state dict
+    make archive MODEL_FILE=model.py [CLASS=Net] WEIGHTS=net.pth [EXTRA_FILES=a.py,b.py]   # TorchServe's convention
+    make archive EXPORTED=model.pt2                               # a torch.export.save file, no Python source needed
+    common: LABELS=labels.json NAME=... INPUT_SIZE=224|H,W MEAN=r,g,b STD=r,g,b METHOD=gradcam LAYER=name[,name]
 
     python scripts/build_archive.py --name shapes --model-dir models/shapes
-    python scripts/build_archive.py --torchvision resnet18 --weights resnet18.pth
+    python scripts/build_archive.py --model timm:test_efficientnet --weights w.pth --labels labels.json
 
-The archive carries the handler, the whole `camserve` package it imports, the weights, labels and
-model-config.yaml, so TorchServe needs nothing of this repository on its PYTHONPATH.
+The model is built and run (dummy forwards, one map) from the unpacked archive before the archive is kept; a
+request that cannot serve ends here with a one-line error and exit status 1 (tools/archive.py).
 """
 
 from __future__ import annotations
 
 import argparse
-import shutil
-import subprocess
 import sys
-import tempfile
 from pathlib import Path
 
-import yaml
-
-from camserve.model_spec import ModelSpec
+from tools.archive import ArchiveError, ArchiveRequest, archive, archive_model_dir, build_archive, torchvision_model_dir
 
 ROOT = Path(__file__).resolve().parent.parent
-HANDLER = ROOT / "handlers" / "cam_handler.py"
-PACKAGE = ROOT / "camserve"
+# Unchecked building blocks, for tests and benchmarks that archive on purpose what the check would refuse or change.
+__all__ = ["build_archive", "torchvision_model_dir"]
 
 
-def build_archive(name: str, model_dir: Path, export_path: Path, version: str = "1.0") -> Path:
-    """Archive the model described by `model_dir/model-config.yaml` as `export_path/<name>.mar`."""
-    config_file = model_dir / "model-config.yaml"
-    spec = ModelSpec.from_dict(yaml.safe_load(config_file.read_text())["handler"])  # fail here, not in a worker
-    export_path.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(prefix="camserve-archive-") as staging_dir:
-        staging = Path(staging_dir)
-        # A directory given as an extra file is copied *into* the archive root, so stage `camserve/` in one.
-        shutil.copytree(PACKAGE, staging / "camserve", ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
-        if spec.labels:
-            shutil.copy2(model_dir / spec.labels, staging / spec.labels)
-        command = [
-            str(Path(sys.executable).with_name("torch-model-archiver")),
-            "--model-name", name,
-            "--version", version,
-            "--handler", str(HANDLER),
-            "--serialized-file", str(model_dir / spec.weights),
-            "--extra-files", str(staging),
-            "--config-file", str(config_file),
-            "--export-path", str(export_path),
-            "--force",
-        ]
-        subprocess.run(command, check=True)
-    return export_path / f"{name}.mar"
-
-
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
-
-
-def torchvision_model_dir(
-    builder: str,
-    weights: str,
-    directory: Path,
-    labels: Path | None = None,
-    method: str = "gradcam",
-    layers: tuple[str, ...] = (),
-) -> Path:
-    """Write a model dir (state dict, labels, model-config.yaml) for a torchvision classifier.
-
-    `weights` is a state-dict file, or a torchvision weights name (`ResNet18_Weights.IMAGENET1K_V1`, `DEFAULT`),
-    downloaded through torchvision where the network allows; its labels and normalisation come from its metadata.
-    """
-    import json
-
-    import torch
-    from torchvision import models
-
-    from camserve.model_spec import build_architecture
-
-    directory.mkdir(parents=True, exist_ok=True)
-    mean, std = IMAGENET_MEAN, IMAGENET_STD
-    side = 299 if builder == "inception_v3" else 224
-    categories: list[str] | None = None
-    if Path(weights).is_file():
-        state = torch.load(weights, map_location="cpu", weights_only=True)
-    else:
+def floats(option: str, count: int):
+    def parse(text: str) -> tuple[float, ...]:
         try:
-            # "ResNet18_Weights.IMAGENET1K_V1", or a member of the builder's enum ("IMAGENET1K_V1", "DEFAULT")
-            weights_enum = models.get_weight(weights) if "." in weights else models.get_model_weights(builder)[weights]
-        except (ValueError, KeyError, AttributeError) as error:
-            sys.exit(f"--weights {weights!r} is neither a file nor a torchvision weights name for {builder}: {error}")
-        try:
-            state = weights_enum.get_state_dict(progress=False)
-        except Exception as error:  # noqa: BLE001 - urllib, socket and SSL errors alike
-            sys.exit(f"could not download {weights_enum} ({type(error).__name__}: {error}); without network access, "
-                     f"pass a local state-dict file as WEIGHTS")
-        categories = weights_enum.meta.get("categories")
-        preset = weights_enum.transforms()
-        side = int(preset.crop_size[0]) if hasattr(preset, "crop_size") else side
-        mean, std = tuple(getattr(preset, "mean", mean)), tuple(getattr(preset, "std", std))
-    state = {k: v for k, v in state.items() if not k.startswith(("aux1.", "aux2.", "AuxLogits."))}
-    # The number of classes is the last 2-D weight's first dimension (the classifier's output).
-    num_classes = int([v for v in state.values() if v.dim() == 2][-1].shape[0])
-    build_architecture(f"torchvision:{builder}", num_classes).load_state_dict(state)  # fail here, not in a worker
-    torch.save(state, directory / "weights.pt")
-    if labels is not None:
-        mapping = json.loads(Path(labels).read_text())
-    else:
-        names = categories if categories and len(categories) == num_classes else [str(i) for i in range(num_classes)]
-        mapping = {str(i): name for i, name in enumerate(names)}
-    (directory / "index_to_name.json").write_text(json.dumps(mapping, indent=1) + "\n")
-    config = {
-        "minWorkers": 1,
-        "maxWorkers": 1,
-        "batchSize": 1,
-        "maxBatchDelay": 20,
-        "responseTimeout": 120,
-        "handler": {
-            "architecture": f"torchvision:{builder}",
-            "num_classes": num_classes,
-            "weights": "weights.pt",
-            "labels": "index_to_name.json",
-            "input_size": [side, side],
-            "mean": list(mean),
-            "std": list(std),
-            "method": method,
-            "target_layers": list(layers),
-            "topk": 5,
-            "scorecam_max_channels": 64,
-        },
-    }
-    (directory / "model-config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
-    return directory
+            values = tuple(float(part) for part in text.split(","))
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{option} must be {count} comma-separated numbers, got {text!r}") from None
+        if len(values) != count:
+            raise argparse.ArgumentTypeError(f"{option} must be {count} comma-separated numbers, got {text!r}")
+        return values
+
+    return parse
+
+
+def input_size(text: str) -> tuple[int, int]:
+    try:
+        sides = tuple(int(part) for part in text.split(","))
+    except ValueError:
+        sides = ()
+    if len(sides) not in (1, 2) or min(sides) < 8:
+        raise argparse.ArgumentTypeError(f"INPUT_SIZE must be one side or H,W (pixels, at least 8), got {text!r}")
+    return (sides[0], sides[-1])
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--name", help="archive name (default: shapes, or the torchvision builder)")
-    parser.add_argument("--model-dir", type=Path, default=ROOT / "models" / "shapes", help="a project model dir with model-config.yaml")
-    parser.add_argument("--torchvision", metavar="BUILDER", help="archive a torchvision classifier instead, e.g. resnet18")
-    parser.add_argument("--weights", help="with --torchvision: a state-dict file or a torchvision weights name")
-    parser.add_argument("--labels", type=Path, help="with --torchvision: index_to_name.json (default: from the weights' metadata)")
-    parser.add_argument("--method", default="gradcam")
+    parser.add_argument("--name", help="archive name (default: after the model)")
+    parser.add_argument("--model-dir", type=Path, help="a project model dir with model-config.yaml (default: models/shapes)")
+    parser.add_argument("--model", help="a torchvision builder (resnet18) or timm:<name>")
+    parser.add_argument("--torchvision", metavar="BUILDER", help="same as --model BUILDER")
+    parser.add_argument("--model-file", type=Path, help="a Python file defining the model class (TorchServe's --model-file)")
+    parser.add_argument("--class", dest="class_name", help="the class in --model-file (default: the single nn.Module class it defines)")
+    parser.add_argument("--weights", help="a state-dict file (with --torchvision also a torchvision weights name)")
+    parser.add_argument("--exported", type=Path, help="a torch.export.save file (.pt2)")
+    parser.add_argument("--extra-files", default="", help="comma-separated files or folders the model file imports")
+    parser.add_argument("--labels", type=Path, help="index_to_name.json: {\"0\": name} or {\"0\": [wnid, name]}")
+    parser.add_argument("--input-size", type=input_size, help="one side or H,W")
+    parser.add_argument("--mean", type=floats("MEAN", 3))
+    parser.add_argument("--std", type=floats("STD", 3))
+    parser.add_argument("--method", help="default CAM method (default gradcam)")
     parser.add_argument("--layer", default="", help="comma-separated target layer names (default: found automatically)")
     parser.add_argument("--export-path", type=Path, default=ROOT / "model_store")
     args = parser.parse_args()
-    if not args.torchvision:
-        print(build_archive(args.name or "shapes", args.model_dir, args.export_path))
-        return
-    if not args.weights:
-        sys.exit("--torchvision needs --weights (a state-dict file or a torchvision weights name)")
-    layers = tuple(name for name in args.layer.split(",") if name)
-    with tempfile.TemporaryDirectory(prefix="camserve-model-") as directory:
-        model_dir = torchvision_model_dir(args.torchvision, args.weights, Path(directory), args.labels, args.method, layers)
-        print(build_archive(args.name or args.torchvision, model_dir, args.export_path))
+    try:
+        if args.model_dir is not None:
+            print(archive_model_dir(args.name or args.model_dir.name, args.model_dir, args.export_path))
+            return
+        if args.torchvision and args.model:
+            raise ArchiveError("give --model or --torchvision, not both")
+        request = ArchiveRequest(
+            model=args.model or args.torchvision,
+            model_file=args.model_file,
+            class_name=args.class_name,
+            weights=args.weights,
+            exported=args.exported,
+            extra_files=tuple(Path(p) for p in args.extra_files.split(",") if p),
+            labels=args.labels,
+            name=args.name,
+            input_size=args.input_size,
+            mean=args.mean,
+            std=args.std,
+            method=args.method,
+            layers=tuple(name for name in args.layer.split(",") if name),
+        )
+        print(archive(request, args.export_path))
+    except ArchiveError as error:
+        sys.exit(f"make archive: {error}")
 
 
 if __name__ == "__main__":

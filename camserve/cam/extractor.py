@@ -87,7 +87,7 @@ class CamExtractor:
         self.scorecam_max_channels = scorecam_max_channels
         # layer name -> whether its logits were verified to be Linear(GAP(activations)) (see the module docstring)
         self._gap_linear: dict[str, bool] = {}
-        self._heads: dict[tuple[int, int], nn.Linear | None] = {}  # (channels, classes) -> the candidate head
+        self._heads: dict[tuple[int, int], nn.Module | None] = {}  # (channels, classes) -> the candidate head
 
     @staticmethod
     def method(name: str) -> CamMethod:
@@ -170,7 +170,7 @@ class CamExtractor:
             chosen = targets
         return (chosen if chosen.dim() == 2 else chosen[:, None]).to(logits.device)
 
-    def _maps(self, cam_method: CamMethod, forward: _Forward, targets: Tensor, inputs: Tensor, head: nn.Linear | None) -> list[Tensor]:
+    def _maps(self, cam_method: CamMethod, forward: _Forward, targets: Tensor, inputs: Tensor, head: nn.Module | None) -> list[Tensor]:
         """Each target layer's normalised maps (B, T, h, w)."""
         names = list(forward.outputs)
         activations = {name: to_grid(output.detach()) for name, output in forward.outputs.items()}
@@ -196,7 +196,7 @@ class CamExtractor:
             maps.append(normalize_maps(torch.stack(per_target, dim=1)))
         return maps
 
-    def _gradients(self, forward: _Forward, names: list[str], target: Tensor, head: nn.Linear | None, retain: bool) -> list[Tensor]:
+    def _gradients(self, forward: _Forward, names: list[str], target: Tensor, head: nn.Module | None, retain: bool) -> list[Tensor]:
         """d(score of each sample's `target` class)/d(each layer's output), as (B, K, h, w) grids."""
         if head is not None:
             activations = to_grid(forward.outputs[names[0]])
@@ -211,15 +211,16 @@ class CamExtractor:
             raise LayerError(f"the class score does not depend on layer(s) {unused}; choose a layer the prediction uses")
         return [to_grid(grad) for grad in grads]
 
-    def _verified_head(self, activations: Tensor, logits: Tensor) -> nn.Linear | None:
-        """The Linear layer such that logits == Linear(GAP(activations)) on this batch, if there is one."""
+    def _verified_head(self, activations: Tensor, logits: Tensor) -> nn.Module | None:
+        """The linear layer such that logits == Linear(GAP(activations)) on this batch, if there is one: an nn.Linear,
+        or its look-alike in an unflattened torch.export program (`find_class_weights`)."""
         key = (activations.shape[1], logits.shape[1])
         if key not in self._heads:
             self._heads[key] = find_class_weights(self.model, *key)
         head = self._heads[key]
         if head is None:
             return None
-        pooled = F.linear(activations.mean(dim=(2, 3)), head.weight, head.bias)
+        pooled = F.linear(activations.mean(dim=(2, 3)), head.weight, getattr(head, "bias", None))
         scale = float(logits.abs().max().clamp(min=1.0))
         return head if torch.allclose(pooled, logits, rtol=1e-4, atol=1e-4 * scale) else None
 

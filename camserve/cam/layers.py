@@ -95,7 +95,27 @@ def find_target_layer(model: nn.Module, input_size: tuple[int, int]) -> str:
     )
 
 
-def find_class_weights(model: nn.Module, channels: int, num_classes: int) -> nn.Linear | None:
-    """The last Linear mapping `channels` features to `num_classes` logits: the head CAM reads its weights from."""
+def find_class_weights(model: nn.Module, channels: int, num_classes: int) -> nn.Module | None:
+    """The last linear layer mapping `channels` features to `num_classes` logits: the head CAM reads its weights from.
+
+    An nn.Linear, or failing that a module whose own parameters are just a (num_classes, channels) `weight` and an
+    optional (num_classes,) `bias`: what a Linear becomes in a `torch.export.unflatten`ed program (its modules are
+    InterpreterModules). The caller verifies logits == head(GAP(activations)) before using it, so a look-alike
+    that is not the head is never used.
+    """
     linears = [m for m in model.modules() if isinstance(m, nn.Linear) and m.in_features == channels and m.out_features == num_classes]
-    return linears[-1] if linears else None
+    if linears:
+        return linears[-1]
+    look_alikes = [m for m in model.modules() if _is_linear_like(m, channels, num_classes)]
+    return look_alikes[-1] if look_alikes else None
+
+
+def _is_linear_like(module: nn.Module, channels: int, num_classes: int) -> bool:
+    own = dict(module.named_parameters(recurse=False))
+    weight, bias = own.get("weight"), own.get("bias")
+    return (
+        set(own) <= {"weight", "bias"}
+        and weight is not None
+        and tuple(weight.shape) == (num_classes, channels)
+        and (bias is None or tuple(bias.shape) == (num_classes,))
+    )
