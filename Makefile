@@ -39,7 +39,7 @@ $(VENV)/.installed: requirements.txt
 
 venv: $(VENV)/.installed
 
-CAMSERVE_SOURCES := $(shell find camserve handlers tools -name '*.py')
+CAMSERVE_SOURCES := $(shell find camserve handlers camserve_tools/archive.py camserve_tools/probe_model.py -name "*.py")
 
 model_store/shapes.mar: $(VENV)/.installed $(CAMSERVE_SOURCES) models/shapes/model-config.yaml models/shapes/shapes_net.pt models/shapes/index_to_name.json
 	$(PY) scripts/build_archive.py --name shapes --model-dir models/shapes --export-path model_store
@@ -72,11 +72,11 @@ archive: $(VENV)/.installed
 endif
 
 serve: $(MODELS)
-	$(PY) -m camserve.server start --run-dir $(RUN_DIR) --config $(CONFIG) \
+	$(PY) -m camserve_tools.server start --run-dir $(RUN_DIR) --config $(CONFIG) \
 		--inference-port $(INFERENCE_PORT) --management-port $(MANAGEMENT_PORT) --metrics-port $(METRICS_PORT)
 
 stop:
-	@test -x $(PY) && $(PY) -m camserve.server stop --run-dir $(RUN_DIR) || true
+	@test -x $(PY) && $(PY) -m camserve_tools.server stop --run-dir $(RUN_DIR) || true
 
 test: $(MODELS)
 	$(PY) -m pytest
@@ -89,13 +89,13 @@ evaluate: $(VENV)/.installed
 
 # About 40 minutes: two models x six variants x three concurrencies x two batch sizes, each a Locust run.
 bench: $(VENV)/.installed
-	$(PY) load_tests/serving_benchmark.py $(BENCH_ARGS)
+	$(PY) -m camserve_tools.benchmarks.serving_benchmark $(BENCH_ARGS)
 
 bench-maps: $(VENV)/.installed model_store/imagenet.mar
 	$(PY) scripts/bench_overhead.py $(BENCH_ARGS)
 
 loadtest: $(MODELS)
-	$(PY) load_tests/run_loadtest.py $(LOADTEST_ARGS)
+	$(PY) -m camserve_tools.benchmarks.run_loadtest $(LOADTEST_ARGS)
 
 # --- deployment (docs/deploy.md) ---
 # The bundle carries CONFIG's settings (token authorization, sizes, metrics); make's default CONFIG is the

@@ -1,5 +1,6 @@
-"""Tools around camserve's runtime: deployment bundles, the loopback KServe front, manifest checks.
+"""Everything around camserve's worker runtime: the launcher, the archive builder, the scenes and photos the models
+are trained and tested on, the in-process handler, benchmarks, deployment bundles and manifest checks.
 
-Nothing here goes into a .mar and the handler never imports it (scripts/build_archive.py packs only camserve/ and
-handlers/); these modules may import anything in requirements.txt.
+Nothing here goes into a .mar and the runtime (camserve/, handlers/) never imports it; these modules may import
+anything the project pins.
 """

@@ -1,6 +1,6 @@
 """The serving benchmark's client: N users, each posting pool images back to back, checking every answer cheaply.
 
-Run by load_tests/serving_benchmark.py, once per cell (variant x concurrency), as a subprocess:
+Run by camserve_tools/benchmarks/serving_benchmark.py, once per cell (variant x concurrency), as a subprocess:
 
     PYTHONPATH=. locust -f load_tests/benchmark_locustfile.py --headless -u 4 -r 4 -t 20s --reset-stats \
         --host http://127.0.0.1:8080 --path /predictions/shapes --answer map --header X-CAM-Method=gradcam \
@@ -28,7 +28,7 @@ from locust.contrib.fasthttp import FastHttpUser, FastResponse
 from locust.env import Environment
 from locust.runners import WorkerRunner
 
-from load_tests.image_pool import image_pool
+from camserve_tools.benchmarks.image_pool import image_pool
 
 PNG_BASE64_SIGNATURE = "iVBORw0KGgo"  # base64 of the 8-byte PNG signature
 PERCENTILES = (0.5, 0.95, 0.99)

@@ -36,7 +36,7 @@ def default_model() -> tuple[torch.nn.Module, tuple[int, int]]:
 
 
 def imagenet_model() -> tuple[torch.nn.Module, tuple[int, int]]:
-    from tools.archive import load_archive
+    from camserve_tools.archive import load_archive
 
     model, spec, _ = load_archive(ROOT / "model_store" / "imagenet.mar")
     return model.requires_grad_(True), spec.input_size  # as the torchvision models: the references back-propagate

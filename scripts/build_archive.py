@@ -11,7 +11,7 @@
     python scripts/build_archive.py --model timm:test_efficientnet --weights w.pth --labels labels.json
 
 The model is built and run (dummy forwards, one map) from the unpacked archive before the archive is kept; a
-request that cannot serve ends here with a one-line error and exit status 1 (tools/archive.py).
+request that cannot serve ends here with a one-line error and exit status 1 (camserve_tools/archive.py).
 """
 
 from __future__ import annotations
@@ -20,11 +20,9 @@ import argparse
 import sys
 from pathlib import Path
 
-from tools.archive import ArchiveError, ArchiveRequest, archive, archive_model_dir, build_archive, torchvision_model_dir
+from camserve_tools.archive import ArchiveError, ArchiveRequest, archive, archive_model_dir
 
 ROOT = Path(__file__).resolve().parent.parent
-# Unchecked building blocks, for tests and benchmarks that archive on purpose what the check would refuse or change.
-__all__ = ["build_archive", "torchvision_model_dir"]
 
 
 def floats(option: str, count: int):

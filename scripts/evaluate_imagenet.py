@@ -4,7 +4,7 @@
 
 Candidates: three normalisations x five input sizes, the whole image resized without cropping (what the handler
 does), plus torchvision's usual Resize(256) + CenterCrop(224) for comparison. For each: top-1 accuracy and mean
-probability of the right class family over the labelled photos of tools/photos.py and their mirror images, and on
+probability of the right class family over the labelled photos of camserve_tools/photos.py and their mirror images, and on
 composites (a cat or an espresso pasted at a random place on another photo) top-1 accuracy and how often
 Grad-CAM's peak falls inside the pasted object. docs/imagenet-model.md records a run.
 """
@@ -23,7 +23,7 @@ from torchvision import transforms
 from camserve.cam import CamExtractor
 from camserve.cam.localization import peak, upsample_map
 from camserve.preprocessing import whole_image_transform
-from tools.photos import BACKGROUNDS, LABELLED, composite
+from camserve_tools.photos import BACKGROUNDS, LABELLED, composite
 
 ROOT = Path(__file__).resolve().parent.parent
 MODEL_DIR = ROOT / "models" / "imagenet"

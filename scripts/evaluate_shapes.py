@@ -22,7 +22,7 @@ from camserve.cam import CamExtractor
 from camserve.cam.localization import bounding_box, box_iou, peak, upsample_map
 from camserve.model_spec import ModelSpec, load_model
 from camserve.preprocessing import whole_image_transform
-from camserve.scenes import EVAL_SEED_START, make_scene
+from camserve_tools.scenes import EVAL_SEED_START, make_scene
 
 MODEL_DIR = Path(__file__).resolve().parent.parent / "models" / "shapes"
 

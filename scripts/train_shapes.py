@@ -2,7 +2,7 @@
 
     make train            # or: .venv/bin/python scripts/train_shapes.py
 
-Deterministic (fixed seeds, scenes from camserve.scenes.TRAIN_SEEDS); about 14 minutes on 2 CPU cores.
+Deterministic (fixed seeds, scenes from camserve_tools.scenes.TRAIN_SEEDS); about 14 minutes on 2 CPU cores.
 
 The recipe, and why (found by a sweep; see docs/shapes-model.md):
 - Plain cross-entropy on the class alone sits at chance for ~2,500 steps before the network finds the shapes;
@@ -32,7 +32,7 @@ from torchvision import transforms
 from tqdm import tqdm
 
 from camserve.models.shapes_net import INPUT_SIZE, MEAN, STD, ShapesNet
-from camserve.scenes import CLASSES, TRAIN_SEEDS, make_scene
+from camserve_tools.scenes import CLASSES, TRAIN_SEEDS, make_scene
 
 OUTPUT_DIR = Path(__file__).resolve().parent.parent / "models" / "shapes"
 GRID = INPUT_SIZE // 8  # the feature map's resolution (output stride 8)

@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 import requests
 
-from camserve.scenes import EVAL_SEED_START, Scene, make_scene
-from camserve.server import TorchServe, free_port
+from camserve_tools.scenes import EVAL_SEED_START, Scene, make_scene
+from camserve_tools.server import TorchServe, free_port
 
 ROOT = Path(__file__).resolve().parent.parent
 SHAPES_MAR = ROOT / "model_store" / "shapes.mar"

@@ -17,9 +17,9 @@ import yaml
 from PIL import Image
 
 from camserve.protocol.responses import decode_heatmap
-from camserve.scenes import make_scene
+from camserve_tools.scenes import make_scene
 from conftest import ROOT, TEST_SEED_START, png_bytes, start_server
-from scripts.build_archive import build_archive
+from camserve_tools.archive import build_archive
 
 pytestmark = [pytest.mark.slow, pytest.mark.serving]
 

@@ -35,7 +35,7 @@ def pod_files(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="module")
 def server(pod_files: Path, tmp_path_factory: pytest.TempPathFactory):
-    # camserve.server puts the addresses on loopback and free ports.
+    # camserve_tools.server puts the addresses on loopback and free ports.
     server = start_server(
         tmp_path_factory.mktemp("kubernetes"), {"shapes": SHAPES_MAR}, config=pod_files / "config.properties",
         extra_properties={"disable_token_authorization": "false"},

@@ -14,7 +14,7 @@ from camserve.models.shapes_net import ShapesNet
 from camserve.protocol.responses import decode_heatmap
 from conftest import ROOT, png_bytes
 from handlers.cam_handler import CamHandler
-from handlers.local_context import BatchContext
+from camserve_tools.local_handler import BatchContext
 
 
 @pytest.fixture(scope="module")

@@ -15,8 +15,8 @@ import pytest
 import requests
 
 from camserve.protocol.responses import decode_heatmap
-from camserve.scenes import CLASSES
-from camserve.server import free_port
+from camserve_tools.scenes import CLASSES
+from camserve_tools.server import free_port
 from camserve_tools.kserve.bundle import read_archive, read_properties, write_bundle
 from camserve_tools.kserve.local import KServeLocal
 from camserve_tools.torchserve_grpc import compile_stubs

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from camserve.server import TorchServe
+from camserve_tools.server import TorchServe
 from conftest import ROOT
 
 pytestmark = [pytest.mark.slow, pytest.mark.serving]

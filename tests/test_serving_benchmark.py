@@ -51,7 +51,7 @@ def test_benchmark_serves_every_variant_and_writes_its_report(tmp_path: Path) ->
 
 
 def test_rounds_merge_by_histogram_as_locust_computes_percentiles() -> None:
-    from load_tests.serving_benchmark import merge
+    from camserve_tools.benchmarks.serving_benchmark import merge
 
     # 150 requests of 10 ms in 2 s, then 50 of 30 ms in 3 s: the merged p50 is 10 ms, p95 and p99 30 ms.
     rounds = [

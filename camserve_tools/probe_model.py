@@ -1,6 +1,6 @@
 """Archive-time check, run on an unpacked archive exactly as a TorchServe worker would see it.
 
-    python tools/probe_model.py <unpacked archive dir>
+    python camserve_tools/probe_model.py <unpacked archive dir>
 
 Only the archive's own files are importable (its directory first on sys.path, PYTHONPATH empty, cwd there),
 so a model file that imports something the archive lacks fails here and not in a worker. Builds the model from

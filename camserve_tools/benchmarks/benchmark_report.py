@@ -1,6 +1,6 @@
 """What the serving benchmark measured, and its report: tables, targets, plots (docs/serving-benchmark.md).
 
-load_tests/serving_benchmark.py measures and calls write_report; `serving_benchmark.py --report-from <json>`
+camserve_tools/benchmarks/serving_benchmark.py measures and calls write_report; `serving_benchmark.py --report-from <json>`
 writes a report again from a run's data, without measuring.
 """
 
@@ -193,7 +193,7 @@ def write_report(
     profile_block = [
         "## Where a request's time goes (in-process, ms per request)",
         "",
-        "Both handlers run in-process on the same images, one batch after another (load_tests/handler_profile.py), "
+        "Both handlers run in-process on the same images, one batch after another (camserve_tools/benchmarks/handler_profile.py), "
         "stage by stage, torch on the workers' threads. At one user and batch 1, the served p50 minus the handler's "
         "total is what TorchServe (HTTP, frontend, worker socket) and the client add; at batch 8 and one user, the "
         "served p50 also holds the batch delay.",

@@ -1,7 +1,7 @@
 """Endurance and fault checks against a real TorchServe: soak (worker memory), batch integrity, worker kill.
 
-    python load_tests/endurance.py                                   # full: 10,000-request soak, 2,000 integrity
-    python load_tests/endurance.py --soak 1000 --integrity 200       # shorter
+    python camserve_tools/benchmarks/endurance.py                                   # full: 10,000-request soak, 2,000 integrity
+    python camserve_tools/benchmarks/endurance.py --soak 1000 --integrity 200       # shorter
 Writes docs/endurance.md and docs/endurance-rss.png. tests/test_endurance.py runs short versions in CI.
 
 - Soak: requests mixing methods and outputs; the worker's RSS is sampled as it goes. Growth is measured from the
@@ -34,10 +34,10 @@ import psutil
 import requests
 import yaml
 
-from camserve.scenes import EVAL_SEED_START, make_scene
-from camserve.server import TorchServe, free_port
+from camserve_tools.scenes import EVAL_SEED_START, make_scene
+from camserve_tools.server import TorchServe, free_port
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 SEED_START = EVAL_SEED_START + 8_000_000
 MIX = [{}, {"X-CAM-Method": "cam"}, {"X-CAM-Method": "none"}, {"X-CAM-Output": "grid"}, {"Accept": "image/png"}, {"X-CAM-Method": "layercam"}, {"X-CAM-Maps": "2"}]
 
@@ -52,7 +52,7 @@ def png(image) -> bytes:
 def serving(batch_size: int = 1, max_batch_delay: int = 20) -> Iterator[TorchServe]:
     """A private TorchServe of the default model with the given batching."""
     work = Path(tempfile.mkdtemp(prefix="camserve-endurance-"))
-    from scripts.build_archive import build_archive
+    from camserve_tools.archive import build_archive
 
     model_dir = work / "model"
     shutil.copytree(ROOT / "models" / "shapes", model_dir)
@@ -189,7 +189,7 @@ def main() -> None:
     figure.savefig(ROOT / "docs" / "endurance-rss.png", dpi=100)
     report = f"""# Endurance and faults
 
-Reproduce: `.venv/bin/python load_tests/endurance.py --soak {args.soak} --integrity {args.integrity}` (this machine:
+Reproduce: `.venv/bin/python camserve_tools/benchmarks/endurance.py --soak {args.soak} --integrity {args.integrity}` (this machine:
 2 CPU cores; one worker; short versions of each run in CI as tests/test_endurance.py).
 
 | check | result |

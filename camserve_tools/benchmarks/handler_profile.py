@@ -1,8 +1,8 @@
 """Where a served request's time goes: both handlers run in-process, stage by stage, on the benchmark's images.
 
-    PYTHONPATH=. .venv/bin/python load_tests/handler_profile.py --models shapes,resnet18 --methods none,gradcam
+    PYTHONPATH=. .venv/bin/python camserve_tools/benchmarks/handler_profile.py --models shapes,resnet18 --methods none,gradcam
 
-The serving benchmark (load_tests/serving_benchmark.py) appends this table to its report. Each request is a batch
+The serving benchmark (camserve_tools/benchmarks/serving_benchmark.py) appends this table to its report. Each request is a batch
 of --batch-size requests (default 1); the figure is the mean over the image pool (a quarter camera-sized JPEGs), in ms per
 request, with torch on `--threads` threads. What the served latency at one user adds on top of a handler's total
 is TorchServe's (HTTP, frontend queue, socket to the worker, worker loop) and the client's.
@@ -24,10 +24,10 @@ import torch
 import handlers.cam_handler as cam_handler_module
 from camserve.cam import CamExtractor
 from handlers.cam_handler import CamHandler
-from handlers.local_context import BatchContext
-from load_tests.image_pool import Sample, image_pool
+from camserve_tools.local_handler import BatchContext
+from camserve_tools.benchmarks.image_pool import Sample, image_pool
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 
 
 class Stopwatch:
@@ -55,7 +55,7 @@ def builtin_handler(model_dir: Path, model_file: Path) -> Any:
     import shutil
     import tempfile
 
-    from load_tests.builtin_image_classifier import BuiltinImageClassifier
+    from camserve_tools.benchmarks.builtin_image_classifier import BuiltinImageClassifier
 
     staging = Path(tempfile.mkdtemp(prefix="camserve-profile-"))
     for path in (*model_dir.iterdir(), model_file):
@@ -155,7 +155,7 @@ def profile_table(model_name: str, results: dict[str, dict[str, float]]) -> list
 
 
 def main() -> None:
-    from load_tests.serving_benchmark import prepare_models
+    from camserve_tools.benchmarks.serving_benchmark import prepare_models
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", default="shapes,resnet18")

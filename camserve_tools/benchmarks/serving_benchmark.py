@@ -2,7 +2,7 @@
 
     make bench                                     # the full run (about 40 min): docs/serving-benchmark.md + plots
     make bench BENCH_ARGS="--tune"                 # worker settings sweep: docs/serving-tuning.md
-    PYTHONPATH=. .venv/bin/python load_tests/serving_benchmark.py --models shapes --concurrency 1,4 --duration 5 \
+    PYTHONPATH=. .venv/bin/python camserve_tools/benchmarks/serving_benchmark.py --models shapes --concurrency 1,4 --duration 5 \
         --batch-sizes 1 --out /tmp/bench          # a quick look
 
 Variants, all on the same server and the same worker settings, one after the other:
@@ -47,14 +47,14 @@ import torch
 import yaml
 
 from camserve.model_spec import ModelSpec, load_model
-from camserve.server import TorchServe, free_port, sample_image_png
-from load_tests.benchmark_report import BASELINE, Cell, Settings, rewrite_report, write_report
-from scripts.build_archive import build_archive, torchvision_model_dir
+from camserve_tools.server import TorchServe, free_port, sample_image_png
+from camserve_tools.benchmarks.benchmark_report import BASELINE, Cell, Settings, rewrite_report, write_report
+from camserve_tools.archive import build_archive, torchvision_model_dir
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 RUN_DIR = ROOT / ".run" / "bench"
 LOCUSTFILE = ROOT / "load_tests" / "benchmark_locustfile.py"
-BUILTIN_HANDLER = ROOT / "load_tests" / "builtin_image_classifier.py"
+BUILTIN_HANDLER = Path(__file__).resolve().with_name("builtin_image_classifier.py")
 
 # The built-in handler loads an eager model from a file that defines exactly one class.
 RESNET18_MODEL_FILE = '''"""torchvision resnet18 as one class, for TorchServe's eager model loading."""
@@ -330,7 +330,7 @@ def measure(
 
 def profile_sections(models: list[BenchModel], cells: list[Cell], variants: list[Variant], threads: int, batch_sizes: list[int]) -> list[str]:
     """Per model and batch size: each handler's stages in ms per request, and the served p50 at one user beside them."""
-    from load_tests.handler_profile import profile, profile_table
+    from camserve_tools.benchmarks.handler_profile import profile, profile_table
 
     methods = [v.method for v in variants if v.method]
     lines: list[str] = []
