@@ -39,7 +39,7 @@ $(VENV)/.installed: requirements.txt
 
 venv: $(VENV)/.installed
 
-CAMSERVE_SOURCES := $(shell find camserve handlers camserve_tools/archive.py camserve_tools/probe_model.py -name "*.py")
+CAMSERVE_SOURCES := $(shell find camserve camserve_tools/archive.py camserve_tools/probe_model.py -name "*.py")
 
 model_store/shapes.mar: $(VENV)/.installed $(CAMSERVE_SOURCES) models/shapes/model-config.yaml models/shapes/shapes_net.pt models/shapes/index_to_name.json
 	$(PY) scripts/build_archive.py --name shapes --model-dir models/shapes --export-path model_store

@@ -1,6 +1,6 @@
 """Everything around camserve's worker runtime: the launcher, the archive builder, the scenes and photos the models
 are trained and tested on, the in-process handler, benchmarks, deployment bundles and manifest checks.
 
-Nothing here goes into a .mar and the runtime (camserve/, handlers/) never imports it; these modules may import
+Nothing here goes into a .mar and the runtime (camserve/) never imports it; these modules may import
 anything the project pins.
 """

@@ -30,7 +30,7 @@ import yaml
 from camserve.model_spec import EXPORTED, ModelSpec, SpecError
 
 ROOT = Path(__file__).resolve().parent.parent
-HANDLER = ROOT / "handlers" / "cam_handler.py"
+HANDLER = ROOT / "camserve" / "serving" / "handler.py"
 PACKAGE = ROOT / "camserve"
 PROBE = Path(__file__).resolve().with_name("probe_model.py")
 

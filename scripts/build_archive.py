@@ -1,4 +1,4 @@
-"""Build a checked, self-contained TorchServe archive (.mar) around handlers/cam_handler.py.
+"""Build a checked, self-contained TorchServe archive (.mar) around camserve/serving/handler.py.
 
     make archive                                                  # the default shapes model -> model_store/shapes.mar
     make archive MODEL=resnet18 WEIGHTS=resnet18.pth              # a torchvision builder + state dict (or weights name)

@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 from PIL import Image
 
 from camserve.protocol.options import OPTION_NAMES, OptionRules, parse_options
-from camserve.protocol.requests import RequestError, decode_request
+from camserve.protocol.decoding import RequestError, decode_request
 
 RULES = OptionRules(methods={"cam", "gradcam", "layercam"}, layers={"features", "features.4", "fc"}, labels=["circle", "square", "star"], default_method="gradcam", default_topk=3)
 SETTINGS = settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])

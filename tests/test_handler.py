@@ -13,7 +13,7 @@ from PIL import Image
 from camserve.models.shapes_net import ShapesNet
 from camserve.protocol.responses import decode_heatmap
 from conftest import ROOT, png_bytes
-from handlers.cam_handler import CamHandler
+from camserve.serving.handler import CamHandler
 from camserve_tools.local_handler import BatchContext
 
 

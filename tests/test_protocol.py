@@ -12,7 +12,7 @@ import torch
 from PIL import Image, ImageChops
 
 from camserve.protocol.options import OptionRules, parse_options
-from camserve.protocol.requests import MAX_PIXELS, RequestError, decode_request
+from camserve.protocol.decoding import MAX_PIXELS, RequestError, decode_request
 from camserve.protocol.responses import HEATMAP_STEP, cam_json, decode_heatmap, heatmap_png
 
 RULES = OptionRules(methods={"cam", "gradcam"}, layers={"features", "fc"}, labels=["circle", "square", "triangle"], default_method="gradcam", default_topk=3)

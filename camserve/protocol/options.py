@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
-from camserve.protocol.requests import RequestError
+from camserve.protocol.decoding import RequestError
 
 OUTPUTS = ("png", "grid", "overlay", "none")
 OVERLAY_FORMATS = ("png", "jpeg")

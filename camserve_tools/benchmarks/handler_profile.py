@@ -21,9 +21,9 @@ from typing import Any
 
 import torch
 
-import handlers.cam_handler as cam_handler_module
+import camserve.serving.handler as cam_handler_module
 from camserve.cam import CamExtractor
-from handlers.cam_handler import CamHandler
+from camserve.serving.handler import CamHandler
 from camserve_tools.local_handler import BatchContext
 from camserve_tools.benchmarks.image_pool import Sample, image_pool
 

@@ -1,7 +1,7 @@
 """TorchServe handler: every prediction also returns a class activation map.
 
 A thin adapter over TorchServe's BaseHandler contract, each stage doing what its name says:
-- preprocess decodes each request (camserve.protocol.requests, .options) into a network input;
+- preprocess decodes each request (camserve.protocol.decoding, .options) into a network input;
 - inference runs the model and the maps (camserve.cam), one pass per (method, layers) group of the batch;
 - postprocess encodes each answer (camserve.protocol.responses), checks its size and sets its status.
 Each request in a batch succeeds or fails on its own: a bad one gets its own 4xx and JSON error while the others
@@ -25,9 +25,9 @@ from ts.torch_handler.base_handler import BaseHandler
 from camserve.cam import METHODS, CamExtractor, LayerError, MethodError
 from camserve.model_spec import ModelSpec, load_labels, load_model
 from camserve.preprocessing import whole_image_transform
-from camserve.protocol.batch import Batch, Item
+from camserve.serving.batch import Batch, Item
 from camserve.protocol.options import OptionRules, parse_options
-from camserve.protocol.requests import MAX_PIXELS, RequestError, decode_request
+from camserve.protocol.decoding import MAX_PIXELS, RequestError, decode_request
 from camserve.protocol.responses import answer_size, encode_answer
 
 logger = logging.getLogger(__name__)

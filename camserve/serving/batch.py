@@ -12,7 +12,7 @@ import torch
 from PIL import Image
 
 from camserve.protocol.options import Options
-from camserve.protocol.requests import RequestError
+from camserve.protocol.decoding import RequestError
 
 
 @dataclass
