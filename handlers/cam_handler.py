@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -17,6 +18,7 @@ from typing import Any
 
 import torch
 from ts.metrics.dimension import Dimension
+from ts.service import Service
 from ts.torch_handler.base_handler import BaseHandler
 
 from camserve.cam import METHODS, CamExtractor, LayerError, MethodError
@@ -25,9 +27,20 @@ from camserve.preprocessing import whole_image_transform
 from camserve.protocol.batch import Batch, Item
 from camserve.protocol.options import OptionRules, Options, parse_options
 from camserve.protocol.requests import RequestError, decode_request
-from camserve.protocol.responses import encode_answer
+from camserve.protocol.responses import encode_answer, json_bytes
 
 logger = logging.getLogger(__name__)
+
+
+def _called_by_torchserve_service() -> bool:
+    """Whether TorchServe's Service called CamHandler.handle, so that our answers go to the client as they are.
+
+    TorchServe writes a dict answer as indented JSON (ts.protocol.otf_message_handler: json.dumps(indent=2));
+    bytes it sends as they are, so the handler sends compact JSON bytes. Under a KServe envelope
+    (service_envelope=kserve|kservev2) the envelope calls handle instead and wraps the answers in its own dict:
+    there they must stay dicts. TorchServe shows a handler no sign of the envelope but the caller.
+    """
+    return isinstance(sys._getframe(2).f_locals.get("self"), Service)
 
 
 class CamHandler(BaseHandler):
@@ -64,6 +77,8 @@ class CamHandler(BaseHandler):
         if batch.live:
             self.inference(batch)
         responses = self.postprocess(batch)
+        if _called_by_torchserve_service():
+            responses = [json_bytes(r) if isinstance(r, (dict, list)) else r for r in responses]
         context.metrics.add_time("HandlerTime", round((time.perf_counter() - started) * 1000, 2), None, "ms")
         return responses
 
@@ -122,7 +137,7 @@ class CamHandler(BaseHandler):
                     item.options, probabilities[row],
                     maps[row, :count] if maps is not None else torch.empty(0),
                     targets[row, :count] if targets is not None else torch.empty(0),
-                    item.size, method, used_layers, self.labels, image=item.image, explain=item.explain,
+                    item.size, method, used_layers, self.labels, image=item.image, explain=item.explain, input_size=self.spec.input_size,
                 )
 
     def postprocess(self, batch: Batch) -> list[Any]:

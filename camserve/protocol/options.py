@@ -12,7 +12,9 @@ OVERLAY_FORMATS = ("png", "jpeg")
 MAX_MAPS = 10
 # Parameters that TorchServe or KServe envelopes may add to a request row; not ours to judge.
 _PASSTHROUGH = frozenset({"explain", "content-type", "accept", "id", "datatype", "shape", "name", "parameters", "b64"})
-OPTION_NAMES = ("method", "layer", "target", "maps", "topk", "output", "format")
+OPTION_NAMES = ("method", "layer", "target", "maps", "topk", "output", "format", "heatmap_size")
+HEATMAP_SIZES = ("original", "input")  # or a maximum side in pixels, from MIN_HEATMAP_SIDE to MAX_HEATMAP_SIDE
+MIN_HEATMAP_SIDE, MAX_HEATMAP_SIDE = 8, 4096
 
 
 @dataclass(frozen=True)
@@ -24,6 +26,7 @@ class Options:
     topk: int
     output: str
     image_format: str
+    heatmap_size: str | int = "original"  # see parse_heatmap_size
 
     @property
     def wants_map(self) -> bool:
@@ -110,4 +113,22 @@ def parse_options(raw: dict[str, str], rules: OptionRules, accept: str | None = 
         raise RequestError(f"option 'format': unknown format {image_format!r}; allowed: {list(OVERLAY_FORMATS)}", kind="invalid_option", option="format")
     if output == "overlay" and method_or_none is None:
         raise RequestError("option 'output': 'overlay' needs a map; method 'none' gives none", kind="invalid_option", option="output")
-    return Options(method_or_none, layers, targets, maps, topk, output, image_format)
+    return Options(method_or_none, layers, targets, maps, topk, output, image_format, parse_heatmap_size(raw.get("heatmap_size", "original")))
+
+
+def parse_heatmap_size(raw: str) -> str | int:
+    """`original` (the image's size), `input` (the model input's size), or the heat map's longest side in pixels.
+
+    For clients that scale the heat map themselves: a smaller PNG is cheaper to make, send and decode. The
+    bounds keep a side at least 8 pixels and the PNG no larger than 4096 x 4096.
+    """
+    value = raw.strip().lower()
+    if value in HEATMAP_SIZES:
+        return value
+    if value.isascii() and value.isdigit() and MIN_HEATMAP_SIDE <= int(value) <= MAX_HEATMAP_SIDE:
+        return int(value)
+    raise RequestError(
+        f"option 'heatmap_size' must be one of {list(HEATMAP_SIZES)} or a side in pixels from {MIN_HEATMAP_SIDE} to {MAX_HEATMAP_SIDE}, got {raw!r}",
+        kind="invalid_option",
+        option="heatmap_size",
+    )
