@@ -22,7 +22,7 @@ help:
 	@echo "make train     retrain the default model (models/shapes/)"
 	@echo "make evaluate  measure the default model's accuracy and localization (docs/shapes-model.md)"
 	@echo "make bench     serving benchmark: built-in vs our handler through TorchServe (docs/serving-benchmark.md; BENCH_ARGS=...)"
-	@echo "make bench-maps in-process map overhead, against pytorch-grad-cam and torchcam (docs/benchmarks.md)"
+	@echo "make bench-maps in-process map overhead (time, peak memory), against pytorch-grad-cam, torchcam and Captum (docs/benchmarks.md)"
 	@echo "make loadtest  Locust load test with SLO gates (starts a server if none answers; LOADTEST_ARGS=...)"
 
 # The venv is rebuilt when requirements.txt changes; the stamp records the last successful install.
@@ -67,8 +67,9 @@ evaluate: $(VENV)/.installed
 bench: $(VENV)/.installed
 	$(PY) load_tests/serving_benchmark.py $(BENCH_ARGS)
 
+# About 15 minutes: default model + resnet50, cam and gradcam, batch 1 and 8, time and peak memory, with the references.
 bench-maps: $(VENV)/.installed
-	$(PY) scripts/bench_overhead.py $(BENCH_ARGS)
+	$(PY) scripts/bench_overhead.py --references --memory $(BENCH_ARGS)
 
 loadtest: model_store/shapes.mar
 	$(PY) load_tests/run_loadtest.py $(LOADTEST_ARGS)

@@ -97,3 +97,9 @@ def test_heatmap_png_clamps_and_survives_nan() -> None:
     grid = torch.tensor([[-0.5, 2.0], [float("nan"), 0.5]])
     pixels = np.asarray(Image.open(io.BytesIO(heatmap_png_of_grid(grid, (4, 4)))))
     assert pixels.shape == (4, 4) and pixels.min() >= 0 and pixels.max() == HEATMAP_LEVELS * HEATMAP_STEP
+
+
+def test_this_torch_is_reproduced_so_the_grid_way_is_taken() -> None:
+    from camserve.cam.localization import _torch_fuses
+
+    assert _torch_fuses() is not None

@@ -96,11 +96,13 @@ def box_iou(a: tuple[int, int, int, int], b: tuple[int, int, int, int]) -> float
 # torch (CPU, float32, align_corners=False) computes output pixel (y, x) from the knots around it as
 #     row(r, x) = fma(grid[r, x_low], wx_low, grid[r, x_high] * wx_high)        (r = y_low and y_high)
 #     value     = fma(row(y_low, x), wy_low, row(y_high, x) * wy_high)
-# with source = fma(in / out, i + 0.5, -0.5) per axis, clamped at 0 (`_axis`). Between two knots the value is
-# affine in each weight, so in exact arithmetic a region's extremes sit on its first or last pixel; torch's
-# rounding moves a value by at most a few units in the last place (ULPs) from that, which _SLACK covers with
-# margin. Pixels whose outcome that slack could change are computed exactly, the others follow from the affine
-# model. tests/test_localization.py checks the result against upsample_map + peak + bounding_box.
+# with source = fma(in / out, i + 0.5, -0.5) per axis, clamped at 0 (`_axis`). fma rounds once where torch's
+# kernels fuse multiply-adds (its AVX2 and AVX-512 builds) and twice where they do not (its DEFAULT build);
+# `_torch_fuses` asks torch once which. Between two knots the value is affine in each weight, so in exact
+# arithmetic a region's extremes sit on its first or last pixel; torch's rounding moves a value by at most a few
+# units in the last place (ULPs) from that, which _SLACK covers with margin. Pixels whose outcome that slack
+# could change are computed exactly, the others follow from the affine model. tests/test_localization.py checks
+# the result against upsample_map + peak + bounding_box.
 
 _SMALL_OUTPUT = 128  # torch's _use_channels_last_kernel_2d threshold on output height + width
 _SLACK = 4e-6  # bound on |torch's value - the affine model|: ~30 ULPs at 1.0, for values in [0, 1]
@@ -125,14 +127,13 @@ class _Axis:
 
 
 @functools.lru_cache(maxsize=64)
-def _axis(n_in: int, n_out: int) -> _Axis:
+def _axis(n_in: int, n_out: int, fused: bool) -> _Axis:
     """torch's area_pixel_compute_source_index and guard_index_and_lambda, in numpy, bit for bit.
 
     Cached: a server sees the same few image sizes over and over.
     """
     scale = np.float32(n_in) / np.float32(n_out)
-    # scale * (i + 0.5) - 0.5 with one rounding (torch's build fuses it): exact in float64, then rounded once.
-    source = (np.float64(scale) * (np.arange(n_out, dtype=np.float64) + 0.5) - 0.5).astype(np.float32)
+    source = _fma(np.full(n_out, scale), np.arange(n_out, dtype=np.float32) + np.float32(0.5), np.float32(-0.5), fused)
     np.maximum(source, np.float32(0), out=source)
     low = np.minimum(source.astype(np.int64), n_in - 1)
     weight_high = np.clip(source - low.astype(np.float32), np.float32(0), np.float32(1))
@@ -146,43 +147,63 @@ def _axis(n_in: int, n_out: int) -> _Axis:
     return axis
 
 
-def _fma(a: np.ndarray, b: np.ndarray, c: np.ndarray) -> np.ndarray:
-    """float32 a * b + c rounded once, as a fused multiply-add (a * b is exact in float64)."""
-    return (a.astype(np.float64) * b + c).astype(np.float32)
+def _fma(a: np.ndarray, b: np.ndarray, c: np.ndarray, fused: bool) -> np.ndarray:
+    """float32 a * b + c as torch's kernels compute it: rounded once if `fused` (a * b is exact in float64), else twice."""
+    if fused:
+        return (a.astype(np.float64) * b + c).astype(np.float32)
+    return (a * b).astype(np.float32) + c
+
+
+@functools.cache
+def _torch_fuses() -> bool | None:
+    """Whether this torch build fuses bilinear upsampling's multiply-adds; None if neither way matches it.
+
+    Asked once: a probe grid upsampled both ways, compared bit for bit with torch's own result.
+    """
+    probe = torch.rand(5, 7, generator=torch.Generator().manual_seed(0))
+    size = (97, 61)  # width + height > _SMALL_OUTPUT: the kernel that peak_and_box reproduces
+    reference = upsample_map(probe, size).numpy()
+    for fused in (True, False):
+        values = _Upsampled(probe.numpy(), size, fused).values(np.arange(size[1])[:, None], np.arange(size[0])[None, :])
+        if np.array_equal(np.clip(values, 0, 1), reference):
+            return fused
+    return None
 
 
 class _Upsampled:
     """upsample_map(grid, size) without the full map: exact values at any pixels, and bounds for regions."""
 
-    def __init__(self, grid: np.ndarray, size: tuple[int, int]) -> None:
-        self.grid = grid
+    def __init__(self, grid: np.ndarray, size: tuple[int, int], fused: bool) -> None:
+        self.grid, self.fused = grid, fused
         self.width, self.height = size
-        self.x = _axis(grid.shape[1], self.width)
-        self.y = _axis(grid.shape[0], self.height)
+        self.x = _axis(grid.shape[1], self.width, fused)
+        self.y = _axis(grid.shape[0], self.height, fused)
         # Every knot row interpolated along x, as torch's first step: (h, width), small.
-        self.rows = _fma(grid[:, self.x.low], self.x.weight_low, grid[:, self.x.high] * self.x.weight_high)
+        self.rows = _fma(grid[:, self.x.low], self.x.weight_low, grid[:, self.x.high] * self.x.weight_high, fused)
 
     def values(self, ys: np.ndarray, xs: np.ndarray) -> np.ndarray:
         """Exact float32 values at pixels (ys, xs) (broadcast), before upsample_map's clamp."""
-        return _fma(self.rows[self.y.low[ys], xs], self.y.weight_low[ys], self.rows[self.y.high[ys], xs] * self.y.weight_high[ys])
+        y = self.y
+        return _fma(self.rows[y.low[ys], xs], y.weight_low[ys], self.rows[y.high[ys], xs] * y.weight_high[ys], self.fused)
 
 
 def peak_and_box(grid: Tensor | np.ndarray, size: tuple[int, int], threshold: float = BBOX_THRESHOLD) -> tuple[tuple[int, int], tuple[int, int, int, int]]:
     """peak(m) and bounding_box(m, threshold) of m = upsample_map(grid, size), without computing m.
 
-    The same answer, in microseconds instead of milliseconds at camera sizes. A grid with values outside [0, 1]
-    or NaN (never a normalised map), and a small output, take the full-size way.
+    The same answer at a fraction of the cost at camera sizes. A grid with values outside [0, 1] or NaN (never
+    a normalised map), a small output, and a torch whose rounding this does not reproduce take the full-size way.
     """
     values = grid.detach().cpu().float().numpy() if isinstance(grid, Tensor) else np.asarray(grid, dtype=np.float32)
     width, height = size
     # Outputs with width + height <= 128 go through another torch kernel (channels-last, other rounding); they
     # are small enough to compute in full. NaN fails the range check too.
-    if width + height <= _SMALL_OUTPUT or not (values.min() >= 0 and values.max() <= 1):
+    fused = _torch_fuses()
+    if width + height <= _SMALL_OUTPUT or fused is None or not (values.min() >= 0 and values.max() <= 1):
         heatmap = upsample_map(torch.from_numpy(values), size)
         return peak(heatmap), bounding_box(heatmap, threshold)
     if not values.max() > 0:
         return (0, 0), (0, 0, width, height)  # all zero: peak() and bounding_box() of a zero map
-    upsampled = _Upsampled(values, size)
+    upsampled = _Upsampled(values, size, fused)
     (x, y), maximum = _peak(upsampled)
     return (x, y), _box(upsampled, np.float32(threshold * float(maximum)))
 
