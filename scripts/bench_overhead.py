@@ -14,7 +14,8 @@ Peak memory (--memory): each variant runs in a fresh process, which loads the mo
 kernel's peak-RSS mark (VmHWM, via /proc/self/clear_refs) and then runs one call. Its peak memory is VmHWM minus
 the RSS just before the call: everything the call held at its busiest moment - activations, autograd graph,
 gradients, library buffers - as the operating system counts it, whichever allocator made it. Median of three
-calls; the figure is that peak ÷ the plain prediction's, measured the same way.
+calls, then the median over three such processes (they differ by up to a fifth: oneDNN picks its kernels and
+buffers per process); the figure is that peak ÷ the plain prediction's, measured the same way.
 
 `--references` adds pytorch-grad-cam's, torchcam's and Captum's (LayerGradCam, Grad-CAM only) implementation of
 the same method on the same inputs, each used as its documentation shows: pytorch-grad-cam and torchcam give the
@@ -207,7 +208,7 @@ def memory_child(model_name: str, variant: str, batch: int) -> None:
     print(json.dumps({"peak": statistics.median(peaks)}))
 
 
-def memory(model_name: str, methods: list[str], batch_sizes: list[int], references: bool) -> list[dict]:
+def memory(model_name: str, methods: list[str], batch_sizes: list[int], references: bool, processes: int) -> list[dict]:
     model, size = build(model_name)
     extractor = CamExtractor(model, size)
     names = list(variants(model, extractor, methods, references, torch.randn(1, 3, *size), model_name))
@@ -216,9 +217,10 @@ def memory(model_name: str, methods: list[str], batch_sizes: list[int], referenc
     for batch in batch_sizes:
         peaks = {}
         for name in ["predict", *names]:
+            # Processes differ by up to a fifth (which kernels and buffers oneDNN picks): median of `processes`.
             command = [sys.executable, __file__, "--memory-child", json.dumps([model_name, name, batch])]
-            result = subprocess.run(command, capture_output=True, text=True, check=True, cwd=ROOT, env=MEMORY_CHILD_ENV)
-            peaks[name] = json.loads(result.stdout.strip().splitlines()[-1])["peak"]
+            results = [subprocess.run(command, capture_output=True, text=True, check=True, cwd=ROOT, env=MEMORY_CHILD_ENV) for _ in range(processes)]
+            peaks[name] = statistics.median(json.loads(r.stdout.strip().splitlines()[-1])["peak"] for r in results)
         for name in names:
             rows.append({"model": model_name, "batch": batch, "variant": name, "peak_mib": peaks[name] / 2**20,
                          "predict_mib": peaks["predict"] / 2**20, "ratio": peaks[name] / peaks["predict"]})
@@ -236,6 +238,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1, help="torch threads (default 1, as one TorchServe worker thread)")
     parser.add_argument("--references", action="store_true", help="also run pytorch-grad-cam, torchcam and Captum")
     parser.add_argument("--memory", action="store_true", help="also measure peak memory, each variant in a fresh process")
+    parser.add_argument("--memory-processes", type=int, default=3, help="processes per variant (median)")
     parser.add_argument("--no-time", action="store_true", help="skip the time rounds")
     parser.add_argument("--markdown", type=Path, help="write the tables here")
     parser.add_argument("--memory-child", help=argparse.SUPPRESS)
@@ -257,7 +260,7 @@ def main() -> None:
     if args.memory:
         rows = []
         for model_name in args.models.split(","):
-            rows += memory(model_name, methods, batch_sizes, args.references)
+            rows += memory(model_name, methods, batch_sizes, args.references, args.memory_processes)
         table = ["| model | batch | variant | peak MiB | plain prediction's peak MiB | peak ÷ plain |", "|---|---|---|---|---|---|"]
         table += [f"| {r['model']} | {r['batch']} | {r['variant']} | {r['peak_mib']:.1f} | {r['predict_mib']:.1f} | {r['ratio']:.2f} |" for r in rows]
         tables.append("\n".join(table))

@@ -45,8 +45,9 @@ _PNG_SUB = 1  # PNG filter type 1: each byte minus the byte to its left
 def heatmap_png_of_grid(grid: Tensor | np.ndarray, size: tuple[int, int]) -> bytes:
     """The map `grid` (h, w) in [0, 1] at `size` (width, height) as an 8-bit grayscale PNG, 64 levels.
 
-    The pixels of heatmap_png(upsample_map(grid, size)), give or take one level where float rounding
-    differs (about one pixel in a million), at a fraction of the cost (scripts/bench_encoding.py):
+    The pixels of upsample_map(grid, size) rounded to 64 levels, give or take one level where float rounding
+    puts a value on a level boundary (about one pixel in a million), at a fraction of the cost
+    (scripts/bench_encoding.py):
     - OpenCV's SIMD bilinear resize (same sampling as torch's align_corners=False) of the grid already
       scaled to levels, then rounded to uint8 levels in one pass: no float map at full size in between.
     - Every row gets PNG's Sub filter, in one numpy pass; then zlib-ng, whose levels 2-4 give zlib's level 6
