@@ -67,7 +67,8 @@ evaluate: $(VENV)/.installed
 bench: $(VENV)/.installed
 	$(PY) load_tests/serving_benchmark.py $(BENCH_ARGS)
 
-# About 15 minutes: default model + resnet50, cam and gradcam, batch 1 and 8, time and peak memory, with the references.
+# About 40 minutes on 2 cores: default model + resnet50, cam and gradcam, batch 1 and 8, time and peak memory (each
+# variant in three fresh processes), against pytorch-grad-cam, torchcam and Captum.
 bench-maps: $(VENV)/.installed
 	$(PY) scripts/bench_overhead.py --references --memory $(BENCH_ARGS)
 

@@ -1,7 +1,7 @@
 """What a map costs over a plain prediction, in time and in peak memory, against the reference libraries (in-process).
 
     make bench-maps     # = scripts/bench_overhead.py --references --memory: default model + resnet50, cam and gradcam,
-                        #   batch 1 and 8, against pytorch-grad-cam, torchcam and Captum (about 10 minutes on 2 cores)
+                        #   batch 1 and 8, against pytorch-grad-cam, torchcam and Captum (about 40 minutes on 2 cores)
     python scripts/bench_overhead.py --models resnet18,resnet50,mobilenet_v3_large,efficientnet_b0,convnext_tiny,vit_b_16 \
         --methods cam,gradcam,gradcampp,xgradcam,hirescam,layercam,eigencam,scorecam --references
 
