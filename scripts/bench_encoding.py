@@ -1,20 +1,19 @@
-"""What encoding one map's answer costs, step by step, old and new implementation side by side in one run.
+"""What one map's answer costs (cam_json: upsample, PNG, peak, box, base64), old and new side by side in one run.
 
-    PYTHONPATH=. .venv/bin/python scripts/bench_encoding.py                  # the table (under a minute)
-    PYTHONPATH=. .venv/bin/python scripts/bench_encoding.py --levels 1,2,3,6  # adds a zlib level sweep of the PNG
+    PYTHONPATH=. .venv/bin/python scripts/bench_encoding.py                 # the table (about a minute)
+    PYTHONPATH=. .venv/bin/python scripts/bench_encoding.py --steps         # adds the new answer step by step
+    PYTHONPATH=. .venv/bin/python scripts/bench_encoding.py --alternatives  # adds the candidates measured for it
 
-For every prediction with a map the handler calls camserve.protocol.responses.cam_json: upsample the low-res
-map to the original image size, take its peak, its bounding box, encode it as a PNG, then base64 and JSON.
-This runs those steps as cam_json does and times each, for maps as CAMs look (three smooth Gaussian blobs on
-a 16x16 and on a 7x7 grid) and for a 16x16 torch.rand grid, at 320x240, 640x480 and 1280x960.
+The old answer is the implementation before issue 12, kept below as the reference: torch's bilinear upsampling
+to a float map at full size, the PNG quantised from it (Sub filter, stdlib zlib level 1), numpy's argmax and the
+run-based box of that map. The new one is camserve.protocol.responses.cam_json: peak and box from the grid
+(camserve.cam.localization.peak_and_box), the PNG from OpenCV's resize of the grid and zlib-ng.
 
-The implementation before this script (torch.argmax, scipy.ndimage.label on every full-size mask, PIL's PNG
-encoder at compress_level 6; upsampling is unchanged) is kept below as the reference. Rounds alternate old and new,
-each going first in half of them, so drifting machine load and cache state weigh on both alike; figures are
-medians over rounds, in milliseconds. Each case first checks that old and new give exactly the same bbox, peak
-and decoded PNG pixels; "same answer" repeats that check on the whole answer. torch runs on one thread
-(--threads), as in a TorchServe worker with one thread. The bbox is faster only for maps whose region above
-20 % is one blob (one run per row): three separate blobs and noise are labelled pixel by pixel, as before.
+Maps: three smooth Gaussian blobs on a 16x16 and on a 7x7 grid, a 16x16 torch.rand grid (noise, the worst case
+for bytes), and the default model's Grad-CAM of a generated scene (16x16). Rounds alternate old and new, each
+going first in half of them, so drifting machine load and cache state weigh on both alike; figures are medians
+over rounds, in milliseconds, with torch and OpenCV on one thread. Before timing, every case checks that old and
+new give the same peak and box, and counts the heat map pixels that differ (by one level of 64 at most).
 """
 
 from __future__ import annotations
@@ -24,53 +23,61 @@ import base64
 import io
 import json
 import statistics
+import struct
 import time
+import zlib
 from collections.abc import Callable
+from pathlib import Path
 
+import cv2
 import numpy as np
 import torch
+import yaml
 from PIL import Image
+from torch.nn import functional as F
+from zlib_ng import zlib_ng
 
-from camserve.cam.localization import BBOX_THRESHOLD, _labelled_box, bounding_box, peak, upsample_map
-from camserve.protocol.responses import HEATMAP_STEP, _png, _sub_filter, decode_heatmap, heatmap_png
+from camserve.cam import CamExtractor
+from camserve.cam.localization import bounding_box, peak, peak_and_box, upsample_map
+from camserve.model_spec import ModelSpec, load_model
+from camserve.preprocessing import whole_image_transform
+from camserve.protocol.responses import HEATMAP_LEVELS, HEATMAP_STEP, cam_json, decode_heatmap, heatmap_png_of_grid
+from camserve_tools.scenes import EVAL_SEED_START, make_scene
 
+ROOT = Path(__file__).resolve().parent.parent
 SIZES = [(320, 240), (640, 480), (1280, 960)]  # (width, height) of the original image
+LABELS = ["a"]
 
 
-# --- the reference: the implementation before this benchmark ---
-
-
-def old_peak(heatmap: torch.Tensor) -> tuple[int, int]:
-    index = int(torch.argmax(heatmap))
-    width = heatmap.shape[1]
-    return index % width, index // width
+# --- the reference: the answer before issue 12 ---
 
 
 def old_heatmap_png(heatmap: torch.Tensor) -> bytes:
-    pixels = ((heatmap.clamp(0, 1) * (255 // HEATMAP_STEP)).round() * HEATMAP_STEP).to(torch.uint8).cpu().numpy()
-    return pil_png(pixels, 6)
+    """The quantised full-size map, Sub filter, stdlib zlib level 1."""
+    levels = np.rint(np.clip(heatmap.numpy(), 0, 1) * np.float32(HEATMAP_LEVELS)).astype(np.uint8) * np.uint8(HEATMAP_STEP)
+    rows = np.empty((levels.shape[0], levels.shape[1] + 1), dtype=np.uint8)
+    rows[:, 0] = 1
+    rows[:, 1] = levels[:, 0]
+    np.subtract(levels[:, 1:], levels[:, :-1], out=rows[:, 2:])
+    return png_file(rows, zlib.compress(rows, 1))
 
 
-def grey_png(pixels: np.ndarray, compress_level: int) -> bytes:
-    """heatmap_png's encoder on given pixels at any zlib level: for the level sweep (--levels)."""
-    rows = np.empty((pixels.shape[0], pixels.shape[1] + 1), dtype=np.uint8)
-    _sub_filter(pixels, rows)
-    return _png(rows, compress_level)
+def png_file(rows: np.ndarray, idat: bytes) -> bytes:
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(data, zlib.crc32(kind)))
+
+    header = struct.pack(">IIBBBBB", rows.shape[1] - 1, rows.shape[0], 8, 0, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", idat) + chunk(b"IEND", b"")
 
 
-def pil_png(pixels: np.ndarray, compress_level: int) -> bytes:
-    buffer = io.BytesIO()
-    Image.fromarray(pixels, mode="L").save(buffer, format="PNG", compress_level=compress_level)
-    return buffer.getvalue()
+def old_cam_json(grid: torch.Tensor, size: tuple[int, int]) -> dict:
+    heatmap = upsample_map(grid, size)
+    return {"size": list(size), "heatmap": base64.b64encode(old_heatmap_png(heatmap)).decode("ascii"),
+            "bbox": list(bounding_box(heatmap)), "peak": list(peak(heatmap))}
 
 
-def old_bounding_box(heatmap: torch.Tensor, threshold: float = BBOX_THRESHOLD) -> tuple[int, int, int, int]:
-    """Every pixel labelled, whatever the mask: what bounding_box still does for all but single blobs."""
-    height, width = heatmap.shape
-    maximum = float(heatmap.max())
-    if maximum <= 0:
-        return 0, 0, width, height
-    return _labelled_box((heatmap >= threshold * maximum).cpu().numpy())
+def new_cam_json(grid: torch.Tensor, size: tuple[int, int]) -> dict:
+    return cam_json(grid, size, "gradcam", ("features",), 0, LABELS)
 
 
 # --- maps ---
@@ -87,105 +94,155 @@ def blobs(side: int, seed: int) -> torch.Tensor:
     return grid / grid.max()
 
 
+def scene_map(seed: int = EVAL_SEED_START + 9_000_003) -> torch.Tensor:
+    """The default model's Grad-CAM (its served default) of a generated scene."""
+    spec = ModelSpec.from_dict(yaml.safe_load((ROOT / "models/shapes/model-config.yaml").read_text())["handler"])
+    model = load_model(spec, ROOT / "models" / "shapes")
+    image = make_scene(seed).image
+    inputs = whole_image_transform(spec.input_size, spec.mean, spec.std)(image)[None]
+    return CamExtractor(model, spec.input_size)(inputs, method=spec.method).maps[0, 0]
+
+
 def grids() -> dict[str, torch.Tensor]:
-    return {"blobs 16x16": blobs(16, 0), "blobs 7x7": blobs(7, 1), "rand 16x16": torch.rand(16, 16, generator=torch.Generator().manual_seed(2))}
+    return {
+        "blobs 16x16": blobs(16, 0),
+        "blobs 7x7": blobs(7, 1),
+        "rand 16x16": torch.rand(16, 16, generator=torch.Generator().manual_seed(2)),
+        "scene 16x16": scene_map(),
+    }
 
 
 # --- timing ---
 
 
-def steps(upsample_fn: Callable, peak_fn: Callable, bbox_fn: Callable, heatmap_png_fn: Callable) -> Callable:
-    """cam_json's work, timed step by step: returns {step: seconds} and the answer's parts."""
-
-    def run(grid: torch.Tensor, size: tuple[int, int]) -> tuple[dict[str, float], dict]:
-        times = {}
-        start = time.perf_counter()
-        heatmap = upsample_fn(grid, size)
-        times["upsample"] = (now := time.perf_counter()) - start
-        xy = peak_fn(heatmap)
-        times["peak"] = (after := time.perf_counter()) - now
-        box = bbox_fn(heatmap)
-        times["bbox"] = (now := time.perf_counter()) - after
-        png = heatmap_png_fn(heatmap)
-        times["png"] = (after := time.perf_counter()) - now
-        body = json.dumps({"cam": {"size": list(size), "heatmap": base64.b64encode(png).decode("ascii"), "bbox": list(box), "peak": list(xy)}})
-        times["b64+json"] = time.perf_counter() - after
-        times["total"] = time.perf_counter() - start
-        return times, {"png": png, "bbox": box, "peak": xy, "body": len(body)}
-
-    return run
+def answer_bytes(cam: dict) -> int:
+    return len(json.dumps({"cam": cam}, separators=(",", ":")))
 
 
-OLD = steps(upsample_map, old_peak, old_bounding_box, old_heatmap_png)
-NEW = steps(upsample_map, peak, bounding_box, heatmap_png)
-STEPS = ["upsample", "peak", "bbox", "png", "b64+json", "total"]
-
-
-def compare(grid: torch.Tensor, size: tuple[int, int], rounds: int) -> tuple[dict, dict, dict, dict, bool]:
-    """Old and new timings, their answers, and whether the two answers are the same."""
-    # On one map, the new bbox, peak and PNG pixels must be exactly the old ones.
-    heatmap = upsample_map(grid, size)
-    assert bounding_box(heatmap) == old_bounding_box(heatmap), (bounding_box(heatmap), old_bounding_box(heatmap))
-    assert peak(heatmap) == old_peak(heatmap)
-    assert np.array_equal(pixels(heatmap_png(heatmap)), pixels(old_heatmap_png(heatmap)))
-    old_answer, new_answer = OLD(grid, size)[1], NEW(grid, size)[1]  # also the warm-up
-    same = old_answer["bbox"] == new_answer["bbox"] and old_answer["peak"] == new_answer["peak"] \
-        and np.array_equal(pixels(old_answer["png"]), pixels(new_answer["png"]))
-    old_times: dict[str, list[float]] = {step: [] for step in STEPS}
-    new_times: dict[str, list[float]] = {step: [] for step in STEPS}
+def compare(grid: torch.Tensor, size: tuple[int, int], rounds: int) -> dict:
+    """Old and new answer: median times, bytes, whether peak and box agree, and how many pixels differ."""
+    old, new = old_cam_json(grid, size), new_cam_json(grid, size)  # also the warm-up
+    assert (old["peak"], old["bbox"]) == (new["peak"], new["bbox"]), (old["peak"], old["bbox"], new["peak"], new["bbox"])
+    old_pixels, new_pixels = decode_heatmap(old["heatmap"]).astype(int), decode_heatmap(new["heatmap"]).astype(int)
+    levels_apart = np.abs(old_pixels - new_pixels) // HEATMAP_STEP
+    assert levels_apart.max() <= 1, levels_apart.max()
+    times: dict[str, list[float]] = {"old": [], "new": []}
+    runs: list[tuple[str, Callable]] = [("old", old_cam_json), ("new", new_cam_json)]
     for round_ in range(rounds):
-        pair = ((OLD, old_times), (NEW, new_times))
-        for run, times in pair if round_ % 2 else pair[::-1]:  # each goes first in half the rounds: what runs
-            for step, seconds in run(grid, size)[0].items():  # just before (caches) weighs on both alike
-                times[step].append(seconds)
-    median = lambda times: {step: statistics.median(values) * 1e3 for step, values in times.items()}  # noqa: E731
-    return median(old_times), median(new_times), old_answer, new_answer, same
+        for name, run in runs if round_ % 2 else runs[::-1]:  # each goes first in half the rounds
+            start = time.perf_counter()
+            json.dumps(run(grid, size))
+            times[name].append(time.perf_counter() - start)
+    return {
+        "old": statistics.median(times["old"]) * 1e3,
+        "new": statistics.median(times["new"]) * 1e3,
+        "png": (len(base64.b64decode(old["heatmap"])), len(base64.b64decode(new["heatmap"]))),
+        "body": (answer_bytes(old), answer_bytes(new)),
+        "differ": int((levels_apart > 0).sum()),
+        "max_levels": int(levels_apart.max()),
+    }
 
 
-def pixels(png: bytes) -> np.ndarray:
-    return decode_heatmap(base64.b64encode(png).decode("ascii"))
+def timed(function: Callable[[], object], rounds: int) -> float:
+    function()
+    seconds = []
+    for _ in range(rounds):
+        start = time.perf_counter()
+        function()
+        seconds.append(time.perf_counter() - start)
+    return statistics.median(seconds) * 1e3
 
 
-def level_sweep(levels: list[int], rounds: int) -> None:
-    print("\n### PNG of the same pixels: PIL's encoder vs grey_png (Sub filter) at each zlib level (ms / KB)\n")
-    print("| map | size | PIL level 6 | PIL level 1 | " + " | ".join(f"Sub, level {level}" for level in levels) + " |")
-    print("|---|---|---|---|" + "---|" * len(levels))
+def steps_table(rounds: int) -> None:
+    print("\n### The new answer step by step (median ms)\n")
+    print("| map | size | peak + box | PNG: resize + round | PNG: filter + zlib-ng | base64 + JSON | PNG bytes |")
+    print("|---|---|---|---|---|---|---|")
     for name, grid in grids().items():
-        for size in SIZES:
-            heatmap = upsample_map(grid, size)
-            grey = ((heatmap * (255 // HEATMAP_STEP)).round() * HEATMAP_STEP).to(torch.uint8).numpy()
-            candidates = [lambda: pil_png(grey, 6), lambda: pil_png(grey, 1)] + [lambda level=level: grey_png(grey, level) for level in levels]
+        small = grid.numpy() * np.float32(HEATMAP_LEVELS)
+        for width, height in SIZES:
+            png = heatmap_png_of_grid(grid, (width, height))
+            levels = lambda: cv2.convertScaleAbs(cv2.resize(small, (width, height), interpolation=cv2.INTER_LINEAR))  # noqa: E731
+            resize_ms = timed(levels, rounds)
+            cells = [
+                timed(lambda: peak_and_box(grid, (width, height)), rounds),
+                resize_ms,
+                timed(lambda: heatmap_png_of_grid(grid, (width, height)), rounds) - resize_ms,
+                timed(lambda: json.dumps({"heatmap": base64.b64encode(png).decode("ascii")}), rounds),
+            ]
+            print(f"| {name} | {width}x{height} | " + " | ".join(f"{c:.2f}" for c in cells) + f" | {len(png):,} |")
+
+
+def alternatives_table(rounds: int) -> None:
+    """The candidates for each step of the new PNG, on the scene map and the blob map."""
+    print("\n### Candidates: upsampling the grid to 8-bit levels (median ms; pixels off by one level vs the old path)\n")
+    print("| map | size | torch float (old) | torch uint8 | PIL 'L' | PIL 'F' | OpenCV float (chosen) |")
+    print("|---|---|---|---|---|---|---|")
+    maps = grids()
+    for name, grid in (("scene 16x16", maps["scene 16x16"]), ("blobs 16x16", maps["blobs 16x16"])):
+        for width, height in SIZES[1:]:
+            small = grid.numpy() * np.float32(HEATMAP_LEVELS)
+            reference = np.rint(upsample_map(grid, (width, height)).numpy() * HEATMAP_LEVELS)
+            small8 = np.rint(small * (255 / HEATMAP_LEVELS)).astype(np.uint8)  # 256 levels in, then back to 64
+            candidates = {
+                "torch float": lambda: np.rint(F.interpolate(grid[None, None], size=(height, width), mode="bilinear", align_corners=False)[0, 0].clamp_(0, 1).numpy() * HEATMAP_LEVELS),
+                "torch uint8": lambda: np.rint(F.interpolate(torch.from_numpy(small8)[None, None], size=(height, width), mode="bilinear", align_corners=False)[0, 0].numpy() * (HEATMAP_LEVELS / 255)),
+                "PIL L": lambda: np.rint(np.asarray(Image.fromarray(small8, "L").resize((width, height), Image.BILINEAR)) * (HEATMAP_LEVELS / 255)),
+                "PIL F": lambda: np.rint(np.asarray(Image.fromarray(small, "F").resize((width, height), Image.BILINEAR))),
+                "OpenCV": lambda: cv2.convertScaleAbs(cv2.resize(small, (width, height), interpolation=cv2.INTER_LINEAR)),
+            }
             cells = []
-            for encode in candidates:
-                encoded = encode()
-                seconds = []
-                for _ in range(rounds):
-                    start = time.perf_counter()
-                    encode()
-                    seconds.append(time.perf_counter() - start)
-                cells.append(f"{statistics.median(seconds) * 1e3:.2f} / {len(encoded) / 1e3:.1f}")
-            print(f"| {name} | {size[0]}x{size[1]} | " + " | ".join(cells) + " |")
+            for candidate in candidates.values():
+                off = int((candidate() != reference).sum())
+                cells.append(f"{timed(candidate, rounds):.2f} ({off:,} off)")
+            print(f"| {name} | {width}x{height} | " + " | ".join(cells) + " |")
+    print("\n### Candidates: compressing the same filtered rows (KB / median ms)\n")
+    compressors = {
+        "zlib 1 (old)": lambda rows: zlib.compress(rows, 1),
+        "zlib 6": lambda rows: zlib.compress(rows, 6),
+        **{f"zlib-ng {level}": (lambda rows, level=level: zlib_ng.compress(rows, level)) for level in (1, 2, 3, 4, 5, 6)},
+    }
+    print("| map | size | PIL PNG level 6 | " + " | ".join(compressors) + " |")
+    print("|---|---|---|" + "---|" * len(compressors))
+    for name, grid in grids().items():
+        for width, height in SIZES[1:]:
+            levels = cv2.convertScaleAbs(cv2.resize(grid.numpy() * np.float32(HEATMAP_LEVELS), (width, height), interpolation=cv2.INTER_LINEAR))
+            grey = levels * np.uint8(HEATMAP_STEP)
+            rows = np.empty((height, width + 1), dtype=np.uint8)
+            rows[:, 0] = 1
+            rows[:, 1] = grey[:, 0]
+            np.subtract(grey[:, 1:], grey[:, :-1], out=rows[:, 2:])
+
+            def pil_png() -> bytes:
+                buffer = io.BytesIO()
+                Image.fromarray(grey, "L").save(buffer, format="PNG", compress_level=6)
+                return buffer.getvalue()
+
+            cells = [f"{len(pil_png()) / 1e3:.1f} / {timed(pil_png, rounds):.2f}"]
+            cells += [f"{len(compress(rows)) / 1e3:.1f} / {timed(lambda: compress(rows), rounds):.2f}" for compress in compressors.values()]
+            print(f"| {name} | {width}x{height} | " + " | ".join(cells) + " |")
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rounds", type=int, default=40)
     parser.add_argument("--threads", type=int, default=1, help="torch threads (default 1, as one TorchServe worker thread)")
-    parser.add_argument("--levels", default="", help="also sweep this encoder's zlib levels, e.g. 1,2,3,6")
+    parser.add_argument("--steps", action="store_true", help="also time the new answer step by step")
+    parser.add_argument("--alternatives", action="store_true", help="also time the candidates for the PNG's steps")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    print(f"### cam_json step by step, old -> new (median ms over {args.rounds} alternating rounds; torch threads {args.threads})\n")
-    print("| map | size | " + " | ".join(STEPS) + " | speed-up | PNG bytes old -> new | body bytes old -> new | same answer |")
-    print("|---|---|" + "---|" * (len(STEPS) + 4))
+    print(f"### cam_json, old -> new (median ms over {args.rounds} alternating rounds; torch threads {args.threads})\n")
+    print("| map | size | old ms | new ms | speed-up | PNG bytes old -> new | answer bytes old -> new | same peak and box | pixels one level off |")
+    print("|---|---|---|---|---|---|---|---|---|")
     for name, grid in grids().items():
-        for size in SIZES:
-            old, new, old_answer, new_answer, same = compare(grid, size, args.rounds)
-            cells = [f"{old[step]:.2f} -> {new[step]:.2f}" for step in STEPS]
-            print(f"| {name} | {size[0]}x{size[1]} | " + " | ".join(cells) + f" | {old['total'] / new['total']:.1f}x"
-                  f" | {len(old_answer['png']):,} -> {len(new_answer['png']):,} | {old_answer['body']:,} -> {new_answer['body']:,}"
-                  f" | {'yes' if same else 'no'} |")
-    if args.levels:
-        level_sweep([int(level) for level in args.levels.split(",")], args.rounds)
+        for width, height in SIZES:
+            r = compare(grid, (width, height), args.rounds)
+            print(f"| {name} | {width}x{height} | {r['old']:.2f} | {r['new']:.2f} | {r['old'] / r['new']:.1f}x"
+                  f" | {r['png'][0]:,} -> {r['png'][1]:,} | {r['body'][0]:,} -> {r['body'][1]:,} | yes"
+                  f" | {r['differ']:,} of {width * height:,} |", flush=True)
+    if args.steps:
+        steps_table(args.rounds)
+    if args.alternatives:
+        alternatives_table(max(5, args.rounds // 4))
 
 
 if __name__ == "__main__":

@@ -13,7 +13,7 @@ from PIL import Image, ImageChops
 
 from camserve.protocol.options import OptionRules, parse_options
 from camserve.protocol.decoding import MAX_PIXELS, RequestError, decode_request
-from camserve.protocol.responses import HEATMAP_STEP, cam_json, decode_heatmap, heatmap_png
+from camserve.protocol.responses import cam_json, decode_heatmap, encode_answer, heatmap_png_size, json_bytes
 
 RULES = OptionRules(methods={"cam", "gradcam"}, layers={"features", "fc"}, labels=["circle", "square", "triangle"], default_method="gradcam", default_topk=3)
 
@@ -117,22 +117,15 @@ def test_options_defaults_and_validation() -> None:
         ({"topk": "0"}, "topk"),
         ({"output": "svg"}, "output"),
         ({"colour": "red"}, "colour"),
+        ({"heatmap_size": "huge"}, "heatmap_size"),
+        ({"heatmap_size": "7"}, "heatmap_size"),
+        ({"heatmap_size": "4097"}, "heatmap_size"),
+        ({"heatmap_size": "-64"}, "heatmap_size"),
+        ({"heatmap_size": "²"}, "heatmap_size"),
     ]:
         with pytest.raises(RequestError) as caught:
             parse_options(raw, RULES)
         assert caught.value.option == option and caught.value.status == 400
-
-
-@pytest.mark.parametrize("height, width", [(1, 1), (1, 7), (7, 1), (23, 37), (240, 320)])
-def test_heatmap_png_is_the_quantised_map_as_8_bit_grey(height: int, width: int) -> None:
-    generator = torch.Generator().manual_seed(height * 1000 + width)
-    heatmap = torch.rand(height, width, generator=generator) * 1.4 - 0.2  # values outside [0, 1] clamp
-    heatmap[0, 0] = 30.5 / (255 // HEATMAP_STEP)  # x 63 is exactly 30.5 in float32: to even (30), as torch.round
-    expected = ((heatmap.clamp(0, 1) * (255 // HEATMAP_STEP)).round() * HEATMAP_STEP).to(torch.uint8).numpy()
-    image = Image.open(io.BytesIO(heatmap_png(heatmap)))
-    assert image.format == "PNG" and image.mode == "L" and image.size == (width, height)
-    assert (np.asarray(image) == expected).all() and int(np.asarray(image)[0, 0]) == 30 * HEATMAP_STEP
-    assert (np.asarray(image) % HEATMAP_STEP == 0).all() and len(np.unique(expected)) <= 256 // HEATMAP_STEP
 
 
 def test_cam_json_box_and_peak_are_those_of_the_full_size_map() -> None:
@@ -147,3 +140,38 @@ def test_cam_json_box_and_peak_are_those_of_the_full_size_map() -> None:
     assert heatmap[y, x] == heatmap.max() and 4 * 320 / 7 <= x < 5 * 320 / 7 and 2 * 240 / 7 <= y < 3 * 240 / 7
     x0, y0, x1, y1 = cam["bbox"]
     assert x0 <= x < x1 and y0 <= y < y1 and x0 >= 3 * 320 / 7 and y1 <= 4 * 240 / 7  # the larger blob alone
+
+
+def test_heatmap_size_option_and_the_size_it_gives() -> None:
+    assert parse_options({}, RULES).heatmap_size == "original"
+    assert parse_options({"heatmap_size": " Input "}, RULES).heatmap_size == "input"
+    assert parse_options({"heatmap_size": "8"}, RULES).heatmap_size == 8
+    assert parse_options({"heatmap_size": "4096"}, RULES).heatmap_size == 4096
+    # As a header: X-CAM-Heatmap-Size.
+    request = decode_request({"body": encoded(Image.new("RGB", (8, 8)))}, {"X-CAM-Heatmap-Size": "256"})
+    assert parse_options(request.options, RULES).heatmap_size == 256
+    assert heatmap_png_size("original", (1280, 960), (128, 128)) == (1280, 960)
+    assert heatmap_png_size("input", (1280, 960), (224, 200)) == (200, 224)  # input_size is (height, width)
+    assert heatmap_png_size(320, (1280, 960), None) == (320, 240)
+    assert heatmap_png_size(320, (960, 1280), None) == (240, 320)
+    assert heatmap_png_size(320, (200, 100), None) == (200, 100)  # never enlarged
+    assert heatmap_png_size(8, (4000, 10), None) == (8, 1)
+
+
+def test_a_smaller_heatmap_keeps_size_peak_and_box_of_the_original() -> None:
+    grid = torch.zeros(7, 7)
+    grid[2, 4], grid[5, 1] = 1.0, 0.6
+    options = parse_options({"heatmap_size": "160"}, RULES)
+    body, content_type = encode_answer(options, torch.tensor([0.1, 0.9]), grid[None], [1], (640, 480), ("features",), ["a", "b"])
+    full, _ = encode_answer(parse_options({}, RULES), torch.tensor([0.1, 0.9]), grid[None], [1], (640, 480), ("features",), ["a", "b"])
+    cam = body["cam"]
+    assert content_type == "application/json" and cam["size"] == [640, 480] and cam["heatmap_size"] == [160, 120]
+    assert decode_heatmap(cam["heatmap"]).shape == (120, 160)
+    assert (cam["peak"], cam["bbox"]) == (full["cam"]["peak"], full["cam"]["bbox"])
+    assert full["cam"]["heatmap_size"] == [640, 480] and decode_heatmap(full["cam"]["heatmap"]).shape == (480, 640)
+
+
+def test_json_bytes_are_compact_json() -> None:
+    body = {"predictions": [{"index": 1, "label": "é", "probability": 0.5}], "cam": {"bbox": [1, 2, 3, 4]}}
+    assert json_bytes(body) == b'{"predictions":[{"index":1,"label":"\\u00e9","probability":0.5}],"cam":{"bbox":[1,2,3,4]}}'
+    assert json.loads(json_bytes(body)) == body

@@ -111,7 +111,7 @@ def test_eigencam_equals_pytorch_grad_cam_up_to_the_svd_sign(case) -> None:
     height, width = ours.shape[-2:]
     reference = EigenCAM(model=model, target_layers=[layer], reshape_transform=_reshape_for(model))
     reference.get_target_width_height = lambda _: (width, height)
-    theirs = torch.from_numpy(reference(input_tensor=inputs))
+    theirs = torch.from_numpy(reference(input_tensor=inputs, targets=None))  # grad-cam 1.5.7: targets is required; None = top class
     for sample in range(len(inputs)):
         orientations = [normalize_maps(projection[sample].clamp(min=0)), normalize_maps((-projection[sample]).clamp(min=0))]
         assert min(float((ours[sample] - o).abs().max()) for o in orientations) <= 1e-4

@@ -143,8 +143,11 @@ HEADER_PREFIX = "x-cam-"
 
 
 def options_from_headers(headers: dict[str, Any]) -> dict[str, str]:
-    """Options sent as `X-CAM-<Option>` headers (TorchServe 0.12 does not pass the query string to handlers)."""
-    return {key[len(HEADER_PREFIX) :].lower(): _header_text(str(value)) for key, value in headers.items() if isinstance(key, str) and key.lower().startswith(HEADER_PREFIX)}
+    """Options sent as `X-CAM-<Option>` headers (TorchServe 0.12 does not pass the query string to handlers).
+
+    Header names take hyphens where option names take underscores: `X-CAM-Heatmap-Size` is `heatmap_size`.
+    """
+    return {key[len(HEADER_PREFIX) :].lower().replace("-", "_"): _header_text(str(value)) for key, value in headers.items() if isinstance(key, str) and key.lower().startswith(HEADER_PREFIX)}
 
 
 def _header_text(value: str) -> str:

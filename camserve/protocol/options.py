@@ -22,7 +22,9 @@ MAX_LAYERS = 4
 MAX_OPTION_LENGTH = 1024  # characters of one raw option value
 # Parameters that TorchServe or KServe envelopes may add to a request row; not ours to judge.
 _PASSTHROUGH = frozenset({"explain", "content-type", "accept", "id", "datatype", "shape", "name", "parameters", "b64"})
-OPTION_NAMES = ("method", "layer", "target", "maps", "topk", "output", "format")
+OPTION_NAMES = ("method", "layer", "target", "maps", "topk", "output", "format", "heatmap_size")
+HEATMAP_SIZES = ("original", "input")  # or a maximum side in pixels, from MIN_HEATMAP_SIDE to MAX_HEATMAP_SIDE
+MIN_HEATMAP_SIDE, MAX_HEATMAP_SIDE = 8, 4096
 _CLASS_INDEX = re.compile(r"[0-9]{1,9}")  # ASCII digits only: str.isdigit() also accepts '²', which int() refuses
 
 
@@ -35,6 +37,7 @@ class Options:
     topk: int
     output: str
     image_format: str
+    heatmap_size: str | int = "original"  # see parse_heatmap_size
 
     @property
     def wants_map(self) -> bool:
@@ -158,7 +161,7 @@ def parse_options(raw: dict[str, str], rules: OptionRules, accept: str | None = 
         raise RequestError(f"option 'format': unknown format {_shown(image_format)}; allowed: {list(OVERLAY_FORMATS)}", kind="invalid_option", option="format")
     if output == "overlay" and method_or_none is None:
         raise RequestError("option 'output': 'overlay' needs a map; method 'none' gives none", kind="invalid_option", option="output")
-    options = Options(method_or_none, layers, targets, maps, topk, output, image_format)
+    options = Options(method_or_none, layers, targets, maps, topk, output, image_format, parse_heatmap_size(raw.get("heatmap_size", "original")))
     if (cost := request_cost(options, rules)) > rules.max_request_cost:
         raise RequestError(
             f"this request would cost {cost} forward passes, over this model's limit of {rules.max_request_cost} "
@@ -167,3 +170,22 @@ def parse_options(raw: dict[str, str], rules: OptionRules, accept: str | None = 
             status=422, kind="request_too_costly",
         )
     return options
+
+
+def parse_heatmap_size(raw: str) -> str | int:
+    """`original` (the image's size), `input` (the model input's size), or the heat map's longest side in pixels.
+
+    For clients that scale the heat map themselves: a smaller PNG is cheaper to make, send and decode. The
+    bounds keep a side at least 8 pixels and the PNG no larger than 4096 x 4096.
+    """
+    value = raw.strip().lower()
+    if value in HEATMAP_SIZES:
+        return value
+    if re.fullmatch(r"[0-9]{1,9}", value) and MIN_HEATMAP_SIDE <= int(value) <= MAX_HEATMAP_SIDE:
+        return int(value)
+    raise RequestError(
+        f"option 'heatmap_size' must be one of {list(HEATMAP_SIZES)} or a side in pixels from {MIN_HEATMAP_SIDE} to {MAX_HEATMAP_SIDE}, "
+        f"got {_shown(raw)}",
+        kind="invalid_option",
+        option="heatmap_size",
+    )

@@ -2,8 +2,8 @@
 
     {"predictions": [{"index": 2, "label": "triangle", "probability": 0.97}, ...],
      "cam": {"method": "gradcam", "layer": "features", "index": 2, "label": "triangle",
-             "size": [width, height], "heatmap": "<base64 8-bit grayscale PNG, width x height>",
-             "bbox": [x0, y0, x1, y1], "peak": [x, y]}}
+             "size": [width, height], "heatmap_size": [width, height],
+             "heatmap": "<base64 8-bit grayscale PNG, heatmap_size>", "bbox": [x0, y0, x1, y1], "peak": [x, y]}}
 
 Coordinates are original-image pixels; bbox's x1, y1 are exclusive.
 """
@@ -17,64 +17,64 @@ import struct
 import zlib
 from typing import Any
 
+import cv2
 import numpy as np
 from PIL import Image, ImageOps
 import torch
 from torch import Tensor
+from zlib_ng import zlib_ng
 
-from camserve.cam.localization import bounding_box, peak, upsample_map
+from camserve.cam.localization import peak_and_box, upsample_map
 from camserve.protocol.options import Options
 
+# A worker's answer is encoded on the core that runs its forward pass (one torch thread per worker; TorchServe
+# scales by workers): OpenCV's own thread pool would only compete with the other workers.
+cv2.setNumThreads(1)
 
 HEATMAP_STEP = 4  # 64 grey levels: indistinguishable in a heat map, and about 40 % fewer PNG bytes than 256
-HEATMAP_COMPRESS_LEVEL = 1  # zlib level of the heat map PNG: see heatmap_png
+HEATMAP_LEVELS = 255 // HEATMAP_STEP
+# zlib-ng levels of the heat map PNG by pixel count: see heatmap_png_of_grid and docs/benchmarks.md.
+HEATMAP_COMPRESS_LEVEL = 4  # up to HEATMAP_LARGE_PIXELS: the default answer for a 640x480 image stays under 16 KB
+HEATMAP_LARGE_COMPRESS_LEVEL = 2  # above: camera-sized maps within about 3 ms of CPU
+HEATMAP_LARGE_PIXELS = 640 * 480
 
 _PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 _PNG_SUB = 1  # PNG filter type 1: each byte minus the byte to its left
-_BAND_PIXELS = 65536  # heatmap_png quantises bands of rows of about this many pixels (256 KB of float32)
 
 
-def heatmap_png(heatmap: Tensor) -> bytes:
-    """A (H, W) map in [0, 1] as an 8-bit grayscale PNG (values quantised to multiples of HEATMAP_STEP).
+def heatmap_png_of_grid(grid: Tensor | np.ndarray, size: tuple[int, int]) -> bytes:
+    """The map `grid` (h, w) in [0, 1] at `size` (width, height) as an 8-bit grayscale PNG, 64 levels.
 
-    The same pixels as before, but no longer encoded by PIL, whose encoder was most of a map's cost
-    (scripts/bench_encoding.py, one torch thread, medians of one run on a shared 2-core machine):
-    - Rows are quantised in bands small enough to stay in cache: at 1280x960, 2 ms less than running each
-      numpy operation over the whole map.
-    - Every row gets PNG's Sub filter, in one numpy pass. PIL tries several filters on every row: even at
-      compress_level 1 it takes 2-3x as long as this encoder at level 1, for about the same bytes.
-    - zlib level 1 (HEATMAP_COMPRESS_LEVEL), not PIL's 6: level 6 takes 3-6x as long on these rows. Level 1
-      gives about twice the old bytes for a blob map (23 KB instead of 11 KB at 640x480, 62 KB instead of
-      27 KB at 1280x960) and 1.15-1.5x for a noisy one. Level 3 would give 22-30 % fewer bytes than level 1
-      for blob maps, at +0.4 to +1.3 ms (+3 to +7 ms for noisy ones). The extra 35 KB (47 KB in base64) is
-      0.4 ms on a 1 Gbit/s link: we spend bytes rather than CPU.
-    With quantising, a blob map's PNG now takes 1.6-1.8 ms instead of 7.5-10 ms at 640x480, and 5-5.6 ms
-    instead of 22-30 ms at 1280x960.
+    The pixels of upsample_map(grid, size) rounded to 64 levels, give or take one level where float rounding
+    puts a value on a level boundary (about one pixel in a million), at a fraction of the cost
+    (scripts/bench_encoding.py):
+    - OpenCV's SIMD bilinear resize (same sampling as torch's align_corners=False) of the grid already
+      scaled to levels, then rounded to uint8 levels in one pass: no float map at full size in between.
+    - Every row gets PNG's Sub filter, in one numpy pass; then zlib-ng, whose levels 2-4 give zlib's level 6
+      bytes or close at the time of zlib's level 1-3 on these rows.
     """
-    values = heatmap.detach().cpu().numpy()
-    height, width = values.shape
-    levels = 255 // HEATMAP_STEP
-    rows = np.empty((height, width + 1), dtype=np.uint8)  # each row: its filter type, then its bytes
-    band = max(1, _BAND_PIXELS // max(width, 1))
-    scaled = np.empty((min(band, height), width), dtype=values.dtype)
-    pixels = np.empty(scaled.shape, dtype=np.uint8)
-    for top in range(0, height, band):
-        count = min(band, height - top)
-        level, grey = scaled[:count], pixels[:count]
-        np.multiply(values[top : top + count], levels, out=level)
-        np.clip(level, 0, levels, out=level)
-        np.rint(level, out=level)  # half to even, as torch.round
-        np.copyto(grey, level, casting="unsafe")
-        grey *= np.uint8(HEATMAP_STEP)
-        _sub_filter(grey, rows[top : top + count])
-    return _png(rows, HEATMAP_COMPRESS_LEVEL)
+    width, height = size
+    small = np.nan_to_num(grid.detach().cpu().float().numpy() if isinstance(grid, Tensor) else np.asarray(grid, dtype=np.float32))
+    small = np.clip(small, 0, 1) * np.float32(HEATMAP_LEVELS)
+    levels = cv2.convertScaleAbs(cv2.resize(small, (width, height), interpolation=cv2.INTER_LINEAR))  # rounds half to even
+    if levels.ndim == 1:  # OpenCV drops a dimension of size 1
+        levels = levels.reshape(height, width)
+    return _png(_sub_filtered(levels), _compress_level(width * height))
 
 
-def _sub_filter(pixels: np.ndarray, rows: np.ndarray) -> None:
-    """PNG's Sub filter of (h, w) `pixels` into (h, w + 1) `rows`: the filter type, then each byte minus its left."""
+def _compress_level(pixels: int) -> int:
+    return HEATMAP_COMPRESS_LEVEL if pixels <= HEATMAP_LARGE_PIXELS else HEATMAP_LARGE_COMPRESS_LEVEL
+
+
+def _sub_filtered(levels: np.ndarray) -> np.ndarray:
+    """PNG rows (h, w + 1) of grey values HEATMAP_STEP x `levels`: the Sub filter type, then each byte minus its left."""
+    height, width = levels.shape
+    rows = np.empty((height, width + 1), dtype=np.uint8)
+    rows[:, 1] = levels[:, 0]
+    np.subtract(levels[:, 1:], levels[:, :-1], out=rows[:, 2:])  # modulo 256, as PNG's filters are
+    rows *= np.uint8(HEATMAP_STEP)  # (a - b) x 4 = 4a - 4b modulo 256: filtering levels is filtering grey values
     rows[:, 0] = _PNG_SUB
-    rows[:, 1] = pixels[:, 0]
-    np.subtract(pixels[:, 1:], pixels[:, :-1], out=rows[:, 2:])  # modulo 256, as PNG's filters are
+    return rows
 
 
 def _png(rows: np.ndarray, compress_level: int) -> bytes:
@@ -85,7 +85,7 @@ def _png(rows: np.ndarray, compress_level: int) -> bytes:
 
     height, width = rows.shape[0], rows.shape[1] - 1
     header = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)  # 8 bits, greyscale, deflate, filters, no interlace
-    return b"".join((_PNG_SIGNATURE, chunk(b"IHDR", header), chunk(b"IDAT", zlib.compress(rows, compress_level)), chunk(b"IEND", b"")))
+    return b"".join((_PNG_SIGNATURE, chunk(b"IHDR", header), chunk(b"IDAT", zlib_ng.compress(rows, compress_level)), chunk(b"IEND", b"")))
 
 
 def predictions_json(probabilities: Tensor, labels: list[str], topk: int) -> list[dict[str, Any]]:
@@ -93,22 +93,27 @@ def predictions_json(probabilities: Tensor, labels: list[str], topk: int) -> lis
     return [{"index": int(i), "label": labels[int(i)], "probability": round(float(p), 6)} for p, i in zip(values, indices)]
 
 
-def cam_json(grid: Tensor, size: tuple[int, int], method: str, layers: tuple[str, ...], index: int, labels: list[str]) -> dict[str, Any]:
-    """The map of one class for one image: upsampled to the original `size` (width, height), PNG, box and peak.
+def cam_json(
+    grid: Tensor, size: tuple[int, int], method: str, layers: tuple[str, ...], index: int, labels: list[str], heatmap_size: tuple[int, int] | None = None
+) -> dict[str, Any]:
+    """The map of one class for one image: PNG at `heatmap_size` (default: the original `size`), box and peak.
 
-    On the CPU whatever the grid's device: the grid is small, and peak, box and PNG read the full-size map
-    from host memory anyway.
+    Peak and box are those of the map upsampled to the original size (camserve.cam.localization.peak_and_box),
+    whatever the heat map's size. On the CPU whatever the grid's device: the grid is small.
     """
-    heatmap = upsample_map(grid.cpu(), size)
+    grid = grid.detach().cpu()
+    heatmap_size = heatmap_size or size
+    (x, y), box = peak_and_box(grid, size)
     return {
         "method": method,
         "layer": layers[0] if len(layers) == 1 else list(layers),
         "index": index,
         "label": labels[index],
         "size": list(size),
-        "heatmap": base64.b64encode(heatmap_png(heatmap)).decode("ascii"),
-        "bbox": list(bounding_box(heatmap)),
-        "peak": list(peak(heatmap)),
+        "heatmap_size": list(heatmap_size),
+        "heatmap": base64.b64encode(heatmap_png_of_grid(grid, heatmap_size)).decode("ascii"),
+        "bbox": list(box),
+        "peak": [x, y],
     }
 
 
@@ -138,6 +143,21 @@ def overlay_image(image: Image.Image, grid: Tensor, image_format: str) -> bytes:
     return buffer.getvalue()
 
 
+def heatmap_png_size(option: str | int, size: tuple[int, int], input_size: tuple[int, int] | None) -> tuple[int, int]:
+    """(width, height) of the heat map PNG for Options.heatmap_size, given the image `size` (width, height).
+
+    `input`: the model input's size (`input_size` is (height, width), as in model-config.yaml). A side in pixels:
+    the image's size scaled so that its longest side is that many pixels (aspect ratio kept, never enlarged).
+    """
+    if option == "original" or (option == "input" and input_size is None):
+        return size
+    if option == "input":
+        return input_size[1], input_size[0]
+    width, height = size
+    scale = min(1.0, int(option) / max(width, height))
+    return max(1, round(width * scale)), max(1, round(height * scale))
+
+
 def encode_answer(
     options: Options,
     probabilities: Tensor,
@@ -148,11 +168,13 @@ def encode_answer(
     labels: list[str],
     image: Image.Image | None = None,
     explain: bool = False,
+    input_size: tuple[int, int] | None = None,
 ) -> tuple[Any, str]:
     """One request's answer and its content type.
 
     `maps` (T, h, w) and `targets` (T classes) are the maps of the requested classes (None for a plain prediction).
-    `explain` (the /explanations route) answers the map payload alone, without predictions.
+    `explain` (the /explanations route) answers the map payload alone, without predictions. `input_size` (the
+    model's, (height, width)) serves heatmap_size=input.
     """
     if options.output == "overlay" and image is not None and maps is not None and len(maps):
         return overlay_image(image, maps[0], options.image_format), f"image/{options.image_format}"
@@ -162,16 +184,20 @@ def encode_answer(
         if options.output == "grid":
             cams = [cam_grid_json(grid, method, layers, t, labels) for grid, t in zip(maps, targets)]
         else:
-            cams = [cam_json(grid, size, method, layers, t, labels) for grid, t in zip(maps, targets)]
+            png_size = heatmap_png_size(options.heatmap_size, size, input_size)
+            cams = [cam_json(grid, size, method, layers, t, labels, png_size) for grid, t in zip(maps, targets)]
         body["cam"] = cams[0] if len(cams) == 1 else cams
     return body, "application/json"
 
 
+def json_bytes(body: Any) -> bytes:
+    """A JSON answer as compact bytes: what the client receives when the handler returns it as bytes."""
+    return json.dumps(body, separators=(",", ":")).encode("utf-8")
+
+
 def answer_size(answer: Any) -> int:
-    """The bytes of an answer as sent: an image as it is, a JSON body serialised compactly."""
-    if isinstance(answer, (bytes, bytearray)):
-        return len(answer)
-    return len(json.dumps(answer, separators=(",", ":")))
+    """The bytes of an answer as sent: bytes as they are, a JSON body serialised compactly."""
+    return len(answer) if isinstance(answer, (bytes, bytearray)) else len(json_bytes(answer))
 
 
 def decode_heatmap(encoded: str) -> np.ndarray:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import sys
 import time
 from http import HTTPStatus
 from pathlib import Path
@@ -20,6 +21,7 @@ from typing import Any
 
 import torch
 from ts.metrics.dimension import Dimension
+from ts.service import Service
 from ts.torch_handler.base_handler import BaseHandler
 
 from camserve.cam import METHODS, CamExtractor, LayerError, MethodError
@@ -28,7 +30,7 @@ from camserve.preprocessing import whole_image_transform
 from camserve.serving.batch import Batch, Item
 from camserve.protocol.options import OptionRules, parse_options
 from camserve.protocol.decoding import MAX_PIXELS, RequestError, decode_request
-from camserve.protocol.responses import answer_size, encode_answer
+from camserve.protocol.responses import answer_size, encode_answer, json_bytes
 
 logger = logging.getLogger(__name__)
 
@@ -37,6 +39,17 @@ logger = logging.getLogger(__name__)
 # the worker's connection, so it is refused here instead.
 DEFAULT_MAX_RESPONSE_SIZE = 6_553_500
 _ENVELOPE_ALLOWANCE = 65_536  # TorchServe's framing, indentation and a KServe envelope around our bytes
+
+
+def _called_by_torchserve_service() -> bool:
+    """Whether TorchServe's Service called CamHandler.handle, so that our answers go to the client as they are.
+
+    TorchServe writes a dict answer as indented JSON (ts.protocol.otf_message_handler: json.dumps(indent=2));
+    bytes it sends as they are, so the handler sends compact JSON bytes. Under a KServe envelope
+    (service_envelope=kserve|kservev2) the envelope calls handle instead and wraps the answers in its own dict:
+    there they must stay dicts. TorchServe shows a handler no sign of the envelope but the caller.
+    """
+    return isinstance(sys._getframe(2).f_locals.get("self"), Service)
 
 
 class CamHandler(BaseHandler):
@@ -74,6 +87,7 @@ class CamHandler(BaseHandler):
         started = time.perf_counter()
         self.context = context
         self._rows_are_requests = len(data) == len(context.request_processor or [])
+        self._answers_as_json_bytes = _called_by_torchserve_service()
         batch = self.preprocess(data)
         if batch.live:
             self.inference(batch)
@@ -183,8 +197,10 @@ class CamHandler(BaseHandler):
         try:
             item.response, item.content_type = encode_answer(
                 item.options, item.probabilities, item.maps, item.targets, item.size, item.layers, self.labels,
-                image=item.image, explain=item.explain,
+                image=item.image, explain=item.explain, input_size=self.spec.input_size,
             )
+            if self._answers_as_json_bytes and isinstance(item.response, dict):
+                item.response = json_bytes(item.response)
         except Exception:  # noqa: BLE001
             logger.exception("camserve: encoding an answer failed")
             item.error = RequestError("the server failed to encode this answer; the error is logged", status=500, kind="internal_error")
@@ -207,7 +223,8 @@ class CamHandler(BaseHandler):
             # A fixed ASCII reason: TorchServe frames the phrase by its length in characters but writes UTF-8
             # bytes, so user text there (any non-ASCII character) would corrupt the frame and kill the worker.
             self.context.set_response_status(code=error.status, phrase=HTTPStatus(error.status).phrase, idx=item.index)
-        item.response, item.content_type = error.to_json(), "application/json"
+        body = error.to_json()
+        item.response, item.content_type = (json_bytes(body) if self._answers_as_json_bytes else body), "application/json"
         self.context.metrics.add_counter("CamErrors", 1, None, [Dimension("Kind", error.kind)])
 
     # Under a KServe envelope (service_envelope=kserve|kservev2) the rows are the *instances* of the HTTP requests.

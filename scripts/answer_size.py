@@ -1,0 +1,92 @@
+"""How large the default JSON answer is for a 640x480 photo: the maximum over a pool of real photographs and scenes.
+
+    PYTHONPATH=. .venv/bin/python scripts/answer_size.py            # in-process handler, same bytes as served
+    PYTHONPATH=. .venv/bin/python scripts/answer_size.py --size 1280x960
+
+The pool: every photograph that scikit-image (`skimage.data`) and scikit-learn (`china.jpg`, `flower.jpg`) ship
+and that loads without a download, in colour or grey, plus generated scenes (the default model's own domain),
+each resized to the given size and sent as PNG. The answer is the default one (`shapes`, Grad-CAM, top 3), as
+compact JSON bytes, exactly what TorchServe sends (tests/test_answer_size.py checks the same pool through it).
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import shutil
+import statistics
+import tempfile
+from pathlib import Path
+
+from PIL import Image
+
+from camserve_tools.scenes import EVAL_SEED_START, make_scene
+
+ROOT = Path(__file__).resolve().parent.parent
+# skimage.data's photographs (not its drawings, masks and test patterns); none needs a download.
+SKIMAGE_PHOTOS = ("astronaut", "brick", "camera", "cat", "cell", "chelsea", "clock", "coffee", "coins", "grass", "gravel",
+                  "hubble_deep_field", "immunohistochemistry", "moon", "page", "retina", "rocket", "stereo_motorcycle", "text")
+SKLEARN_PHOTOS = ("china.jpg", "flower.jpg")
+SCENES = 24
+SCENE_SEED_START = EVAL_SEED_START + 8_000_000  # its own seed range, apart from evaluation, tests and load tests
+
+
+def photo_pool(size: tuple[int, int] = (640, 480)) -> dict[str, bytes]:
+    """Name -> PNG bytes of every pool image, resized to `size`."""
+    import skimage.data
+    import sklearn.datasets
+
+    images = {}
+    for name in SKIMAGE_PHOTOS:
+        array = getattr(skimage.data, name)()
+        images[name] = Image.fromarray(array[0] if isinstance(array, tuple) else array).convert("RGB")
+    for name in SKLEARN_PHOTOS:
+        images[name] = Image.open(Path(sklearn.datasets.__file__).parent / "images" / name).convert("RGB")
+    for index in range(SCENES):
+        images[f"scene {index}"] = make_scene(SCENE_SEED_START + index).image
+    pool = {}
+    for name, image in images.items():
+        buffer = io.BytesIO()
+        image.resize(size, Image.BILINEAR).save(buffer, format="PNG")
+        pool[name] = buffer.getvalue()
+    return pool
+
+
+def answer_sizes(pool: dict[str, bytes]) -> dict[str, int]:
+    """Bytes of the default answer for each image, from the handler in-process (the bytes TorchServe sends)."""
+    import torch
+
+    from camserve.protocol.responses import json_bytes
+    from camserve.serving.handler import CamHandler
+    from camserve_tools.local_handler import BatchContext
+
+    torch.set_num_threads(1)
+    with tempfile.TemporaryDirectory() as directory:
+        for name in ("model-config.yaml", "index_to_name.json", "shapes_net.pt"):
+            shutil.copy2(ROOT / "models" / "shapes" / name, Path(directory) / name)
+        context = BatchContext(model_pt_file="shapes_net.pt", model_dir=directory, model_file=None, model_name="shapes", model_yaml_config_file="model-config.yaml")
+        handler = CamHandler()
+        handler.initialize(context)
+        sizes = {}
+        for name, body in pool.items():
+            response = handler.handle([{"body": body}], BatchContext(model_pt_file=None, model_file=None).for_batch([{}]))[0]
+            sizes[name] = len(json_bytes(response))
+    return sizes
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--size", default="640x480", help="width x height the pool is resized to")
+    args = parser.parse_args()
+    width, height = (int(v) for v in args.size.split("x"))
+    sizes = answer_sizes(photo_pool((width, height)))
+    for name, count in sorted(sizes.items(), key=lambda item: -item[1]):
+        print(f"{name:>22} {count:>7,} bytes")
+    photos = [count for name, count in sizes.items() if not name.startswith("scene")]
+    scenes = [count for name, count in sizes.items() if name.startswith("scene")]
+    print(f"\n{width}x{height}: {len(sizes)} images; max {max(sizes.values()):,} bytes ({max(sizes, key=sizes.get)}), median {statistics.median(sizes.values()):,.0f};"
+          f" photos max {max(photos):,}, scenes max {max(scenes):,}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,105 @@
+"""The map answer from the grid: peak and box equal to the full-size map's, heat map pixels within one level of it."""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from camserve.cam.localization import bounding_box, peak, peak_and_box, upsample_map
+from camserve.protocol.responses import HEATMAP_LEVELS, HEATMAP_STEP, heatmap_png_of_grid
+
+# Output sizes: camera and web sizes, odd ones, down-sampling, one-pixel sides, and the small outputs (height +
+# width <= 128) that torch computes with another kernel.
+SIZES = [(1280, 960), (640, 480), (333, 517), (97, 1203), (300, 5), (1, 700), (12, 9), (1, 1), (64, 64)]
+
+
+def grid_cases(count: int, seed: int) -> list[tuple[str, torch.Tensor]]:
+    """Maps as served and maps that stress the rules: plateaus, ties, many regions, empty maps."""
+    generator = torch.Generator().manual_seed(seed)
+    cases = []
+    for case in range(count):
+        h, w = (int(v) for v in torch.randint(1, 20, (2,), generator=generator))
+        kind = case % 6
+        if kind == 0:  # smooth, as most CAMs: a product of bumps
+            y, x = torch.meshgrid(torch.linspace(-1, 1, h), torch.linspace(-1, 1, w), indexing="ij")
+            centre = torch.rand(2, generator=generator) * 2 - 1
+            grid = torch.exp(-((x - centre[0]) ** 2 + (y - centre[1]) ** 2) * 3)
+        elif kind == 1:  # noise: many regions above 20 %
+            grid = torch.rand(h, w, generator=generator)
+        elif kind == 2:  # plateaus and equal regions
+            grid = torch.floor(torch.rand(h, w, generator=generator) * 3) / 3
+        elif kind == 3:  # sparse spikes: several separate blobs, ties at the maximum
+            grid = (torch.rand(h, w, generator=generator) > 0.8).float()
+        elif kind == 4:  # steep: most values far below the maximum
+            grid = torch.rand(h, w, generator=generator) ** 6
+        else:  # flat: all zero (a constant map normalises to zero)
+            grid = torch.zeros(h, w)
+        cases.append((f"{case}:{kind}:{h}x{w}", grid / grid.max() if grid.max() > 0 else grid))
+    return cases
+
+
+@pytest.mark.parametrize("size", SIZES, ids=[f"{w}x{h}" for w, h in SIZES])
+def test_peak_and_box_are_those_of_the_upsampled_map(size: tuple[int, int]) -> None:
+    for name, grid in grid_cases(60, seed=size[0] * 7 + size[1]):
+        heatmap = upsample_map(grid, size)
+        assert peak_and_box(grid, size) == (peak(heatmap), bounding_box(heatmap)), name
+
+
+def test_peak_and_box_of_named_maps() -> None:
+    two_blobs = torch.zeros(7, 7)
+    two_blobs[2, 4], two_blobs[5, 1] = 1.0, 0.9
+    corner = torch.zeros(16, 16)
+    corner[15, 15] = 1.0  # the maximum on the last knot: a plateau to the image corner, where torch's rounding wiggles
+    saturated = torch.zeros(16, 16)
+    saturated[4:7, 4:7] = 1.0  # a flat top: many pixels tie at the maximum
+    for grid in (two_blobs, corner, saturated, torch.ones(4, 4)):
+        for size in [(640, 480), (1280, 960), (301, 199)]:
+            heatmap = upsample_map(grid, size)
+            assert peak_and_box(grid, size) == (peak(heatmap), bounding_box(heatmap))
+    assert peak_and_box(torch.zeros(16, 16), (640, 480)) == ((0, 0), (0, 0, 640, 480))
+
+
+def test_grids_outside_the_unit_range_take_the_full_size_way() -> None:
+    grid = torch.rand(9, 9, generator=torch.Generator().manual_seed(3)) * 1.6 - 0.3
+    heatmap = upsample_map(grid, (640, 480))
+    assert peak_and_box(grid, (640, 480)) == (peak(heatmap), bounding_box(heatmap))
+    nan = torch.full((4, 4), float("nan"))
+    assert peak_and_box(nan, (640, 480))[1] == (0, 0, 640, 480)
+
+
+def old_pixels(grid: torch.Tensor, size: tuple[int, int]) -> np.ndarray:
+    """The heat map pixels as the answer had them before: torch's upsampling at full size, rounded to 64 levels."""
+    return ((upsample_map(grid, size) * HEATMAP_LEVELS).round() * HEATMAP_STEP).to(torch.uint8).numpy()
+
+
+@pytest.mark.parametrize("size", [(1280, 960), (640, 480), (333, 517), (7, 1), (1, 1)], ids=lambda s: f"{s[0]}x{s[1]}")
+def test_heatmap_png_pixels_are_within_one_level_of_the_full_size_map(size: tuple[int, int]) -> None:
+    differing = total = 0
+    for name, grid in grid_cases(30, seed=size[0] + size[1]):
+        image = Image.open(io.BytesIO(heatmap_png_of_grid(grid, size)))
+        assert image.format == "PNG" and image.mode == "L" and image.size == size, name
+        pixels = np.asarray(image).astype(int)
+        assert (pixels % HEATMAP_STEP == 0).all() and pixels.max() <= HEATMAP_LEVELS * HEATMAP_STEP
+        difference = np.abs(pixels - old_pixels(grid, size))
+        assert difference.max() <= HEATMAP_STEP, name
+        if name.split(":")[1] in ("0", "1", "4"):  # continuous values; plateaus and spikes sit on level boundaries
+            differing += int((difference > 0).sum())
+            total += difference.size
+    # Float rounding differs only on the rare pixel whose value sits on a level boundary.
+    assert differing <= max(1, total * 1e-4)
+
+
+def test_heatmap_png_clamps_and_survives_nan() -> None:
+    grid = torch.tensor([[-0.5, 2.0], [float("nan"), 0.5]])
+    pixels = np.asarray(Image.open(io.BytesIO(heatmap_png_of_grid(grid, (4, 4)))))
+    assert pixels.shape == (4, 4) and pixels.min() >= 0 and pixels.max() == HEATMAP_LEVELS * HEATMAP_STEP
+
+
+def test_this_torch_is_reproduced_so_the_grid_way_is_taken() -> None:
+    from camserve.cam.localization import _torch_fuses
+
+    assert _torch_fuses() is not None
