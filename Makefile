@@ -1,5 +1,5 @@
 # camserve: every prediction also returns a class activation map.
-# Python 3.11 and make are all a fresh machine needs; everything else is installed into .venv from requirements.txt.
+# Python 3.11 and make are all a fresh machine needs; everything else is installed into .venv from pyproject.toml.
 
 PYTHON ?= python3.11
 VENV := .venv
@@ -10,7 +10,6 @@ INFERENCE_PORT ?= 8080
 MANAGEMENT_PORT ?= 8081
 METRICS_PORT ?= 8082
 CONFIG ?= config/dev.properties
-export PYTHONPATH := $(CURDIR)
 comma := ,
 space := $(empty) $(empty)
 
@@ -31,10 +30,11 @@ help:
 	@echo "make kserve-local-stop  stop both"
 	@echo "make check-manifests validate deploy/ against the Kubernetes schemas and KServe's typed models (docs/deploy.md)"
 
-# The venv is rebuilt when requirements.txt changes; the stamp records the last successful install.
-$(VENV)/.installed: requirements.txt
+# The venv is rebuilt when pyproject.toml changes; the stamp records the last successful install. The project is
+# installed editable, so .venv/bin/camserve and every script run from this checkout without PYTHONPATH.
+$(VENV)/.installed: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install --quiet --disable-pip-version-check -r requirements.txt
+	$(PY) -m pip install --quiet --disable-pip-version-check -e '.[dev]'
 	touch $@
 
 venv: $(VENV)/.installed
