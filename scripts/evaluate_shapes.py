@@ -2,6 +2,7 @@
 
     make evaluate                       # 1,000 scenes, gradcam and cam; prints a Markdown table
     python scripts/evaluate_shapes.py --scenes 300 --methods gradcam
+    python scripts/evaluate_shapes.py --generator other_scenes.py   # scenes from another file's make_scene(seed)
 
 Figures: top-1 accuracy; pointing game (the map's peak lies inside the true box); share of scenes whose map box
 (the CAM paper's rule: largest connected region above 20 % of the maximum) has IoU >= 0.5 with the true box.
@@ -11,7 +12,10 @@ Runs the same code path as the handler (whole-image resize, CamExtractor, upsamp
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
+import sys
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,7 +26,7 @@ from camserve.cam import CamExtractor
 from camserve.cam.localization import bounding_box, box_iou, peak, upsample_map
 from camserve.model_spec import ModelSpec, load_model
 from camserve.preprocessing import whole_image_transform
-from camserve_tools.scenes import EVAL_SEED_START, make_scene
+from camserve_tools.scenes import EVAL_SEED_START, Scene, make_scene
 
 MODEL_DIR = Path(__file__).resolve().parent.parent / "models" / "shapes"
 
@@ -36,7 +40,23 @@ class Quality:
     mean_iou: float
 
 
-def evaluate(model_dir: Path, method: str, scenes: int, first_seed: int = EVAL_SEED_START, batch_size: int = 16) -> Quality:
+def load_generator(path: Path) -> Callable[[int], Scene]:
+    """`make_scene` of a Python file: another generator (an earlier camserve_tools/scenes.py, say) with the same API."""
+    spec = importlib.util.spec_from_file_location(f"generator_{path.stem}", path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module.make_scene
+
+
+def evaluate(
+    model_dir: Path,
+    method: str,
+    scenes: int,
+    first_seed: int = EVAL_SEED_START,
+    batch_size: int = 16,
+    scene_maker: Callable[[int], Scene] = make_scene,
+) -> Quality:
     spec = ModelSpec.from_dict(yaml.safe_load((model_dir / "model-config.yaml").read_text())["handler"])
     model = load_model(spec, model_dir)
     extractor = CamExtractor(model, spec.input_size, spec.target_layers)
@@ -44,7 +64,7 @@ def evaluate(model_dir: Path, method: str, scenes: int, first_seed: int = EVAL_S
     correct = hits = good_boxes = 0
     ious = []
     for start in range(first_seed, first_seed + scenes, batch_size):
-        batch = [make_scene(seed) for seed in range(start, min(start + batch_size, first_seed + scenes))]
+        batch = [scene_maker(seed) for seed in range(start, min(start + batch_size, first_seed + scenes))]
         inputs = torch.stack([transform(scene.image) for scene in batch])
         # The map of the true class: localization is judged apart from classification.
         result = extractor(inputs, method=method, targets=torch.tensor([scene.label for scene in batch]))
@@ -66,9 +86,12 @@ def main() -> None:
     parser.add_argument("--scenes", type=int, default=1000)
     parser.add_argument("--methods", default="gradcam,cam")
     parser.add_argument("--model-dir", type=Path, default=MODEL_DIR)
+    parser.add_argument("--first-seed", type=int, default=EVAL_SEED_START)
+    parser.add_argument("--generator", type=Path, help="a Python file whose make_scene(seed) replaces camserve_tools.scenes'")
     parser.add_argument("--json", action="store_true", help="print JSON instead of a Markdown table")
     args = parser.parse_args()
-    results = {method: evaluate(args.model_dir, method, args.scenes) for method in args.methods.split(",")}
+    scene_maker = load_generator(args.generator) if args.generator else make_scene
+    results = {method: evaluate(args.model_dir, method, args.scenes, args.first_seed, scene_maker=scene_maker) for method in args.methods.split(",")}
     if args.json:
         print(json.dumps({m: q.__dict__ for m, q in results.items()}, indent=2))
         return

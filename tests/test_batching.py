@@ -13,11 +13,16 @@ from pathlib import Path
 
 import pytest
 import requests
+import torch
 import yaml
 from PIL import Image
 
+from camserve.cam import CamExtractor
+from camserve.cam.localization import peak, upsample_map
+from camserve.model_spec import ModelSpec, load_model
+from camserve.preprocessing import whole_image_transform
 from camserve.protocol.responses import decode_heatmap
-from camserve_tools.scenes import make_scene
+from camserve_tools.scenes import Scene, make_scene
 from conftest import ROOT, TEST_SEED_START, png_bytes, start_server
 from camserve_tools.archive import build_archive
 
@@ -52,6 +57,26 @@ def batching_server(tmp_path_factory: pytest.TempPathFactory):
         server.stop()
 
 
+def scenes_the_model_gets_right(count: int, first_seed: int) -> list[Scene]:
+    """Scenes the committed model classifies right and points at in-process (default gradcam map), so that a
+    wrong served answer is a mix-up, not one of the model's own errors."""
+    model_dir = ROOT / "models" / "shapes"
+    spec = ModelSpec.from_dict(yaml.safe_load((model_dir / "model-config.yaml").read_text())["handler"])
+    extractor = CamExtractor(load_model(spec, model_dir), spec.input_size, spec.target_layers)
+    transform = whole_image_transform(spec.input_size, spec.mean, spec.std)
+    chosen: list[Scene] = []
+    seed = first_seed
+    while len(chosen) < count:
+        scene = make_scene(seed)
+        seed += 1
+        result = extractor(transform(scene.image)[None], method="gradcam")
+        x, y = peak(upsample_map(result.maps[0, 0], scene.image.size))
+        x0, y0, x1, y1 = scene.box
+        if int(result.logits.argmax()) == scene.label and x0 <= x < x1 and y0 <= y < y1:
+            chosen.append(scene)
+    return chosen
+
+
 def check(response: requests.Response, kind: str, scene) -> None:
     if kind == "bad":
         assert response.status_code == 400 and response.json()["option"] == "method"
@@ -82,8 +107,7 @@ def check(response: requests.Response, kind: str, scene) -> None:
 
 
 def test_mixed_concurrent_requests_each_get_their_own_answer(batching_server) -> None:
-    # Scenes the model classifies right and localizes (checked on the default path), so a mix-up shows.
-    scenes = [make_scene(TEST_SEED_START + 200 + i) for i in range(40)]
+    scenes = scenes_the_model_gets_right(40, TEST_SEED_START + 200)
     jobs = [(scenes[i], *VARIANTS[i % len(VARIANTS)]) for i in range(len(scenes))]
     url = f"{batching_server.inference_url}/predictions/shapes"
 
@@ -96,7 +120,7 @@ def test_mixed_concurrent_requests_each_get_their_own_answer(batching_server) ->
     misclassified = 0
     for response, kind, scene in results:
         if kind not in ("bad", "overlay") and response.status_code == 200 and response.json()["predictions"][0]["label"] != scene.name:
-            misclassified += 1  # the model is 97 % right: tolerate its own errors, not mix-ups
+            misclassified += 1  # batched numerics may tip a borderline scene; a mix-up would cost many
             continue
         check(response, kind, scene)
     assert misclassified <= 2

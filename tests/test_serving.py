@@ -34,9 +34,10 @@ def test_prediction_with_map_points_at_the_object(predict, scenes) -> None:
         x0, y0, x1, y1 = scene.box
         correct += top["label"] == scene.name
         hits += x0 <= x < x1 and y0 <= y < y1
-    # Loose floors on a small sample (the full figures, on 1,000 scenes, are in docs/shapes-model.md).
-    assert correct >= 10, f"{correct}/{len(sample)} correct labels"
-    assert hits >= 9, f"{hits}/{len(sample)} peaks inside the true box"
+    # Loose floors on a small sample, below the committed model's own figures (on 1,000 scenes, in
+    # docs/shapes-model.md: 80 % top-1, 69 % pointing) and far above what a broken pipeline gives (chance: 2/12).
+    assert correct >= 8, f"{correct}/{len(sample)} correct labels"
+    assert hits >= 7, f"{hits}/{len(sample)} peaks inside the true box"
 
 
 def test_cam_method_from_the_request(predict, scenes) -> None:
