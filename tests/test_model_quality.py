@@ -14,7 +14,7 @@ from camserve.cam import METHODS, CamExtractor
 from camserve.model_spec import ModelSpec, build_architecture, load_model
 from camserve.preprocessing import whole_image_transform
 from conftest import ROOT, TEST_SEED_START
-from scripts.evaluate_shapes import Quality, evaluate
+from camserve_tools.shapes_quality import Quality, evaluate
 
 MODEL_DIR = ROOT / "models" / "shapes"
 
