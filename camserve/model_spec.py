@@ -1,18 +1,18 @@
 """What a served model is: the `handler:` section of its model-config.yaml, and how to build the model from it.
 
-    handler:
-      architecture: camserve.models.shapes_net:ShapesNet   # "module:Class", "torchvision:resnet18", "timm:<name>" or "torch.export"
-      num_classes: 6
-      weights: shapes_net.pt          # state-dict file inside the archive (a torch.export.save file for "torch.export")
-      labels: index_to_name.json      # {"0": "circle", ...}
-      input_size: [128, 128]          # [height, width] the whole image is resized to
-      mean: [0.5, 0.5, 0.5]
-      std: [0.25, 0.25, 0.25]
-      method: gradcam                 # default CAM method
-      target_layers: []               # module names; empty = found automatically
-      topk: 3
-      scorecam_max_channels: 64
-      max_request_cost: null          # forward passes one request may cost; null = twice a default Score-CAM map
+handler:
+  architecture: camserve.models.shapes_net:ShapesNet   # "module:Class", "torchvision:resnet18", "timm:<name>" or "torch.export"
+  num_classes: 6
+  weights: shapes_net.pt          # state-dict file inside the archive (a torch.export.save file for "torch.export")
+  labels: index_to_name.json      # {"0": "circle", ...}
+  input_size: [128, 128]          # [height, width] the whole image is resized to
+  mean: [0.5, 0.5, 0.5]
+  std: [0.25, 0.25, 0.25]
+  method: gradcam                 # default CAM method
+  target_layers: []               # module names; empty = found automatically
+  topk: 3
+  scorecam_max_channels: 64
+  max_request_cost: null          # forward passes one request may cost; null = twice a default Score-CAM map
 """
 
 from __future__ import annotations
@@ -22,6 +22,7 @@ import inspect
 import json
 from dataclasses import MISSING, dataclass, field, fields
 from pathlib import Path
+from types import MappingProxyType
 from typing import Any
 
 import torch
@@ -86,7 +87,7 @@ def construct(cls: type[nn.Module], num_classes: int) -> nn.Module:
     try:
         parameters = inspect.signature(cls).parameters
     except (TypeError, ValueError):  # a signature Python cannot read: build it as TorchServe would
-        parameters = {}
+        parameters = MappingProxyType({})
     return cls(num_classes=num_classes) if "num_classes" in parameters else cls()
 
 
@@ -124,8 +125,8 @@ def load_model(spec: ModelSpec, model_dir: Path, device: torch.device | str = "c
     path = Path(model_dir) / spec.weights
     if spec.architecture == EXPORTED:
         # unflatten restores the module tree (names, forward hooks, gradients); the program itself takes no hooks.
-        model = torch.export.unflatten(torch.export.load(path))
-        return model.to(device).eval().requires_grad_(False)
+        program: nn.Module = torch.export.unflatten(torch.export.load(path))
+        return program.to(device).eval().requires_grad_(False)
     model = build_architecture(spec.architecture, spec.num_classes)
     state = torch.load(path, map_location=device, weights_only=True)
     # Aux-classifier weights of GoogLeNet / Inception v3 checkpoints are unused at inference.

@@ -21,4 +21,3 @@ def whole_image_transform(size: int | Sequence[int], mean: Sequence[float], std:
             transforms.Normalize(mean, std),
         ]
     )
-

@@ -82,7 +82,12 @@ CASES = {
     "scorecam, 2 classes": (small_png, {"X-CAM-Method": "scorecam", "X-CAM-Target": "0,1"}, 200, None),
     "scorecam, 3 classes": (small_png, {"X-CAM-Method": "scorecam", "X-CAM-Target": "0,1,2"}, 422, "request_too_costly"),
     "scorecam, 6 maps": (small_png, {"X-CAM-Method": "scorecam", "X-CAM-Maps": "6"}, 422, "request_too_costly"),
-    "scorecam, 2 layers x 2 classes": (small_png, {"X-CAM-Method": "scorecam", "X-CAM-Layer": "features.4,features.5", "X-CAM-Target": "0,1"}, 422, "request_too_costly"),
+    "scorecam, 2 layers x 2 classes": (
+        small_png,
+        {"X-CAM-Method": "scorecam", "X-CAM-Layer": "features.4,features.5", "X-CAM-Target": "0,1"},
+        422,
+        "request_too_costly",
+    ),
     "option value of 2,000 characters": (small_png, {"X-CAM-Layer": "x" * 2000}, 400, "invalid_option"),
     # 4. answers are sized against max_response_size; truncated images are refused, not padded
     "noise photo as PNG overlay": (lambda: noise_jpeg(4800, 3600), {"Accept": "image/png"}, 413, "answer_too_large"),
@@ -96,7 +101,12 @@ CASES = {
     "json nested 10,000 deep": (lambda: ('{"data":' + "[" * 10_000 + "]" * 10_000 + "}").encode(), JSON, 400, "invalid_json"),
     "json nested 500 deep in an option": (lambda: json_body(method=json.loads("[" * 500 + "]" * 500)), JSON, 400, "invalid_option"),
     "json object as an option": (lambda: json_body(target={"class": 1}), JSON, 400, "invalid_option"),
-    "5,000-digit integer": (lambda: b'{"data": "' + base64.b64encode(small_png()) + b'", "maps": ' + b"9" * 5000 + b"}", JSON, 400, "invalid_json"),
+    "5,000-digit integer": (
+        lambda: b'{"data": "' + base64.b64encode(small_png()) + b'", "maps": ' + b"9" * 5000 + b"}",
+        JSON,
+        400,
+        "invalid_json",
+    ),
     "target --1": (small_png, {"X-CAM-Target": "--1"}, 400, "invalid_option"),
     "target -1": (small_png, {"X-CAM-Target": "-1"}, 400, "invalid_option"),
     "maps 1e3": (small_png, {"X-CAM-Maps": "1e3"}, 400, "invalid_option"),

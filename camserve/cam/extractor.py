@@ -61,8 +61,17 @@ def fuse_maps(maps: Sequence[Tensor]) -> Tensor:
     if len(maps) == 1:
         return maps[0]
     height, width = max((m.shape[-2:] for m in maps), key=lambda hw: hw[0] * hw[1])
-    resized = [m if m.shape[-2:] == (height, width) else F.interpolate(m, size=(height, width), mode="bilinear", align_corners=False) for m in maps]
+    resized = [
+        m if m.shape[-2:] == (height, width) else F.interpolate(m, size=(height, width), mode="bilinear", align_corners=False) for m in maps
+    ]
     return normalize_maps(torch.stack(resized).amax(dim=0))
+
+
+def _weight(head: nn.Module) -> Tensor:
+    """A linear head's (classes, channels) weight: an nn.Linear's, or its look-alike's in an unflattened program."""
+    weight = head.weight
+    assert isinstance(weight, Tensor)
+    return weight
 
 
 class CamExtractor:
@@ -122,7 +131,9 @@ class CamExtractor:
         if head is None:
             forward = self._forward(inputs, layer_names, record_graph=cam_method.needs_gradients)
             if cam_method.needs_gradients and single is not None and single not in self._gap_linear:
-                self._gap_linear[single] = self._verified_head(to_grid(forward.outputs[single].detach()), forward.logits.detach()) is not None
+                self._gap_linear[single] = (
+                    self._verified_head(to_grid(forward.outputs[single].detach()), forward.logits.detach()) is not None
+                )
         chosen = self._choose_targets(forward.logits.detach(), targets)
         with torch.no_grad():
             maps = self._maps(cam_method, forward, chosen, inputs, head)
@@ -201,7 +212,7 @@ class CamExtractor:
         if head is not None:
             activations = to_grid(forward.outputs[names[0]])
             height, width = activations.shape[-2:]
-            return [(head.weight[target] / (height * width))[:, :, None, None].expand_as(activations)]
+            return [(_weight(head)[target] / (height * width))[:, :, None, None].expand_as(activations)]
         with torch.enable_grad():
             score = forward.logits.gather(1, target[:, None]).sum()
         # Each sample's score depends only on its own activations, so one backward serves the batch.
@@ -220,7 +231,7 @@ class CamExtractor:
         head = self._heads[key]
         if head is None:
             return None
-        pooled = F.linear(activations.mean(dim=(2, 3)), head.weight, getattr(head, "bias", None))
+        pooled = F.linear(activations.mean(dim=(2, 3)), _weight(head), getattr(head, "bias", None))
         scale = float(logits.abs().max().clamp(min=1.0))
         return head if torch.allclose(pooled, logits, rtol=1e-4, atol=1e-4 * scale) else None
 
@@ -228,7 +239,7 @@ class CamExtractor:
         """The head's weights (classes, K), after checking that the logits really are Linear(GAP(activations))."""
         head = self._verified_head(activations, logits)
         if head is not None:
-            return head.weight
+            return _weight(head)
         gradient_methods = sorted(m.name for m in METHODS.values() if not m.needs_class_weights)
         raise MethodError(
             f"method 'cam' needs layer {name!r} to feed global average pooling and one Linear layer straight into "

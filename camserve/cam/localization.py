@@ -136,18 +136,27 @@ def _axis(n_in: int, n_out: int, fused: bool) -> _Axis:
     source = _fma(np.full(n_out, scale), np.arange(n_out, dtype=np.float32) + np.float32(0.5), np.float32(-0.5), fused)
     np.maximum(source, np.float32(0), out=source)
     low = np.minimum(source.astype(np.int64), n_in - 1)
-    weight_high = np.clip(source - low.astype(np.float32), np.float32(0), np.float32(1))
+    weight_high: np.ndarray = np.clip(source - low.astype(np.float32), np.float32(0), np.float32(1))
     first = np.flatnonzero(np.diff(low, prepend=-1))
     last = np.append(first[1:], n_out) - 1
     segment = np.repeat(np.arange(len(first)), last - first + 1)
-    axis = _Axis(low, np.minimum(low + 1, n_in - 1), np.float32(1) - weight_high, weight_high, first, last, segment,
-                 np.union1d(first, last), 2.0 * segment + weight_high)
+    axis = _Axis(
+        low,
+        np.minimum(low + 1, n_in - 1),
+        np.float32(1) - weight_high,
+        weight_high,
+        first,
+        last,
+        segment,
+        np.union1d(first, last),
+        2.0 * segment + weight_high,
+    )
     for array in vars(axis).values():
         array.flags.writeable = False
     return axis
 
 
-def _fma(a: np.ndarray, b: np.ndarray, c: np.ndarray, fused: bool) -> np.ndarray:
+def _fma(a: np.ndarray, b: np.ndarray, c: np.ndarray | np.floating, fused: bool) -> np.ndarray:
     """float32 a * b + c as torch's kernels compute it: rounded once if `fused` (a * b is exact in float64), else twice."""
     if fused:
         return (a.astype(np.float64) * b + c).astype(np.float32)
@@ -187,7 +196,9 @@ class _Upsampled:
         return _fma(self.rows[y.low[ys], xs], y.weight_low[ys], self.rows[y.high[ys], xs] * y.weight_high[ys], self.fused)
 
 
-def peak_and_box(grid: Tensor | np.ndarray, size: tuple[int, int], threshold: float = BBOX_THRESHOLD) -> tuple[tuple[int, int], tuple[int, int, int, int]]:
+def peak_and_box(
+    grid: Tensor | np.ndarray, size: tuple[int, int], threshold: float = BBOX_THRESHOLD
+) -> tuple[tuple[int, int], tuple[int, int, int, int]]:
     """peak(m) and bounding_box(m, threshold) of m = upsample_map(grid, size), without computing m.
 
     The same answer at a fraction of the cost at camera sizes. A grid with values outside [0, 1] or NaN (never

@@ -74,7 +74,7 @@ def decode_image(payload: bytes, at_least: tuple[int, int] | None = None) -> tup
         with warnings.catch_warnings():
             # Our own bounds below are tighter than PIL's global pixel limit, which stays as PIL sets it.
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            image = Image.open(io.BytesIO(payload))
+            image: Image.Image = Image.open(io.BytesIO(payload))
             width, height = image.size
             check_dimensions(width, height)
             if image.format == "JPEG":
@@ -83,9 +83,13 @@ def decode_image(payload: bytes, at_least: tuple[int, int] | None = None) -> tup
                     image.draft("RGB", at_least)
             image.load()
     except Image.DecompressionBombError:
-        raise RequestError(f"the image is too large: at most {MAX_PIXELS} pixels are accepted", status=413, kind="image_too_large") from None
+        raise RequestError(
+            f"the image is too large: at most {MAX_PIXELS} pixels are accepted", status=413, kind="image_too_large"
+        ) from None
     except UnidentifiedImageError:
-        raise RequestError("the body is not an image in a format we can read (JPEG, PNG, WebP, BMP, GIF, TIFF)", kind="invalid_image") from None
+        raise RequestError(
+            "the body is not an image in a format we can read (JPEG, PNG, WebP, BMP, GIF, TIFF)", kind="invalid_image"
+        ) from None
     except RequestError:
         raise
     except MemoryError:
@@ -109,12 +113,14 @@ def check_dimensions(width: int, height: int) -> None:
     if width * height > MAX_PIXELS or max(width, height) > MAX_SIDE:
         raise RequestError(
             f"the image is too large: {width}x{height}; at most {MAX_PIXELS} pixels and {MAX_SIDE} pixels a side are accepted",
-            status=413, kind="image_too_large",
+            status=413,
+            kind="image_too_large",
         )
     if max(width, height) > MAX_ASPECT_RATIO * min(width, height):
         raise RequestError(
             f"the image is {width}x{height}, more than {MAX_ASPECT_RATIO} times as long as it is wide; crop it first",
-            status=422, kind="image_aspect_ratio",
+            status=422,
+            kind="image_aspect_ratio",
         )
 
 
@@ -147,7 +153,11 @@ def options_from_headers(headers: dict[str, Any]) -> dict[str, str]:
 
     Header names take hyphens where option names take underscores: `X-CAM-Heatmap-Size` is `heatmap_size`.
     """
-    return {key[len(HEADER_PREFIX) :].lower().replace("-", "_"): _header_text(str(value)) for key, value in headers.items() if isinstance(key, str) and key.lower().startswith(HEADER_PREFIX)}
+    return {
+        key[len(HEADER_PREFIX) :].lower().replace("-", "_"): _header_text(str(value))
+        for key, value in headers.items()
+        if isinstance(key, str) and key.lower().startswith(HEADER_PREFIX)
+    }
 
 
 def _header_text(value: str) -> str:
@@ -169,7 +179,11 @@ def decode_request(row: dict[str, Any], headers: dict[str, Any] | None = None, a
     options.update({str(k): _option_text(str(k), v) for k, v in row.items() if k not in _IMAGE_FIELDS})
     image_field = next((name for name in _IMAGE_FIELDS if row.get(name) is not None), None)
     if image_field is None:
-        raise RequestError("no image: send it as the body, as form field 'data' or 'file', or base64 in JSON field 'data'", kind="missing_image", option="data")
+        raise RequestError(
+            "no image: send it as the body, as form field 'data' or 'file', or base64 in JSON field 'data'",
+            kind="missing_image",
+            option="data",
+        )
     payload = row[image_field]
     if isinstance(payload, (bytes, bytearray)) and payload.lstrip()[:1] == b"{":
         try:

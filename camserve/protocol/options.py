@@ -92,7 +92,9 @@ def _shown(raw: str, limit: int = 60) -> str:
 def _positive_int(raw: str, option: str, upper: int) -> int:
     value = int(raw) if re.fullmatch(r"[0-9]{1,9}", raw) else 0
     if not 1 <= value <= upper:
-        raise RequestError(f"option {option!r} must be an integer from 1 to {upper}, got {_shown(raw)}", kind="invalid_option", option=option)
+        raise RequestError(
+            f"option {option!r} must be an integer from 1 to {upper}, got {_shown(raw)}", kind="invalid_option", option=option
+        )
     return value
 
 
@@ -102,12 +104,16 @@ def _class_index(raw: str, labels: Sequence[str]) -> int:
         index = int(raw)
         if index < len(labels):
             return index
-        raise RequestError(f"option 'target': class index {index} is out of range 0..{len(labels) - 1}", kind="invalid_option", option="target")
+        raise RequestError(
+            f"option 'target': class index {index} is out of range 0..{len(labels) - 1}", kind="invalid_option", option="target"
+        )
     lowered = {label.lower(): i for i, label in enumerate(labels)}
     if raw.lower() in lowered:
         return lowered[raw.lower()]
     shown = list(labels) if len(labels) <= 20 else [*labels[:20], "..."]
-    raise RequestError(f"option 'target': unknown label {_shown(raw)}; use a class index or one of {shown}", kind="invalid_option", option="target")
+    raise RequestError(
+        f"option 'target': unknown label {_shown(raw)}; use a class index or one of {shown}", kind="invalid_option", option="target"
+    )
 
 
 def _unique(values: Sequence[str] | Sequence[int]) -> tuple:
@@ -118,11 +124,15 @@ def parse_options(raw: dict[str, str], rules: OptionRules, accept: str | None = 
     unknown = sorted(k for k in raw if k.lower() not in OPTION_NAMES and k.lower() not in _PASSTHROUGH)
     if unknown:
         shown = [_shown(name, 40) for name in unknown[:5]]
-        raise RequestError(f"unknown option(s) {', '.join(shown)}; allowed: {list(OPTION_NAMES)}", kind="unknown_option", option=unknown[0][:40])
+        raise RequestError(
+            f"unknown option(s) {', '.join(shown)}; allowed: {list(OPTION_NAMES)}", kind="unknown_option", option=unknown[0][:40]
+        )
     raw = {k.lower(): v.strip() for k, v in raw.items() if k.lower() in OPTION_NAMES}
     for name, value in raw.items():
         if len(value) > MAX_OPTION_LENGTH:
-            raise RequestError(f"option {name!r} is {len(value)} characters long; at most {MAX_OPTION_LENGTH}", kind="invalid_option", option=name)
+            raise RequestError(
+                f"option {name!r} is {len(value)} characters long; at most {MAX_OPTION_LENGTH}", kind="invalid_option", option=name
+            )
 
     method = raw.get("method", rules.default_method).lower()
     if method == "none":
@@ -130,16 +140,28 @@ def parse_options(raw: dict[str, str], rules: OptionRules, accept: str | None = 
     elif method in rules.methods:
         method_or_none = method
     else:
-        raise RequestError(f"option 'method': unknown method {_shown(method)}; allowed: {[*sorted(rules.methods), 'none']}", kind="invalid_option", option="method")
+        raise RequestError(
+            f"option 'method': unknown method {_shown(method)}; allowed: {[*sorted(rules.methods), 'none']}",
+            kind="invalid_option",
+            option="method",
+        )
 
     layers: tuple[str, ...] = ()
     if raw.get("layer"):
         layers = _unique([name.strip() for name in raw["layer"].split(",")])
         bad = [_shown(name, 40) for name in layers if name not in rules.layers]
         if bad:
-            raise RequestError(f"option 'layer': unknown layer(s) {', '.join(bad[:5])}; use module names of the model, e.g. {sorted(rules.layers)[-3:]}", kind="invalid_option", option="layer")
+            raise RequestError(
+                f"option 'layer': unknown layer(s) {', '.join(bad[:5])}; use module names of the model, e.g. {sorted(rules.layers)[-3:]}",
+                kind="invalid_option",
+                option="layer",
+            )
         if len(layers) > MAX_LAYERS:
-            raise RequestError(f"option 'layer': at most {MAX_LAYERS} different layers per request, got {len(layers)}", kind="invalid_option", option="layer")
+            raise RequestError(
+                f"option 'layer': at most {MAX_LAYERS} different layers per request, got {len(layers)}",
+                kind="invalid_option",
+                option="layer",
+            )
 
     targets = None
     if raw.get("target"):
@@ -153,21 +175,30 @@ def parse_options(raw: dict[str, str], rules: OptionRules, accept: str | None = 
     wants_image = "image/png" in accept or "image/jpeg" in accept
     output = raw.get("output", "overlay" if wants_image else "png").lower()
     if output not in OUTPUTS:
-        raise RequestError(f"option 'output': unknown output {_shown(output)}; allowed: {list(OUTPUTS)}", kind="invalid_option", option="output")
+        raise RequestError(
+            f"option 'output': unknown output {_shown(output)}; allowed: {list(OUTPUTS)}", kind="invalid_option", option="output"
+        )
     image_format = raw.get("format", "jpeg" if "image/jpeg" in accept and "image/png" not in accept else "png").lower()
     if image_format == "jpg":
         image_format = "jpeg"
     if image_format not in OVERLAY_FORMATS:
-        raise RequestError(f"option 'format': unknown format {_shown(image_format)}; allowed: {list(OVERLAY_FORMATS)}", kind="invalid_option", option="format")
+        raise RequestError(
+            f"option 'format': unknown format {_shown(image_format)}; allowed: {list(OVERLAY_FORMATS)}",
+            kind="invalid_option",
+            option="format",
+        )
     if output == "overlay" and method_or_none is None:
         raise RequestError("option 'output': 'overlay' needs a map; method 'none' gives none", kind="invalid_option", option="output")
-    options = Options(method_or_none, layers, targets, maps, topk, output, image_format, parse_heatmap_size(raw.get("heatmap_size", "original")))
+    options = Options(
+        method_or_none, layers, targets, maps, topk, output, image_format, parse_heatmap_size(raw.get("heatmap_size", "original"))
+    )
     if (cost := request_cost(options, rules)) > rules.max_request_cost:
         raise RequestError(
             f"this request would cost {cost} forward passes, over this model's limit of {rules.max_request_cost} "
             f"(a plain prediction costs 1, each map 1, each Score-CAM map {rules.scorecam_max_channels}); "
             f"ask for fewer classes, layers or another method",
-            status=422, kind="request_too_costly",
+            status=422,
+            kind="request_too_costly",
         )
     return options
 

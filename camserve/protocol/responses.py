@@ -19,8 +19,8 @@ from typing import Any
 
 import cv2
 import numpy as np
-from PIL import Image, ImageOps
 import torch
+from PIL import Image, ImageOps
 from torch import Tensor
 from zlib_ng import zlib_ng
 
@@ -94,7 +94,13 @@ def predictions_json(probabilities: Tensor, labels: list[str], topk: int) -> lis
 
 
 def cam_json(
-    grid: Tensor, size: tuple[int, int], method: str, layers: tuple[str, ...], index: int, labels: list[str], heatmap_size: tuple[int, int] | None = None
+    grid: Tensor,
+    size: tuple[int, int],
+    method: str,
+    layers: tuple[str, ...],
+    index: int,
+    labels: list[str],
+    heatmap_size: tuple[int, int] | None = None,
 ) -> dict[str, Any]:
     """The map of one class for one image: PNG at `heatmap_size` (default: the original `size`), box and peak.
 
@@ -149,10 +155,10 @@ def heatmap_png_size(option: str | int, size: tuple[int, int], input_size: tuple
     `input`: the model input's size (`input_size` is (height, width), as in model-config.yaml). A side in pixels:
     the image's size scaled so that its longest side is that many pixels (aspect ratio kept, never enlarged).
     """
-    if option == "original" or (option == "input" and input_size is None):
-        return size
     if option == "input":
-        return input_size[1], input_size[0]
+        return size if input_size is None else (input_size[1], input_size[0])
+    if option == "original":
+        return size
     width, height = size
     scale = min(1.0, int(option) / max(width, height))
     return max(1, round(width * scale)), max(1, round(height * scale))

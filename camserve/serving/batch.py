@@ -11,8 +11,8 @@ from typing import Any
 import torch
 from PIL import Image
 
-from camserve.protocol.options import Options
 from camserve.protocol.decoding import RequestError
+from camserve.protocol.options import Options
 
 
 @dataclass

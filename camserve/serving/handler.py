@@ -27,10 +27,10 @@ from ts.torch_handler.base_handler import BaseHandler
 from camserve.cam import METHODS, CamExtractor, LayerError, MethodError
 from camserve.model_spec import ModelSpec, load_labels, load_model
 from camserve.preprocessing import whole_image_transform
-from camserve.serving.batch import Batch, Item
-from camserve.protocol.options import OptionRules, parse_options
 from camserve.protocol.decoding import MAX_PIXELS, RequestError, decode_request
+from camserve.protocol.options import OptionRules, Options, parse_options
 from camserve.protocol.responses import answer_size, encode_answer, json_bytes
+from camserve.serving.batch import Batch, Item
 
 logger = logging.getLogger(__name__)
 
@@ -50,6 +50,12 @@ def _called_by_torchserve_service() -> bool:
     there they must stay dicts. TorchServe shows a handler no sign of the envelope but the caller.
     """
     return isinstance(sys._getframe(2).f_locals.get("self"), Service)
+
+
+def _options(item: Item) -> Options:
+    """The options of a request that preprocess decoded (every request that reaches inference)."""
+    assert item.options is not None
+    return item.options
 
 
 class CamHandler(BaseHandler):
@@ -78,7 +84,9 @@ class CamHandler(BaseHandler):
             max_request_cost=self.spec.request_cost_limit,
         )
         self.max_answer_bytes = int(os.environ.get("TS_MAX_RESPONSE_SIZE", DEFAULT_MAX_RESPONSE_SIZE)) - _ENVELOPE_ALLOWANCE
-        logger.info("camserve: %s, default method %s at layer(s) %s", self.spec.architecture, self.spec.method, self.extractor.default_layers)
+        logger.info(
+            "camserve: %s, default method %s at layer(s) %s", self.spec.architecture, self.spec.method, self.extractor.default_layers
+        )
         self.initialized = True
 
     # -- BaseHandler contract ---------------------------------------------------------------------------------
@@ -112,7 +120,8 @@ class CamHandler(BaseHandler):
                     raise RequestError(
                         f"{item.options.map_count} full-size heat maps of a {request.size[0]}x{request.size[1]} image "
                         f"exceed {MAX_PIXELS} pixels per request; ask for fewer maps, or output=grid",
-                        status=413, kind="answer_too_large",
+                        status=413,
+                        kind="answer_too_large",
                     )
                 if item.options.output == "overlay":
                     # Kept only when the answer is drawn on it, and then at full size: decoded again if reduced.
@@ -145,7 +154,9 @@ class CamHandler(BaseHandler):
             except Exception:  # noqa: BLE001 - a fault of ours fails this group alone, never the worker
                 logger.exception("camserve: maps failed for method %s, layers %s", method, layers)
                 for item in members:
-                    item.error = RequestError("the server failed to compute this answer; the error is logged", status=500, kind="internal_error")
+                    item.error = RequestError(
+                        "the server failed to compute this answer; the error is logged", status=500, kind="internal_error"
+                    )
                 continue
             # Map time per method (forward included): what a method costs, on /metrics as CamMapTime.
             elapsed_ms = round((time.perf_counter() - started) * 1000, 2)
@@ -162,7 +173,9 @@ class CamHandler(BaseHandler):
             else:
                 assert item.options is not None
                 method = item.options.method if item.options.wants_map else None
-                self.context.metrics.add_counter("CamRequests", 1, None, [Dimension("Method", method or "none"), Dimension("Output", item.options.output)])
+                self.context.metrics.add_counter(
+                    "CamRequests", 1, None, [Dimension("Method", method or "none"), Dimension("Output", item.options.output)]
+                )
             if self._is_http_request(item.index):
                 self.context.set_response_content_type(item.index, item.content_type)
             responses.append(item.response)
@@ -177,7 +190,7 @@ class CamHandler(BaseHandler):
             # Each request's classes come from its own logits; shorter lists repeat their last class, and those
             # extra maps are dropped below.
             def choose(logits: torch.Tensor) -> torch.Tensor:
-                wanted = [item.options.chosen_targets(row) for item, row in zip(members, logits)]
+                wanted = [_options(item).chosen_targets(row) for item, row in zip(members, logits)]
                 width = max(len(w) for w in wanted)
                 return torch.tensor([w + [w[-1]] * (width - len(w)) for w in wanted], device=logits.device)
 
@@ -187,7 +200,7 @@ class CamHandler(BaseHandler):
         for row, item in enumerate(members):
             item.probabilities = probabilities[row]
             if method is not None:
-                count = item.options.map_count
+                count = _options(item).map_count
                 item.maps = result.maps[row, :count]
                 item.targets = result.targets[row, :count].tolist()
                 item.layers = result.layers
@@ -196,8 +209,16 @@ class CamHandler(BaseHandler):
         assert item.options is not None and item.probabilities is not None
         try:
             item.response, item.content_type = encode_answer(
-                item.options, item.probabilities, item.maps, item.targets, item.size, item.layers, self.labels,
-                image=item.image, explain=item.explain, input_size=self.spec.input_size,
+                item.options,
+                item.probabilities,
+                item.maps,
+                item.targets,
+                item.size,
+                item.layers,
+                self.labels,
+                image=item.image,
+                explain=item.explain,
+                input_size=self.spec.input_size,
             )
             if self._answers_as_json_bytes and isinstance(item.response, dict):
                 item.response = json_bytes(item.response)
@@ -211,14 +232,18 @@ class CamHandler(BaseHandler):
                 f"the answer would be {size} bytes, over this server's limit of {self.max_answer_bytes} "
                 f"(max_response_size less {_ENVELOPE_ALLOWANCE} for framing); ask for fewer maps, output=grid, "
                 f"format=jpeg or a smaller image",
-                status=413, kind="answer_too_large",
+                status=413,
+                kind="answer_too_large",
             )
 
     def _refuse(self, item: Item) -> None:
         error = item.error
         assert error is not None
         # One JSON line per rejection: why, and which option; never the image bytes.
-        logger.warning("camserve rejected %s", json.dumps({"status": error.status, "type": error.kind, "option": error.option, "message": str(error)[:300]}))
+        logger.warning(
+            "camserve rejected %s",
+            json.dumps({"status": error.status, "type": error.kind, "option": error.option, "message": str(error)[:300]}),
+        )
         if self._is_http_request(item.index):
             # A fixed ASCII reason: TorchServe frames the phrase by its length in characters but writes UTF-8
             # bytes, so user text there (any non-ASCII character) would corrupt the frame and kill the worker.
