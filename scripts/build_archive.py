@@ -135,8 +135,9 @@ def torchvision_model_dir(
     return directory
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def main(argv: list[str] | None = None, prog: str | None = None) -> None:
+    """The archive builder's command line; `camserve archive ARGS` hands its ARGS (and its name) to it."""
+    parser = argparse.ArgumentParser(prog=prog, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--name", help="archive name (default: shapes, or the torchvision builder)")
     parser.add_argument("--model-dir", type=Path, default=ROOT / "models" / "shapes", help="a project model dir with model-config.yaml")
     parser.add_argument("--torchvision", metavar="BUILDER", help="archive a torchvision classifier instead, e.g. resnet18")
@@ -145,7 +146,7 @@ def main() -> None:
     parser.add_argument("--method", default="gradcam")
     parser.add_argument("--layer", default="", help="comma-separated target layer names (default: found automatically)")
     parser.add_argument("--export-path", type=Path, default=ROOT / "model_store")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     if not args.torchvision:
         print(build_archive(args.name or "shapes", args.model_dir, args.export_path))
         return
