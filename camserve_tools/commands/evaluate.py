@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import sys
 import time
 from collections import defaultdict
@@ -73,7 +72,7 @@ class MapRecord:
     label: str
     class_index: int
     predicted: str  # the image's top-1 label
-    probability: float  # of this class, as the endpoint answered
+    probability: float | None  # of this class, as the endpoint answered; None when outside its top-k
     peak: list[int]
     bbox: list[int]
     pointing: bool
@@ -265,7 +264,7 @@ def score_image(handler: Any, evaluation: Evaluation, image: Any, body: bytes, a
     for position, cam in enumerate(_cams(body_json)):
         record, heatmap = score_map(handler, image, cam, pixels, settings.steps)
         record.predicted = top1["label"]
-        record.probability = float(probabilities.get(cam["index"], math.nan))
+        record.probability = probabilities.get(cam["index"])
         if position < len(random_cams):
             record.randomization_spearman = randomization_spearman(handler, heatmap, random_cams[position])
         evaluation.maps.append(record)
@@ -307,7 +306,7 @@ def score_map(handler: Any, image: Any, cam: dict[str, Any], pixels: Any, steps:
 
     deletion, insertion = deletion_insertion_auc(class_probability, pixels, map_at_input_size(handler, heatmap), steps)
     record = MapRecord(
-        image=str(image.path), label=cam["label"], class_index=class_index, predicted="", probability=math.nan,
+        image=str(image.path), label=cam["label"], class_index=class_index, predicted="", probability=None,
         peak=list(cam["peak"]), bbox=list(cam["bbox"]), pointing=pointing_hit(cam["peak"], boxes),
         iou=round(best_iou(cam["bbox"], boxes), 4), deletion_auc=round(deletion, 4), insertion_auc=round(insertion, 4),
     )
