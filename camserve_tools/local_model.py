@@ -131,3 +131,9 @@ def handle_batch(handler: Any, bodies: list[bytes], headers: list[dict[str, str]
     context = batch_context(headers)
     answers = handler.handle([{"body": body} for body in bodies], context)
     return [(context.get_response_status(index)[0], answer) for index, answer in enumerate(answers)]
+
+
+def answer_cams(answer: Any) -> list[dict[str, Any]]:
+    """The maps of an answer as a list: the endpoint sends one map as an object, several as a list."""
+    cam = answer.get("cam") if isinstance(answer, dict) else None
+    return cam if isinstance(cam, list) else [cam] if isinstance(cam, dict) else []

@@ -20,6 +20,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from camserve.cam.localization import box_iou
+
 Box = Sequence[float]
 DEFAULT_STEPS = 16
 BLUR_KERNEL, BLUR_SIGMA = 11, 5.0
@@ -29,14 +31,6 @@ def pointing_hit(peak: Sequence[int], boxes: Sequence[Box]) -> bool:
     """The peak pixel (x, y) lies inside one of `boxes` [x0, y0, x1, y1)."""
     x, y = peak
     return any(x0 <= x < x1 and y0 <= y < y1 for x0, y0, x1, y1 in boxes)
-
-
-def box_iou(a: Box, b: Box) -> float:
-    inter_w = max(0.0, min(a[2], b[2]) - max(a[0], b[0]))
-    inter_h = max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
-    inter = inter_w * inter_h
-    union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter
-    return inter / union if union > 0 else 0.0
 
 
 def best_iou(box: Box, boxes: Sequence[Box]) -> float:

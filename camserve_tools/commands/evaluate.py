@@ -244,13 +244,10 @@ def request_headers(classes: list[int], method: str | None) -> dict[str, str]:
     return headers
 
 
-def _cams(answer: dict[str, Any]) -> list[dict[str, Any]]:
-    cam = answer.get("cam")
-    return cam if isinstance(cam, list) else [cam] if cam else []
-
-
 def score_image(handler: Any, evaluation: Evaluation, image: Any, body: bytes, answer: tuple[int, Any], random_answer: tuple[int, Any], settings: EvaluateSettings) -> None:
     """Score one image's answer (and each of its maps) into `evaluation`."""
+    from camserve_tools.local_model import answer_cams
+
     status, body_json = answer
     if status != 200:
         evaluation.failed.append({"path": str(image.path), "status": status, "error": body_json})
@@ -260,8 +257,8 @@ def score_image(handler: Any, evaluation: Evaluation, image: Any, body: bytes, a
     evaluation.top1_hits.append((image.classes, int(top1["index"])))
     probabilities = {p["index"]: p["probability"] for p in body_json["predictions"]}
     pixels = model_pixels(handler, body)
-    random_cams = _cams(random_answer[1]) if random_answer[0] == 200 else []
-    for position, cam in enumerate(_cams(body_json)):
+    random_cams = answer_cams(random_answer[1]) if random_answer[0] == 200 else []
+    for position, cam in enumerate(answer_cams(body_json)):
         record, heatmap = score_map(handler, image, cam, pixels, settings.steps)
         record.predicted = top1["label"]
         record.probability = probabilities.get(cam["index"])

@@ -202,18 +202,14 @@ def output_name(path: Path, output: str) -> Path:
     return Path(OUTPUT_FOLDERS[output]) / relative.with_name(relative.name + ".png")
 
 
-def first_cam(answer: dict[str, Any]) -> dict[str, Any] | None:
-    cam = answer.get("cam")
-    return cam[0] if isinstance(cam, list) and cam else cam if isinstance(cam, dict) else None
-
-
 def submit_output(pool: ThreadPoolExecutor, out_dir: Path, path: Path, body: Any, status: int, answer: Any, output: str) -> Future | None:
     """Write the image of --output for a successful answer, in the pool; None when there is nothing to write."""
-    if status != 200 or output not in OUTPUT_FOLDERS or not isinstance(answer, dict):
+    from camserve_tools.local_model import answer_cams
+
+    cams = answer_cams(answer) if status == 200 and output in OUTPUT_FOLDERS else []
+    if not cams or "heatmap" not in cams[0]:
         return None
-    cam = first_cam(answer)
-    if cam is None or "heatmap" not in cam:
-        return None
+    cam = cams[0]
     name = output_name(path, output)
     return pool.submit(write_output, out_dir / name, name, body, cam["heatmap"], output)
 
