@@ -25,7 +25,11 @@ MANIFEST = "MAR-INF/MANIFEST.json"
 
 
 class ModelSourceError(ValueError):
-    """MODEL is neither a readable .mar nor a model directory with model-config.yaml; the message says which."""
+    """MODEL is neither a .mar nor a model directory with model-config.yaml: the command line names the wrong thing."""
+
+
+class DamagedArchive(ValueError):
+    """MODEL is a .mar that cannot be read: truncated, not a zip, or with members pointing outside it."""
 
 
 @dataclass
@@ -63,10 +67,10 @@ def extract_archive(archive: Path, destination: Path) -> None:
             for member in mar.namelist():
                 parts = PurePosixPath(member).parts
                 if PurePosixPath(member).is_absolute() or ".." in parts:
-                    raise ModelSourceError(f"{archive}: member {member!r} points outside the archive")
+                    raise DamagedArchive(f"{archive}: member {member!r} points outside the archive")
             mar.extractall(destination)
     except (zipfile.BadZipFile, EOFError, OSError) as error:
-        raise ModelSourceError(f"{archive} is not a readable .mar (zip) archive: {error}") from None
+        raise DamagedArchive(f"{archive} is not a readable .mar (zip) archive, truncated or damaged: {error}") from None
 
 
 def read_manifest(model_dir: Path) -> dict[str, Any]:
@@ -86,7 +90,7 @@ def open_model(source: Path, *, handler_class: Any = None) -> LocalModel:
         model_dir = Path(temporary.name)
         try:
             extract_archive(source, model_dir)
-        except ModelSourceError:
+        except DamagedArchive:
             temporary.cleanup()
             raise
     else:

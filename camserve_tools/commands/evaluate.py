@@ -156,7 +156,7 @@ def run(args: argparse.Namespace) -> int:
         randomised = open_model(args.model) if settings.sanity else None
     except ModelSourceError as error:
         raise UsageError(str(error)) from None
-    except Exception as error:  # noqa: BLE001 - whatever the model's own code raises while loading
+    except Exception as error:  # noqa: BLE001 - a damaged archive, or whatever the model's own code raises while loading
         raise CommandFailed(f"{args.model} cannot be loaded: {type(error).__name__}: {error}") from None
     try:
         check_method(model.handler, settings.method)

@@ -119,7 +119,7 @@ def inspect_archive(archive: Path) -> ArchiveFacts:
     import yaml
 
     from camserve.model_spec import ModelSpec, SpecError, load_labels
-    from camserve_tools.local_model import MODEL_CONFIG, ModelSourceError, extract_archive, read_manifest
+    from camserve_tools.local_model import MODEL_CONFIG, DamagedArchive, extract_archive, read_manifest
 
     try:
         with zipfile.ZipFile(archive) as mar:
@@ -137,7 +137,7 @@ def inspect_archive(archive: Path) -> ArchiveFacts:
             labels = load_labels(spec, Path(directory))
             if not (Path(directory) / spec.weights).is_file():
                 raise SpecError(f"the weights file {spec.weights!r} is missing")
-        except (ModelSourceError, SpecError, OSError, ValueError, yaml.YAMLError) as error:
+        except (DamagedArchive, SpecError, OSError, ValueError, yaml.YAMLError) as error:
             raise SmokeFailure("inspect", f"{type(error).__name__}: {error}") from None
     if not manifest.get("modelName") or not manifest.get("handler"):
         raise SmokeFailure("inspect", "MAR-INF/MANIFEST.json names no model or handler")
