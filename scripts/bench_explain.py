@@ -5,9 +5,9 @@
 "handler" calls handler.handle on batches of image bytes already in memory: the floor of any offline run.
 "explain" is the command's own code path (camserve_tools.commands.explain.explain_images): files read ahead in
 threads, the same handler.handle per batch, the JSONL journal and the output images written. Both use one loaded
-handler; runs alternate (handler, explain, handler, ...) and each explain run is compared with the handler run just
-before it, so that load from other processes hits both sides of a pair alike: the figure is the median of those
-paired ratios (the medians of each side and the best runs are printed too). Figures: docs/cli.md.
+handler; runs come in adjacent pairs (in turn handler first and explain first), so that load from other processes
+hits both sides of a pair alike: the figure is the median of the pairs' ratios (the medians of each side and the
+best runs are printed too). Figures: docs/cli.md.
 """
 
 from __future__ import annotations
@@ -67,9 +67,14 @@ def main() -> None:
         headers = settings.request_headers()
         handler_rate(model.handler, bodies[: args.batch_size], headers, args.batch_size)  # warm-up
         rates: dict[str, list[tuple[float, float]]] = {"handler": [], "explain": []}
-        for _ in range(args.repeats):
-            rates["handler"].append(handler_rate(model.handler, bodies, headers, args.batch_size))
-            rates["explain"].append(explain_rate(model.handler, model.name, paths, settings))
+        for repeat in range(args.repeats):
+            # Pairs of adjacent runs, in turn handler first and explain first: whatever the order favours cancels out.
+            order = ("handler", "explain") if repeat % 2 == 0 else ("explain", "handler")
+            for side in order:
+                if side == "handler":
+                    rates["handler"].append(handler_rate(model.handler, bodies, headers, args.batch_size))
+                else:
+                    rates["explain"].append(explain_rate(model.handler, model.name, paths, settings))
     wall = {key: statistics.median(v[0] for v in values) for key, values in rates.items()}
     best = {key: max(v[0] for v in values) for key, values in rates.items()}  # the least disturbed run of each
     cpu = {key: statistics.median(v[1] for v in values) for key, values in rates.items()}

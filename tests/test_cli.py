@@ -51,8 +51,8 @@ def scene_folder(dataset: Path, tmp_path: Path) -> Path:
     return folder
 
 
-def test_explain_writes_a_line_per_image_an_error_line_for_a_bad_file_and_resumes(scene_folder: Path, tmp_path: Path) -> None:
-    out = tmp_path / "out"
+def test_explain_writes_a_line_per_image_an_error_line_for_a_bad_file_and_resumes(scene_folder: Path) -> None:
+    out = scene_folder / "explained"  # inside the input folder: its maps must never become inputs
     first = camserve("explain", SHAPES_MAR, scene_folder, "--out", out, "--batch-size", "4", "--json")
     assert first.returncode == 1, first.stderr  # one image failed
     report = json.loads(first.stdout)

@@ -101,6 +101,9 @@ def run(args: argparse.Namespace) -> int:
         paths = collect_images(args.inputs)
     except InputError as error:
         raise UsageError(str(error)) from None
+    # DIR inside an input folder: its own maps would be inputs of the next run.
+    out = Path(os.path.abspath(args.out))
+    paths = [path for path in paths if not path.is_relative_to(out)]
     if not paths:
         raise UsageError("INPUTS name no images")
     settings = ExplainSettings(args.method, args.layer, args.output, args.batch_size, args.jobs, args.retry_failed)
