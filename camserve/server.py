@@ -282,7 +282,7 @@ class AlreadyRunning(RuntimeError):
 def start_detached(server: TorchServe) -> None:
     """Start `server` and leave it running after this process exits (what `make serve` does); its run dir must be free."""
     if (server.run_dir / "torchserve.pid").exists():
-        raise AlreadyRunning(f"a server of {server.run_dir} seems to run already (pid file present); stop it first")
+        raise AlreadyRunning(f"a server of {server.run_dir} seems to run already (pid file present)")
     shutil.rmtree(server.tmp_dir, ignore_errors=True)
     server.start()
 

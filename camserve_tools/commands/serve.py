@@ -43,7 +43,9 @@ def run_serve(args: argparse.Namespace) -> int:
         print(f"starting TorchServe ({args.models}) in {server.run_dir} ...", file=sys.stderr)
     try:
         start_detached(server)
-    except (AlreadyRunning, RuntimeError, TimeoutError, OSError) as error:
+    except AlreadyRunning as error:
+        raise CommandFailed(f"{error}; `camserve stop --run-dir {server.run_dir}` first") from None
+    except (RuntimeError, TimeoutError, OSError) as error:
         raise CommandFailed(str(error)) from None
     report = {
         "inference": server.inference_url, "management": server.management_url, "metrics": server.metrics_url,
