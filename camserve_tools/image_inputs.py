@@ -27,9 +27,8 @@ def images_in_folder(folder: Path) -> list[Path]:
 
 
 def paths_in_list(list_file: Path) -> list[Path]:
-    """The paths a text file lists, one a line; blank lines and lines starting with '#' are skipped.
-
-    Listed paths are kept even when missing: the run then reports each as a failed image, and goes on."""
+    """The paths a text file lists, one a line (images or folders); blank lines and lines starting with '#' are
+    skipped. Listed paths are kept even when missing: the run then reports each as a failed image, and goes on."""
     try:
         text = list_file.read_text()
     except (OSError, UnicodeDecodeError) as error:
@@ -51,7 +50,8 @@ def collect_images(inputs: Iterable[str | Path]) -> list[Path]:
                 raise InputError(f"{path}: no such image")
             found.append(path)
         elif path.is_file():
-            found += paths_in_list(path)
+            for listed in paths_in_list(path):
+                found += images_in_folder(listed) if listed.is_dir() else [listed]
         else:
             raise InputError(f"{path}: no such image, folder or list file")
     return list(dict.fromkeys(Path(os.path.abspath(p)) for p in found))
