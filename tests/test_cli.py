@@ -163,3 +163,53 @@ def test_smoke_fails_a_truncated_archive_cleanly(tmp_path: Path) -> None:
     assert result.returncode == 1
     report = json.loads(result.stdout)
     assert not report["ok"] and report["stage"] == "inspect" and "truncated" in report["error"]
+
+
+# -- the readers and metrics behind evaluate, in-process (no model) ---------------------------------------------------
+
+
+def test_coco_and_voc_boxes_read_back_as_the_scenes_drew_them(dataset: Path) -> None:
+    from camserve.scenes import make_scene
+    from camserve_tools.annotations import read_annotations
+
+    for boxes in (dataset / "coco.json", dataset / "voc"):
+        annotated = read_annotations(boxes, dataset / "images", list(CLASSES))
+        assert len(annotated.images) == 40 and not annotated.unmatched_labels and not annotated.missing_images
+        for image in annotated.images[:5]:
+            scene = make_scene(int(image.path.stem.split("_")[1]))
+            assert [(obj.class_index, obj.box) for obj in image.objects] == [(scene.label, tuple(float(v) for v in scene.box))]
+
+
+@pytest.mark.parametrize("content, suffix", [
+    (b"{not json", ".json"),
+    (b'{"images": [{"id": 1, "file_name": "a.png"}], "annotations": [{"image_id": 2, "bbox": [0, 0, 1, 1], "category_id": 1}], "categories": [{"id": 1, "name": "x"}]}', ".json"),
+    (b'{"images": [], "annotations": [{"image_id": 1, "bbox": "wide", "category_id": 1}], "categories": []}', ".json"),
+    (b"<annotation><filename>a.png</filename><object><name>star</name></object></annotation>", ".xml"),
+    (b"<annotation><object>", ".xml"),
+    (b"boxes", ".txt"),
+])
+def test_a_malformed_boxes_file_is_an_annotation_error(tmp_path: Path, content: bytes, suffix: str) -> None:
+    from camserve_tools.annotations import AnnotationError, read_annotations
+
+    boxes = tmp_path / f"boxes{suffix}"
+    boxes.write_bytes(content)
+    with pytest.raises(AnnotationError):
+        read_annotations(boxes, tmp_path, list(CLASSES))
+
+
+def test_deletion_and_insertion_reward_a_map_on_the_pixels_the_score_reads() -> None:
+    import torch
+
+    from camserve_tools.saliency_metrics import deletion_insertion_auc
+
+    pixels = torch.zeros(3, 16, 16)
+    pixels[:, 4:8, 4:8] = 1.0  # the "object"; the score is its mean brightness
+    right = torch.zeros(16, 16)
+    right[4:8, 4:8] = 1.0
+
+    def score(batch: torch.Tensor) -> torch.Tensor:
+        return batch[:, :, 4:8, 4:8].mean(dim=(1, 2, 3))
+
+    deletion, insertion = deletion_insertion_auc(score, pixels, right, steps=16)
+    wrong_deletion, wrong_insertion = deletion_insertion_auc(score, pixels, 1.0 - right, steps=16)
+    assert deletion < wrong_deletion and insertion > wrong_insertion
