@@ -141,3 +141,22 @@ def answer_cams(answer: Any) -> list[dict[str, Any]]:
     """The maps of an answer as a list: the endpoint sends one map as an object, several as a list."""
     cam = answer.get("cam") if isinstance(answer, dict) else None
     return cam if isinstance(cam, list) else [cam] if isinstance(cam, dict) else []
+
+
+def read_input(path: Path) -> bytes | dict[str, Any]:
+    """The file's bytes, or the JSON error an unreadable file gets (a missing path from a list file, say)."""
+    try:
+        return path.read_bytes()
+    except OSError as error:
+        return {"code": 400, "type": "unreadable_file", "message": f"cannot read {path}: {error.strerror or error}"}
+
+
+def answer_batch(handler: Any, bodies: list[Any], headers: list[dict[str, str]]) -> list[tuple[int, Any]]:
+    """Each body's (status, answer): the bytes through handler.handle in one batch, as the server runs them; a
+    file that could not be read (read_input's error) keeps its error."""
+    readable = [index for index, body in enumerate(bodies) if isinstance(body, bytes)]
+    answered = handle_batch(handler, [bodies[i] for i in readable], [headers[i] for i in readable]) if readable else []
+    results: list[tuple[int, Any]] = [(body["code"], body) if isinstance(body, dict) else (0, None) for body in bodies]
+    for index, result in zip(readable, answered):
+        results[index] = result
+    return results

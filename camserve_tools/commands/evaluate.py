@@ -214,27 +214,20 @@ def randomise_weights(handler: Any, seed: int) -> None:
 
 
 def evaluate_images(handler: Any, random_handler: Any, images: list, settings: EvaluateSettings, quiet: bool) -> Evaluation:
-    from camserve_tools.local_model import handle_batch
+    from camserve_tools.local_model import answer_batch, read_input
 
     evaluation = Evaluation()
     with progress(total=len(images), desc="evaluate", quiet=quiet) as bar:
         for start in range(0, len(images), settings.batch_size):
             batch = images[start : start + settings.batch_size]
-            bodies = [_read(image.path) for image in batch]
+            bodies = [read_input(image.path) for image in batch]
             headers = [request_headers(image.classes, settings.method) for image in batch]
-            answers = handle_batch(handler, bodies, headers)
-            random_answers = handle_batch(random_handler, bodies, headers) if random_handler is not None else [(0, None)] * len(batch)
+            answers = answer_batch(handler, bodies, headers)
+            random_answers = answer_batch(random_handler, bodies, headers) if random_handler is not None else [(0, None)] * len(batch)
             for image, body, answer, random_answer in zip(batch, bodies, answers, random_answers):
                 score_image(handler, evaluation, image, body, answer, random_answer, settings)
             bar.update(len(batch))
     return evaluation
-
-
-def _read(path: Path) -> bytes:
-    try:
-        return path.read_bytes()
-    except OSError:
-        return b""  # the handler answers an empty body with its own 400
 
 
 def request_headers(classes: list[int], method: str | None) -> dict[str, str]:

@@ -135,6 +135,7 @@ def check_settings(handler: Any, settings: ExplainSettings) -> None:
 def explain_images(handler: Any, model_name: str, paths: list[Path], out_dir: Path, settings: ExplainSettings, quiet: bool = True) -> ExplainSummary:
     """Explain every image of `paths` not yet in DIR's journal; lines are appended as their files are written."""
     from camserve_tools.journal import Journal
+    from camserve_tools.local_model import answer_batch
 
     journal = Journal(out_dir / JOURNAL_NAME)
     pending = [path for path in paths if not journal.is_done(str(path), settings.retry_failed)]
@@ -143,7 +144,7 @@ def explain_images(handler: Any, model_name: str, paths: list[Path], out_dir: Pa
     with ThreadPoolExecutor(settings.jobs) as pool, journal.open_for_append() as out, progress(total=len(pending), desc="explain", quiet=quiet) as bar:
         writer = OrderedWriter(journal, out)
         for batch, bodies in prefetched_batches(pending, settings.batch_size, pool):
-            for path, body, (status, answer) in zip(batch, bodies, answer_batch(handler, bodies, headers)):
+            for path, body, (status, answer) in zip(batch, bodies, answer_batch(handler, bodies, [headers] * len(bodies))):
                 line = {"path": str(path), "status": status, "answer": answer, "file": None}
                 writer.add(line, submit_output(pool, out_dir, path, body, status, answer, settings.output))
             writer.write_ready()
@@ -158,38 +159,17 @@ def explain_images(handler: Any, model_name: str, paths: list[Path], out_dir: Pa
 # -- reading ---------------------------------------------------------------------------------------------------------
 
 
-def read_input(path: Path) -> bytes | dict[str, Any]:
-    """The file's bytes, or the JSON error an unreadable file gets (a missing path from a list file, say)."""
-    try:
-        return path.read_bytes()
-    except OSError as error:
-        return {"code": 400, "type": "unreadable_file", "message": f"cannot read {path}: {error.strerror or error}"}
-
-
 def prefetched_batches(paths: list[Path], batch_size: int, pool: ThreadPoolExecutor) -> Iterator[tuple[list[Path], list[Any]]]:
     """Batches of (paths, bytes), the next batch read in the pool while the caller works on the current one."""
     batches = [paths[start : start + batch_size] for start in range(0, len(paths), batch_size)]
+    from camserve_tools.local_model import read_input
+
     upcoming = [pool.submit(read_input, path) for path in batches[0]] if batches else []
     for index, batch in enumerate(batches):
         current = upcoming
         if index + 1 < len(batches):
             upcoming = [pool.submit(read_input, path) for path in batches[index + 1]]
         yield batch, [future.result() for future in current]
-
-
-# -- answering -------------------------------------------------------------------------------------------------------
-
-
-def answer_batch(handler: Any, bodies: list[Any], headers: dict[str, str]) -> list[tuple[int, Any]]:
-    """Each body's (status, answer): readable ones through handler.handle in one batch, as the server runs them."""
-    from camserve_tools.local_model import handle_batch
-
-    readable = [index for index, body in enumerate(bodies) if isinstance(body, bytes)]
-    answered = handle_batch(handler, [bodies[i] for i in readable], [headers] * len(readable)) if readable else []
-    results: list[tuple[int, Any]] = [(body["code"], body) if isinstance(body, dict) else (0, None) for body in bodies]
-    for index, result in zip(readable, answered):
-        results[index] = result
-    return results
 
 
 # -- writing ---------------------------------------------------------------------------------------------------------
