@@ -2,7 +2,8 @@
 
     .venv/bin/python scripts/bench_explain.py [--images 32] [--batch-size 8] [--jobs 2] [--output png] [--repeats 15]
 
-"handler" calls handler.handle on batches of image bytes already in memory: the floor of any offline run.
+"handler" calls handler.handle on batches of image bytes already in memory, asking for what an endpoint answers for
+that output (JSON for png and grid; the overlay image for overlay): the floor of any offline run.
 "explain" is the command's own code path (camserve_tools.commands.explain.explain_images): files read ahead in
 threads, the same handler.handle per batch, the JSONL journal and the output images written. Both use one loaded
 handler; runs come in adjacent pairs (in turn handler first and explain first), so that load from other processes
@@ -64,7 +65,9 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="bench-explain-in-") as data, open_model(args.model) as model:
         paths = write_scene_dataset(Path(data), args.images)
         bodies = [path.read_bytes() for path in paths]
-        headers = settings.request_headers()
+        # The bare handler answers what an endpoint would for this output: JSON for png and grid, the overlay image
+        # itself for overlay (explain then also gives the JSON).
+        headers = {**settings.request_headers(), **({"X-CAM-Output": "overlay"} if args.output == "overlay" else {})}
         handler_rate(model.handler, bodies[: args.batch_size], headers, args.batch_size)  # warm-up
         rates: dict[str, list[tuple[float, float]]] = {"handler": [], "explain": []}
         for repeat in range(args.repeats):
