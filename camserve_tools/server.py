@@ -259,41 +259,72 @@ class TorchServe:
         pid_file.unlink(missing_ok=True)
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("action", choices=("start", "stop"))
-    parser.add_argument("--run-dir", type=Path, default=ROOT / ".run" / "serve")
-    parser.add_argument("--config", type=Path, default=ROOT / "config" / "dev.properties")
-    parser.add_argument("--model-store", type=Path, default=ROOT / "model_store")
-    parser.add_argument("--models", default=DEFAULT_MODELS, help=f"name=archive pairs in the model store (default {DEFAULT_MODELS})")
+def add_server_arguments(parser: argparse.ArgumentParser) -> None:
+    """The options of a served instance, shared by `python -m camserve_tools.server` and `camserve serve` / `stop`."""
+    parser.add_argument("--run-dir", type=Path, default=ROOT / ".run" / "serve", help="the instance's own dir: TMPDIR, logs, pid file (default: %(default)s)")
+    parser.add_argument("--config", type=Path, default=ROOT / "config" / "dev.properties", help="TorchServe config.properties (default: %(default)s)")
+    parser.add_argument("--model-store", type=Path, default=ROOT / "model_store", help="where the archives are (default: %(default)s)")
+    parser.add_argument("--models", default=DEFAULT_MODELS, help="name=archive.mar[,...] (default: %(default)s)")
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--inference-port", type=int, default=int(os.environ.get("INFERENCE_PORT", 8080)))
     parser.add_argument("--management-port", type=int, default=int(os.environ.get("MANAGEMENT_PORT", 8081)))
     parser.add_argument("--metrics-port", type=int, default=int(os.environ.get("METRICS_PORT", 8082)))
-    args = parser.parse_args()
-    server = TorchServe(
+
+
+def server_from_args(args: argparse.Namespace) -> TorchServe:
+    return TorchServe(
         run_dir=args.run_dir.resolve(), config=args.config.resolve(), model_store=args.model_store.resolve(), models=args.models,
         host=args.host, inference_port=args.inference_port, management_port=args.management_port, metrics_port=args.metrics_port,
     )
+
+
+class AlreadyRunning(RuntimeError):
+    """The run dir has a pid file: a server of it runs already (or was not stopped)."""
+
+
+def start_detached(server: TorchServe) -> None:
+    """Start `server` and leave it running after this process exits (what `make serve` does); its run dir must be free."""
+    if (server.run_dir / "torchserve.pid").exists():
+        raise AlreadyRunning(f"a server of {server.run_dir} seems to run already (pid file present)")
+    shutil.rmtree(server.tmp_dir, ignore_errors=True)
+    server.start()
+
+
+def usage_example(server: TorchServe) -> str:
+    """A ready-to-paste request. The token itself stays out of it (terminals and CI logs are kept): the example
+    reads it from the key file."""
+    key_file = server.run_dir / "key_file.json"
+    read_key = f"$({sys.executable} -c 'import json,sys; print(json.load(open(sys.argv[1]))[\"inference\"][\"key\"])' {key_file})"
+    auth = f' -H "Authorization: Bearer {read_key}"' if server.inference_key() else ""
+    lines = [
+        "  .venv/bin/python -c \"from camserve_tools.scenes import make_scene; make_scene(7).image.save('scene.png')\"",
+        f"  curl -s{auth} {server.inference_url}/predictions/shapes -T scene.png | head -c 400; echo",
+    ]
+    if "imagenet=" in server.models:
+        lines += [
+            "  .venv/bin/python -c \"import skimage.data; from PIL import Image; Image.fromarray(skimage.data.chelsea()).save('cat.png')\"",
+            f"  curl -s{auth} {server.inference_url}/predictions/imagenet -T cat.png | head -c 400; echo",
+        ]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("action", choices=("start", "stop"))
+    add_server_arguments(parser)
+    args = parser.parse_args(argv)
+    server = server_from_args(args)
     if args.action == "stop":
         server.stop()
         print(f"stopped the TorchServe of {server.run_dir}")
         return
-    if (server.run_dir / "torchserve.pid").exists():
-        sys.exit(f"a server of {server.run_dir} seems to run already (pid file present); `make stop` first")
-    shutil.rmtree(server.tmp_dir, ignore_errors=True)
-    server.start()
-    # The token itself stays out of the output (terminals and CI logs are kept): the example reads it from the file.
-    key_file = server.run_dir / "key_file.json"
-    read_key = f"$({sys.executable} -c 'import json,sys; print(json.load(open(sys.argv[1]))[\"inference\"][\"key\"])' {key_file})"
-    auth = f' -H "Authorization: Bearer {read_key}"' if server.inference_key() else ""
+    try:
+        start_detached(server)
+    except AlreadyRunning as error:
+        sys.exit(f"{error}; `make stop` first")
     print(f"TorchServe is up: inference {server.inference_url}, management {server.management_url}, metrics {server.metrics_url}")
     print("Try it:")
-    print("  .venv/bin/python -c \"from camserve_tools.scenes import make_scene; make_scene(7).image.save('scene.png')\"")
-    print(f"  curl -s{auth} {server.inference_url}/predictions/shapes -T scene.png | head -c 400; echo")
-    if "imagenet=" in server.models:
-        print("  .venv/bin/python -c \"import skimage.data; from PIL import Image; Image.fromarray(skimage.data.chelsea()).save('cat.png')\"")
-        print(f"  curl -s{auth} {server.inference_url}/predictions/imagenet -T cat.png | head -c 400; echo")
+    print(usage_example(server))
 
 
 if __name__ == "__main__":

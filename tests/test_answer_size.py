@@ -8,7 +8,7 @@ import pytest
 
 from camserve.protocol.responses import decode_heatmap
 from conftest import png_bytes
-from scripts.answer_size import photo_pool
+from camserve_tools.answer_pool import photo_pool
 
 pytestmark = pytest.mark.serving
 

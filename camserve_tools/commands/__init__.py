@@ -1,0 +1,1 @@
+"""The subcommands of `camserve` (camserve_tools.cli), one module each: its parser, its run, its report."""

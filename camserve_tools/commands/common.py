@@ -1,0 +1,76 @@
+"""What every subcommand shares: exit codes, usage errors, reports as a table or JSON, and progress bars.
+
+Exit codes are the same for every command, so a pipeline can branch on them without reading the output:
+0 all done, 1 the work ran and something failed (an image, a threshold, a probe), 2 a usage error (bad arguments,
+missing files) - argparse's own code for a bad command line.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from collections.abc import Iterable, Sequence
+from typing import Any, TypeVar
+
+EXIT_OK = 0
+EXIT_FAILED = 1
+EXIT_USAGE = 2
+
+EXIT_CODES_HELP = "exit codes: 0 all done; 1 {failed}; 2 usage error (bad arguments, missing files)"
+
+T = TypeVar("T")
+
+
+class UsageError(Exception):
+    """The command line asks for something that cannot be done as asked: exit 2, with this message."""
+
+
+class CommandFailed(Exception):
+    """The command could not do its work (a model that cannot load, a broken archive): exit 1, with this message."""
+
+
+def add_output_arguments(parser: Any) -> None:
+    parser.add_argument("--json", action="store_true", help="print a machine-readable JSON report on stdout instead of a table")
+    parser.add_argument("--quiet", action="store_true", help="no progress bar on stderr")
+    parser.add_argument("--verbose", action="store_true", help="log warnings too (the handler's rejections, TorchServe's notes)")
+
+
+def progress(items: Iterable[T] | None = None, *, total: int | None = None, desc: str = "", quiet: bool = False, unit: str = "image") -> Any:
+    """A tqdm bar on stderr (stdout stays clean for --json); silent with --quiet."""
+    from tqdm import tqdm
+
+    return tqdm(items, total=total, desc=desc, unit=unit, disable=quiet, file=sys.stderr, dynamic_ncols=True, mininterval=0.5)
+
+
+def format_table(rows: Sequence[dict[str, Any]], columns: Sequence[str] | None = None) -> str:
+    """Rows of values as an aligned plain-text table, for people; floats with 3 decimals."""
+    if not rows:
+        return "(nothing)"
+    columns = list(columns or rows[0].keys())
+    cells = [[_cell(row.get(column)) for column in columns] for row in rows]
+    widths = [max(len(column), *(len(line[i]) for line in cells)) for i, column in enumerate(columns)]
+    lines = ["  ".join(column.ljust(width) for column, width in zip(columns, widths))]
+    lines.append("  ".join("-" * width for width in widths))
+    lines += ["  ".join(value.ljust(width) for value, width in zip(line, widths)) for line in cells]
+    return "\n".join(lines)
+
+
+def _cell(value: Any) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, float):
+        return "nan" if value != value else f"{value:.3f}"
+    return str(value)
+
+
+def key_values(report: dict[str, Any]) -> str:
+    """A flat report as `key  value` lines."""
+    return format_table([{"key": key, "value": value} for key, value in report.items()], ("key", "value"))
+
+
+def emit(report: dict[str, Any], as_json: bool, table: str) -> None:
+    """The report on stdout: JSON for machines, or the given table for people."""
+    if as_json:
+        print(json.dumps(report, indent=2, default=str))
+    else:
+        print(table)

@@ -1,0 +1,237 @@
+"""`camserve explain MODEL INPUTS... --out DIR`: offline batch explanations, through the server's own handler.
+
+Writes DIR/explanations.jsonl, one line per image:
+
+    {"path": "/abs/img.jpg", "status": 200, "answer": {<the endpoint's JSON>}, "file": "maps/img.jpg.png"}
+
+and the images of --output: `png` writes each decoded heat map (DIR/maps/), `overlay` the map drawn over the
+image (DIR/overlays/), `grid` none (the grid floats are in the JSON). A failed image's line carries the endpoint's
+JSON error (status 4xx) and the run goes on. Images already in the JSONL are skipped, so an interrupted run
+continues where it stopped.
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import os
+import time
+from collections import deque
+from collections.abc import Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from camserve_tools.commands.common import (
+    EXIT_CODES_HELP, EXIT_FAILED, EXIT_OK, CommandFailed, UsageError, add_output_arguments, emit, key_values, progress,
+)
+
+OUTPUTS = ("png", "overlay", "grid")
+JOURNAL_NAME = "explanations.jsonl"
+OUTPUT_FOLDERS = {"png": "maps", "overlay": "overlays"}
+
+
+@dataclass(frozen=True)
+class ExplainSettings:
+    method: str | None = None  # None: the model's default
+    layer: str | None = None  # None: the model's default target layer(s)
+    output: str = "png"
+    batch_size: int = 8
+    jobs: int = 1
+    retry_failed: bool = False
+
+    def request_headers(self) -> dict[str, str]:
+        """The options as a client would send them: overlay is drawn here from the JSON's map (camserve_tools.overlays)."""
+        headers = {"X-CAM-Output": "grid" if self.output == "grid" else "png"}
+        if self.method:
+            headers["X-CAM-Method"] = self.method
+        if self.layer:
+            headers["X-CAM-Layer"] = self.layer
+        return headers
+
+
+@dataclass
+class ExplainSummary:
+    model: str
+    inputs: int
+    skipped: int
+    explained: int
+    failed: int  # inputs whose last line is an error, this run's or an earlier one's
+    seconds: float
+    journal: str
+
+    @property
+    def images_per_second(self) -> float:
+        return self.explained / self.seconds if self.seconds > 0 else 0.0
+
+
+def register(subparsers: Any) -> None:
+    parser = subparsers.add_parser(
+        "explain", help="offline batch explanations of images (JSONL + heat maps), resumable",
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=EXIT_CODES_HELP.format(failed="some images failed (their lines carry the error)"),
+    )
+    parser.add_argument("model", type=Path, metavar="MODEL", help="a .mar archive or a model directory with model-config.yaml")
+    parser.add_argument("inputs", nargs="+", metavar="INPUTS", help="images, folders (searched recursively) or text files listing image paths")
+    parser.add_argument("--out", type=Path, required=True, metavar="DIR", help="where explanations.jsonl and the images go")
+    parser.add_argument("--method", help="CAM method (default: the model's), e.g. gradcam, cam, layercam, scorecam")
+    parser.add_argument("--layer", help="target layer name(s), comma-separated (default: the model's)")
+    parser.add_argument("--output", choices=OUTPUTS, default="png", help="png: heat map PNGs; overlay: map over image; grid: floats in the JSON only (default: png)")
+    parser.add_argument("--batch-size", type=_positive, default=8, metavar="N", help="images per handler call (default: 8)")
+    parser.add_argument("--jobs", type=_positive, default=2, metavar="N",
+                        help="threads that read images ahead and write output images behind the model (default: 2)")
+    parser.add_argument("--retry-failed", action="store_true", help="explain again the images whose last line is an error")
+    add_output_arguments(parser)
+    parser.set_defaults(run=run)
+
+
+def _positive(raw: str) -> int:
+    value = int(raw)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {raw}")
+    return value
+
+
+def run(args: argparse.Namespace) -> int:
+    from camserve_tools.image_inputs import InputError, collect_images
+    from camserve_tools.local_model import ModelSourceError, open_model
+
+    try:
+        paths = collect_images(args.inputs)
+    except InputError as error:
+        raise UsageError(str(error)) from None
+    # DIR inside an input folder: its own maps would be inputs of the next run.
+    out = Path(os.path.abspath(args.out))
+    paths = [path for path in paths if not path.is_relative_to(out)]
+    if not paths:
+        raise UsageError("INPUTS name no images")
+    settings = ExplainSettings(args.method, args.layer, args.output, args.batch_size, args.jobs, args.retry_failed)
+    try:
+        model = open_model(args.model)
+    except ModelSourceError as error:
+        raise UsageError(str(error)) from None
+    except Exception as error:  # noqa: BLE001 - a damaged archive, or whatever the model's own code raises while loading
+        raise CommandFailed(f"{args.model} cannot be loaded: {type(error).__name__}: {error}") from None
+    with model:
+        check_settings(model.handler, settings)
+        summary = explain_images(model.handler, model.name, paths, args.out, settings, quiet=args.quiet)
+    report = {**asdict(summary), "images_per_second": round(summary.images_per_second, 2)}
+    emit(report, args.json, key_values(report))
+    return EXIT_FAILED if summary.failed else EXIT_OK
+
+
+def check_settings(handler: Any, settings: ExplainSettings) -> None:
+    """A method or layer the model refuses is a usage error, found once here rather than on every image."""
+    from camserve.protocol.options import parse_options
+    from camserve.protocol.decoding import RequestError, options_from_headers
+
+    try:
+        parse_options(options_from_headers(settings.request_headers()), handler.option_rules)
+    except RequestError as error:
+        raise UsageError(str(error)) from None
+
+
+def explain_images(handler: Any, model_name: str, paths: list[Path], out_dir: Path, settings: ExplainSettings, quiet: bool = True) -> ExplainSummary:
+    """Explain every image of `paths` not yet in DIR's journal; lines are appended as their files are written."""
+    from camserve_tools.journal import Journal
+    from camserve_tools.local_model import answer_batch
+
+    journal = Journal(out_dir / JOURNAL_NAME)
+    pending = [path for path in paths if not journal.is_done(str(path), settings.retry_failed)]
+    headers = settings.request_headers()
+    started = time.perf_counter()
+    with ThreadPoolExecutor(settings.jobs) as pool, journal.open_for_append() as out, progress(total=len(pending), desc="explain", quiet=quiet) as bar:
+        writer = OrderedWriter(journal, out)
+        for batch, bodies in prefetched_batches(pending, settings.batch_size, pool):
+            for path, body, (status, answer) in zip(batch, bodies, answer_batch(handler, bodies, [headers] * len(bodies))):
+                line = {"path": str(path), "status": status, "answer": answer, "file": None}
+                writer.add(line, submit_output(pool, out_dir, path, body, status, answer, settings.output))
+            writer.write_ready()
+            out.flush()
+            bar.update(len(batch))
+        writer.write_all()
+    seconds = time.perf_counter() - started
+    failed = sum(1 for path in paths if journal.statuses.get(str(path), 200) != 200)
+    return ExplainSummary(model_name, len(paths), len(paths) - len(pending), len(pending), failed, round(seconds, 3), str(journal.path))
+
+
+# -- reading ---------------------------------------------------------------------------------------------------------
+
+
+def prefetched_batches(paths: list[Path], batch_size: int, pool: ThreadPoolExecutor) -> Iterator[tuple[list[Path], list[Any]]]:
+    """Batches of (paths, bytes), the next batch read in the pool while the caller works on the current one."""
+    batches = [paths[start : start + batch_size] for start in range(0, len(paths), batch_size)]
+    from camserve_tools.local_model import read_input
+
+    upcoming = [pool.submit(read_input, path) for path in batches[0]] if batches else []
+    for index, batch in enumerate(batches):
+        current = upcoming
+        if index + 1 < len(batches):
+            upcoming = [pool.submit(read_input, path) for path in batches[index + 1]]
+        yield batch, [future.result() for future in current]
+
+
+# -- writing ---------------------------------------------------------------------------------------------------------
+
+
+def output_name(path: Path, output: str) -> Path:
+    """Where an input's image goes inside DIR: its path (relative to the working directory when under it, else
+    absolute) mirrored under maps/ or overlays/, with .png added - distinct inputs never share a name."""
+    try:
+        relative = path.relative_to(Path.cwd())
+    except ValueError:
+        relative = Path(*path.parts[1:])
+    return Path(OUTPUT_FOLDERS[output]) / relative.with_name(relative.name + ".png")
+
+
+def submit_output(pool: ThreadPoolExecutor, out_dir: Path, path: Path, body: Any, status: int, answer: Any, output: str) -> Future | None:
+    """Write the image of --output for a successful answer, in the pool (file creation and overlay drawing overlap
+    the model's next batch: measured, even a heat map's 0.2 ms write is cheaper there); None when nothing is written."""
+    from camserve_tools.local_model import answer_cams
+
+    cams = answer_cams(answer) if status == 200 and output in OUTPUT_FOLDERS else []
+    if not cams or "heatmap" not in cams[0]:
+        return None
+    cam = cams[0]
+    name = output_name(path, output)
+    return pool.submit(write_output, out_dir / name, name, body, cam["heatmap"], output)
+
+
+def write_output(target: Path, name: Path, body: bytes, heatmap_b64: str, output: str) -> str:
+    """The heat map PNG as the endpoint sent it, or the overlay drawn from it; returns the name for the line."""
+    from camserve_tools.overlays import heatmap_overlay
+
+    png = base64.b64decode(heatmap_b64)
+    data = png if output == "png" else heatmap_overlay(body, png)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    # No temporary name and rename: a file cut short by a crash has no journal line yet, so it is written again.
+    target.write_bytes(data)
+    return str(name)
+
+
+class OrderedWriter:
+    """Journal lines in input order, each written only once its output file is on disk."""
+
+    def __init__(self, journal: Any, out: Any) -> None:
+        self.journal, self.out = journal, out
+        self.waiting: deque[tuple[dict[str, Any], Future | None]] = deque()
+
+    def add(self, line: dict[str, Any], future: Future | None) -> None:
+        self.waiting.append((line, future))
+
+    def write_ready(self) -> None:
+        while self.waiting and (self.waiting[0][1] is None or self.waiting[0][1].done()):
+            self._write(*self.waiting.popleft())
+
+    def write_all(self) -> None:
+        while self.waiting:
+            self._write(*self.waiting.popleft())
+
+    def _write(self, line: dict[str, Any], future: Future | None) -> None:
+        if future is not None:
+            try:
+                line["file"] = future.result()
+            except Exception as error:  # noqa: BLE001 - a file we cannot write fails that image, not the run
+                line.update(status=500, answer={"code": 500, "type": "output_failed", "message": f"{type(error).__name__}: {error}"})
+        self.journal.record(self.out, line)

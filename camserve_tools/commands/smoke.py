@@ -1,0 +1,277 @@
+"""`camserve smoke ARCHIVE.mar`: serve the archive alone, probe it, stop - the step before an archive is promoted.
+
+1. inspect: the archive is a whole zip (every member's CRC), with a manifest, a model-config.yaml whose handler
+   section describes a model, and its labels;
+2. start: TorchServe on free ports with this archive alone, in its own run dir and TMPDIR
+   (camserve_tools.server.TorchServe), until the model answers a real prediction - a worker that cannot load fails here;
+3. probe: generated scenes (PNG and JPEG) must get 200 with labels of the archive's label set, a heat map that
+   decodes to the image's size, a peak inside the image and a box within it; a body that is not an image must get
+   a 4xx with a JSON error;
+4. stop: always, whatever happened before.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import shutil
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from camserve_tools.commands.common import EXIT_CODES_HELP, EXIT_FAILED, EXIT_OK, UsageError, add_output_arguments, emit, format_table, progress
+
+PROBE_SEEDS = (3, 11, 29)  # offsets from camserve_tools.scenes.EVAL_SEED_START: scenes of several sizes and classes
+NOT_AN_IMAGE = b"this body is not an image\n"
+
+
+class SmokeFailure(Exception):
+    """The archive failed a stage before the probes; the message says why."""
+
+    def __init__(self, stage: str, message: str) -> None:
+        super().__init__(message)
+        self.stage = stage
+
+
+@dataclass
+class ProbeResult:
+    probe: str
+    status: int | None
+    problems: list[str] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems
+
+
+@dataclass
+class ArchiveFacts:
+    name: str
+    labels: list[str]
+
+
+def register(subparsers: Any) -> None:
+    from camserve_tools.server import ROOT
+
+    parser = subparsers.add_parser(
+        "smoke", help="start TorchServe with one archive, probe it, stop (before promoting it)",
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=EXIT_CODES_HELP.format(failed="the archive failed: unreadable, could not load, or a probe's answer was wrong"),
+    )
+    parser.add_argument("archive", type=Path, metavar="ARCHIVE.mar")
+    parser.add_argument("--config", type=Path, default=ROOT / "config" / "dev.properties", help="TorchServe config.properties (default: %(default)s)")
+    parser.add_argument("--timeout", type=float, default=120.0, help="seconds the model may take to answer its first prediction (default: 120)")
+    parser.add_argument("--run-dir", type=Path, help="the server's run dir, kept afterwards (default: a temporary one, kept only on failure)")
+    add_output_arguments(parser)
+    parser.set_defaults(run=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    if not args.archive.is_file():
+        raise UsageError(f"{args.archive} is not a file")
+    if not args.config.is_file():
+        raise UsageError(f"--config {args.config} is not a file")
+    started = time.perf_counter()
+    report = smoke_test(args.archive, args.config, args.timeout, args.run_dir, args.quiet)
+    report["seconds"] = round(time.perf_counter() - started, 1)
+    emit(report, args.json, people_table(report))
+    return EXIT_OK if report["ok"] else EXIT_FAILED
+
+
+def smoke_test(archive: Path, config: Path, timeout: float, run_dir: Path | None, quiet: bool = True) -> dict[str, Any]:
+    """Every stage in order; the report says which failed and why. The server is stopped whatever happens."""
+    report: dict[str, Any] = {"archive": str(archive), "model": None, "ok": False, "stage": "inspect", "error": None, "probes": [], "logs": None}
+    own_run_dir = run_dir is None
+    run_dir = Path(tempfile.mkdtemp(prefix="camserve-smoke-")) if run_dir is None else run_dir.resolve()
+    server = None
+    try:
+        facts = inspect_archive(archive)
+        report["model"] = facts.name
+        report["stage"] = "start"
+        server = start_alone(archive, facts.name, config, run_dir, timeout)
+        report["stage"] = "probe"
+        results = probe(server, facts, quiet)
+        report["probes"] = [{**asdict(result), "ok": result.ok} for result in results]
+        report["ok"] = all(result.ok for result in results)
+        if not report["ok"]:
+            report["error"] = "; ".join(f"{r.probe}: {', '.join(r.problems)}" for r in results if r.problems)
+    except SmokeFailure as failure:
+        report.update(stage=failure.stage, error=str(failure))
+    finally:
+        if server is not None:
+            server.stop()
+        if report["ok"] or report["stage"] == "inspect":
+            if own_run_dir:
+                shutil.rmtree(run_dir, ignore_errors=True)
+        else:
+            report["logs"] = str(run_dir / "logs")
+    if report["ok"]:
+        report["stage"] = "done"
+    return report
+
+
+def inspect_archive(archive: Path) -> ArchiveFacts:
+    """Read the archive as TorchServe will: a whole zip, its manifest, model-config.yaml and labels."""
+    import zipfile
+
+    import yaml
+
+    from camserve.model_spec import ModelSpec, SpecError, load_labels
+    from camserve_tools.local_model import MODEL_CONFIG, DamagedArchive, extract_archive, read_manifest
+
+    try:
+        with zipfile.ZipFile(archive) as mar:
+            broken = mar.testzip()
+    except (zipfile.BadZipFile, EOFError, OSError) as error:
+        raise SmokeFailure("inspect", f"not a readable .mar (zip) archive, truncated or damaged: {error}") from None
+    if broken is not None:
+        raise SmokeFailure("inspect", f"member {broken!r} is damaged (CRC mismatch)")
+    with tempfile.TemporaryDirectory(prefix="camserve-smoke-mar-") as directory:
+        try:
+            extract_archive(archive, Path(directory))
+            manifest = read_manifest(Path(directory))
+            config = yaml.safe_load((Path(directory) / MODEL_CONFIG).read_text()) or {}
+            spec = ModelSpec.from_dict(config.get("handler") or {})
+            labels = load_labels(spec, Path(directory))
+            if not (Path(directory) / spec.weights).is_file():
+                raise SpecError(f"the weights file {spec.weights!r} is missing")
+        except (DamagedArchive, SpecError, OSError, ValueError, yaml.YAMLError) as error:
+            raise SmokeFailure("inspect", f"{type(error).__name__}: {error}") from None
+    if not manifest.get("modelName") or not manifest.get("handler"):
+        raise SmokeFailure("inspect", "MAR-INF/MANIFEST.json names no model or handler")
+    return ArchiveFacts(name=manifest["modelName"], labels=labels)
+
+
+def start_alone(archive: Path, name: str, config: Path, run_dir: Path, timeout: float) -> Any:
+    """TorchServe serving only this archive, on free ports, with its own model store, TMPDIR and logs."""
+    from camserve_tools.server import TorchServe, free_port
+
+    store = run_dir / "model_store"
+    store.mkdir(parents=True, exist_ok=True)
+    shutil.copy2(archive, store / f"{name}.mar")
+    server = TorchServe(
+        run_dir=run_dir, config=config.resolve(), model_store=store, models=f"{name}={name}.mar",
+        inference_port=free_port(), management_port=free_port(), metrics_port=free_port(),
+    )
+    try:
+        server.start(timeout=timeout)  # stops the server itself when the worker dies or the model never answers
+    except (RuntimeError, TimeoutError, OSError) as error:
+        server.stop()
+        raise SmokeFailure("start", str(error)) from None
+    return server
+
+
+# -- probes ----------------------------------------------------------------------------------------------------------
+
+
+def probe_images() -> list[tuple[str, bytes, tuple[int, int], str]]:
+    """(name, body, (width, height), content type) of each image probe: generated scenes, as PNG and as JPEG."""
+    from camserve_tools.scenes import EVAL_SEED_START, make_scene
+
+    probes = []
+    for number, offset in enumerate(PROBE_SEEDS):
+        image = make_scene(EVAL_SEED_START + offset).image
+        fmt = "JPEG" if number == 1 else "PNG"
+        buffer = io.BytesIO()
+        image.save(buffer, format=fmt)
+        probes.append((f"scene-{offset} ({fmt.lower()} {image.width}x{image.height})", buffer.getvalue(), image.size, f"image/{fmt.lower()}"))
+    return probes
+
+
+def probe(server: Any, facts: ArchiveFacts, quiet: bool) -> list[ProbeResult]:
+    import requests
+
+    url = f"{server.inference_url}/predictions/{facts.name}"
+    images = probe_images()
+    results = []
+    with progress(total=len(images) + 1, desc="smoke", unit="probe", quiet=quiet) as bar:
+        for name, body, size, content_type in images:
+            try:
+                response = requests.post(url, data=body, headers={**server.auth_headers(), "Content-Type": content_type}, timeout=60)
+            except requests.RequestException as error:
+                results.append(ProbeResult(name, None, [f"no answer: {type(error).__name__}"]))
+            else:
+                results.append(ProbeResult(name, response.status_code, check_image_answer(response, size, facts.labels)))
+            bar.update(1)
+        try:
+            response = requests.post(url, data=NOT_AN_IMAGE, headers={**server.auth_headers(), "Content-Type": "application/octet-stream"}, timeout=60)
+        except requests.RequestException as error:
+            results.append(ProbeResult("not an image", None, [f"no answer: {type(error).__name__}"]))
+        else:
+            results.append(ProbeResult("not an image", response.status_code, check_refusal(response)))
+        bar.update(1)
+    return results
+
+
+def check_image_answer(response: Any, size: tuple[int, int], labels: list[str]) -> list[str]:
+    """What is wrong with an answer to an image: status, labels, and the map's geometry against the image's."""
+    if response.status_code != 200:
+        return [f"HTTP {response.status_code}: {response.text[:200]}"]
+    try:
+        answer = response.json()
+    except ValueError:
+        return ["the answer is not JSON"]
+    problems = []
+    predictions = answer.get("predictions") or []
+    if not predictions:
+        problems.append("no predictions")
+    for prediction in predictions:
+        if prediction.get("label") not in labels:
+            problems.append(f"label {prediction.get('label')!r} is not in the archive's label set")
+        if not 0.0 <= float(prediction.get("probability", -1)) <= 1.0:
+            problems.append(f"probability {prediction.get('probability')!r} out of [0, 1]")
+    cam = answer.get("cam")
+    cam = cam[0] if isinstance(cam, list) and cam else cam
+    if not isinstance(cam, dict):
+        return problems + ["no cam in the answer"]
+    return problems + check_cam(cam, size, labels)
+
+
+def check_cam(cam: dict[str, Any], size: tuple[int, int], labels: list[str]) -> list[str]:
+    from camserve.protocol.responses import decode_heatmap
+
+    width, height = size
+    problems = []
+    if cam.get("label") not in labels:
+        problems.append(f"cam label {cam.get('label')!r} is not in the archive's label set")
+    if cam.get("size") != [width, height]:
+        problems.append(f"cam size {cam.get('size')} is not the image's {[width, height]}")
+    try:
+        heatmap = decode_heatmap(cam["heatmap"])
+        if heatmap.shape != (height, width):
+            problems.append(f"heat map decodes to {heatmap.shape[1]}x{heatmap.shape[0]}, not {width}x{height}")
+    except Exception as error:  # noqa: BLE001 - any way it fails to decode is the finding
+        problems.append(f"heat map does not decode: {type(error).__name__}")
+    x, y = (cam.get("peak") or [-1, -1])[:2]
+    if not (0 <= x < width and 0 <= y < height):
+        problems.append(f"peak {cam.get('peak')} is outside the {width}x{height} image")
+    box = cam.get("bbox") or []
+    if len(box) != 4 or not (0 <= box[0] < box[2] <= width and 0 <= box[1] < box[3] <= height):
+        problems.append(f"bbox {box} is not within the {width}x{height} image")
+    return problems
+
+
+def check_refusal(response: Any) -> list[str]:
+    """A body that is not an image must get a 4xx and a JSON error naming the problem."""
+    problems = [] if 400 <= response.status_code < 500 else [f"HTTP {response.status_code}, not a 4xx"]
+    try:
+        error = response.json()
+        if not isinstance(error, dict) or not error.get("message") or not error.get("type"):
+            problems.append("the error JSON has no type and message")
+    except ValueError:
+        problems.append("the error is not JSON")
+    return problems
+
+
+def people_table(report: dict[str, Any]) -> str:
+    rows = [{"probe": p["probe"], "status": p["status"], "ok": "yes" if p["ok"] else "NO", "problems": "; ".join(p["problems"])} for p in report["probes"]]
+    lines = [format_table(rows, ("probe", "status", "ok", "problems"))] if rows else []
+    if report["ok"]:
+        lines.append(f"smoke test passed: {report['model']} from {report['archive']} ({report['seconds']} s)")
+    else:
+        lines.append(f"smoke test FAILED at {report['stage']}: {report['error']}")
+        if report["logs"]:
+            lines.append(f"server logs: {report['logs']}")
+    return "\n".join(lines)
