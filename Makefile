@@ -13,12 +13,13 @@ CONFIG ?= config/dev.properties
 comma := ,
 space := $(empty) $(empty)
 
-.PHONY: help venv serve stop test archive train evaluate bench bench-maps loadtest clean kserve-bundle kserve-local kserve-local-stop check-manifests
+.PHONY: help venv serve stop test lint archive train evaluate bench bench-maps loadtest clean kserve-bundle kserve-local kserve-local-stop check-manifests
 
 help:
 	@echo "make serve     start TorchServe with the default models (shapes, imagenet) on 127.0.0.1:$(INFERENCE_PORT) (background)"
 	@echo "make stop      stop that server"
-	@echo "make test      install what is missing and run the whole test suite"
+	@echo "make test      install what is missing, lint, and run the whole test suite"
+	@echo "make lint      ruff (lint, format check) and mypy"
 	@echo "make archive   (re)build model_store/shapes.mar; MODEL= / MODEL_FILE= / EXPORTED= archive your own (see README)"
 	@echo "make train     retrain the default model (models/shapes/)"
 	@echo "make evaluate  measure the default model's accuracy and localization (docs/shapes-model.md)"
@@ -78,7 +79,13 @@ serve: $(ARCHIVES)
 stop:
 	@test -x $(PY) && $(PY) -m camserve_tools.server stop --run-dir $(RUN_DIR) || true
 
-test: $(ARCHIVES)
+# ruff (lint and format check) over the whole tree, mypy over the runtime package; make test runs it first.
+lint: $(VENV)/.installed
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/mypy
+
+test: lint $(ARCHIVES)
 	$(PY) -m pytest
 
 train: $(VENV)/.installed

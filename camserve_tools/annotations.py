@@ -110,7 +110,9 @@ def _coco_file(path: Path) -> list[tuple[str, list[tuple[str, Box]]]]:
             x, y, width, height = (float(v) for v in annotation["bbox"])
             objects[annotation["image_id"]].append((categories[annotation["category_id"]], (x, y, x + width, y + height)))
     except (OSError, ValueError, KeyError, TypeError) as error:
-        raise AnnotationError(f"{path} is not COCO JSON with images, annotations (bbox, category_id) and categories: {type(error).__name__}: {error}") from None
+        raise AnnotationError(
+            f"{path} is not COCO JSON with images, annotations (bbox, category_id) and categories: {type(error).__name__}: {error}"
+        ) from None
     return [(images[image_id], found) for image_id, found in objects.items()]
 
 
@@ -126,5 +128,7 @@ def _voc_file(path: Path) -> tuple[str, list[tuple[str, Box]]]:
             xmin, ymin, xmax, ymax = (float(box.findtext(key)) for key in ("xmin", "ymin", "xmax", "ymax"))
             objects.append((obj.findtext("name", "").strip(), (xmin - 1, ymin - 1, xmax, ymax)))
     except (OSError, ElementTree.ParseError, ValueError, TypeError, AttributeError) as error:
-        raise AnnotationError(f"{path} is not Pascal VOC XML with filename and object/name, bndbox: {type(error).__name__}: {error}") from None
+        raise AnnotationError(
+            f"{path} is not Pascal VOC XML with filename and object/name, bndbox: {type(error).__name__}: {error}"
+        ) from None
     return file_name.strip(), objects

@@ -11,8 +11,27 @@ from PIL import Image
 from camserve_tools.scenes import EVAL_SEED_START, make_scene
 
 # skimage.data's photographs (not its drawings, masks and test patterns); none needs a download.
-SKIMAGE_PHOTOS = ("astronaut", "brick", "camera", "cat", "cell", "chelsea", "clock", "coffee", "coins", "grass", "gravel",
-                  "hubble_deep_field", "immunohistochemistry", "moon", "page", "retina", "rocket", "stereo_motorcycle", "text")
+SKIMAGE_PHOTOS = (
+    "astronaut",
+    "brick",
+    "camera",
+    "cat",
+    "cell",
+    "chelsea",
+    "clock",
+    "coffee",
+    "coins",
+    "grass",
+    "gravel",
+    "hubble_deep_field",
+    "immunohistochemistry",
+    "moon",
+    "page",
+    "retina",
+    "rocket",
+    "stereo_motorcycle",
+    "text",
+)
 SKLEARN_PHOTOS = ("china.jpg", "flower.jpg")
 SCENES = 24
 SCENE_SEED_START = EVAL_SEED_START + 8_000_000  # its own seed range, apart from evaluation, tests and load tests

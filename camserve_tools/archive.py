@@ -67,8 +67,9 @@ class ArchiveRequest:
 # -- packing --------------------------------------------------------------------------------------------------
 
 
-def build_archive(name: str, model_dir: Path, export_path: Path, version: str = "1.0", model_file: Path | None = None,
-                  extra_files: tuple[Path, ...] = ()) -> Path:
+def build_archive(
+    name: str, model_dir: Path, export_path: Path, version: str = "1.0", model_file: Path | None = None, extra_files: tuple[Path, ...] = ()
+) -> Path:
     """Archive the model described by `model_dir/model-config.yaml` as `export_path/<name>.mar` (unchecked).
 
     The archive carries the handler, the whole `camserve` package it imports, the weights, labels and
@@ -86,13 +87,20 @@ def build_archive(name: str, model_dir: Path, export_path: Path, version: str = 
             shutil.copy2(model_dir / spec.labels, staging / spec.labels)
         command = [
             str(Path(sys.executable).with_name("torch-model-archiver")),
-            "--model-name", name,
-            "--version", version,
-            "--handler", str(HANDLER),
-            "--serialized-file", str(model_dir / spec.weights),
-            "--extra-files", ",".join([str(staging), *(str(path) for path in extra_files)]),
-            "--config-file", str(config_file),
-            "--export-path", str(export_path),
+            "--model-name",
+            name,
+            "--version",
+            version,
+            "--handler",
+            str(HANDLER),
+            "--serialized-file",
+            str(model_dir / spec.weights),
+            "--extra-files",
+            ",".join([str(staging), *(str(path) for path in extra_files)]),
+            "--config-file",
+            str(config_file),
+            "--export-path",
+            str(export_path),
             "--force",
         ]
         if model_file is not None:
@@ -108,8 +116,9 @@ def probe_archive(mar: Path) -> dict:
             archive.extractall(unpacked)
         # PYTHONPATH empty and cwd in the unpacked archive: what TorchServe gives a worker (plus its model dir).
         environment = {**os.environ, "PYTHONPATH": "", "TMPDIR": unpacked}
-        completed = subprocess.run([sys.executable, str(PROBE), unpacked], cwd=unpacked, env=environment,
-                                   capture_output=True, text=True, timeout=600)
+        completed = subprocess.run(
+            [sys.executable, str(PROBE), unpacked], cwd=unpacked, env=environment, capture_output=True, text=True, timeout=600
+        )
     lines = completed.stdout.strip().splitlines()
     try:
         return json.loads(lines[-1])
@@ -118,8 +127,9 @@ def probe_archive(mar: Path) -> dict:
         return {"error": f"the model check crashed (exit {completed.returncode}): {tail[:400]}"}
 
 
-def checked_archive(name: str, model_dir: Path, export_path: Path, model_file: Path | None = None,
-                    extra_files: tuple[Path, ...] = ()) -> Path:
+def checked_archive(
+    name: str, model_dir: Path, export_path: Path, model_file: Path | None = None, extra_files: tuple[Path, ...] = ()
+) -> Path:
     """Build the archive in a scratch store, probe it, fix its class count from the real output, and only then
     move it to `export_path`."""
     config_file = model_dir / "model-config.yaml"
@@ -160,7 +170,10 @@ def check_labels(model_dir: Path, labels: str | None, num_classes: int) -> None:
     mapping = json.loads((model_dir / labels).read_text())
     wanted = {str(i) for i in range(num_classes)}
     if set(mapping) != wanted:
-        raise ArchiveError(f"LABELS has {len(mapping)} entries (keys {_key_range(mapping)}), the model outputs {num_classes} classes (keys 0..{num_classes - 1})")
+        raise ArchiveError(
+            f"LABELS has {len(mapping)} entries (keys {_key_range(mapping)}), the model outputs {num_classes} classes (keys "
+            f"0..{num_classes - 1})"
+        )
 
 
 def _key_range(mapping: dict) -> str:
@@ -204,7 +217,9 @@ def load_state_dict(option: str, path: Path) -> dict:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # noqa: BLE001 - an unpickling error, a corrupt file...
         first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        raise ArchiveError(f"{option}={path} is not a readable state dict (save model.state_dict(), not the model): {first[:200]}") from None
+        raise ArchiveError(
+            f"{option}={path} is not a readable state dict (save model.state_dict(), not the model): {first[:200]}"
+        ) from None
     if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
         state = state["state_dict"]  # a training checkpoint's usual wrapping
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
@@ -224,7 +239,9 @@ def labels_mapping(path: Path) -> dict:
     except (OSError, ValueError) as error:
         raise ArchiveError(f"LABELS={path} is not a JSON file: {error}") from None
     if not isinstance(mapping, dict) or not all(isinstance(v, (str, list)) for v in mapping.values()):
-        raise ArchiveError(f"LABELS={path} must map class indices to names, {{\"0\": \"cat\", ...}} or torchvision's {{\"0\": [\"n02123045\", \"tabby\"], ...}}")
+        raise ArchiveError(
+            f'LABELS={path} must map class indices to names, {{"0": "cat", ...}} or torchvision\'s {{"0": ["n02123045", "tabby"], ...}}'
+        )
     return mapping
 
 
@@ -248,12 +265,17 @@ def model_file_class(model_file: Path, class_name: str | None, extra_files: tupl
         sys.modules[module_name] = module
         spec.loader.exec_module(module)
     except Exception as error:  # noqa: BLE001 - the user's file: any import-time failure
-        raise ArchiveError(f"MODEL_FILE={model_file} cannot be imported: {type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}") from None
+        raise ArchiveError(
+            f"MODEL_FILE={model_file} cannot be imported: {type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"
+        ) from None
     finally:
         del sys.path[: len(folders)]
         sys.modules.pop(module_name, None)
-    defined = sorted(name for name, member in inspect.getmembers(module, inspect.isclass)
-                     if member.__module__ == module_name and issubclass(member, nn.Module))
+    defined = sorted(
+        name
+        for name, member in inspect.getmembers(module, inspect.isclass)
+        if member.__module__ == module_name and issubclass(member, nn.Module)
+    )
     if class_name:
         member = getattr(module, class_name, None)
         if not (inspect.isclass(member) and issubclass(member, nn.Module)):
@@ -300,8 +322,18 @@ def form_of(request: ArchiveRequest) -> str:
     return "shapes"
 
 
-def model_config(architecture: str, num_classes: int, weights: str, labels: str | None, input_size: tuple[int, int],
-                 mean, std, method: str, layers: tuple[str, ...], settings: dict | None = None) -> dict:
+def model_config(
+    architecture: str,
+    num_classes: int,
+    weights: str,
+    labels: str | None,
+    input_size: tuple[int, int],
+    mean,
+    std,
+    method: str,
+    layers: tuple[str, ...],
+    settings: dict | None = None,
+) -> dict:
     return {
         **WORKER_SETTINGS,
         **(settings or {}),
@@ -375,7 +407,9 @@ def _torchvision(request: ArchiveRequest, directory: Path) -> str:
 
     builder = request.model.removeprefix("torchvision:")
     if builder not in models.list_models():
-        raise ArchiveError(f"MODEL={request.model}: torchvision has no such builder (torchvision.models.list_models()); timm models are MODEL=timm:<name>")
+        raise ArchiveError(
+            f"MODEL={request.model}: torchvision has no such builder (torchvision.models.list_models()); timm models are MODEL=timm:<name>"
+        )
     mean, std = IMAGENET_MEAN, IMAGENET_STD
     side = 299 if builder == "inception_v3" else 224
     categories: list[str] | None = None
@@ -384,13 +418,20 @@ def _torchvision(request: ArchiveRequest, directory: Path) -> str:
     else:
         try:
             # "ResNet18_Weights.IMAGENET1K_V1", or a member of the builder's enum ("IMAGENET1K_V1", "DEFAULT")
-            weights_enum = models.get_weight(request.weights) if "." in request.weights else models.get_model_weights(builder)[request.weights]
+            weights_enum = (
+                models.get_weight(request.weights) if "." in request.weights else models.get_model_weights(builder)[request.weights]
+            )
         except (ValueError, KeyError, AttributeError) as error:
-            raise ArchiveError(f"WEIGHTS={request.weights} is neither a file nor a torchvision weights name for {builder}: {error}") from None
+            raise ArchiveError(
+                f"WEIGHTS={request.weights} is neither a file nor a torchvision weights name for {builder}: {error}"
+            ) from None
         try:
             state = weights_enum.get_state_dict(progress=False)
         except Exception as error:  # noqa: BLE001 - urllib, socket and SSL errors alike
-            raise ArchiveError(f"could not download {weights_enum} ({type(error).__name__}: {error}); without network access, pass a local state-dict file as WEIGHTS") from None
+            raise ArchiveError(
+                f"could not download {weights_enum} ({type(error).__name__}: {error}); without network access, pass a local "
+                f"state-dict file as WEIGHTS"
+            ) from None
         categories = weights_enum.meta.get("categories")
         preset = weights_enum.transforms()
         side = int(preset.crop_size[0]) if hasattr(preset, "crop_size") else side
@@ -449,8 +490,9 @@ def _model_file(request: ArchiveRequest, directory: Path) -> tuple[str, Path, tu
     if num_classes is None and takes_num_classes:
         raise ArchiveError(f"cannot tell how many classes {class_name}(num_classes=...) should have: give LABELS=")
     shutil.copy2(weights, directory / "weights.pt")
-    config = model_config(f"{model_file.stem}:{class_name}", num_classes or 0, "weights.pt", None,
-                          **_common(request, (224, 224), IMAGENET_MEAN, IMAGENET_STD))
+    config = model_config(
+        f"{model_file.stem}:{class_name}", num_classes or 0, "weights.pt", None, **_common(request, (224, 224), IMAGENET_MEAN, IMAGENET_STD)
+    )
     write_model_dir(directory, config, request.labels)
     return model_file.stem, model_file, extra
 
@@ -464,9 +506,11 @@ def _exported(request: ArchiveRequest, directory: Path) -> str:
     try:
         program = torch.export.load(path)
     except Exception as error:  # noqa: BLE001
-        raise ArchiveError(f"EXPORTED={request.exported} is not a file written by torch.export.save: {type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"[:400]) from None
-    user_inputs = [node for node in program.graph.nodes if node.op == "placeholder"
-                   and node.name in program.graph_signature.user_inputs]
+        raise ArchiveError(
+            f"EXPORTED={request.exported} is not a file written by torch.export.save: {type(error).__name__}: "
+            f"{str(error).splitlines()[0] if str(error) else ''}"[:400]
+        ) from None
+    user_inputs = [node for node in program.graph.nodes if node.op == "placeholder" and node.name in program.graph_signature.user_inputs]
     if len(user_inputs) != 1:
         raise ArchiveError(f"EXPORTED={request.exported} takes {len(user_inputs)} inputs; a classifier takes one image batch")
     shape = getattr(user_inputs[0].meta.get("val"), "shape", ())
@@ -476,8 +520,7 @@ def _exported(request: ArchiveRequest, directory: Path) -> str:
     size = tuple(int(s) for s in shape[2:]) if all(isinstance(s, int) for s in shape[2:]) else (224, 224)
     shutil.copy2(path, directory / "model.pt2")
     labels = labels_mapping(request.labels) if request.labels else None
-    config = model_config(EXPORTED, len(labels) if labels else 0, "model.pt2", None,
-                          **_common(request, size, IMAGENET_MEAN, IMAGENET_STD))
+    config = model_config(EXPORTED, len(labels) if labels else 0, "model.pt2", None, **_common(request, size, IMAGENET_MEAN, IMAGENET_STD))
     write_model_dir(directory, config, request.labels)
     return path.stem
 
@@ -500,8 +543,9 @@ def load_archive(mar: Path) -> tuple:
         return model, spec, load_labels(spec, root)
 
 
-def torchvision_model_dir(builder: str, weights: str, directory: Path, labels: Path | None = None, method: str = "gradcam",
-                          layers: tuple[str, ...] = ()) -> Path:
+def torchvision_model_dir(
+    builder: str, weights: str, directory: Path, labels: Path | None = None, method: str = "gradcam", layers: tuple[str, ...] = ()
+) -> Path:
     """A model dir (state dict, labels, model-config.yaml) for a torchvision classifier, unchecked: for callers that
     archive it themselves with other settings (camserve_tools/benchmarks/serving_benchmark.py)."""
     directory.mkdir(parents=True, exist_ok=True)

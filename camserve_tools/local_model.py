@@ -117,7 +117,9 @@ def _initialised_handler(model_dir: Path, name: str, manifest: dict[str, Any], h
 
     config = yaml.safe_load((model_dir / MODEL_CONFIG).read_text()) or {}
     weights = manifest.get("serializedFile") or (config.get("handler") or {}).get("weights")
-    context = BatchContext(model_pt_file=weights, model_dir=str(model_dir), model_file=None, model_name=name, model_yaml_config_file=MODEL_CONFIG)
+    context = BatchContext(
+        model_pt_file=weights, model_dir=str(model_dir), model_file=None, model_name=name, model_yaml_config_file=MODEL_CONFIG
+    )
     handler = (handler_class or CamHandler)()
     handler.initialize(context)
     return handler

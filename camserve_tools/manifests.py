@@ -19,11 +19,10 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import kserve.models as kserve_models
 import kubernetes.client.models as kubernetes_models
 import kubernetes_validate
 import yaml
-
-import kserve.models as kserve_models
 
 # The oldest Kubernetes KServe 0.20 supports, and the newest whose schemas kubernetes-validate ships.
 KUBERNETES_VERSIONS = ("1.29.0", kubernetes_validate.latest_version())
@@ -145,7 +144,10 @@ def main() -> None:
             print(f"{where}: {problem}")
     if report:
         sys.exit(1)
-    print(f"{count} manifests under {args.root}: valid (Kubernetes {', '.join(KUBERNETES_VERSIONS)} strict; InferenceService against kserve's models)")
+    print(
+        f"{count} manifests under {args.root}: valid (Kubernetes {', '.join(KUBERNETES_VERSIONS)} strict; InferenceService "
+        f"against kserve's models)"
+    )
 
 
 if __name__ == "__main__":

@@ -24,7 +24,9 @@ def heatmap_overlay(body: bytes, heatmap_png: bytes) -> bytes:
     return overlay_image(image, heatmap, "png")
 
 
-def annotated_overlay(body: bytes, heatmap_png: bytes, truth: Sequence[Sequence[float]], map_box: Sequence[int], peak: Sequence[int], caption: str) -> bytes:
+def annotated_overlay(
+    body: bytes, heatmap_png: bytes, truth: Sequence[Sequence[float]], map_box: Sequence[int], peak: Sequence[int], caption: str
+) -> bytes:
     """The overlay with the ground-truth boxes (green), the map's box (white), its peak (a cross) and a caption."""
     from PIL import Image, ImageDraw
 

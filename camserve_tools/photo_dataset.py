@@ -38,8 +38,16 @@ def write_photo_dataset(out: Path) -> list[Path]:
         images.append({"id": image_id, "file_name": path.name, "width": int(pixels.shape[1]), "height": int(pixels.shape[0])})
         x0, y0, x1, y1 = box
         for label in classes:
-            annotations.append({"id": len(annotations) + 1, "image_id": image_id, "category_id": categories[label],
-                                "bbox": [x0, y0, x1 - x0, y1 - y0], "area": (x1 - x0) * (y1 - y0), "iscrowd": 0})
+            annotations.append(
+                {
+                    "id": len(annotations) + 1,
+                    "image_id": image_id,
+                    "category_id": categories[label],
+                    "bbox": [x0, y0, x1 - x0, y1 - y0],
+                    "area": (x1 - x0) * (y1 - y0),
+                    "iscrowd": 0,
+                }
+            )
     coco = {"images": images, "annotations": annotations, "categories": [{"id": i, "name": n} for n, i in categories.items()]}
     (out / "coco.json").write_text(json.dumps(coco, indent=1) + "\n")
     return paths

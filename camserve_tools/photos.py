@@ -50,8 +50,11 @@ LABELLED = [
     Photo("stereo_motorcycle", frozenset({"moped", "motor scooter"}), source="skimage.data.stereo_motorcycle"),
     Photo("camera", frozenset({"tripod", "reflex camera", "Polaroid camera"}), source="skimage.data.camera"),
     Photo("clock", frozenset({"wall clock", "analog clock"}), source="skimage.data.clock"),
-    Photo("china.jpg", frozenset({"bell cote", "palace", "monastery", "church", "dome", "stupa", "mosque"}),
-          source="sklearn.datasets.load_sample_image('china.jpg')"),
+    Photo(
+        "china.jpg",
+        frozenset({"bell cote", "palace", "monastery", "church", "dome", "stupa", "mosque"}),
+        source="sklearn.datasets.load_sample_image('china.jpg')",
+    ),
 ]
 # Backgrounds for composites: photos without a cat or a coffee cup.
 BACKGROUNDS = ("china.jpg", "flower.jpg")

@@ -41,8 +41,10 @@ def probe(root: Path) -> dict:
         except Exception as error:  # noqa: BLE001
             hint = ""
             if spec.architecture == EXPORTED:
-                hint = (" (an exported program accepts only the shapes it was exported for: export with a dynamic batch "
-                        "dimension, dynamic_shapes={'x': {0: torch.export.Dim('batch')}}, and give INPUT_SIZE= as exported)")
+                hint = (
+                    " (an exported program accepts only the shapes it was exported for: export with a dynamic batch "
+                    "dimension, dynamic_shapes={'x': {0: torch.export.Dim('batch')}}, and give INPUT_SIZE= as exported)"
+                )
             return {"error": f"a forward pass on a {tuple(inputs.shape)} input fails{hint}: {one_line(error)}"}
         if not isinstance(output, torch.Tensor):
             return {"error": f"the model returns {type(output).__name__}, not a (batch, classes) tensor of logits"}

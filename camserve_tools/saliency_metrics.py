@@ -70,7 +70,10 @@ def curve_auc(probabilities: Sequence[float]) -> float:
 
 
 def deletion_insertion_auc(
-    class_probability: Callable[[Tensor], Tensor], pixels: Tensor, saliency: Tensor, steps: int = DEFAULT_STEPS,
+    class_probability: Callable[[Tensor], Tensor],
+    pixels: Tensor,
+    saliency: Tensor,
+    steps: int = DEFAULT_STEPS,
 ) -> tuple[float, float]:
     """(deletion AUC, insertion AUC) of one map; `class_probability` maps (N, 3, H, W) pixels to (N,) probabilities."""
     deletion, insertion = perturbation_inputs(pixels, saliency, steps)

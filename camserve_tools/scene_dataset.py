@@ -48,8 +48,14 @@ def write_scene_dataset(out: Path, count: int, first_seed: int = DEFAULT_FIRST_S
 
 def coco_annotation(annotation_id: int, image_id: int, scene: Scene) -> dict:
     x0, y0, x1, y1 = scene.box
-    return {"id": annotation_id, "image_id": image_id, "category_id": scene.label + 1, "bbox": [x0, y0, x1 - x0, y1 - y0],
-            "area": (x1 - x0) * (y1 - y0), "iscrowd": 0}
+    return {
+        "id": annotation_id,
+        "image_id": image_id,
+        "category_id": scene.label + 1,
+        "bbox": [x0, y0, x1 - x0, y1 - y0],
+        "area": (x1 - x0) * (y1 - y0),
+        "iscrowd": 0,
+    }
 
 
 def voc_xml(file_name: str, scene: Scene) -> ElementTree.ElementTree:

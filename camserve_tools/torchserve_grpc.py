@@ -35,7 +35,15 @@ def compile_stubs(out_dir: Path) -> SimpleNamespace:
             target.parent.mkdir(parents=True, exist_ok=True)
             target.write_bytes(jar.read(name))
     well_known = Path(protoc.__file__).resolve().parent / "_proto"  # google/protobuf/*.proto
-    arguments = ["grpc_tools.protoc", f"-I{out_dir}", f"-I{well_known}", f"--python_out={out_dir}", f"--grpc_python_out={out_dir}", *PROTOS, *DEPENDENCIES]
+    arguments = [
+        "grpc_tools.protoc",
+        f"-I{out_dir}",
+        f"-I{well_known}",
+        f"--python_out={out_dir}",
+        f"--grpc_python_out={out_dir}",
+        *PROTOS,
+        *DEPENDENCIES,
+    ]
     if protoc.main(arguments) != 0:
         raise RuntimeError(f"grpc_tools.protoc failed on {PROTOS} from {JAR}")
     # The generated modules import each other by top-level name (inference_pb2 -> google.rpc.status_pb2).

@@ -67,7 +67,10 @@ def check_builtin(response: FastResponse) -> None:
 def check_integrated_gradients(response: FastResponse) -> None:
     """TorchServe's VisionHandler explanation: the attributions as a nested list, channels x height x width."""
     body = ok_json(response)
-    expect(isinstance(body, list) and len(body) == 3 and isinstance(body[0], list) and isinstance(body[0][0], list), "no 3 x H x W attribution list")
+    expect(
+        isinstance(body, list) and len(body) == 3 and isinstance(body[0], list) and isinstance(body[0][0], list),
+        "no 3 x H x W attribution list",
+    )
 
 
 def predictions(body: Any) -> list[dict[str, Any]]:

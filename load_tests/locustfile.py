@@ -58,14 +58,24 @@ STEPS = 4
 def add_arguments(parser: LocustArgumentParser) -> None:
     parser.add_argument("--model", default="shapes", env_var="LOCUST_MODEL", help="model name in the URL (default: shapes)")
     parser.add_argument(
-        "--token-file", default="", env_var="LOCUST_TOKEN_FILE",
+        "--token-file",
+        default="",
+        env_var="LOCUST_TOKEN_FILE",
         help="TorchServe's key_file.json: its inference key is sent as a Bearer token (default: no Authorization header)",
     )
     parser.add_argument("--pool-size", type=int, default=32, env_var="LOCUST_POOL_SIZE", help="generated images per process (default: 32)")
-    parser.add_argument("--shape", choices=("steady", "step", "spike"), default="steady", env_var="LOCUST_SHAPE", help="load shape (default: steady)")
-    parser.add_argument("--max-fail-ratio", type=float, default=0.01, env_var="LOCUST_MAX_FAIL_RATIO", help="gate: failed / all requests (default: 0.01)")
-    parser.add_argument("--max-p95-ms", type=float, default=2000.0, env_var="LOCUST_MAX_P95_MS", help="gate: 95th percentile latency (default: 2000)")
-    parser.add_argument("--max-p99-ms", type=float, default=4000.0, env_var="LOCUST_MAX_P99_MS", help="gate: 99th percentile latency (default: 4000)")
+    parser.add_argument(
+        "--shape", choices=("steady", "step", "spike"), default="steady", env_var="LOCUST_SHAPE", help="load shape (default: steady)"
+    )
+    parser.add_argument(
+        "--max-fail-ratio", type=float, default=0.01, env_var="LOCUST_MAX_FAIL_RATIO", help="gate: failed / all requests (default: 0.01)"
+    )
+    parser.add_argument(
+        "--max-p95-ms", type=float, default=2000.0, env_var="LOCUST_MAX_P95_MS", help="gate: 95th percentile latency (default: 2000)"
+    )
+    parser.add_argument(
+        "--max-p99-ms", type=float, default=4000.0, env_var="LOCUST_MAX_P99_MS", help="gate: 99th percentile latency (default: 4000)"
+    )
 
 
 @functools.lru_cache(maxsize=1)
@@ -302,8 +312,14 @@ def apply_gates(environment: Environment, **_kwargs: Any) -> None:
     options, total = environment.parsed_options, environment.stats.total
     logger.info(
         "gates: %d requests, failure ratio %.4f (max %s), p50 %.0f ms, p95 %.0f ms (max %.0f), p99 %.0f ms (max %.0f)",
-        total.num_requests, total.fail_ratio, options.max_fail_ratio, total.get_response_time_percentile(0.5),
-        total.get_response_time_percentile(0.95), options.max_p95_ms, total.get_response_time_percentile(0.99), options.max_p99_ms,
+        total.num_requests,
+        total.fail_ratio,
+        options.max_fail_ratio,
+        total.get_response_time_percentile(0.5),
+        total.get_response_time_percentile(0.95),
+        options.max_p95_ms,
+        total.get_response_time_percentile(0.99),
+        options.max_p99_ms,
     )
     wrong, slow = answer_breaches(environment), latency_breaches(environment)
     saturated = runner.cpu_warning_emitted or runner.worker_cpu_warning_emitted

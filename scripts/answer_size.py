@@ -17,10 +17,11 @@ import statistics
 import tempfile
 from pathlib import Path
 
-
 from camserve_tools.answer_pool import photo_pool
 
 ROOT = Path(__file__).resolve().parent.parent
+
+
 def answer_sizes(pool: dict[str, bytes]) -> dict[str, int]:
     """Bytes of the default answer for each image, from the handler in-process (the bytes TorchServe sends)."""
     import torch
@@ -33,7 +34,13 @@ def answer_sizes(pool: dict[str, bytes]) -> dict[str, int]:
     with tempfile.TemporaryDirectory() as directory:
         for name in ("model-config.yaml", "index_to_name.json", "shapes_net.pt"):
             shutil.copy2(ROOT / "models" / "shapes" / name, Path(directory) / name)
-        context = BatchContext(model_pt_file="shapes_net.pt", model_dir=directory, model_file=None, model_name="shapes", model_yaml_config_file="model-config.yaml")
+        context = BatchContext(
+            model_pt_file="shapes_net.pt",
+            model_dir=directory,
+            model_file=None,
+            model_name="shapes",
+            model_yaml_config_file="model-config.yaml",
+        )
         handler = CamHandler()
         handler.initialize(context)
         sizes = {}
@@ -53,8 +60,11 @@ def main() -> None:
         print(f"{name:>22} {count:>7,} bytes")
     photos = [count for name, count in sizes.items() if not name.startswith("scene")]
     scenes = [count for name, count in sizes.items() if name.startswith("scene")]
-    print(f"\n{width}x{height}: {len(sizes)} images; max {max(sizes.values()):,} bytes ({max(sizes, key=sizes.get)}), median {statistics.median(sizes.values()):,.0f};"
-          f" photos max {max(photos):,}, scenes max {max(scenes):,}")
+    print(
+        f"\n{width}x{height}: {len(sizes)} images; max {max(sizes.values()):,} bytes ({max(sizes, key=sizes.get)}), median "
+        f"{statistics.median(sizes.values()):,.0f};"
+        f" photos max {max(photos):,}, scenes max {max(scenes):,}"
+    )
 
 
 if __name__ == "__main__":

@@ -72,8 +72,12 @@ def png_file(rows: np.ndarray, idat: bytes) -> bytes:
 
 def old_cam_json(grid: torch.Tensor, size: tuple[int, int]) -> dict:
     heatmap = upsample_map(grid, size)
-    return {"size": list(size), "heatmap": base64.b64encode(old_heatmap_png(heatmap)).decode("ascii"),
-            "bbox": list(bounding_box(heatmap)), "peak": list(peak(heatmap))}
+    return {
+        "size": list(size),
+        "heatmap": base64.b64encode(old_heatmap_png(heatmap)).decode("ascii"),
+        "bbox": list(bounding_box(heatmap)),
+        "peak": list(peak(heatmap)),
+    }
 
 
 def new_cam_json(grid: torch.Tensor, size: tuple[int, int]) -> dict:
@@ -184,9 +188,19 @@ def alternatives_table(rounds: int) -> None:
             reference = np.rint(upsample_map(grid, (width, height)).numpy() * HEATMAP_LEVELS)
             small8 = np.rint(small * (255 / HEATMAP_LEVELS)).astype(np.uint8)  # 256 levels in, then back to 64
             candidates = {
-                "torch float": lambda: np.rint(F.interpolate(grid[None, None], size=(height, width), mode="bilinear", align_corners=False)[0, 0].clamp_(0, 1).numpy() * HEATMAP_LEVELS),
-                "torch uint8": lambda: np.rint(F.interpolate(torch.from_numpy(small8)[None, None], size=(height, width), mode="bilinear", align_corners=False)[0, 0].numpy() * (HEATMAP_LEVELS / 255)),
-                "PIL L": lambda: np.rint(np.asarray(Image.fromarray(small8, "L").resize((width, height), Image.BILINEAR)) * (HEATMAP_LEVELS / 255)),
+                "torch float": lambda: np.rint(
+                    F.interpolate(grid[None, None], size=(height, width), mode="bilinear", align_corners=False)[0, 0].clamp_(0, 1).numpy()
+                    * HEATMAP_LEVELS
+                ),
+                "torch uint8": lambda: np.rint(
+                    F.interpolate(torch.from_numpy(small8)[None, None], size=(height, width), mode="bilinear", align_corners=False)[
+                        0, 0
+                    ].numpy()
+                    * (HEATMAP_LEVELS / 255)
+                ),
+                "PIL L": lambda: np.rint(
+                    np.asarray(Image.fromarray(small8, "L").resize((width, height), Image.BILINEAR)) * (HEATMAP_LEVELS / 255)
+                ),
                 "PIL F": lambda: np.rint(np.asarray(Image.fromarray(small, "F").resize((width, height), Image.BILINEAR))),
                 "OpenCV": lambda: cv2.convertScaleAbs(cv2.resize(small, (width, height), interpolation=cv2.INTER_LINEAR)),
             }
@@ -205,7 +219,9 @@ def alternatives_table(rounds: int) -> None:
     print("|---|---|---|" + "---|" * len(compressors))
     for name, grid in grids().items():
         for width, height in SIZES[1:]:
-            levels = cv2.convertScaleAbs(cv2.resize(grid.numpy() * np.float32(HEATMAP_LEVELS), (width, height), interpolation=cv2.INTER_LINEAR))
+            levels = cv2.convertScaleAbs(
+                cv2.resize(grid.numpy() * np.float32(HEATMAP_LEVELS), (width, height), interpolation=cv2.INTER_LINEAR)
+            )
             grey = levels * np.uint8(HEATMAP_STEP)
             rows = np.empty((height, width + 1), dtype=np.uint8)
             rows[:, 0] = 1
@@ -231,14 +247,20 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     print(f"### cam_json, old -> new (median ms over {args.rounds} alternating rounds; torch threads {args.threads})\n")
-    print("| map | size | old ms | new ms | speed-up | PNG bytes old -> new | answer bytes old -> new | same peak and box | pixels one level off |")
+    print(
+        "| map | size | old ms | new ms | speed-up | PNG bytes old -> new | answer bytes old -> new | same peak and box | "
+        "pixels one level off |"
+    )
     print("|---|---|---|---|---|---|---|---|---|")
     for name, grid in grids().items():
         for width, height in SIZES:
             r = compare(grid, (width, height), args.rounds)
-            print(f"| {name} | {width}x{height} | {r['old']:.2f} | {r['new']:.2f} | {r['old'] / r['new']:.1f}x"
-                  f" | {r['png'][0]:,} -> {r['png'][1]:,} | {r['body'][0]:,} -> {r['body'][1]:,} | yes"
-                  f" | {r['differ']:,} of {width * height:,} |", flush=True)
+            print(
+                f"| {name} | {width}x{height} | {r['old']:.2f} | {r['new']:.2f} | {r['old'] / r['new']:.1f}x"
+                f" | {r['png'][0]:,} -> {r['png'][1]:,} | {r['body'][0]:,} -> {r['body'][1]:,} | yes"
+                f" | {r['differ']:,} of {width * height:,} |",
+                flush=True,
+            )
     if args.steps:
         steps_table(args.rounds)
     if args.alternatives:

@@ -82,21 +82,34 @@ def main() -> None:
     best = {key: max(v[0] for v in values) for key, values in rates.items()}  # the least disturbed run of each
     cpu = {key: statistics.median(v[1] for v in values) for key, values in rates.items()}
     paired = statistics.median(e[0] / h[0] for h, e in zip(rates["handler"], rates["explain"]))
-    result = {"paired_ratio": round(paired, 3), "images": args.images, "batch_size": args.batch_size, "jobs": args.jobs, "output": args.output, "repeats": args.repeats,
-              "handler_images_per_s": round(wall["handler"], 2), "explain_images_per_s": round(wall["explain"], 2),
-              "ratio": round(wall["explain"] / wall["handler"], 3), "best_ratio": round(best["explain"] / best["handler"], 3),
-              "handler_images_per_cpu_s": round(cpu["handler"], 2), "explain_images_per_cpu_s": round(cpu["explain"], 2),
-              "cpu_ratio": round(cpu["explain"] / cpu["handler"], 3),
-              "runs_wall": {key: [round(v[0], 2) for v in values] for key, values in rates.items()}}
+    result = {
+        "paired_ratio": round(paired, 3),
+        "images": args.images,
+        "batch_size": args.batch_size,
+        "jobs": args.jobs,
+        "output": args.output,
+        "repeats": args.repeats,
+        "handler_images_per_s": round(wall["handler"], 2),
+        "explain_images_per_s": round(wall["explain"], 2),
+        "ratio": round(wall["explain"] / wall["handler"], 3),
+        "best_ratio": round(best["explain"] / best["handler"], 3),
+        "handler_images_per_cpu_s": round(cpu["handler"], 2),
+        "explain_images_per_cpu_s": round(cpu["explain"], 2),
+        "cpu_ratio": round(cpu["explain"] / cpu["handler"], 3),
+        "runs_wall": {key: [round(v[0], 2) for v in values] for key, values in rates.items()},
+    }
     if args.json:
         print(json.dumps(result, indent=2))
         return
     print(f"| path | images/s (median of {args.repeats}) | best run | images per CPU-s (median) | runs, images/s |\n|---|---|---|---|---|")
     for key in ("handler", "explain"):
         print(f"| {key} | {wall[key]:.2f} | {best[key]:.2f} | {cpu[key]:.2f} | {', '.join(f'{v[0]:.1f}' for v in rates[key])} |")
-    print(f"\nexplain / handler = {paired:.3f} (median of paired runs); {result['ratio']:.3f} (medians), {result['best_ratio']:.3f} (best runs), "
-          f"{result['cpu_ratio']:.3f} (CPU time)  "
-          f"({args.images} scenes, batch {args.batch_size}, jobs {args.jobs}, output {args.output})")
+    print(
+        f"\nexplain / handler = {paired:.3f} (median of paired runs); {result['ratio']:.3f} (medians), "
+        f"{result['best_ratio']:.3f} (best runs), "
+        f"{result['cpu_ratio']:.3f} (CPU time)  "
+        f"({args.images} scenes, batch {args.batch_size}, jobs {args.jobs}, output {args.output})"
+    )
 
 
 if __name__ == "__main__":

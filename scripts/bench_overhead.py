@@ -86,8 +86,15 @@ def _reference(library: str, method: str, model: torch.nn.Module, layer: str) ->
     if library == "pytorch-grad-cam":
         import pytorch_grad_cam as pgc
 
-        classes = {"gradcam": pgc.GradCAM, "gradcampp": pgc.GradCAMPlusPlus, "xgradcam": pgc.XGradCAM, "hirescam": pgc.HiResCAM,
-                   "layercam": pgc.LayerCAM, "eigencam": pgc.EigenCAM, "scorecam": pgc.ScoreCAM}
+        classes = {
+            "gradcam": pgc.GradCAM,
+            "gradcampp": pgc.GradCAMPlusPlus,
+            "xgradcam": pgc.XGradCAM,
+            "hirescam": pgc.HiResCAM,
+            "layercam": pgc.LayerCAM,
+            "eigencam": pgc.EigenCAM,
+            "scorecam": pgc.ScoreCAM,
+        }
         if method not in classes:
             return None
         cam = classes[method](model=model, target_layers=[module], reshape_transform=to_grid)
@@ -109,7 +116,14 @@ def _reference(library: str, method: str, model: torch.nn.Module, layer: str) ->
         return predict_then_attribute
     from torchcam import methods as tc
 
-    classes = {"cam": tc.CAM, "gradcam": tc.GradCAM, "gradcampp": tc.GradCAMpp, "xgradcam": tc.XGradCAM, "layercam": tc.LayerCAM, "scorecam": tc.ScoreCAM}
+    classes = {
+        "cam": tc.CAM,
+        "gradcam": tc.GradCAM,
+        "gradcampp": tc.GradCAMpp,
+        "xgradcam": tc.XGradCAM,
+        "layercam": tc.LayerCAM,
+        "scorecam": tc.ScoreCAM,
+    }
     if method not in classes:
         return None
 
@@ -122,7 +136,9 @@ def _reference(library: str, method: str, model: torch.nn.Module, layer: str) ->
     return run
 
 
-def variants(model: torch.nn.Module, extractor: CamExtractor, methods: list[str], references: bool, sample: torch.Tensor, model_name: str) -> dict[str, Callable[[torch.Tensor], object]]:
+def variants(
+    model: torch.nn.Module, extractor: CamExtractor, methods: list[str], references: bool, sample: torch.Tensor, model_name: str
+) -> dict[str, Callable[[torch.Tensor], object]]:
     """Name -> callable for every method that applies, ours and (with `references`) the libraries'."""
     layer = extractor.default_layers[0]
     found: dict[str, Callable[[torch.Tensor], object]] = {}
@@ -228,13 +244,27 @@ def memory(model_name: str, methods: list[str], batch_sizes: list[int], referenc
         for name in ["predict", *names]:
             # Processes differ by up to a fifth (which kernels and buffers oneDNN picks): median of `processes`.
             command = [sys.executable, __file__, "--memory-child", json.dumps([model_name, name, batch])]
-            results = [subprocess.run(command, capture_output=True, text=True, check=True, cwd=ROOT, env=MEMORY_CHILD_ENV) for _ in range(processes)]
+            results = [
+                subprocess.run(command, capture_output=True, text=True, check=True, cwd=ROOT, env=MEMORY_CHILD_ENV)
+                for _ in range(processes)
+            ]
             peaks[name] = statistics.median(json.loads(r.stdout.strip().splitlines()[-1])["peak"] for r in results)
         for name in names:
-            rows.append({"model": model_name, "batch": batch, "variant": name, "peak_mib": peaks[name] / 2**20,
-                         "predict_mib": peaks["predict"] / 2**20, "ratio": peaks[name] / peaks["predict"]})
-            print(f"{model_name:>20} batch {batch}  {name:<28} peak {peaks[name] / 2**20:8.1f} MiB"
-                  f"  (predict {peaks['predict'] / 2**20:.1f} MiB)  x{peaks[name] / peaks['predict']:.2f}", flush=True)
+            rows.append(
+                {
+                    "model": model_name,
+                    "batch": batch,
+                    "variant": name,
+                    "peak_mib": peaks[name] / 2**20,
+                    "predict_mib": peaks["predict"] / 2**20,
+                    "ratio": peaks[name] / peaks["predict"],
+                }
+            )
+            print(
+                f"{model_name:>20} batch {batch}  {name:<28} peak {peaks[name] / 2**20:8.1f} MiB"
+                f"  (predict {peaks['predict'] / 2**20:.1f} MiB)  x{peaks[name] / peaks['predict']:.2f}",
+                flush=True,
+            )
     return rows
 
 
@@ -271,7 +301,10 @@ def main() -> None:
         for model_name in args.models.split(","):
             rows += memory(model_name, methods, batch_sizes, args.references, args.memory_processes)
         table = ["| model | batch | variant | peak MiB | plain prediction's peak MiB | peak ÷ plain |", "|---|---|---|---|---|---|"]
-        table += [f"| {r['model']} | {r['batch']} | {r['variant']} | {r['peak_mib']:.1f} | {r['predict_mib']:.1f} | {r['ratio']:.2f} |" for r in rows]
+        table += [
+            f"| {r['model']} | {r['batch']} | {r['variant']} | {r['peak_mib']:.1f} | {r['predict_mib']:.1f} | {r['ratio']:.2f} |"
+            for r in rows
+        ]
         tables.append("\n".join(table))
     print("\n\n".join(tables))
     if args.markdown:

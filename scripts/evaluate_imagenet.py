@@ -62,7 +62,9 @@ def evaluate(model, names, transform, size, whole_image: bool = True) -> dict:
         right += names[int(probabilities.argmax())] in photo.family
         mass += float(probabilities[members].sum())
     extractor = CamExtractor(model, (size, size))
-    composites = [composite(subject, background, seed) for subject in LABELLED[:2] for background in BACKGROUNDS for seed in COMPOSITE_SEEDS]
+    composites = [
+        composite(subject, background, seed) for subject in LABELLED[:2] for background in BACKGROUNDS for seed in COMPOSITE_SEEDS
+    ]
     composite_right, on_object = 0, 0
     for item in composites:
         members = torch.tensor([names.index(n) for n in item.subject.family])
@@ -74,8 +76,14 @@ def evaluate(model, names, transform, size, whole_image: bool = True) -> dict:
         x, y = peak(upsample_map(result.maps[0, 0], item.image.size))
         x0, y0, x1, y1 = item.box
         on_object += x0 <= x < x1 and y0 <= y < y1
-    return {"photos": len(photos), "top1": right / len(photos), "family_probability": mass / len(photos),
-            "composites": len(composites), "composite_top1": composite_right / len(composites), "peak_on_object": on_object / len(composites) if whole_image else None}
+    return {
+        "photos": len(photos),
+        "top1": right / len(photos),
+        "family_probability": mass / len(photos),
+        "composites": len(composites),
+        "composite_top1": composite_right / len(composites),
+        "peak_on_object": on_object / len(composites) if whole_image else None,
+    }
 
 
 def main() -> None:
@@ -84,17 +92,25 @@ def main() -> None:
     args = parser.parse_args()
     torch.manual_seed(0)
     model, names = imagenet_model(), labels()
-    candidates = [(norm, f"{size}x{size}, whole image", whole_image_transform(size, mean, std), size, True)
-                  for norm, (mean, std) in NORMALISATIONS.items() for size in SIZES]
+    candidates = [
+        (norm, f"{size}x{size}, whole image", whole_image_transform(size, mean, std), size, True)
+        for norm, (mean, std) in NORMALISATIONS.items()
+        for size in SIZES
+    ]
     mean, std = NORMALISATIONS["ImageNet mean/std"]
     crop = transforms.Compose([transforms.Resize(256), transforms.CenterCrop(224), transforms.ToTensor(), transforms.Normalize(mean, std)])
     candidates.append(("ImageNet mean/std", "Resize(256) + CenterCrop(224)", crop, 224, False))
-    table = ["| normalisation | input | photos top-1 | family probability | composites top-1 | peak on the object |", "|---|---|---|---|---|---|"]
+    table = [
+        "| normalisation | input | photos top-1 | family probability | composites top-1 | peak on the object |",
+        "|---|---|---|---|---|---|",
+    ]
     for norm, recipe, transform, size, whole_image in candidates:
         row = evaluate(model, names, transform, size, whole_image)
         on_object = f"{row['peak_on_object']:.2f}" if row["peak_on_object"] is not None else "n/a (cropped)"
-        table.append(f"| {norm} | {recipe} | {row['top1']:.2f} ({row['photos']}) | {row['family_probability']:.3f} | "
-                     f"{row['composite_top1']:.2f} ({row['composites']}) | {on_object} |")
+        table.append(
+            f"| {norm} | {recipe} | {row['top1']:.2f} ({row['photos']}) | {row['family_probability']:.3f} | "
+            f"{row['composite_top1']:.2f} ({row['composites']}) | {on_object} |"
+        )
         print(table[-1], flush=True)
     print("\n".join(table))
     if args.markdown:

@@ -27,11 +27,14 @@ def main() -> None:
     parser.add_argument("--json", action="store_true", help="print JSON instead of a Markdown table")
     args = parser.parse_args()
     scene_maker = load_generator(args.generator) if args.generator else make_scene
-    results = {method: evaluate(args.model_dir, method, args.scenes, args.first_seed, scene_maker=scene_maker) for method in args.methods.split(",")}
+    results = {
+        method: evaluate(args.model_dir, method, args.scenes, args.first_seed, scene_maker=scene_maker)
+        for method in args.methods.split(",")
+    }
     if args.json:
         print(json.dumps({m: q.__dict__ for m, q in results.items()}, indent=2))
         return
-    print(f"| method | scenes | top-1 | pointing game | box IoU >= 0.5 | mean box IoU |\n|---|---|---|---|---|---|")
+    print("| method | scenes | top-1 | pointing game | box IoU >= 0.5 | mean box IoU |\n|---|---|---|---|---|---|")
     for method, q in results.items():
         print(f"| {method} | {q.scenes} | {q.top1:.1%} | {q.pointing:.1%} | {q.iou_050:.1%} | {q.mean_iou:.3f} |")
 

@@ -15,9 +15,9 @@ from camserve.cam import CamExtractor
 from camserve.model_spec import ModelSpec, load_model
 from camserve.preprocessing import whole_image_transform
 from camserve.protocol.responses import overlay_image
-from camserve_tools.scenes import EVAL_SEED_START, make_scene
 from camserve_tools.archive import load_archive
 from camserve_tools.photos import LABELLED
+from camserve_tools.scenes import EVAL_SEED_START, make_scene
 
 ROOT = Path(__file__).resolve().parent.parent
 FIGURES = {"overlay-gradcam.png": (EVAL_SEED_START + 3, "gradcam"), "overlay-layercam.png": (EVAL_SEED_START + 5, "layercam")}
@@ -47,7 +47,10 @@ def imagenet_figure() -> None:
     result = extractor(transform(image)[None], method="gradcam")
     (ROOT / "docs" / IMAGENET_FIGURE).write_bytes(overlay_image(image, result.maps[0, 0], "png"))
     probability = float(result.logits.softmax(dim=1)[0, result.targets[0, 0]])
-    print(f"docs/{IMAGENET_FIGURE}: {photo.source}, predicted {labels[int(result.targets[0, 0])]!r} ({probability:.2f}), gradcam at {extractor.default_layers[0]}")
+    print(
+        f"docs/{IMAGENET_FIGURE}: {photo.source}, predicted {labels[int(result.targets[0, 0])]!r} ({probability:.2f}), "
+        f"gradcam at {extractor.default_layers[0]}"
+    )
 
 
 if __name__ == "__main__":

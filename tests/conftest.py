@@ -79,9 +79,24 @@ def shapes_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TorchSer
 
 @pytest.fixture()
 def predict(shapes_server: TorchServe):
-    def post(body: bytes | dict | None = None, *, json: dict | None = None, headers: dict | None = None, files: dict | None = None,
-             data: dict | None = None, path: str = "predictions/shapes", timeout: float = 60) -> requests.Response:
+    def post(
+        body: bytes | dict | None = None,
+        *,
+        json: dict | None = None,
+        headers: dict | None = None,
+        files: dict | None = None,
+        data: dict | None = None,
+        path: str = "predictions/shapes",
+        timeout: float = 60,
+    ) -> requests.Response:
         headers = {**shapes_server.auth_headers(), **(headers or {})}
-        return requests.post(f"{shapes_server.inference_url}/{path}", data=body if data is None else data, json=json, files=files, headers=headers, timeout=timeout)
+        return requests.post(
+            f"{shapes_server.inference_url}/{path}",
+            data=body if data is None else data,
+            json=json,
+            files=files,
+            headers=headers,
+            timeout=timeout,
+        )
 
     return post

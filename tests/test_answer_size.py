@@ -5,9 +5,9 @@ from __future__ import annotations
 import json
 
 import pytest
+from conftest import png_bytes
 
 from camserve.protocol.responses import decode_heatmap
-from conftest import png_bytes
 from camserve_tools.answer_pool import photo_pool
 
 pytestmark = pytest.mark.serving

@@ -13,8 +13,8 @@ from pathlib import Path
 
 import pytest
 import requests
-import torch
 import yaml
+from conftest import ROOT, TEST_SEED_START, png_bytes, start_server
 from PIL import Image
 
 from camserve.cam import CamExtractor
@@ -22,9 +22,8 @@ from camserve.cam.localization import peak, upsample_map
 from camserve.model_spec import ModelSpec, load_model
 from camserve.preprocessing import whole_image_transform
 from camserve.protocol.responses import decode_heatmap
-from camserve_tools.scenes import Scene, make_scene
-from conftest import ROOT, TEST_SEED_START, png_bytes, start_server
 from camserve_tools.archive import build_archive
+from camserve_tools.scenes import Scene, make_scene
 
 pytestmark = [pytest.mark.slow, pytest.mark.serving]
 

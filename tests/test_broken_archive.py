@@ -7,8 +7,8 @@ import time
 
 import pytest
 import yaml
-
 from conftest import ROOT, start_server
+
 from camserve_tools.archive import build_archive
 
 pytestmark = [pytest.mark.slow, pytest.mark.serving]

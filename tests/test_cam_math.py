@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from camserve.cam import CamExtractor, LayerCapture, METHODS, MethodError, find_target_layer, normalize_maps
+from camserve.cam import METHODS, CamExtractor, LayerCapture, MethodError, find_target_layer, normalize_maps
 from camserve.cam.localization import bounding_box, box_iou, peak, upsample_map
 from camserve.models.shapes_net import ShapesNet
 

@@ -10,11 +10,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import ROOT, SHAPES_MAR, TEST_SEED_START
 from PIL import Image
 
-from camserve_tools.scenes import CLASSES
 from camserve_tools.scene_dataset import write_scene_dataset
-from conftest import ROOT, SHAPES_MAR, TEST_SEED_START
+from camserve_tools.scenes import CLASSES
 
 PYTHON = ROOT / ".venv" / "bin" / "python"
 METRIC_KEYS = ("top1", "pointing_game", "iou50", "deletion_auc", "insertion_auc", "randomization_spearman")
@@ -101,7 +101,9 @@ def test_explain_overlays_from_a_list_file_and_a_model_directory(dataset: Path, 
 def test_usage_errors_exit_2_before_any_work(tmp_path: Path, dataset: Path) -> None:
     missing = camserve("explain", SHAPES_MAR, tmp_path / "nothing-here.png", "--out", tmp_path / "out")
     assert missing.returncode == 2 and "no such image" in missing.stderr
-    unknown = camserve("evaluate", SHAPES_MAR, dataset / "images", "--boxes", dataset / "coco.json", "--out", tmp_path / "eval", "--min", "accuracy=0.9")
+    unknown = camserve(
+        "evaluate", SHAPES_MAR, dataset / "images", "--boxes", dataset / "coco.json", "--out", tmp_path / "eval", "--min", "accuracy=0.9"
+    )
     assert unknown.returncode == 2 and "unknown key 'accuracy'" in unknown.stderr
     assert not (tmp_path / "eval").exists()
 
@@ -109,8 +111,24 @@ def test_usage_errors_exit_2_before_any_work(tmp_path: Path, dataset: Path) -> N
 @pytest.fixture(scope="module")
 def coco_metrics(dataset: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[subprocess.CompletedProcess, Path]:
     out = tmp_path_factory.mktemp("evaluate-coco")
-    result = camserve("evaluate", SHAPES_MAR, dataset / "images", "--boxes", dataset / "coco.json", "--out", out,
-                      "--steps", "8", "--worst", "3", "--min", "top1=0.8", "--min", "pointing_game=0.6", "--json")
+    result = camserve(
+        "evaluate",
+        SHAPES_MAR,
+        dataset / "images",
+        "--boxes",
+        dataset / "coco.json",
+        "--out",
+        out,
+        "--steps",
+        "8",
+        "--worst",
+        "3",
+        "--min",
+        "top1=0.8",
+        "--min",
+        "pointing_game=0.6",
+        "--json",
+    )
     return result, out
 
 
@@ -133,8 +151,23 @@ def test_evaluate_with_coco_boxes_writes_plausible_metrics(coco_metrics) -> None
 
 def test_evaluate_with_voc_boxes_agrees_and_a_breached_threshold_exits_1(coco_metrics, dataset: Path, tmp_path: Path) -> None:
     out = tmp_path / "voc"
-    result = camserve("evaluate", SHAPES_MAR, dataset / "images", "--boxes", dataset / "voc", "--out", out,
-                      "--steps", "4", "--no-sanity", "--worst", "0", "--min", "top1=1.01", "--quiet")
+    result = camserve(
+        "evaluate",
+        SHAPES_MAR,
+        dataset / "images",
+        "--boxes",
+        dataset / "voc",
+        "--out",
+        out,
+        "--steps",
+        "4",
+        "--no-sanity",
+        "--worst",
+        "0",
+        "--min",
+        "top1=1.01",
+        "--quiet",
+    )
     assert result.returncode == 1
     assert "threshold breached: top1" in result.stderr
     voc = json.loads((out / "metrics.json").read_text())
@@ -169,8 +202,8 @@ def test_smoke_fails_a_truncated_archive_cleanly(tmp_path: Path) -> None:
 
 
 def test_coco_and_voc_boxes_read_back_as_the_scenes_drew_them(dataset: Path) -> None:
-    from camserve_tools.scenes import make_scene
     from camserve_tools.annotations import read_annotations
+    from camserve_tools.scenes import make_scene
 
     for boxes in (dataset / "coco.json", dataset / "voc"):
         annotated = read_annotations(boxes, dataset / "images", list(CLASSES))
@@ -180,14 +213,21 @@ def test_coco_and_voc_boxes_read_back_as_the_scenes_drew_them(dataset: Path) -> 
             assert [(obj.class_index, obj.box) for obj in image.objects] == [(scene.label, tuple(float(v) for v in scene.box))]
 
 
-@pytest.mark.parametrize("content, suffix", [
-    (b"{not json", ".json"),
-    (b'{"images": [{"id": 1, "file_name": "a.png"}], "annotations": [{"image_id": 2, "bbox": [0, 0, 1, 1], "category_id": 1}], "categories": [{"id": 1, "name": "x"}]}', ".json"),
-    (b'{"images": [], "annotations": [{"image_id": 1, "bbox": "wide", "category_id": 1}], "categories": []}', ".json"),
-    (b"<annotation><filename>a.png</filename><object><name>star</name></object></annotation>", ".xml"),
-    (b"<annotation><object>", ".xml"),
-    (b"boxes", ".txt"),
-])
+@pytest.mark.parametrize(
+    "content, suffix",
+    [
+        (b"{not json", ".json"),
+        (
+            b'{"images": [{"id": 1, "file_name": "a.png"}], "annotations": [{"image_id": 2, "bbox": [0, 0, 1, 1], '
+            b'"category_id": 1}], "categories": [{"id": 1, "name": "x"}]}',
+            ".json",
+        ),
+        (b'{"images": [], "annotations": [{"image_id": 1, "bbox": "wide", "category_id": 1}], "categories": []}', ".json"),
+        (b"<annotation><filename>a.png</filename><object><name>star</name></object></annotation>", ".xml"),
+        (b"<annotation><object>", ".xml"),
+        (b"boxes", ".txt"),
+    ],
+)
 def test_a_malformed_boxes_file_is_an_annotation_error(tmp_path: Path, content: bytes, suffix: str) -> None:
     from camserve_tools.annotations import AnnotationError, read_annotations
 

@@ -15,9 +15,9 @@ from pathlib import Path
 import grpc
 import pytest
 import yaml
+from conftest import ROOT, SHAPES_MAR, png_bytes, start_server
 
 from camserve_tools.torchserve_grpc import compile_stubs
-from conftest import ROOT, SHAPES_MAR, png_bytes, start_server
 
 pytestmark = [pytest.mark.serving]
 
@@ -37,7 +37,9 @@ def pod_files(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def server(pod_files: Path, tmp_path_factory: pytest.TempPathFactory):
     # camserve_tools.server puts the addresses on loopback and free ports.
     server = start_server(
-        tmp_path_factory.mktemp("kubernetes"), {"shapes": SHAPES_MAR}, config=pod_files / "config.properties",
+        tmp_path_factory.mktemp("kubernetes"),
+        {"shapes": SHAPES_MAR},
+        config=pod_files / "config.properties",
         extra_properties={"disable_token_authorization": "false"},
     )
     assert server.inference_key(), "TorchServe wrote its key file into its working directory"
@@ -49,7 +51,9 @@ def server(pod_files: Path, tmp_path_factory: pytest.TempPathFactory):
 
 def probe(pod_files: Path, server, *models: str, key_file: Path | None = None) -> subprocess.CompletedProcess:
     env = {**os.environ, "CAMSERVE_PROBE_URL": server.inference_url, "CAMSERVE_KEY_FILE": str(key_file or pod_files / "absent.json")}
-    return subprocess.run([sys.executable, str(pod_files / "readiness_probe.py"), *models], env=env, capture_output=True, text=True, timeout=60)
+    return subprocess.run(
+        [sys.executable, str(pod_files / "readiness_probe.py"), *models], env=env, capture_output=True, text=True, timeout=60
+    )
 
 
 def test_readiness_probe_passes_on_a_real_answer(pod_files: Path, server) -> None:
@@ -97,7 +101,9 @@ def test_grpc_predictions_answer_with_a_map(stub, scenes) -> None:
     stubs, inference = stub
     scene = scenes[4]
     # Inputs are the request's fields: the image under "data", options beside it (no headers on gRPC).
-    request = stubs.inference_pb2.PredictionsRequest(model_name="shapes", input={"data": png_bytes(scene.image), "method": b"eigencam", "topk": b"2"})
+    request = stubs.inference_pb2.PredictionsRequest(
+        model_name="shapes", input={"data": png_bytes(scene.image), "method": b"eigencam", "topk": b"2"}
+    )
     answer = json.loads(inference.Predictions(request, timeout=60).prediction)
     assert len(answer["predictions"]) == 2 and answer["cam"]["method"] == "eigencam"
     assert answer["cam"]["size"] == [scene.image.width, scene.image.height]
@@ -106,9 +112,17 @@ def test_grpc_predictions_answer_with_a_map(stub, scenes) -> None:
 def test_grpc_errors_come_back_in_the_answer(stub) -> None:
     """TorchServe 0.12's gRPC job ignores a prediction's status code: our 4xx arrives as an OK reply holding the error."""
     stubs, inference = stub
-    answer = json.loads(inference.Predictions(stubs.inference_pb2.PredictionsRequest(model_name="shapes", input={"data": b"\x89PNG truncated"}), timeout=60).prediction)
+    answer = json.loads(
+        inference.Predictions(
+            stubs.inference_pb2.PredictionsRequest(model_name="shapes", input={"data": b"\x89PNG truncated"}), timeout=60
+        ).prediction
+    )
     assert answer["code"] == 400 and answer["type"] == "invalid_image"
-    unknown = json.loads(inference.Predictions(stubs.inference_pb2.PredictionsRequest(model_name="shapes", input={"data": b"x", "mehtod": b"cam"}), timeout=60).prediction)
+    unknown = json.loads(
+        inference.Predictions(
+            stubs.inference_pb2.PredictionsRequest(model_name="shapes", input={"data": b"x", "mehtod": b"cam"}), timeout=60
+        ).prediction
+    )
     assert unknown["code"] == 400 and unknown["type"] in ("unknown_option", "invalid_image")
     with pytest.raises(grpc.RpcError) as raised:
         inference.Predictions(stubs.inference_pb2.PredictionsRequest(model_name="nope", input={"data": b"x"}), timeout=60)

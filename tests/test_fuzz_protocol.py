@@ -11,10 +11,16 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
-from camserve.protocol.options import OPTION_NAMES, OptionRules, parse_options
 from camserve.protocol.decoding import RequestError, decode_request
+from camserve.protocol.options import OPTION_NAMES, OptionRules, parse_options
 
-RULES = OptionRules(methods={"cam", "gradcam", "layercam"}, layers={"features", "features.4", "fc"}, labels=["circle", "square", "star"], default_method="gradcam", default_topk=3)
+RULES = OptionRules(
+    methods={"cam", "gradcam", "layercam"},
+    layers={"features", "features.4", "fc"},
+    labels=["circle", "square", "star"],
+    default_method="gradcam",
+    default_topk=3,
+)
 SETTINGS = settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
 
@@ -55,7 +61,11 @@ def test_mutated_and_truncated_png(positions: list[int], values: list[int], cut:
     decodes_or_refuses({"body": mutate(PNG, positions, values)[: max(cut, 1)]})
 
 
-json_values = st.recursive(st.none() | st.booleans() | st.integers() | st.floats(allow_nan=True) | st.text(max_size=20), lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=8), inner, max_size=3), max_leaves=8)
+json_values = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=True) | st.text(max_size=20),
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=8), inner, max_size=3),
+    max_leaves=8,
+)
 
 
 @SETTINGS
@@ -66,7 +76,10 @@ def test_arbitrary_json_objects(fields: dict) -> None:
 
 
 @SETTINGS
-@given(st.dictionaries(st.sampled_from([*OPTION_NAMES, "explain", "Colour"]), st.text(max_size=30), max_size=7), st.sampled_from([None, "*/*", "image/png", "image/jpeg", "text/html"]))
+@given(
+    st.dictionaries(st.sampled_from([*OPTION_NAMES, "explain", "Colour"]), st.text(max_size=30), max_size=7),
+    st.sampled_from([None, "*/*", "image/png", "image/jpeg", "text/html"]),
+)
 def test_arbitrary_options(raw: dict[str, str], accept: str | None) -> None:
     try:
         options = parse_options(raw, RULES, accept)

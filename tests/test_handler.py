@@ -8,11 +8,11 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import ROOT, png_bytes
 from PIL import Image
 
 from camserve.models.shapes_net import ShapesNet
 from camserve.protocol.responses import decode_heatmap
-from conftest import ROOT, png_bytes
 from camserve.serving.handler import CamHandler
 from camserve_tools.local_handler import BatchContext
 
@@ -30,7 +30,13 @@ def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="module")
 def handler(model_dir: Path) -> CamHandler:
-    context = BatchContext(model_pt_file="shapes_net.pt", model_dir=str(model_dir), model_file=None, model_name="shapes", model_yaml_config_file="model-config.yaml")
+    context = BatchContext(
+        model_pt_file="shapes_net.pt",
+        model_dir=str(model_dir),
+        model_file=None,
+        model_name="shapes",
+        model_yaml_config_file="model-config.yaml",
+    )
     handler = CamHandler()
     handler.initialize(context)
     return handler

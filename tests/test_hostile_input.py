@@ -7,9 +7,8 @@ import base64
 import json
 
 import pytest
-from PIL import Image
-
 from conftest import encoded, png_bytes, png_declaring
+from PIL import Image
 
 pytestmark = pytest.mark.serving
 
@@ -55,7 +54,7 @@ CORPUS = {
     "wrong magic bytes": (lambda: b"GIF00" + encoded(rgb(), "PNG")[5:], {}, 400, "invalid_image"),
     "huge declared dimensions": (lambda: png_declaring(50_000, 50_000), {}, 413, "image_too_large"),
     "invalid base64": (json.dumps({"data": "!!!not base64!!!"}).encode(), {"Content-Type": "application/json"}, 400, "invalid_base64"),
-    "invalid json": (b"{\"data\": ", {"Content-Type": "application/json"}, 400, "invalid_json"),
+    "invalid json": (b'{"data": ', {"Content-Type": "application/json"}, 400, "invalid_json"),
     "json without data": (json.dumps({"image": "x"}).encode(), {"Content-Type": "application/json"}, 400, "missing_image"),
     "unknown option": (lambda: encoded(rgb(), "PNG"), {"X-CAM-Colour": "red"}, 400, "unknown_option"),
     "unknown method": (lambda: encoded(rgb(), "PNG"), {"X-CAM-Method": "magic"}, 400, "invalid_option"),
@@ -74,7 +73,12 @@ CORPUS = {
     "exif-rotated jpeg": (exif_rotated, {}, 200, None),
     "webp": (lambda: encoded(rgb(), "WEBP"), {}, 200, None),
     "bmp": (lambda: encoded(rgb(), "BMP"), {}, 200, None),
-    "base64 json": (lambda: json.dumps({"data": base64.b64encode(encoded(rgb(), "PNG")).decode()}).encode(), {"Content-Type": "application/json"}, 200, None),
+    "base64 json": (
+        lambda: json.dumps({"data": base64.b64encode(encoded(rgb(), "PNG")).decode()}).encode(),
+        {"Content-Type": "application/json"},
+        200,
+        None,
+    ),
 }
 
 

@@ -12,14 +12,17 @@ import json
 
 import pytest
 import requests
-
 from conftest import ROOT, start_server
+
 from camserve_tools.photos import BACKGROUNDS, LABELLED, composite
 
 pytestmark = pytest.mark.serving
 IMAGENET_MAR = ROOT / "model_store" / "imagenet.mar"
 SUBJECTS = {photo.name: photo for photo in LABELLED[:2]}  # chelsea (a cat), coffee (an espresso)
-labels = [name for _, name in sorted((int(k), v) for k, v in json.loads((ROOT / "models" / "imagenet" / "index_to_name.json").read_text()).items())]
+labels = [
+    name
+    for _, name in sorted((int(k), v) for k, v in json.loads((ROOT / "models" / "imagenet" / "index_to_name.json").read_text()).items())
+]
 
 
 def jpeg(image) -> bytes:
@@ -34,7 +37,9 @@ def imagenet(tmp_path_factory: pytest.TempPathFactory):
         pytest.fail(f"{IMAGENET_MAR} is missing: run `make model_store/imagenet.mar` (make test builds it)")
     server = start_server(tmp_path_factory.mktemp("imagenet-server"), {"imagenet": IMAGENET_MAR})
     try:
-        yield lambda body, headers=None: requests.post(f"{server.inference_url}/predictions/imagenet", data=body, headers=headers or {}, timeout=120)
+        yield lambda body, headers=None: requests.post(
+            f"{server.inference_url}/predictions/imagenet", data=body, headers=headers or {}, timeout=120
+        )
     finally:
         server.stop()
 

@@ -6,16 +6,18 @@ import base64
 
 import pytest
 import requests
+from conftest import ROOT, SHAPES_MAR, png_bytes, start_server
 
 from camserve.protocol.responses import decode_heatmap
-from conftest import ROOT, SHAPES_MAR, png_bytes, start_server
 
 pytestmark = [pytest.mark.slow, pytest.mark.serving]
 
 
 @pytest.fixture(scope="module", params=["kserve", "kserve-v2"])
 def kserve_server(request, tmp_path_factory: pytest.TempPathFactory):
-    server = start_server(tmp_path_factory.mktemp(request.param), {"shapes": SHAPES_MAR}, config=ROOT / "config" / f"{request.param}.properties")
+    server = start_server(
+        tmp_path_factory.mktemp(request.param), {"shapes": SHAPES_MAR}, config=ROOT / "config" / f"{request.param}.properties"
+    )
     try:
         yield request.param, server
     finally:
@@ -33,10 +35,14 @@ def test_kserve_predict_and_explain(kserve_server, scenes) -> None:
             assert decode_heatmap(answer["cam"]["heatmap"]).shape == (scene.image.height, scene.image.width)
         assert answers[2]["type"] == "invalid_base64"  # a bad instance fails alone, inside the answer
         # A bad *first* instance does not set the status of a request whose other instances succeed.
-        bad_first = requests.post(f"{server.inference_url}/predictions/shapes", json={"instances": [{"data": "!!"}, {"data": images[0]}]}, timeout=60)
+        bad_first = requests.post(
+            f"{server.inference_url}/predictions/shapes", json={"instances": [{"data": "!!"}, {"data": images[0]}]}, timeout=60
+        )
         assert bad_first.status_code == 200, bad_first.text
         assert bad_first.json()["predictions"][0]["type"] == "invalid_base64" and "cam" in bad_first.json()["predictions"][1]
-        explained = requests.post(f"{server.inference_url}/explanations/shapes", json={"instances": [{"data": images[0]}]}, timeout=60).json()
+        explained = requests.post(
+            f"{server.inference_url}/explanations/shapes", json={"instances": [{"data": images[0]}]}, timeout=60
+        ).json()
         assert "predictions" not in explained["explanations"][0] and explained["explanations"][0]["cam"]["method"] == "gradcam"
     else:
         body = {"inputs": [{"name": "image", "shape": [1], "datatype": "BYTES", "data": [images[0]]}]}

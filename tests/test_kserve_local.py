@@ -7,23 +7,21 @@ import asyncio
 import base64
 import json
 import os
-from pathlib import Path
 
 import grpc
 import httpx
 import pytest
 import requests
-
-from camserve.protocol.responses import decode_heatmap
-from camserve_tools.scenes import CLASSES
-from camserve_tools.server import free_port
-from camserve_tools.kserve.bundle import read_archive, read_properties, write_bundle
-from camserve_tools.kserve.local import KServeLocal
-from camserve_tools.torchserve_grpc import compile_stubs
 from conftest import ROOT, SHAPES_MAR, png_bytes
-
 from kserve import InferenceRESTClient, RESTConfig
 from kserve.protocol.infer_type import InferInput, InferRequest
+
+from camserve.protocol.responses import decode_heatmap
+from camserve_tools.kserve.bundle import read_archive, read_properties, write_bundle
+from camserve_tools.kserve.local import KServeLocal
+from camserve_tools.scenes import CLASSES
+from camserve_tools.server import free_port
+from camserve_tools.torchserve_grpc import compile_stubs
 
 pytestmark = [pytest.mark.serving]
 
@@ -33,8 +31,15 @@ def pod(request, tmp_path_factory: pytest.TempPathFactory):
     base = tmp_path_factory.mktemp(f"kserve-{request.param}")
     bundle = write_bundle(base / "bundle", [SHAPES_MAR], ROOT / "config" / "production.properties", request.param)
     local = KServeLocal(
-        run_dir=base / "run", bundle=bundle, api=request.param, port=free_port(), inference_port=free_port(),
-        management_port=free_port(), metrics_port=free_port(), grpc_inference_port=free_port(), grpc_management_port=free_port(),
+        run_dir=base / "run",
+        bundle=bundle,
+        api=request.param,
+        port=free_port(),
+        inference_port=free_port(),
+        management_port=free_port(),
+        metrics_port=free_port(),
+        grpc_inference_port=free_port(),
+        grpc_management_port=free_port(),
     )
     local.start()
     try:
@@ -58,7 +63,10 @@ def encoded(scene) -> str:
 
 
 def v2_request(*images: str) -> InferRequest:
-    return InferRequest(model_name="shapes", infer_inputs=[InferInput(name=f"image{i}", shape=[1], datatype="BYTES", data=[image]) for i, image in enumerate(images)])
+    return InferRequest(
+        model_name="shapes",
+        infer_inputs=[InferInput(name=f"image{i}", shape=[1], datatype="BYTES", data=[image]) for i, image in enumerate(images)],
+    )
 
 
 def test_bundle_layout_and_settings(pod: KServeLocal) -> None:
@@ -82,7 +90,9 @@ def test_model_is_ready(pod: KServeLocal) -> None:
 def test_predict_returns_label_and_map(pod: KServeLocal, scenes) -> None:
     scene = scenes[0]
     if pod.api == "v1":
-        answer = run(lambda client: client.infer(pod.url, {"instances": [{"data": encoded(scene), "method": "cam"}]}, model_name="shapes"), "v1")["predictions"][0]
+        answer = run(
+            lambda client: client.infer(pod.url, {"instances": [{"data": encoded(scene), "method": "cam"}]}, model_name="shapes"), "v1"
+        )["predictions"][0]
     else:
         response = run(lambda client: client.infer(pod.url, v2_request(encoded(scene)), model_name="shapes"), "v2")
         assert response.model_name == "shapes" and response.outputs[0].datatype == "BYTES"
@@ -112,7 +122,9 @@ def test_explain_answers_with_our_maps(pod: KServeLocal, scenes) -> None:
         response = requests.post(f"{pod.url}/v1/models/shapes:explain", json={"instances": [{"data": encoded(scenes[1])}]}, timeout=60)
         assert response.status_code == 400 and response.json()["type"] == "unsupported_route"
         return
-    explained = run(lambda client: client.explain(pod.url, "shapes", {"instances": [{"data": encoded(scenes[1]), "method": "layercam"}]}), "v1")
+    explained = run(
+        lambda client: client.explain(pod.url, "shapes", {"instances": [{"data": encoded(scenes[1]), "method": "layercam"}]}), "v1"
+    )
     explanation = explained["explanations"][0]
     assert "predictions" not in explanation and explanation["cam"]["method"] == "layercam"
     assert explanation["cam"]["size"] == [scenes[1].image.width, scenes[1].image.height]
@@ -121,7 +133,13 @@ def test_explain_answers_with_our_maps(pod: KServeLocal, scenes) -> None:
 HOSTILE_BODIES = {
     "truncated JSON": b'{"instances": [{"data": "iVBOR',
     "not UTF-8": b'\xff\xfe{"instances": []}',
-    "non-ASCII everywhere": json.dumps({"instances": [{"data": "\u00fc\u20ac\u65e5\u672c", "m\u00e9thode": "\u2603"}], "inputs": [{"name": "\u00fc", "shape": [1], "datatype": "BYTES", "data": ["\u65e5"]}]}, ensure_ascii=False).encode(),
+    "non-ASCII everywhere": json.dumps(
+        {
+            "instances": [{"data": "\u00fc\u20ac\u65e5\u672c", "m\u00e9thode": "\u2603"}],
+            "inputs": [{"name": "\u00fc", "shape": [1], "datatype": "BYTES", "data": ["\u65e5"]}],
+        },
+        ensure_ascii=False,
+    ).encode(),
     "nested 5000 deep": b'{"instances": ' + b"[" * 5000 + b"]" * 5000 + b', "inputs": ' + b"[" * 5000 + b"]" * 5000 + b"}",
     "a JSON list": b"[1, 2, 3]",
     "wrong types": b'{"instances": "x", "inputs": [{"name": 1, "shape": "x", "datatype": "BYTES", "data": "x"}]}',
@@ -178,7 +196,9 @@ def test_grpc_open_inference_protocol(channel, stubs, scenes) -> None:
     answer = json.loads(response.outputs[0].contents.bytes_contents[0])
     assert answer["cam"]["size"] == [scenes[2].image.width, scenes[2].image.height]
     # TorchServe 0.12 drops a handler's per-request status on gRPC: the error arrives as an OK answer.
-    bad = stubs.oip_pb2.ModelInferRequest.InferInputTensor(name="image", datatype="BYTES", shape=[1], contents=stubs.oip_pb2.InferTensorContents(bytes_contents=[b"no image"]))
+    bad = stubs.oip_pb2.ModelInferRequest.InferInputTensor(
+        name="image", datatype="BYTES", shape=[1], contents=stubs.oip_pb2.InferTensorContents(bytes_contents=[b"no image"])
+    )
     refused = oip.ModelInfer(stubs.oip_pb2.ModelInferRequest(model_name="shapes", inputs=[bad]), timeout=60)
     assert json.loads(refused.outputs[0].contents.bytes_contents[0])["type"] == "invalid_image"
 
@@ -187,7 +207,9 @@ def test_grpc_predictions_with_a_v2_body(channel, stubs, scenes) -> None:
     """TorchServe's own Predictions under the kservev2 envelope: the input holds a v2 JSON request (KServe's grpc-v2 wrapper sends this)."""
     inference = stubs.inference_pb2_grpc.InferenceAPIsServiceStub(channel)
     body = {"inputs": [{"name": "image", "shape": [1], "datatype": "BYTES", "data": [encoded(scenes[3])]}]}
-    response = inference.Predictions(stubs.inference_pb2.PredictionsRequest(model_name="shapes", input={"data": json.dumps(body).encode()}), timeout=60)
+    response = inference.Predictions(
+        stubs.inference_pb2.PredictionsRequest(model_name="shapes", input={"data": json.dumps(body).encode()}), timeout=60
+    )
     answer = json.loads(response.prediction)["outputs"][0]["data"][0]
     assert answer["cam"]["size"] == [scenes[3].image.width, scenes[3].image.height]
 

@@ -12,9 +12,9 @@ import sys
 from pathlib import Path
 
 import pytest
+from conftest import ROOT
 
 from camserve_tools.server import TorchServe
-from conftest import ROOT
 
 pytestmark = [pytest.mark.slow, pytest.mark.serving]
 
@@ -29,11 +29,19 @@ REQUEST_NAMES = {
 
 def run_locust(server: TorchServe, out: Path, *options: str) -> subprocess.CompletedProcess[str]:
     command = [
-        sys.executable, "-m", "locust",
-        "-f", str(ROOT / "load_tests" / "locustfile.py"),
-        "--config", str(ROOT / "load_tests" / "locust.conf"),
-        "--host", server.inference_url,
-        "--csv", str(out / "smoke"), "--html", str(out / "smoke.html"),
+        sys.executable,
+        "-m",
+        "locust",
+        "-f",
+        str(ROOT / "load_tests" / "locustfile.py"),
+        "--config",
+        str(ROOT / "load_tests" / "locust.conf"),
+        "--host",
+        server.inference_url,
+        "--csv",
+        str(out / "smoke"),
+        "--html",
+        str(out / "smoke.html"),
         "--only-summary",
         *options,
         *REQUEST_NAMES,  # the user classes, by name
@@ -46,9 +54,20 @@ def run_locust(server: TorchServe, out: Path, *options: str) -> subprocess.Compl
 def test_locust_smoke_run_passes_its_gates_with_every_user_class(shapes_server: TorchServe, tmp_path: Path) -> None:
     # One user per class; every answer must be right; latency gates sized for a shared 2-core CI machine.
     result = run_locust(
-        shapes_server, tmp_path,
-        "--run-time", "20s", "--users", "4", "--spawn-rate", "4",
-        "--max-fail-ratio", "0", "--max-p95-ms", "10000", "--max-p99-ms", "20000",
+        shapes_server,
+        tmp_path,
+        "--run-time",
+        "20s",
+        "--users",
+        "4",
+        "--spawn-rate",
+        "4",
+        "--max-fail-ratio",
+        "0",
+        "--max-p95-ms",
+        "10000",
+        "--max-p99-ms",
+        "20000",
     )
     log = result.stdout + result.stderr
     assert result.returncode == 0, log[-4000:]

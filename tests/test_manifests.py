@@ -6,12 +6,11 @@ from __future__ import annotations
 import copy
 from pathlib import Path
 
-import pytest
 import yaml
+from conftest import ROOT
 
 from camserve_tools.kserve.bundle import read_properties
 from camserve_tools.manifests import check_document, check_tree
-from conftest import ROOT
 
 DEPLOY = ROOT / "deploy"
 
@@ -95,7 +94,9 @@ def test_metrics_port_is_on_no_service() -> None:
 def test_kubernetes_config_carries_production_settings() -> None:
     """configmap.yaml's config.properties is production.properties plus pod addresses; tokens off is the one exception."""
     config_map = next(c for c in by_kind("ConfigMap") if "config.properties" in c["data"])
-    ours = dict(line.split("=", 1) for line in config_map["data"]["config.properties"].splitlines() if "=" in line and not line.startswith("#"))
+    ours = dict(
+        line.split("=", 1) for line in config_map["data"]["config.properties"].splitlines() if "=" in line and not line.startswith("#")
+    )
     documented_exceptions = {"disable_token_authorization", "allowed_urls"}
     for key, value in read_properties(ROOT / "config" / "production.properties"):
         if key not in documented_exceptions:

@@ -20,13 +20,13 @@ import numpy as np
 import pytest
 import requests
 import torch
+from conftest import ROOT, png_bytes, start_server
 from pytorch_grad_cam import GradCAM
 from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
 from torch import nn
 
 from camserve.cam import CamExtractor
 from camserve.preprocessing import whole_image_transform
-from conftest import ROOT, png_bytes, start_server
 from camserve_tools.archive import ArchiveError, ArchiveRequest, archive
 
 LABELS = {str(i): f"class_{i}" for i in range(7)}
@@ -116,8 +116,19 @@ def forms(tmp_path_factory: pytest.TempPathFactory):
     torch.manual_seed(0)
     tiny = randomised(import_model_file(sources)())
     torch.save(tiny.state_dict(), work / "tiny.pth")
-    archive(ArchiveRequest(model_file=sources / "tiny_net.py", weights=str(work / "tiny.pth"), extra_files=(sources / "tiny_blocks.py",),
-                           labels=work / "labels.json", name="modelfile", input_size=(64, 64), mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25)), store)
+    archive(
+        ArchiveRequest(
+            model_file=sources / "tiny_net.py",
+            weights=str(work / "tiny.pth"),
+            extra_files=(sources / "tiny_blocks.py",),
+            labels=work / "labels.json",
+            name="modelfile",
+            input_size=(64, 64),
+            mean=(0.5, 0.5, 0.5),
+            std=(0.25, 0.25, 0.25),
+        ),
+        store,
+    )
     originals["modelfile"] = (tiny, (64, 64), (0.5, 0.5, 0.5), (0.25, 0.25, 0.25), "features")
 
     import timm
@@ -125,8 +136,12 @@ def forms(tmp_path_factory: pytest.TempPathFactory):
     torch.manual_seed(0)
     efficientnet = randomised(timm.create_model("test_efficientnet", pretrained=False, num_classes=len(LABELS)))
     torch.save(efficientnet.state_dict(), work / "timm.pth")
-    archive(ArchiveRequest(model="timm:test_efficientnet", weights=str(work / "timm.pth"), labels=work / "labels.json", name="timm",
-                           input_size=(96, 96)), store)
+    archive(
+        ArchiveRequest(
+            model="timm:test_efficientnet", weights=str(work / "timm.pth"), labels=work / "labels.json", name="timm", input_size=(96, 96)
+        ),
+        store,
+    )
     originals["timm"] = (efficientnet, (96, 96), (0.485, 0.456, 0.406), (0.229, 0.224, 0.225), "bn2")  # timm's defaults for it
 
     torch.manual_seed(0)
@@ -155,8 +170,12 @@ def test_served_map_equals_pytorch_grad_cam_on_the_original_module(forms, scenes
     originals, server = forms
     model, input_size, mean, std, layer = originals[name]
     image = scenes[3].image
-    response = requests.post(f"{server.inference_url}/predictions/{name}", data=png_bytes(image),
-                             headers={"X-CAM-Output": "grid", "X-CAM-Method": "gradcam"}, timeout=120)
+    response = requests.post(
+        f"{server.inference_url}/predictions/{name}",
+        data=png_bytes(image),
+        headers={"X-CAM-Output": "grid", "X-CAM-Method": "gradcam"},
+        timeout=120,
+    )
     assert response.status_code == 200, response.text
     cam = response.json()["cam"]
     assert cam["layer"] == layer and cam["label"] == LABELS[str(cam["index"])]
@@ -171,8 +190,12 @@ def test_served_map_equals_pytorch_grad_cam_on_the_original_module(forms, scenes
 def test_exported_program_keeps_the_closed_form_cam_head(forms, scenes) -> None:
     """`cam` needs the GAP + Linear head found in the unflattened program, where the Linear is no nn.Linear."""
     _, server = forms
-    response = requests.post(f"{server.inference_url}/predictions/exported", data=png_bytes(scenes[4].image),
-                             headers={"X-CAM-Method": "cam", "X-CAM-Output": "grid"}, timeout=120)
+    response = requests.post(
+        f"{server.inference_url}/predictions/exported",
+        data=png_bytes(scenes[4].image),
+        headers={"X-CAM-Method": "cam", "X-CAM-Output": "grid"},
+        timeout=120,
+    )
     assert response.status_code == 200, response.text
     assert response.json()["cam"]["method"] == "cam"
 
@@ -238,7 +261,8 @@ def sources(tmp_path_factory: pytest.TempPathFactory) -> Path:
     (directory / "tiny_net.py").write_text(textwrap.dedent(MODEL_PY))
     (directory / "tiny_blocks.py").write_text(textwrap.dedent(BLOCKS_PY))
     (directory / "two.py").write_text("from torch import nn\nclass A(nn.Module): pass\nclass B(nn.Module): pass\n")
-    (directory / "features.py").write_text(textwrap.dedent("""
+    (directory / "features.py").write_text(
+        textwrap.dedent("""
         from torch import nn
         class Features(nn.Module):
             def __init__(self):
@@ -246,7 +270,8 @@ def sources(tmp_path_factory: pytest.TempPathFactory) -> Path:
                 self.conv = nn.Conv2d(3, 4, 3)
             def forward(self, x):
                 return self.conv(x)
-    """))
+    """)
+    )
     torch.manual_seed(0)
     torch.save(import_model_file(directory)().state_dict(), directory / "tiny.pth")
     torch.save({"fc.weight": torch.zeros(7, 24)}, directory / "partial.pth")
@@ -261,20 +286,43 @@ def sources(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.mark.parametrize(
     ("request_of", "message"),
     [
-        (lambda d: ArchiveRequest(model="timm:test_efficientnet", model_file=d / "tiny_net.py", weights=str(d / "tiny.pth")), "give one of MODEL=, MODEL_FILE=, EXPORTED="),
+        (
+            lambda d: ArchiveRequest(model="timm:test_efficientnet", model_file=d / "tiny_net.py", weights=str(d / "tiny.pth")),
+            "give one of MODEL=, MODEL_FILE=, EXPORTED=",
+        ),
         (lambda d: ArchiveRequest(class_name="TinyNet", weights=str(d / "tiny.pth")), "CLASS= names the class inside MODEL_FILE="),
         (lambda d: ArchiveRequest(exported=d / "scripted.pt", weights=str(d / "tiny.pth")), "EXPORTED= carries its own weights"),
         (lambda d: ArchiveRequest(model_file=d / "tiny_net.py"), "MODEL_FILE= needs WEIGHTS="),
-        (lambda d: ArchiveRequest(model_file=d / "missing.py", weights=str(d / "tiny.pth")), "MODEL_FILE=" ),
-        (lambda d: ArchiveRequest(model_file=d / "two.py", weights=str(d / "tiny.pth")), "defines 2 nn.Module classes ['A', 'B']: name the model with CLASS="),
-        (lambda d: ArchiveRequest(model_file=d / "tiny_net.py", class_name="Nope", weights=str(d / "tiny.pth")), "has no nn.Module class 'Nope'"),
+        (lambda d: ArchiveRequest(model_file=d / "missing.py", weights=str(d / "tiny.pth")), "MODEL_FILE="),
+        (
+            lambda d: ArchiveRequest(model_file=d / "two.py", weights=str(d / "tiny.pth")),
+            "defines 2 nn.Module classes ['A', 'B']: name the model with CLASS=",
+        ),
+        (
+            lambda d: ArchiveRequest(model_file=d / "tiny_net.py", class_name="Nope", weights=str(d / "tiny.pth")),
+            "has no nn.Module class 'Nope'",
+        ),
         (lambda d: ArchiveRequest(model="timm:no_such_model", weights=str(d / "tiny.pth")), "timm"),
         (lambda d: ArchiveRequest(exported=d / "scripted.pt"), "TorchScript modules take no forward hooks"),
         (lambda d: ArchiveRequest(model_file=d / "tiny_net.py", weights=str(d / "scripted.pt")), "pass EXPORTED=model.pt2"),
-        (lambda d: ArchiveRequest(model_file=d / "tiny_net.py", weights=str(d / "tiny.pth"), method="gradcam++"), "METHOD=gradcam++: unknown"),
+        (
+            lambda d: ArchiveRequest(model_file=d / "tiny_net.py", weights=str(d / "tiny.pth"), method="gradcam++"),
+            "METHOD=gradcam++: unknown",
+        ),
     ],
-    ids=["two-forms", "class-alone", "exported-with-weights", "no-weights", "missing-file", "two-classes", "no-such-class",
-         "unknown-timm", "torchscript-exported", "torchscript-weights", "unknown-method"],
+    ids=[
+        "two-forms",
+        "class-alone",
+        "exported-with-weights",
+        "no-weights",
+        "missing-file",
+        "two-classes",
+        "no-such-class",
+        "unknown-timm",
+        "torchscript-exported",
+        "torchscript-weights",
+        "unknown-method",
+    ],
 )
 def test_bad_requests_stop_before_any_archive(sources: Path, tmp_path, request_of, message: str) -> None:
     with pytest.raises(ArchiveError, match=None) as raised:
@@ -284,22 +332,49 @@ def test_bad_requests_stop_before_any_archive(sources: Path, tmp_path, request_o
 
 
 def run_build_archive(*arguments: str, store: Path) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, str(ROOT / "scripts" / "build_archive.py"), *arguments, "--export-path", str(store)],
-                          capture_output=True, text=True, cwd=ROOT, timeout=300, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    return subprocess.run(
+        [sys.executable, str(ROOT / "scripts" / "build_archive.py"), *arguments, "--export-path", str(store)],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=300,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+    )
 
 
 @pytest.mark.parametrize(
     ("arguments", "message"),
     [
         # the state dict misses keys of the class
-        (lambda d: ["--model-file", str(d / "tiny_net.py"), "--extra-files", str(d / "tiny_blocks.py"), "--weights", str(d / "partial.pth")], "Missing key(s)"),
+        (
+            lambda d: [
+                "--model-file",
+                str(d / "tiny_net.py"),
+                "--extra-files",
+                str(d / "tiny_blocks.py"),
+                "--weights",
+                str(d / "partial.pth"),
+            ],
+            "Missing key(s)",
+        ),
         # the helper module is not shipped: the unpacked archive cannot import the model file
         (lambda d: ["--model-file", str(d / "tiny_net.py"), "--weights", str(d / "tiny.pth")], "No module named 'tiny_blocks'"),
         # a feature extractor, not a classifier
         (lambda d: ["--model-file", str(d / "features.py"), "--weights", str(d / "features.pth")], "not (batch, classes) logits"),
         # labels for another number of classes than the weights have
-        (lambda d: ["--model-file", str(d / "tiny_net.py"), "--extra-files", str(d / "tiny_blocks.py"), "--weights", str(d / "tiny.pth"),
-                    "--labels", str(d / "labels.json")], "LABELS has 3 entries (keys 0..2), the model outputs 7 classes"),
+        (
+            lambda d: [
+                "--model-file",
+                str(d / "tiny_net.py"),
+                "--extra-files",
+                str(d / "tiny_blocks.py"),
+                "--weights",
+                str(d / "tiny.pth"),
+                "--labels",
+                str(d / "labels.json"),
+            ],
+            "LABELS has 3 entries (keys 0..2), the model outputs 7 classes",
+        ),
     ],
     ids=["state-dict-mismatch", "extra-file-missing", "output-not-logits", "labels-count"],
 )

@@ -8,12 +8,12 @@ from __future__ import annotations
 import pytest
 import torch
 import yaml
+from conftest import ROOT, TEST_SEED_START
 from scipy.stats import spearmanr
 
 from camserve.cam import METHODS, CamExtractor
 from camserve.model_spec import ModelSpec, build_architecture, load_model
 from camserve.preprocessing import whole_image_transform
-from conftest import ROOT, TEST_SEED_START
 from camserve_tools.shapes_quality import Quality, evaluate
 
 MODEL_DIR = ROOT / "models" / "shapes"
@@ -54,7 +54,10 @@ def test_maps_decorrelate_when_the_weights_are_randomised(scenes, method: str) -
     transform = whole_image_transform(spec().input_size, spec().mean, spec().std)
     inputs = torch.stack([transform(scene.image) for scene in scenes[:8]])
     targets = torch.tensor([scene.label for scene in scenes[:8]])
-    maps = {name: CamExtractor(model, spec().input_size)(inputs, method=method, targets=targets).maps[:, 0] for name, model in (("trained", trained), ("random", randomised))}
+    maps = {
+        name: CamExtractor(model, spec().input_size)(inputs, method=method, targets=targets).maps[:, 0]
+        for name, model in (("trained", trained), ("random", randomised))
+    }
     correlations = [spearmanr(a.flatten().numpy(), b.flatten().numpy()).statistic for a, b in zip(maps["trained"], maps["random"])]
     correlations = [0.0 if c != c else c for c in correlations]  # a constant map has no rank correlation
     assert sum(correlations) / len(correlations) < 0.5, correlations

@@ -6,7 +6,6 @@ import json
 
 import pytest
 import requests
-
 from conftest import ROOT, SHAPES_MAR, png_bytes, start_server
 
 pytestmark = [pytest.mark.slow, pytest.mark.serving]
@@ -44,7 +43,12 @@ def test_registering_a_model_is_refused(production_server) -> None:
         timeout=60,
     )
     assert response.status_code >= 400
-    assert "another" not in requests.get(f"{production_server.management_url}/models", headers={"Authorization": f"Bearer {keys['management']['key']}"}, timeout=60).text
+    assert (
+        "another"
+        not in requests.get(
+            f"{production_server.management_url}/models", headers={"Authorization": f"Bearer {keys['management']['key']}"}, timeout=60
+        ).text
+    )
 
 
 def test_a_hostile_request_with_a_valid_token_gets_its_4xx_from_the_same_worker(production_server, scenes) -> None:

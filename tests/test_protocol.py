@@ -6,16 +6,17 @@ import base64
 import io
 import json
 
-import numpy as np
 import pytest
 import torch
 from PIL import Image, ImageChops
 
-from camserve.protocol.options import OptionRules, parse_options
 from camserve.protocol.decoding import MAX_PIXELS, RequestError, decode_request
+from camserve.protocol.options import OptionRules, parse_options
 from camserve.protocol.responses import cam_json, decode_heatmap, encode_answer, heatmap_png_size, json_bytes
 
-RULES = OptionRules(methods={"cam", "gradcam"}, layers={"features", "fc"}, labels=["circle", "square", "triangle"], default_method="gradcam", default_topk=3)
+RULES = OptionRules(
+    methods={"cam", "gradcam"}, layers={"features", "fc"}, labels=["circle", "square", "triangle"], default_method="gradcam", default_topk=3
+)
 
 
 def encoded(image: Image.Image, fmt: str = "PNG", **save) -> bytes:

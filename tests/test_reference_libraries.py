@@ -29,7 +29,12 @@ GRAD_CAM_LIBRARY = {
     "scorecam": ScoreCAM,
 }
 # torchcam's Grad-CAM++ divides a masked copy (alpha[mask].div_), so its alpha stays g^2: not a usable oracle.
-TORCHCAM = {"cam": torchcam_methods.CAM, "gradcam": torchcam_methods.GradCAM, "xgradcam": torchcam_methods.XGradCAM, "layercam": torchcam_methods.LayerCAM}
+TORCHCAM = {
+    "cam": torchcam_methods.CAM,
+    "gradcam": torchcam_methods.GradCAM,
+    "xgradcam": torchcam_methods.XGradCAM,
+    "layercam": torchcam_methods.LayerCAM,
+}
 
 
 def vit() -> torch.nn.Module:
@@ -39,7 +44,9 @@ def vit() -> torch.nn.Module:
 
 
 def swin() -> torch.nn.Module:
-    return models.SwinTransformer(patch_size=[4, 4], embed_dim=16, depths=[1, 1, 1, 1], num_heads=[1, 1, 2, 2], window_size=[4, 4], num_classes=10)
+    return models.SwinTransformer(
+        patch_size=[4, 4], embed_dim=16, depths=[1, 1, 1, 1], num_heads=[1, 1, 2, 2], window_size=[4, 4], num_classes=10
+    )
 
 
 # (name, builder, input side, expected default layer, layer compared with the references)

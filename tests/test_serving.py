@@ -7,10 +7,10 @@ import io
 
 import pytest
 import requests
+from conftest import png_bytes
 from PIL import Image
 
 from camserve.protocol.responses import decode_heatmap
-from conftest import png_bytes
 
 pytestmark = pytest.mark.serving
 
@@ -102,8 +102,8 @@ def test_handler_metrics_on_the_prometheus_endpoint(shapes_server, predict, scen
     assert predict(png_bytes(scenes[8].image), headers={"X-CAM-Method": "cam"}).status_code == 200
     assert predict(b"not an image").status_code == 400
     text = requests.get(f"{shapes_server.metrics_url}/metrics", timeout=30).text
-    assert 'CamRequests{' in text and 'Method="cam"' in text and 'Output="png"' in text
-    assert 'CamErrors{' in text and 'Kind="invalid_image"' in text
+    assert "CamRequests{" in text and 'Method="cam"' in text and 'Output="png"' in text
+    assert "CamErrors{" in text and 'Kind="invalid_image"' in text
     assert "CamMapTime{" in text
 
 

@@ -13,7 +13,6 @@ import sys
 from pathlib import Path
 
 import pytest
-
 from conftest import ROOT
 
 VARIANTS = ("built-in plain", "none", "gradcam", "built-in IG")
@@ -23,9 +22,24 @@ VARIANTS = ("built-in plain", "none", "gradcam", "built-in IG")
 @pytest.mark.serving
 def test_benchmark_serves_every_variant_and_writes_its_report(tmp_path: Path) -> None:
     command = [
-        sys.executable, str(ROOT / "load_tests" / "serving_benchmark.py"),
-        "--models", "shapes", "--variants", ",".join(VARIANTS), "--concurrency", "2", "--batch-sizes", "1",
-        "--duration", "8", "--rounds", "2", "--out", str(tmp_path / "docs"), "--run-dir", str(tmp_path / "run"),
+        sys.executable,
+        str(ROOT / "load_tests" / "serving_benchmark.py"),
+        "--models",
+        "shapes",
+        "--variants",
+        ",".join(VARIANTS),
+        "--concurrency",
+        "2",
+        "--batch-sizes",
+        "1",
+        "--duration",
+        "8",
+        "--rounds",
+        "2",
+        "--out",
+        str(tmp_path / "docs"),
+        "--run-dir",
+        str(tmp_path / "run"),
     ]
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     completed = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
@@ -55,10 +69,24 @@ def test_rounds_merge_by_histogram_as_locust_computes_percentiles() -> None:
 
     # 150 requests of 10 ms in 2 s, then 50 of 30 ms in 3 s: the merged p50 is 10 ms, p95 and p99 30 ms.
     rounds = [
-        {"requests": 150, "failures": 0, "window_s": 2.0, "response_bytes_total": 1000, "client_cpu_saturated": False,
-         "errors": [], "response_times_ms": {"10": 150}},
-        {"requests": 50, "failures": 1, "window_s": 3.0, "response_bytes_total": 3000, "client_cpu_saturated": False,
-         "errors": ["1 x HTTP 503"], "response_times_ms": {"30": 50}},
+        {
+            "requests": 150,
+            "failures": 0,
+            "window_s": 2.0,
+            "response_bytes_total": 1000,
+            "client_cpu_saturated": False,
+            "errors": [],
+            "response_times_ms": {"10": 150},
+        },
+        {
+            "requests": 50,
+            "failures": 1,
+            "window_s": 3.0,
+            "response_bytes_total": 3000,
+            "client_cpu_saturated": False,
+            "errors": ["1 x HTTP 503"],
+            "response_times_ms": {"30": 50},
+        },
     ]
     merged = merge(rounds)
     assert merged["throughput_rps"] == 40.0 and merged["requests"] == 200 and merged["failures"] == 1

@@ -10,15 +10,14 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import requests
 import torch
+from conftest import ROOT, png_bytes, start_server
 from torchvision import models
 
 from camserve.protocol.responses import decode_heatmap
-from conftest import ROOT, png_bytes, start_server
 
 pytestmark = [pytest.mark.slow, pytest.mark.serving]
 
@@ -41,9 +40,21 @@ def torchvision_server(tmp_path_factory: pytest.TempPathFactory):
         weights = work / f"{builder}.pth"
         torch.save(models.get_model(builder, weights=None, num_classes=len(LABELS)).state_dict(), weights)
         subprocess.run(
-            [sys.executable, str(ROOT / "scripts" / "build_archive.py"), "--torchvision", builder, "--weights", str(weights),
-             "--labels", str(work / "labels.json"), "--export-path", str(work / "store")],
-            check=True, capture_output=True, cwd=ROOT,
+            [
+                sys.executable,
+                str(ROOT / "scripts" / "build_archive.py"),
+                "--torchvision",
+                builder,
+                "--weights",
+                str(weights),
+                "--labels",
+                str(work / "labels.json"),
+                "--export-path",
+                str(work / "store"),
+            ],
+            check=True,
+            capture_output=True,
+            cwd=ROOT,
         )
         weights.unlink()
         mars[builder] = work / "store" / f"{builder}.mar"

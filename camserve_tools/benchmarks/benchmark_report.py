@@ -67,20 +67,24 @@ def size_text(size: float) -> str:
 
 def results_table(cells: list[Cell]) -> list[str]:
     lines = [
-        "| model | workers×threads, batch | variant | users | req/s | ÷ built-in | p50 ms | p95 ms | p99 ms | p95 ÷ built-in | errors | response |",
+        "| model | workers×threads, batch | variant | users | req/s | ÷ built-in | p50 ms | p95 ms | p99 ms | p95 ÷ built-in "
+        "| errors | response |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for cell in cells:
         f, base = cell.figures, baseline_of(cells, cell)
         if not f["requests"]:
-            lines.append(f"| {cell.model} | {cell.settings.short} | {cell.variant} | {cell.users} | no answer within the window | | | | | | | |")
+            lines.append(
+                f"| {cell.model} | {cell.settings.short} | {cell.variant} | {cell.users} | no answer within the window | | | | | | | |"
+            )
             continue
         error_rate = f["failures"] / f["requests"]
         flag = " (client CPU saturated)" if f["client_cpu_saturated"] else ""
         lines.append(
             f"| {cell.model} | {cell.settings.short} | {cell.variant} | {cell.users} | {f['throughput_rps']:.2f} | "
             f"{ratio(f['throughput_rps'], base and base['throughput_rps'])} | {f['p50_ms']:.0f} | {f['p95_ms']:.0f} | {f['p99_ms']:.0f} | "
-            f"{ratio(f['p95_ms'], base and base['p95_ms'])} | {error_rate:.1%} ({f['failures']}/{f['requests']}){flag} | {size_text(f['response_bytes'])} |"
+            f"{ratio(f['p95_ms'], base and base['p95_ms'])} | {error_rate:.1%} ({f['failures']}/{f['requests']}){flag} | "
+            f"{size_text(f['response_bytes'])} |"
         )
     return lines
 
@@ -99,8 +103,10 @@ def saturation_table(cells: list[Cell]) -> list[str]:
                 row.append("no answer")
                 continue
             f, base = cell.figures, baseline_of(cells, cell)
-            row.append(f"{f['throughput_rps']:.1f}/s (×{ratio(f['throughput_rps'], base and base['throughput_rps'])}), "
-                       f"p95 {f['p95_ms']:.0f} ms (×{ratio(f['p95_ms'], base and base['p95_ms'])})")
+            row.append(
+                f"{f['throughput_rps']:.1f}/s (×{ratio(f['throughput_rps'], base and base['throughput_rps'])}), "
+                f"p95 {f['p95_ms']:.0f} ms (×{ratio(f['p95_ms'], base and base['p95_ms'])})"
+            )
         lines.append(f"| {model} | {settings.short} | " + " | ".join(row) + " |")
     return lines
 
@@ -149,7 +155,9 @@ def plot(cells: list[Cell], out_dir: Path, stem: str) -> list[Path]:
     figure, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.8), squeeze=False)
     for axis, (model, batch) in zip(axes[0], panels):
         for variant in variants:
-            points = sorted((c.users, c.figures["throughput_rps"]) for c in cells if (c.model, c.settings, c.variant) == (model, batch, variant))
+            points = sorted(
+                (c.users, c.figures["throughput_rps"]) for c in cells if (c.model, c.settings, c.variant) == (model, batch, variant)
+            )
             axis.plot(*zip(*points), marker="o", label=variant)
         axis.set(title=f"{model}, {batch.short}", xlabel="concurrent users", ylabel="requests / s", xscale="log", yscale="log")
         axis.set_xticks(sorted({c.users for c in cells}), labels=[str(u) for u in sorted({c.users for c in cells})])
@@ -165,7 +173,10 @@ def plot(cells: list[Cell], out_dir: Path, stem: str) -> list[Path]:
     for axis, (model, batch) in zip(axes[0], panels):
         shown = [v for v in variants if any((c.model, c.settings, c.variant, c.users) == (model, batch, v, saturation) for c in cells)]
         for offset, key in enumerate(("p50_ms", "p95_ms", "p99_ms")):
-            values = [next(c.figures[key] for c in cells if (c.model, c.settings, c.variant, c.users) == (model, batch, v, saturation)) for v in shown]
+            values = [
+                next(c.figures[key] for c in cells if (c.model, c.settings, c.variant, c.users) == (model, batch, v, saturation))
+                for v in shown
+            ]
             axis.bar([i + (offset - 1) * width for i in range(len(shown))], values, width, label=key.removesuffix("_ms"))
         axis.set_xticks(range(len(shown)), labels=shown, rotation=35, ha="right", fontsize=7)
         axis.set(title=f"{model}, {batch.short}, {saturation} users", ylabel="latency, ms", yscale="log")
@@ -179,27 +190,38 @@ def plot(cells: list[Cell], out_dir: Path, stem: str) -> list[Path]:
 
 
 def machine() -> str:
-    return f"{os.cpu_count()} CPU cores ({platform.processor() or platform.machine()}), torch {torch.__version__}, Python {platform.python_version()}"
+    processor = platform.processor() or platform.machine()
+    return f"{os.cpu_count()} CPU cores ({processor}), torch {torch.__version__}, Python {platform.python_version()}"
 
 
 def write_report(
-    path: Path, title: str, command: str, cells: list[Cell], forward: dict[tuple[str, Settings], float], seconds: float,
-    profile_lines: list[str], measured_at: str | None = None,
+    path: Path,
+    title: str,
+    command: str,
+    cells: list[Cell],
+    forward: dict[tuple[str, Settings], float],
+    seconds: float,
+    profile_lines: list[str],
+    measured_at: str | None = None,
 ) -> None:
     """`path` (Markdown), its plots beside it (not for a sweep of settings), and `path` with .json: every figure,
     from which --report-from writes the same report again."""
     measured_at = measured_at or time.strftime("%Y-%m-%d %H:%M")
     plots = plot(cells, path.parent, path.stem) if len({cell.settings.workers for cell in cells}) == 1 else []
-    profile_block = [
-        "## Where a request's time goes (in-process, ms per request)",
-        "",
-        "Both handlers run in-process on the same images, one batch after another (camserve_tools/benchmarks/handler_profile.py), "
-        "stage by stage, torch on the workers' threads. At one user and batch 1, the served p50 minus the handler's "
-        "total is what TorchServe (HTTP, frontend, worker socket) and the client add; at batch 8 and one user, the "
-        "served p50 also holds the batch delay.",
-        "",
-        *profile_lines,
-    ] if profile_lines else []
+    profile_block = (
+        [
+            "## Where a request's time goes (in-process, ms per request)",
+            "",
+            "Both handlers run in-process on the same images, one batch after another (camserve_tools/benchmarks/handler_profile.py), "
+            "stage by stage, torch on the workers' threads. At one user and batch 1, the served p50 minus the handler's "
+            "total is what TorchServe (HTTP, frontend, worker socket) and the client add; at batch 8 and one user, the "
+            "served p50 also holds the batch delay.",
+            "",
+            *profile_lines,
+        ]
+        if profile_lines
+        else []
+    )
     settings = list(dict.fromkeys(cell.settings for cell in cells))
     lines = [
         f"# {title}",
@@ -208,7 +230,8 @@ def write_report(
         "",
         f"- Machine: {machine()}. Server and Locust share it.",
         f"- Worker settings: {'; '.join(s.label for s in settings)}.",
-        f"- Each cell: {seconds:.0f} s of Locust runs (about 2 s each before the window opens) of N users posting pool images back to back (a quarter camera-sized JPEG, the rest "
+        f"- Each cell: {seconds:.0f} s of Locust runs (about 2 s each before the window opens) of N users posting pool "
+        f"images back to back (a quarter camera-sized JPEG, the rest "
         f"~280×220 PNG/JPEG scenes), in {cells[0].figures.get('rounds', 1)} round(s) taken in turn with the other variants; "
         "ramp-up dropped, left-over requests drained between runs.",
         "- `÷ built-in`: the variant's figure over TorchServe's built-in ImageClassifier's, same model, batch and users.",
@@ -237,9 +260,19 @@ def write_report(
     ]
     path.write_text("\n".join(lines))
     path.with_suffix(".json").write_text(
-        json.dumps({"title": title, "command": command, "measured_at": measured_at, "seconds": seconds, "profile_lines": profile_lines,
-                    "forward": [{"model": m, "settings": asdict(s), "images_per_s": r} for (m, s), r in forward.items()],
-                    "cells": [asdict(c) for c in cells]}, indent=1) + "\n"
+        json.dumps(
+            {
+                "title": title,
+                "command": command,
+                "measured_at": measured_at,
+                "seconds": seconds,
+                "profile_lines": profile_lines,
+                "forward": [{"model": m, "settings": asdict(s), "images_per_s": r} for (m, s), r in forward.items()],
+                "cells": [asdict(c) for c in cells],
+            },
+            indent=1,
+        )
+        + "\n"
     )
 
 
@@ -248,4 +281,13 @@ def rewrite_report(data_file: Path) -> None:
     data = json.loads(data_file.read_text())
     forward = {(entry["model"], Settings(**entry["settings"])): entry["images_per_s"] for entry in data["forward"]}
     cells = [Cell(c["model"], Settings(**c["settings"]), c["variant"], c["users"], c["figures"]) for c in data["cells"]]
-    write_report(data_file.with_suffix(".md"), data["title"], data["command"], cells, forward, data["seconds"], data["profile_lines"], data["measured_at"])
+    write_report(
+        data_file.with_suffix(".md"),
+        data["title"],
+        data["command"],
+        cells,
+        forward,
+        data["seconds"],
+        data["profile_lines"],
+        data["measured_at"],
+    )

@@ -39,7 +39,15 @@ from camserve_tools.server import TorchServe, free_port
 
 ROOT = Path(__file__).resolve().parents[2]
 SEED_START = EVAL_SEED_START + 8_000_000
-MIX = [{}, {"X-CAM-Method": "cam"}, {"X-CAM-Method": "none"}, {"X-CAM-Output": "grid"}, {"Accept": "image/png"}, {"X-CAM-Method": "layercam"}, {"X-CAM-Maps": "2"}]
+MIX = [
+    {},
+    {"X-CAM-Method": "cam"},
+    {"X-CAM-Method": "none"},
+    {"X-CAM-Output": "grid"},
+    {"Accept": "image/png"},
+    {"X-CAM-Method": "layercam"},
+    {"X-CAM-Maps": "2"},
+]
 
 
 def png(image) -> bytes:
@@ -60,8 +68,14 @@ def serving(batch_size: int = 1, max_batch_delay: int = 20) -> Iterator[TorchSer
     config.update(batchSize=batch_size, maxBatchDelay=max_batch_delay)
     (model_dir / "model-config.yaml").write_text(yaml.safe_dump(config))
     mar = build_archive("shapes", model_dir, work / "store")
-    server = TorchServe(run_dir=work / "server", config=ROOT / "config" / "dev.properties", model_store=mar.parent,
-                        inference_port=free_port(), management_port=free_port(), metrics_port=free_port())
+    server = TorchServe(
+        run_dir=work / "server",
+        config=ROOT / "config" / "dev.properties",
+        model_store=mar.parent,
+        inference_port=free_port(),
+        management_port=free_port(),
+        metrics_port=free_port(),
+    )
     server.start()
     try:
         yield server
@@ -157,8 +171,12 @@ def worker_kill(server: TorchServe, duration: float = 30.0, concurrency: int = 4
     for thread in threads:
         thread.join()
     after = sorted(end for start, end, ok in log if ok and start > killed_at)
-    return Kill(recovered_s=(after[0] - killed_at) if after else float("inf"), failed=sum(not ok for _, _, ok in log),
-                slowest_s=max(end - start for start, end, _ in log), requests=len(log))
+    return Kill(
+        recovered_s=(after[0] - killed_at) if after else float("inf"),
+        failed=sum(not ok for _, _, ok in log),
+        slowest_s=max(end - start for start, end, _ in log),
+        requests=len(log),
+    )
 
 
 def main() -> None:
@@ -187,6 +205,18 @@ def main() -> None:
     axis.set_title(f"soak: {soaked.requests} mixed requests, RSS growth after warm-up {soaked.growth:+.1%}")
     figure.tight_layout()
     figure.savefig(ROOT / "docs" / "endurance-rss.png", dpi=100)
+    rows = "\n".join(
+        [
+            f"| soak: {soaked.requests} requests mixing methods and outputs, 4 clients | {soaked.failures} failures, "
+            f"{soak_s:.0f} s, worker RSS {soaked.curve[0][1]:.0f} -> {soaked.curve[-1][1]:.0f} MiB, "
+            f"growth after warm-up {soaked.growth:+.2%} (target < 5 %) |",
+            f"| batch integrity: {args.integrity} concurrent requests, batchSize 8, every image a different size | "
+            f"{mismatched} answers matched to the wrong request, {failed} failures |",
+            f"| worker SIGKILLed under load (4 clients, {args.kill_seconds:.0f} s) | answering again "
+            f"{killed.recovered_s:.1f} s after the kill; {killed.failed} of {killed.requests} requests failed (those in flight); "
+            f"slowest request {killed.slowest_s:.1f} s (responseTimeout 60 s) |",
+        ]
+    )
     report = f"""# Endurance and faults
 
 Reproduce: `.venv/bin/python camserve_tools/benchmarks/endurance.py --soak {args.soak} --integrity {args.integrity}` (this machine:
@@ -194,13 +224,15 @@ Reproduce: `.venv/bin/python camserve_tools/benchmarks/endurance.py --soak {args
 
 | check | result |
 |---|---|
-| soak: {soaked.requests} requests mixing methods and outputs, 4 clients | {soaked.failures} failures, {soak_s:.0f} s, worker RSS {soaked.curve[0][1]:.0f} -> {soaked.curve[-1][1]:.0f} MiB, growth after warm-up {soaked.growth:+.2%} (target < 5 %) |
-| batch integrity: {args.integrity} concurrent requests, batchSize 8, every image a different size | {mismatched} answers matched to the wrong request, {failed} failures |
-| worker SIGKILLed under load (4 clients, {args.kill_seconds:.0f} s) | answering again {killed.recovered_s:.1f} s after the kill; {killed.failed} of {killed.requests} requests failed (those in flight); slowest request {killed.slowest_s:.1f} s (responseTimeout 60 s) |
+{rows}
 
 ![worker RSS during the soak](endurance-rss.png)
 """
-    (ROOT / "docs" / "endurance.md").write_text(report)
+    # Later sections (the hostile-request suite's figures) are other runs': keep them.
+    doc = ROOT / "docs" / "endurance.md"
+    existing = doc.read_text() if doc.exists() else ""
+    kept = existing[existing.index("\n## ") :] if "\n## " in existing else ""
+    doc.write_text(report + kept)
     print(report)
 
 

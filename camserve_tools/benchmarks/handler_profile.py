@@ -24,8 +24,8 @@ import torch
 import camserve.serving.handler as cam_handler_module
 from camserve.cam import CamExtractor
 from camserve.serving.handler import CamHandler
-from camserve_tools.local_handler import BatchContext
 from camserve_tools.benchmarks.image_pool import Sample, image_pool
+from camserve_tools.local_handler import BatchContext
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -61,8 +61,14 @@ def builtin_handler(model_dir: Path, model_file: Path) -> Any:
     for path in (*model_dir.iterdir(), model_file):
         shutil.copy2(path, staging / path.name)
     weights = next(p.name for p in model_dir.iterdir() if p.suffix in (".pt", ".pth"))
-    context = BatchContext(model_pt_file=weights, model_dir=str(staging), model_file=model_file.name, gpu_id=None,
-                           model_name="builtin", model_yaml_config_file="model-config.yaml")
+    context = BatchContext(
+        model_pt_file=weights,
+        model_dir=str(staging),
+        model_file=model_file.name,
+        gpu_id=None,
+        model_name="builtin",
+        model_yaml_config_file="model-config.yaml",
+    )
     sys.path.insert(0, str(staging))  # a TorchServe worker imports the model file from the model dir
     handler = BuiltinImageClassifier()
     handler.initialize(context)
@@ -71,8 +77,14 @@ def builtin_handler(model_dir: Path, model_file: Path) -> Any:
 
 def ours_handler(model_dir: Path) -> CamHandler:
     weights = next(p.name for p in model_dir.iterdir() if p.suffix in (".pt", ".pth"))
-    context = BatchContext(model_pt_file=weights, model_dir=str(model_dir), model_file=None, gpu_id=None,
-                           model_name="ours", model_yaml_config_file="model-config.yaml")
+    context = BatchContext(
+        model_pt_file=weights,
+        model_dir=str(model_dir),
+        model_file=None,
+        gpu_id=None,
+        model_name="ours",
+        model_yaml_config_file="model-config.yaml",
+    )
     handler = CamHandler()
     handler.initialize(context)
     return handler
@@ -100,8 +112,13 @@ def profile_builtin(handler: Any, samples: tuple[Sample, ...], rounds: int, batc
 def profile_ours(handler: CamHandler, method: str, samples: tuple[Sample, ...], rounds: int, batch_size: int = 1) -> dict[str, float]:
     """Our handler's stages, timed by wrapping what handle() calls; whatever is left is the handler's own glue."""
     watch = Stopwatch()
-    originals = (cam_handler_module.decode_request, cam_handler_module.encode_answer, handler.transform,
-                 CamExtractor.predict, CamExtractor.__call__)
+    originals = (
+        cam_handler_module.decode_request,
+        cam_handler_module.encode_answer,
+        handler.transform,
+        CamExtractor.predict,
+        CamExtractor.__call__,
+    )
     cam_handler_module.decode_request = watch.wrap("decode + options", cam_handler_module.decode_request)
     cam_handler_module.encode_answer = watch.wrap("answer (map: upsample, peak, box, PNG)", cam_handler_module.encode_answer)
     handler.transform = watch.wrap("resize + normalise", handler.transform)
@@ -119,16 +136,27 @@ def profile_ours(handler: CamHandler, method: str, samples: tuple[Sample, ...], 
                     watch.time("JSON (worker)", json.dumps, answer)
                 watch.totals["total"] += (time.perf_counter() - started) * 1000
     finally:
-        (cam_handler_module.decode_request, cam_handler_module.encode_answer, handler.transform,
-         CamExtractor.predict, CamExtractor.__call__) = originals
+        (
+            cam_handler_module.decode_request,
+            cam_handler_module.encode_answer,
+            handler.transform,
+            CamExtractor.predict,
+            CamExtractor.__call__,
+        ) = originals
     per_request = {stage: value / (rounds * len(samples)) for stage, value in watch.totals.items()}
     per_request["handler glue"] = per_request["total"] - sum(v for k, v in per_request.items() if k != "total")
     return per_request
 
 
 def profile(
-    model_name: str, model_dir: Path, model_file: Path, methods: list[str], threads: int, batch_size: int = 1,
-    pool_size: int = 32, rounds: int = 3,
+    model_name: str,
+    model_dir: Path,
+    model_file: Path,
+    methods: list[str],
+    threads: int,
+    batch_size: int = 1,
+    pool_size: int = 32,
+    rounds: int = 3,
 ) -> dict[str, dict[str, float]]:
     """{variant: {stage: ms per request}} for the built-in and our handler with each method."""
     torch.set_num_threads(threads)
@@ -167,7 +195,9 @@ def main() -> None:
     work_dir = ROOT / ".run" / "profile"
     work_dir.mkdir(parents=True, exist_ok=True)
     for model in prepare_models(args.models.split(","), work_dir):
-        results = profile(model.name, model.model_dir, model.model_file, args.methods.split(","), args.threads, args.batch_size, rounds=args.rounds)
+        results = profile(
+            model.name, model.model_dir, model.model_file, args.methods.split(","), args.threads, args.batch_size, rounds=args.rounds
+        )
         print("\n".join(profile_table(f"{model.name}, batch {args.batch_size}", results)) + "\n")
 
 

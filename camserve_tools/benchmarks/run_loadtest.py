@@ -49,7 +49,10 @@ def start_server() -> TorchServe:
         metrics_port=free_port(),
     )
     if (RUN_DIR / "torchserve.pid").exists():
-        sys.exit(f"a server of {RUN_DIR} seems to run already (pid file present); stop it: python -m camserve_tools.server stop --run-dir {RUN_DIR}")
+        sys.exit(
+            f"a server of {RUN_DIR} seems to run already (pid file present); stop it: python -m camserve_tools.server stop "
+            f"--run-dir {RUN_DIR}"
+        )
     shutil.rmtree(server.tmp_dir, ignore_errors=True)
     try:
         server.start()
@@ -80,7 +83,11 @@ def run_locust(command: list[str]) -> int:
 def main() -> None:
     # No abbreviations: an unknown option is Locust's, even when it starts like one of ours.
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter, allow_abbrev=False)
-    parser.add_argument("--host", default=f"http://127.0.0.1:{os.environ.get('INFERENCE_PORT', 8080)}", help="inference address to test (default: make serve's)")
+    parser.add_argument(
+        "--host",
+        default=f"http://127.0.0.1:{os.environ.get('INFERENCE_PORT', 8080)}",
+        help="inference address to test (default: make serve's)",
+    )
     parser.add_argument("--run-time", help="e.g. 60s, 5m (default: locust.conf's)")
     parser.add_argument("--users", type=int, help="peak concurrent users (default: locust.conf's)")
     parser.add_argument("--shape", choices=("steady", "step", "spike"), help="load shape (default: steady)")

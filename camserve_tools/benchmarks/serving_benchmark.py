@@ -47,9 +47,9 @@ import torch
 import yaml
 
 from camserve.model_spec import ModelSpec, load_model
-from camserve_tools.server import TorchServe, free_port, sample_image_png
-from camserve_tools.benchmarks.benchmark_report import BASELINE, Cell, Settings, rewrite_report, write_report
 from camserve_tools.archive import build_archive, torchvision_model_dir
+from camserve_tools.benchmarks.benchmark_report import BASELINE, Cell, Settings, rewrite_report, write_report
+from camserve_tools.server import TorchServe, free_port, sample_image_png
 
 ROOT = Path(__file__).resolve().parents[2]
 RUN_DIR = ROOT / ".run" / "bench"
@@ -126,8 +126,11 @@ def model_config(model: BenchModel, settings: Settings) -> dict:
     """The model's own model-config.yaml with the run's worker settings."""
     config = yaml.safe_load((model.model_dir / "model-config.yaml").read_text())
     config.update(
-        minWorkers=settings.workers, maxWorkers=settings.workers, batchSize=settings.batch_size,
-        maxBatchDelay=settings.max_batch_delay_ms, responseTimeout=300,
+        minWorkers=settings.workers,
+        maxWorkers=settings.workers,
+        batchSize=settings.batch_size,
+        maxBatchDelay=settings.max_batch_delay_ms,
+        responseTimeout=300,
     )
     return config
 
@@ -142,13 +145,23 @@ def build_archives(model: BenchModel, settings: Settings, store: Path, staging: 
     spec = model.spec()
     command = [
         str(Path(sys.executable).with_name("torch-model-archiver")),
-        "--model-name", f"{model.name}_builtin", "--version", "1.0",
-        "--handler", str(BUILTIN_HANDLER),
-        "--model-file", str(model.model_file),
-        "--serialized-file", str(model.model_dir / spec.weights),
-        "--extra-files", str(model.model_dir / spec.labels),
-        "--config-file", str(ours / "model-config.yaml"),
-        "--export-path", str(store), "--force",
+        "--model-name",
+        f"{model.name}_builtin",
+        "--version",
+        "1.0",
+        "--handler",
+        str(BUILTIN_HANDLER),
+        "--model-file",
+        str(model.model_file),
+        "--serialized-file",
+        str(model.model_dir / spec.weights),
+        "--extra-files",
+        str(model.model_dir / spec.labels),
+        "--config-file",
+        str(ours / "model-config.yaml"),
+        "--export-path",
+        str(store),
+        "--force",
     ]
     subprocess.run(command, check=True)
 
@@ -202,8 +215,13 @@ def start_server(models: list[BenchModel], settings: Settings, work_dir: Path) -
     entries = ",".join(f"{name}={name}.mar" for model in models for name in (model.name, f"{model.name}_builtin"))
     threads = str(settings.threads)
     server = TorchServe(
-        run_dir=run_dir, config=ROOT / "config" / "dev.properties", model_store=store, models=entries,
-        inference_port=free_port(), management_port=free_port(), metrics_port=free_port(),
+        run_dir=run_dir,
+        config=ROOT / "config" / "dev.properties",
+        model_store=store,
+        models=entries,
+        inference_port=free_port(),
+        management_port=free_port(),
+        metrics_port=free_port(),
         env={"OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads},
     )
     try:
@@ -219,9 +237,30 @@ def run_cell(server: TorchServe, model: BenchModel, variant: Variant, users: int
     summary = work_dir / "cell.json"
     summary.unlink(missing_ok=True)
     command = [
-        sys.executable, "-m", "locust", "-f", str(LOCUSTFILE), "--headless", "--only-summary", "--loglevel", "WARNING",
-        "--host", server.inference_url, "-u", str(users), "-r", str(4 * users), "-t", f"{max(1, round(seconds))}s", "--reset-stats",
-        "--path", f"/{variant.route}/{served_name(model, variant)}", "--answer", variant.answer, "--summary", str(summary),
+        sys.executable,
+        "-m",
+        "locust",
+        "-f",
+        str(LOCUSTFILE),
+        "--headless",
+        "--only-summary",
+        "--loglevel",
+        "WARNING",
+        "--host",
+        server.inference_url,
+        "-u",
+        str(users),
+        "-r",
+        str(4 * users),
+        "-t",
+        f"{max(1, round(seconds))}s",
+        "--reset-stats",
+        "--path",
+        f"/{variant.route}/{served_name(model, variant)}",
+        "--answer",
+        variant.answer,
+        "--summary",
+        str(summary),
     ]
     for header in variant.headers():
         command += ["--header", header]
@@ -295,8 +334,13 @@ def percentile(histogram: dict[float, int], fraction: float) -> float:
 
 
 def measure(
-    models: list[BenchModel], settings: Settings, variants: list[Variant], concurrency: list[int], seconds: float,
-    rounds: int, work_dir: Path,
+    models: list[BenchModel],
+    settings: Settings,
+    variants: list[Variant],
+    concurrency: list[int],
+    seconds: float,
+    rounds: int,
+    work_dir: Path,
 ) -> list[Cell]:
     """Every (model, variant, users) cell, in `rounds` interleaved rounds of seconds / rounds each.
 
@@ -328,7 +372,9 @@ def measure(
     return cells
 
 
-def profile_sections(models: list[BenchModel], cells: list[Cell], variants: list[Variant], threads: int, batch_sizes: list[int]) -> list[str]:
+def profile_sections(
+    models: list[BenchModel], cells: list[Cell], variants: list[Variant], threads: int, batch_sizes: list[int]
+) -> list[str]:
     """Per model and batch size: each handler's stages in ms per request, and the served p50 at one user beside them."""
     from camserve_tools.benchmarks.handler_profile import profile, profile_table
 
@@ -343,8 +389,11 @@ def profile_sections(models: list[BenchModel], cells: list[Cell], variants: list
                 key = (model.name, name, min(c.users for c in cells), batch_size)
                 p50 = next((c.figures["p50_ms"] for c in cells if (c.model, c.variant, c.users, c.settings.batch_size) == key), None)
                 served.append(f"{p50:.0f}" if p50 is not None else "")
-            lines += [*profile_table(f"{model.name}, batch {batch_size}", results),
-                      f"| served p50 at {min(c.users for c in cells)} user(s) | " + " | ".join(served) + " |", ""]
+            lines += [
+                *profile_table(f"{model.name}, batch {batch_size}", results),
+                f"| served p50 at {min(c.users for c in cells)} user(s) | " + " | ".join(served) + " |",
+                "",
+            ]
     return lines
 
 
@@ -356,16 +405,21 @@ def int_list(text: str) -> list[int]:
 
 
 TUNING_GRID = (
-    (1, 2, 1, 0), (2, 1, 1, 0),
-    (1, 2, 8, 5), (2, 1, 8, 5),
-    (1, 2, 8, 20), (2, 1, 8, 20),
+    (1, 2, 1, 0),
+    (2, 1, 1, 0),
+    (1, 2, 8, 5),
+    (2, 1, 8, 5),
+    (1, 2, 8, 20),
+    (2, 1, 8, 20),
 )
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", default="shapes,resnet18")
-    parser.add_argument("--variants", default=",".join(v.name for v in VARIANTS), help="comma-separated, of: " + ", ".join(v.name for v in VARIANTS))
+    parser.add_argument(
+        "--variants", default=",".join(v.name for v in VARIANTS), help="comma-separated, of: " + ", ".join(v.name for v in VARIANTS)
+    )
     parser.add_argument("--concurrency", type=int_list, default=[1, 4, 16])
     parser.add_argument("--batch-sizes", type=int_list, default=[1, 8])
     parser.add_argument("--workers", type=int, default=2, help="workers per model (default: 2; see docs/serving-tuning.md)")
@@ -374,7 +428,9 @@ def main() -> None:
     # A Locust run loses about 2 s to its own start before the measured window opens: 8 s runs measure about 6.
     parser.add_argument("--duration", type=float, default=16.0, help="seconds of Locust runs per cell, all rounds together (default: 16)")
     parser.add_argument("--rounds", type=int, default=2, help="interleaved rounds per cell (default: 2)")
-    parser.add_argument("--tune", action="store_true", help="sweep worker settings instead (built-in plain and gradcam at the highest concurrency)")
+    parser.add_argument(
+        "--tune", action="store_true", help="sweep worker settings instead (built-in plain and gradcam at the highest concurrency)"
+    )
     parser.add_argument("--out", type=Path, default=ROOT / "docs", help="where the report and plots go (default: docs/)")
     parser.add_argument("--run-dir", type=Path, default=RUN_DIR, help="archives and server logs (default: .run/bench)")
     parser.add_argument("--report-from", type=Path, metavar="JSON", help="only write the report again from a run's JSON")

@@ -19,7 +19,21 @@ from typing import Any
 from camserve_tools.archive import ROOT, ArchiveError, ArchiveRequest, archive, archive_model_dir
 from camserve_tools.commands.common import EXIT_FAILED, EXIT_OK
 
-BUILDER_DOC = "Build a checked, self-contained TorchServe archive (.mar) around camserve/serving/handler.py.\n\n    make archive                                                  # the default shapes model -> model_store/shapes.mar\n    make archive MODEL=resnet18 WEIGHTS=resnet18.pth              # a torchvision builder + state dict (or weights name)\n    make archive MODEL=timm:resnet50 WEIGHTS=resnet50.pth         # a timm model + state dict\n    make archive MODEL_FILE=model.py [CLASS=Net] WEIGHTS=net.pth [EXTRA_FILES=a.py,b.py]   # TorchServe's convention\n    make archive EXPORTED=model.pt2                               # a torch.export.save file, no Python source needed\n    common: LABELS=labels.json NAME=... INPUT_SIZE=224|H,W MEAN=r,g,b STD=r,g,b METHOD=gradcam LAYER=name[,name]\n\n    python scripts/build_archive.py --name shapes --model-dir models/shapes\n    python scripts/build_archive.py --model timm:test_efficientnet --weights w.pth --labels labels.json\n\nThe model is built and run (dummy forwards, one map) from the unpacked archive before the archive is kept; a\nrequest that cannot serve ends here with a one-line error and exit status 1 (camserve_tools/archive.py).\n"
+BUILDER_DOC = """Build a checked, self-contained TorchServe archive (.mar) around camserve/serving/handler.py.
+
+    make archive                                                  # the default shapes model -> model_store/shapes.mar
+    make archive MODEL=resnet18 WEIGHTS=resnet18.pth              # a torchvision builder + state dict (or weights name)
+    make archive MODEL=timm:resnet50 WEIGHTS=resnet50.pth         # a timm model + state dict
+    make archive MODEL_FILE=model.py [CLASS=Net] WEIGHTS=net.pth [EXTRA_FILES=a.py,b.py]   # TorchServe's convention
+    make archive EXPORTED=model.pt2                               # a torch.export.save file, no Python source needed
+    common: LABELS=labels.json NAME=... INPUT_SIZE=224|H,W MEAN=r,g,b STD=r,g,b METHOD=gradcam LAYER=name[,name]
+
+    python scripts/build_archive.py --name shapes --model-dir models/shapes
+    python scripts/build_archive.py --model timm:test_efficientnet --weights w.pth --labels labels.json
+
+The model is built and run (dummy forwards, one map) from the unpacked archive before the archive is kept; a
+request that cannot serve ends here with a one-line error and exit status 1 (camserve_tools/archive.py).
+"""
 
 HELP = "build a .mar archive (make archive); `camserve archive --help` lists the builder's options"
 EPILOG = "exit codes: 0 built; 1 the build failed (the archiver, the weights, the labels); 2 usage error"
@@ -27,7 +41,9 @@ EPILOG = "exit codes: 0 built; 1 the build failed (the archiver, the weights, th
 
 def register(subparsers: Any) -> None:
     # Listed for `camserve --help`; camserve_tools.cli hands `archive` calls to run_with before any parsing.
-    parser = subparsers.add_parser("archive", help=HELP, description=__doc__, epilog=EPILOG, add_help=False, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = subparsers.add_parser(
+        "archive", help=HELP, description=__doc__, epilog=EPILOG, add_help=False, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.set_defaults(run=lambda args: run_with([], prog="camserve archive"))
 
 
@@ -39,7 +55,10 @@ def run_with(argv: list[str], prog: str) -> int:
         print(f"{__doc__}\n{EPILOG}\n", file=sys.stderr if as_json else sys.stdout)
     printed = io.StringIO()
     try:
-        with _stdout_to_stderr() if as_json else contextlib.nullcontext(), contextlib.redirect_stdout(printed) if as_json else contextlib.nullcontext():
+        with (
+            _stdout_to_stderr() if as_json else contextlib.nullcontext(),
+            contextlib.redirect_stdout(printed) if as_json else contextlib.nullcontext(),
+        ):
             build_main(argv, prog=prog)
     except SystemExit as exit_:
         if isinstance(exit_.code, str):
@@ -107,7 +126,7 @@ def build_main(argv: list[str] | None = None, prog: str | None = None) -> None:
     parser.add_argument("--weights", help="a state-dict file (with --torchvision also a torchvision weights name)")
     parser.add_argument("--exported", type=Path, help="a torch.export.save file (.pt2)")
     parser.add_argument("--extra-files", default="", help="comma-separated files or folders the model file imports")
-    parser.add_argument("--labels", type=Path, help="index_to_name.json: {\"0\": name} or {\"0\": [wnid, name]}")
+    parser.add_argument("--labels", type=Path, help='index_to_name.json: {"0": name} or {"0": [wnid, name]}')
     parser.add_argument("--input-size", type=input_size, help="one side or H,W")
     parser.add_argument("--mean", type=floats("MEAN", 3))
     parser.add_argument("--std", type=floats("STD", 3))

@@ -35,7 +35,9 @@ def add_output_arguments(parser: Any) -> None:
     parser.add_argument("--verbose", action="store_true", help="log warnings too (the handler's rejections, TorchServe's notes)")
 
 
-def progress(items: Iterable[T] | None = None, *, total: int | None = None, desc: str = "", quiet: bool = False, unit: str = "image") -> Any:
+def progress(
+    items: Iterable[T] | None = None, *, total: int | None = None, desc: str = "", quiet: bool = False, unit: str = "image"
+) -> Any:
     """A tqdm bar on stderr (stdout stays clean for --json); silent with --quiet."""
     from tqdm import tqdm
 

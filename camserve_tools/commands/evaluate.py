@@ -29,11 +29,28 @@ from pathlib import Path
 from typing import Any
 
 from camserve_tools.commands.common import (
-    EXIT_CODES_HELP, EXIT_FAILED, EXIT_OK, CommandFailed, UsageError, add_output_arguments, emit, format_table, progress,
+    EXIT_CODES_HELP,
+    EXIT_FAILED,
+    EXIT_OK,
+    CommandFailed,
+    UsageError,
+    add_output_arguments,
+    emit,
+    format_table,
+    progress,
 )
 
 # Overall figures a threshold may name; lower is better for the last three (use --max for them).
-METRIC_KEYS = ("top1", "pointing_game", "iou50", "mean_iou", "insertion_auc", "deletion_auc", "randomization_spearman", "randomization_spearman_abs")
+METRIC_KEYS = (
+    "top1",
+    "pointing_game",
+    "iou50",
+    "mean_iou",
+    "insertion_auc",
+    "deletion_auc",
+    "randomization_spearman",
+    "randomization_spearman_abs",
+)
 LOWER_IS_BETTER = frozenset({"deletion_auc", "randomization_spearman", "randomization_spearman_abs"})
 MAX_TARGETS = 10  # the handler's MAX_MAPS: classes per request
 
@@ -98,8 +115,10 @@ class Evaluation:
 
 def register(subparsers: Any) -> None:
     parser = subparsers.add_parser(
-        "evaluate", help="quality of predictions and maps on a labelled set (COCO / VOC boxes), a CI gate",
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+        "evaluate",
+        help="quality of predictions and maps on a labelled set (COCO / VOC boxes), a CI gate",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog=EXIT_CODES_HELP.format(failed="a --min/--max threshold is breached (each is named on stderr), or an image failed")
         + f"\nthreshold keys: {', '.join(METRIC_KEYS)}",
     )
@@ -108,8 +127,16 @@ def register(subparsers: Any) -> None:
     parser.add_argument("--boxes", type=Path, required=True, metavar="FILE", help="COCO JSON, a VOC XML file, or a folder of VOC XML files")
     parser.add_argument("--out", type=Path, required=True, metavar="DIR", help="where metrics.json, summary.md and worst/ go")
     parser.add_argument("--method", help="CAM method (default: the model's)")
-    parser.add_argument("--min", action="append", default=[], metavar="KEY=VALUE", help="fail (exit 1) when an overall figure is below VALUE; repeatable")
-    parser.add_argument("--max", action="append", default=[], metavar="KEY=VALUE", help="fail (exit 1) when an overall figure is above VALUE, e.g. deletion_auc=0.3")
+    parser.add_argument(
+        "--min", action="append", default=[], metavar="KEY=VALUE", help="fail (exit 1) when an overall figure is below VALUE; repeatable"
+    )
+    parser.add_argument(
+        "--max",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="fail (exit 1) when an overall figure is above VALUE, e.g. deletion_auc=0.3",
+    )
     parser.add_argument("--batch-size", type=int, default=8, metavar="N", help="images per handler call (default: 8)")
     parser.add_argument("--steps", type=int, default=16, metavar="N", help="deletion / insertion steps (default: 16)")
     parser.add_argument("--worst", type=int, default=8, metavar="N", help="overlays of the N worst maps in DIR/worst/ (default: 8)")
@@ -165,14 +192,19 @@ def run(args: argparse.Namespace) -> int:
         except AnnotationError as error:
             raise UsageError(str(error)) from None
         if not annotated.images:
-            raise UsageError(f"no image of {args.data} has a box of a class the model knows "
-                             f"(unmatched labels: {annotated.unmatched_labels[:10]}, missing images: {len(annotated.missing_images)})")
+            raise UsageError(
+                f"no image of {args.data} has a box of a class the model knows "
+                f"(unmatched labels: {annotated.unmatched_labels[:10]}, missing images: {len(annotated.missing_images)})"
+            )
         if randomised is not None:
             randomise_weights(randomised.handler, settings.seed)
         evaluation = evaluate_images(model.handler, randomised.handler if randomised else None, annotated.images, settings, args.quiet)
         metrics = metrics_report(evaluation, model.name, settings.method or model.handler.spec.method, settings, args.boxes, annotated)
         metrics["seconds"] = round(time.perf_counter() - started, 1)
-        verdicts = [{"key": t.key, "bound": t.bound, "value": t.value, "actual": metrics[t.key], "passed": t.passes(metrics[t.key])} for t in thresholds]
+        verdicts = [
+            {"key": t.key, "bound": t.bound, "value": t.value, "actual": metrics[t.key], "passed": t.passes(metrics[t.key])}
+            for t in thresholds
+        ]
         metrics["thresholds"] = verdicts
         metrics["passed"] = all(v["passed"] for v in verdicts) and not evaluation.failed
         write_outputs(args.out, metrics, evaluation)
@@ -188,8 +220,8 @@ def run(args: argparse.Namespace) -> int:
 
 
 def check_method(handler: Any, method: str | None) -> None:
-    from camserve.protocol.options import parse_options
     from camserve.protocol.decoding import RequestError
+    from camserve.protocol.options import parse_options
 
     try:
         options = parse_options({"method": method} if method else {}, handler.option_rules)
@@ -237,7 +269,15 @@ def request_headers(classes: list[int], method: str | None) -> dict[str, str]:
     return headers
 
 
-def score_image(handler: Any, evaluation: Evaluation, image: Any, body: bytes, answer: tuple[int, Any], random_answer: tuple[int, Any], settings: EvaluateSettings) -> None:
+def score_image(
+    handler: Any,
+    evaluation: Evaluation,
+    image: Any,
+    body: bytes,
+    answer: tuple[int, Any],
+    random_answer: tuple[int, Any],
+    settings: EvaluateSettings,
+) -> None:
     """Score one image's answer (and each of its maps) into `evaluation`."""
     from camserve_tools.local_model import answer_cams
 
@@ -296,9 +336,17 @@ def score_map(handler: Any, image: Any, cam: dict[str, Any], pixels: Any, steps:
 
     deletion, insertion = deletion_insertion_auc(class_probability, pixels, map_at_input_size(handler, heatmap), steps)
     record = MapRecord(
-        image=str(image.path), label=cam["label"], class_index=class_index, predicted="", probability=None,
-        peak=list(cam["peak"]), bbox=list(cam["bbox"]), pointing=pointing_hit(cam["peak"], boxes),
-        iou=round(best_iou(cam["bbox"], boxes), 4), deletion_auc=round(deletion, 4), insertion_auc=round(insertion, 4),
+        image=str(image.path),
+        label=cam["label"],
+        class_index=class_index,
+        predicted="",
+        probability=None,
+        peak=list(cam["peak"]),
+        bbox=list(cam["bbox"]),
+        pointing=pointing_hit(cam["peak"], boxes),
+        iou=round(best_iou(cam["bbox"], boxes), 4),
+        deletion_auc=round(deletion, 4),
+        insertion_auc=round(insertion, 4),
     )
     return record, heatmap
 
@@ -345,7 +393,9 @@ def map_figures(records: list[MapRecord]) -> dict[str, Any]:
     }
 
 
-def metrics_report(evaluation: Evaluation, model_name: str, method: str, settings: EvaluateSettings, boxes: Path, annotated: Any) -> dict[str, Any]:
+def metrics_report(
+    evaluation: Evaluation, model_name: str, method: str, settings: EvaluateSettings, boxes: Path, annotated: Any
+) -> dict[str, Any]:
     from camserve_tools.saliency_metrics import BLUR_KERNEL, BLUR_SIGMA
 
     top1 = _mean([float(predicted in classes) for classes, predicted in evaluation.top1_hits])
@@ -379,7 +429,10 @@ def metrics_report(evaluation: Evaluation, model_name: str, method: str, setting
             "boxes": str(boxes),
             "steps": settings.steps,
             "deletion": "most salient pixels first, set to zero (black) in [0, 1] pixel space, at the model's input size",
-            "insertion": f"from the image Gaussian-blurred (kernel {BLUR_KERNEL}, sigma {BLUR_SIGMA} px at the input size), most salient pixels first",
+            "insertion": (
+                f"from the image Gaussian-blurred (kernel {BLUR_KERNEL}, sigma {BLUR_SIGMA} px at the input size), "
+                "most salient pixels first"
+            ),
             "maps": "one per (image, ground-truth class), requested with X-CAM-Target",
         },
         "failed_images": evaluation.failed,
@@ -415,7 +468,9 @@ def write_worst(folder: Path, evaluation: Evaluation) -> list[str]:
     for rank, (record, heatmap_b64, boxes, path) in enumerate(evaluation.worst, start=1):
         name = f"{rank:02d}_{Path(record.image).stem}_{record.label}.png".replace(" ", "_")
         caption = f"{record.label}: top-1 {record.predicted}, IoU {record.iou:.2f}, {'hit' if record.pointing else 'miss'}"
-        (folder / name).write_bytes(annotated_overlay(path.read_bytes(), base64.b64decode(heatmap_b64), boxes, record.bbox, record.peak, caption))
+        (folder / name).write_bytes(
+            annotated_overlay(path.read_bytes(), base64.b64decode(heatmap_b64), boxes, record.bbox, record.peak, caption)
+        )
         names.append(f"worst/{name}")
     return names
 
@@ -431,47 +486,77 @@ FIGURE_COLUMNS = ("top1", "pointing_game", "iou50", "mean_iou", "deletion_auc", 
 
 def summary_markdown(metrics: dict[str, Any]) -> str:
     lines = [
-        f"# Evaluation of `{metrics['model']}` ({metrics['method']})", "",
+        f"# Evaluation of `{metrics['model']}` ({metrics['method']})",
+        "",
         f"{metrics['images']} images, {metrics['maps']} maps (one per image and ground-truth class); boxes from "
-        f"`{metrics['settings']['boxes']}`; {metrics['seconds']} s.", "",
+        f"`{metrics['settings']['boxes']}`; {metrics['seconds']} s.",
+        "",
         "| scope | images | maps | " + " | ".join(FIGURE_COLUMNS) + " |",
         "|---|---|---|" + "---|" * len(FIGURE_COLUMNS),
         f"| overall | {metrics['images']} | {metrics['maps']} | " + " | ".join(_shown(metrics[k]) for k in FIGURE_COLUMNS) + " |",
     ]
     for label, figures in metrics["per_class"].items():
-        lines.append(f"| {label} | {figures['images']} | {figures['maps']} | " + " | ".join(_shown(figures[k]) for k in FIGURE_COLUMNS) + " |")
+        lines.append(
+            f"| {label} | {figures['images']} | {figures['maps']} | " + " | ".join(_shown(figures[k]) for k in FIGURE_COLUMNS) + " |"
+        )
     sanity = metrics["sanity"]
-    lines += ["", f"Deletion: {metrics['settings']['deletion']}; insertion: {metrics['settings']['insertion']}; "
-                  f"{metrics['settings']['steps']} steps each.", ""]
+    lines += [
+        "",
+        f"Deletion: {metrics['settings']['deletion']}; insertion: {metrics['settings']['insertion']}; "
+        f"{metrics['settings']['steps']} steps each.",
+        "",
+    ]
     if sanity["ran"]:
-        lines.append(f"Randomisation sanity check (seed {sanity['seed']}): mean Spearman {_shown(sanity['randomization_spearman'])}, "
-                     f"mean |Spearman| {_shown(sanity['randomization_spearman_abs'])} over {sanity['maps_compared']} maps "
-                     f"({sanity['constant_maps']} constant maps of the re-initialised model left out); low means the maps "
-                     f"depend on the learned weights.")
+        lines.append(
+            f"Randomisation sanity check (seed {sanity['seed']}): mean Spearman {_shown(sanity['randomization_spearman'])}, "
+            f"mean |Spearman| {_shown(sanity['randomization_spearman_abs'])} over {sanity['maps_compared']} maps "
+            f"({sanity['constant_maps']} constant maps of the re-initialised model left out); low means the maps "
+            f"depend on the learned weights."
+        )
     else:
         lines.append("Randomisation sanity check: skipped (--no-sanity).")
     if metrics["thresholds"]:
         lines += ["", "| threshold | actual | verdict |", "|---|---|---|"]
         for verdict in metrics["thresholds"]:
-            lines.append(f"| {verdict['key']} {'>=' if verdict['bound'] == 'min' else '<='} {verdict['value']:g} | {_shown(verdict['actual'])} | {'pass' if verdict['passed'] else '**FAIL**'} |")
+            lines.append(
+                f"| {verdict['key']} {'>=' if verdict['bound'] == 'min' else '<='} {verdict['value']:g} | "
+                f"{_shown(verdict['actual'])} | {'pass' if verdict['passed'] else '**FAIL**'} |"
+            )
     problems = [f"{len(metrics['failed_images'])} image(s) failed"] if metrics["failed_images"] else []
     problems += [f"labels without a model class: {', '.join(metrics['unmatched_labels'])}"] if metrics["unmatched_labels"] else []
     problems += [f"{len(metrics['missing_images'])} annotated image(s) not found"] if metrics["missing_images"] else []
     if problems:
         lines += ["", "Problems: " + "; ".join(problems) + "."]
     if metrics["worst"]:
-        lines += ["", "## Worst maps", "", "Ground truth green, the map's box white, its peak a white cross.", "",
-                  "| # | image | class | top-1 | peak in box | IoU | deletion | insertion | overlay |", "|---|---|---|---|---|---|---|---|---|"]
+        lines += [
+            "",
+            "## Worst maps",
+            "",
+            "Ground truth green, the map's box white, its peak a white cross.",
+            "",
+            "| # | image | class | top-1 | peak in box | IoU | deletion | insertion | overlay |",
+            "|---|---|---|---|---|---|---|---|---|",
+        ]
         for rank, entry in enumerate(metrics["worst"], start=1):
-            lines.append(f"| {rank} | {Path(entry['image']).name} | {entry['label']} | {entry['predicted']} | {'yes' if entry['pointing'] else 'no'} | "
-                         f"{entry['iou']:.2f} | {entry['deletion_auc']:.3f} | {entry['insertion_auc']:.3f} | [{entry.get('file', '')}]({entry.get('file', '')}) |")
+            lines.append(
+                f"| {rank} | {Path(entry['image']).name} | {entry['label']} | {entry['predicted']} | "
+                f"{'yes' if entry['pointing'] else 'no'} | "
+                f"{entry['iou']:.2f} | {entry['deletion_auc']:.3f} | {entry['insertion_auc']:.3f} | "
+                f"[{entry.get('file', '')}]({entry.get('file', '')}) |"
+            )
     return "\n".join(lines) + "\n"
 
 
 def people_table(metrics: dict[str, Any]) -> str:
     rows = [{"scope": "overall", "images": metrics["images"], "maps": metrics["maps"], **{k: metrics[k] for k in FIGURE_COLUMNS}}]
-    rows += [{"scope": label, "images": f["images"], "maps": f["maps"], **{k: f[k] for k in FIGURE_COLUMNS}} for label, f in metrics["per_class"].items()]
+    rows += [
+        {"scope": label, "images": f["images"], "maps": f["maps"], **{k: f[k] for k in FIGURE_COLUMNS}}
+        for label, f in metrics["per_class"].items()
+    ]
     table = format_table(rows, ("scope", "images", "maps", *FIGURE_COLUMNS))
-    verdicts = [f"{v['key']} {'>=' if v['bound'] == 'min' else '<='} {v['value']:g}: {_shown(v['actual'])} {'pass' if v['passed'] else 'FAIL'}" for v in metrics["thresholds"]]
+    verdicts = [
+        f"{v['key']} {'>=' if v['bound'] == 'min' else '<='} {v['value']:g}: {_shown(v['actual'])} {'pass' if v['passed'] else 'FAIL'}"
+        for v in metrics["thresholds"]
+    ]
     failed = [f"{len(metrics['failed_images'])} image(s) failed"] if metrics["failed_images"] else []
     return "\n".join([table, *verdicts, *failed, f"metrics.json, summary.md and worst/ written ({metrics['seconds']} s)"])

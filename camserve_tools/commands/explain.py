@@ -24,7 +24,15 @@ from pathlib import Path
 from typing import Any
 
 from camserve_tools.commands.common import (
-    EXIT_CODES_HELP, EXIT_FAILED, EXIT_OK, CommandFailed, UsageError, add_output_arguments, emit, key_values, progress,
+    EXIT_CODES_HELP,
+    EXIT_FAILED,
+    EXIT_OK,
+    CommandFailed,
+    UsageError,
+    add_output_arguments,
+    emit,
+    key_values,
+    progress,
 )
 
 OUTPUTS = ("png", "overlay", "grid")
@@ -68,19 +76,33 @@ class ExplainSummary:
 
 def register(subparsers: Any) -> None:
     parser = subparsers.add_parser(
-        "explain", help="offline batch explanations of images (JSONL + heat maps), resumable",
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+        "explain",
+        help="offline batch explanations of images (JSONL + heat maps), resumable",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog=EXIT_CODES_HELP.format(failed="some images failed (their lines carry the error)"),
     )
     parser.add_argument("model", type=Path, metavar="MODEL", help="a .mar archive or a model directory with model-config.yaml")
-    parser.add_argument("inputs", nargs="+", metavar="INPUTS", help="images, folders (searched recursively) or text files listing image paths")
+    parser.add_argument(
+        "inputs", nargs="+", metavar="INPUTS", help="images, folders (searched recursively) or text files listing image paths"
+    )
     parser.add_argument("--out", type=Path, required=True, metavar="DIR", help="where explanations.jsonl and the images go")
     parser.add_argument("--method", help="CAM method (default: the model's), e.g. gradcam, cam, layercam, scorecam")
     parser.add_argument("--layer", help="target layer name(s), comma-separated (default: the model's)")
-    parser.add_argument("--output", choices=OUTPUTS, default="png", help="png: heat map PNGs; overlay: map over image; grid: floats in the JSON only (default: png)")
+    parser.add_argument(
+        "--output",
+        choices=OUTPUTS,
+        default="png",
+        help="png: heat map PNGs; overlay: map over image; grid: floats in the JSON only (default: png)",
+    )
     parser.add_argument("--batch-size", type=_positive, default=8, metavar="N", help="images per handler call (default: 8)")
-    parser.add_argument("--jobs", type=_positive, default=2, metavar="N",
-                        help="threads that read images ahead and write output images behind the model (default: 2)")
+    parser.add_argument(
+        "--jobs",
+        type=_positive,
+        default=2,
+        metavar="N",
+        help="threads that read images ahead and write output images behind the model (default: 2)",
+    )
     parser.add_argument("--retry-failed", action="store_true", help="explain again the images whose last line is an error")
     add_output_arguments(parser)
     parser.set_defaults(run=run)
@@ -123,8 +145,8 @@ def run(args: argparse.Namespace) -> int:
 
 def check_settings(handler: Any, settings: ExplainSettings) -> None:
     """A method or layer the model refuses is a usage error, found once here rather than on every image."""
-    from camserve.protocol.options import parse_options
     from camserve.protocol.decoding import RequestError, options_from_headers
+    from camserve.protocol.options import parse_options
 
     try:
         parse_options(options_from_headers(settings.request_headers()), handler.option_rules)
@@ -132,7 +154,9 @@ def check_settings(handler: Any, settings: ExplainSettings) -> None:
         raise UsageError(str(error)) from None
 
 
-def explain_images(handler: Any, model_name: str, paths: list[Path], out_dir: Path, settings: ExplainSettings, quiet: bool = True) -> ExplainSummary:
+def explain_images(
+    handler: Any, model_name: str, paths: list[Path], out_dir: Path, settings: ExplainSettings, quiet: bool = True
+) -> ExplainSummary:
     """Explain every image of `paths` not yet in DIR's journal; lines are appended as their files are written."""
     from camserve_tools.journal import Journal
     from camserve_tools.local_model import answer_batch
@@ -141,7 +165,11 @@ def explain_images(handler: Any, model_name: str, paths: list[Path], out_dir: Pa
     pending = [path for path in paths if not journal.is_done(str(path), settings.retry_failed)]
     headers = settings.request_headers()
     started = time.perf_counter()
-    with ThreadPoolExecutor(settings.jobs) as pool, journal.open_for_append() as out, progress(total=len(pending), desc="explain", quiet=quiet) as bar:
+    with (
+        ThreadPoolExecutor(settings.jobs) as pool,
+        journal.open_for_append() as out,
+        progress(total=len(pending), desc="explain", quiet=quiet) as bar,
+    ):
         writer = OrderedWriter(journal, out)
         for batch, bodies in prefetched_batches(pending, settings.batch_size, pool):
             for path, body, (status, answer) in zip(batch, bodies, answer_batch(handler, bodies, [headers] * len(bodies))):

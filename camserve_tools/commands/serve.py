@@ -17,16 +17,20 @@ def register(subparsers: Any) -> None:
     from camserve_tools.server import add_server_arguments
 
     serve = subparsers.add_parser(
-        "serve", help="start TorchServe in the background (make serve)", description=__doc__,
+        "serve",
+        help="start TorchServe in the background (make serve)",
+        description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog="exit codes: 0 the server is up and every model answered a prediction; 1 it could not start "
-               "(a model that cannot load, a port in use, a server of this run dir already running); 2 usage error",
+        "(a model that cannot load, a port in use, a server of this run dir already running); 2 usage error",
     )
     add_server_arguments(serve)
     add_output_arguments(serve)
     serve.set_defaults(run=run_serve)
     stop = subparsers.add_parser(
-        "stop", help="stop the server of a run dir (make stop)", description=__doc__,
+        "stop",
+        help="stop the server of a run dir (make stop)",
+        description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog="exit codes: 0 stopped, or nothing was running; 2 usage error",
     )
@@ -48,8 +52,12 @@ def run_serve(args: argparse.Namespace) -> int:
     except (RuntimeError, TimeoutError, OSError) as error:
         raise CommandFailed(str(error)) from None
     report = {
-        "inference": server.inference_url, "management": server.management_url, "metrics": server.metrics_url,
-        "models": args.models, "run_dir": str(server.run_dir), "pid": server.process.pid,
+        "inference": server.inference_url,
+        "management": server.management_url,
+        "metrics": server.metrics_url,
+        "models": args.models,
+        "run_dir": str(server.run_dir),
+        "pid": server.process.pid,
     }
     emit(report, args.json, key_values(report) + "\nTry it:\n" + usage_example(server))
     return EXIT_OK
@@ -62,5 +70,9 @@ def run_stop(args: argparse.Namespace) -> int:
     was_running = (server.run_dir / "torchserve.pid").exists()
     server.stop()
     report = {"stopped": was_running, "run_dir": str(server.run_dir)}
-    emit(report, args.json, f"stopped the TorchServe of {server.run_dir}" if was_running else f"no TorchServe of {server.run_dir} was running")
+    emit(
+        report,
+        args.json,
+        f"stopped the TorchServe of {server.run_dir}" if was_running else f"no TorchServe of {server.run_dir} was running",
+    )
     return EXIT_OK

@@ -21,7 +21,16 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from camserve_tools.commands.common import EXIT_CODES_HELP, EXIT_FAILED, EXIT_OK, UsageError, add_output_arguments, emit, format_table, progress
+from camserve_tools.commands.common import (
+    EXIT_CODES_HELP,
+    EXIT_FAILED,
+    EXIT_OK,
+    UsageError,
+    add_output_arguments,
+    emit,
+    format_table,
+    progress,
+)
 
 PROBE_SEEDS = (3, 11, 29)  # offsets from camserve_tools.scenes.EVAL_SEED_START: scenes of several sizes and classes
 NOT_AN_IMAGE = b"this body is not an image\n"
@@ -56,14 +65,22 @@ def register(subparsers: Any) -> None:
     from camserve_tools.server import ROOT
 
     parser = subparsers.add_parser(
-        "smoke", help="start TorchServe with one archive, probe it, stop (before promoting it)",
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+        "smoke",
+        help="start TorchServe with one archive, probe it, stop (before promoting it)",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog=EXIT_CODES_HELP.format(failed="the archive failed: unreadable, could not load, or a probe's answer was wrong"),
     )
     parser.add_argument("archive", type=Path, metavar="ARCHIVE.mar")
-    parser.add_argument("--config", type=Path, default=ROOT / "config" / "dev.properties", help="TorchServe config.properties (default: %(default)s)")
-    parser.add_argument("--timeout", type=float, default=120.0, help="seconds the model may take to answer its first prediction (default: 120)")
-    parser.add_argument("--run-dir", type=Path, help="the server's run dir, kept afterwards (default: a temporary one, kept only on failure)")
+    parser.add_argument(
+        "--config", type=Path, default=ROOT / "config" / "dev.properties", help="TorchServe config.properties (default: %(default)s)"
+    )
+    parser.add_argument(
+        "--timeout", type=float, default=120.0, help="seconds the model may take to answer its first prediction (default: 120)"
+    )
+    parser.add_argument(
+        "--run-dir", type=Path, help="the server's run dir, kept afterwards (default: a temporary one, kept only on failure)"
+    )
     add_output_arguments(parser)
     parser.set_defaults(run=run)
 
@@ -82,7 +99,15 @@ def run(args: argparse.Namespace) -> int:
 
 def smoke_test(archive: Path, config: Path, timeout: float, run_dir: Path | None, quiet: bool = True) -> dict[str, Any]:
     """Every stage in order; the report says which failed and why. The server is stopped whatever happens."""
-    report: dict[str, Any] = {"archive": str(archive), "model": None, "ok": False, "stage": "inspect", "error": None, "probes": [], "logs": None}
+    report: dict[str, Any] = {
+        "archive": str(archive),
+        "model": None,
+        "ok": False,
+        "stage": "inspect",
+        "error": None,
+        "probes": [],
+        "logs": None,
+    }
     own_run_dir = run_dir is None
     run_dir = Path(tempfile.mkdtemp(prefix="camserve-smoke-")) if run_dir is None else run_dir.resolve()
     server = None
@@ -152,8 +177,13 @@ def start_alone(archive: Path, name: str, config: Path, run_dir: Path, timeout: 
     store.mkdir(parents=True, exist_ok=True)
     shutil.copy2(archive, store / f"{name}.mar")
     server = TorchServe(
-        run_dir=run_dir, config=config.resolve(), model_store=store, models=f"{name}={name}.mar",
-        inference_port=free_port(), management_port=free_port(), metrics_port=free_port(),
+        run_dir=run_dir,
+        config=config.resolve(),
+        model_store=store,
+        models=f"{name}={name}.mar",
+        inference_port=free_port(),
+        management_port=free_port(),
+        metrics_port=free_port(),
     )
     try:
         server.start(timeout=timeout)  # stops the server itself when the worker dies or the model never answers
@@ -176,7 +206,9 @@ def probe_images() -> list[tuple[str, bytes, tuple[int, int], str]]:
         fmt = "JPEG" if number == 1 else "PNG"
         buffer = io.BytesIO()
         image.save(buffer, format=fmt)
-        probes.append((f"scene-{offset} ({fmt.lower()} {image.width}x{image.height})", buffer.getvalue(), image.size, f"image/{fmt.lower()}"))
+        probes.append(
+            (f"scene-{offset} ({fmt.lower()} {image.width}x{image.height})", buffer.getvalue(), image.size, f"image/{fmt.lower()}")
+        )
     return probes
 
 
@@ -196,7 +228,9 @@ def probe(server: Any, facts: ArchiveFacts, quiet: bool) -> list[ProbeResult]:
                 results.append(ProbeResult(name, response.status_code, check_image_answer(response, size, facts.labels)))
             bar.update(1)
         try:
-            response = requests.post(url, data=NOT_AN_IMAGE, headers={**server.auth_headers(), "Content-Type": "application/octet-stream"}, timeout=60)
+            response = requests.post(
+                url, data=NOT_AN_IMAGE, headers={**server.auth_headers(), "Content-Type": "application/octet-stream"}, timeout=60
+            )
         except requests.RequestException as error:
             results.append(ProbeResult("not an image", None, [f"no answer: {type(error).__name__}"]))
         else:
@@ -266,7 +300,10 @@ def check_refusal(response: Any) -> list[str]:
 
 
 def people_table(report: dict[str, Any]) -> str:
-    rows = [{"probe": p["probe"], "status": p["status"], "ok": "yes" if p["ok"] else "NO", "problems": "; ".join(p["problems"])} for p in report["probes"]]
+    rows = [
+        {"probe": p["probe"], "status": p["status"], "ok": "yes" if p["ok"] else "NO", "problems": "; ".join(p["problems"])}
+        for p in report["probes"]
+    ]
     lines = [format_table(rows, ("probe", "status", "ok", "problems"))] if rows else []
     if report["ok"]:
         lines.append(f"smoke test passed: {report['model']} from {report['archive']} ({report['seconds']} s)")

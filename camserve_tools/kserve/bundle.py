@@ -34,9 +34,22 @@ ENVELOPES = {"v1": "kserve", "v2": "kservev2"}
 
 # Written by this module whatever the base config says: addresses, store, snapshot, envelope.
 OWNED_KEYS = {
-    "inference_address", "management_address", "metrics_address", "grpc_inference_address", "grpc_management_address",
-    "grpc_inference_port", "grpc_management_port", "model_store", "load_models", "model_snapshot", "service_envelope",
-    "enable_envvars_config", "metrics_mode", "vmargs", "allowed_urls", "ts_open_inference_protocol",
+    "inference_address",
+    "management_address",
+    "metrics_address",
+    "grpc_inference_address",
+    "grpc_management_address",
+    "grpc_inference_port",
+    "grpc_management_port",
+    "model_store",
+    "load_models",
+    "model_snapshot",
+    "service_envelope",
+    "enable_envvars_config",
+    "metrics_mode",
+    "vmargs",
+    "allowed_urls",
+    "ts_open_inference_protocol",
 }
 # model-config.yaml keys -> model_snapshot keys (TorchServe takes a snapshot's values over the archive's).
 SNAPSHOT_SETTINGS = {"minWorkers": 1, "maxWorkers": 1, "batchSize": 1, "maxBatchDelay": 100, "responseTimeout": 120}
@@ -59,15 +72,14 @@ def read_archive(path: Path) -> ArchiveInfo:
         config = yaml.safe_load(archive.read(config_name)) if config_name else {}
     config = config or {}
     settings = {key: int(config.get(key, default)) for key, default in SNAPSHOT_SETTINGS.items()}
-    return ArchiveInfo(path=path, name=model.get("modelName") or path.stem, version=str(model.get("modelVersion") or "1.0"), settings=settings)
+    return ArchiveInfo(
+        path=path, name=model.get("modelName") or path.stem, version=str(model.get("modelVersion") or "1.0"), settings=settings
+    )
 
 
 def model_snapshot(archives: list[ArchiveInfo]) -> dict:
     """TorchServe's snapshot format: how the runtime (started with no --models) learns which archives to load."""
-    models = {
-        info.name: {info.version: {"defaultVersion": True, "marName": f"{info.name}.mar", **info.settings}}
-        for info in archives
-    }
+    models = {info.name: {info.version: {"defaultVersion": True, "marName": f"{info.name}.mar", **info.settings}} for info in archives}
     return {"name": "startup.cfg", "modelCount": len(models), "models": models}
 
 
@@ -105,8 +117,10 @@ def config_properties(base_config: Path, archives: list[ArchiveInfo], protocol: 
         f"service_envelope={ENVELOPES[protocol]}",
     ]
     if protocol == "v2":
-        lines += ["# Open Inference Protocol: /v2/health/* over HTTP and GRPCInferenceService on the gRPC inference port.",
-                  "ts_open_inference_protocol=true"]
+        lines += [
+            "# Open Inference Protocol: /v2/health/* over HTTP and GRPCInferenceService on the gRPC inference port.",
+            "ts_open_inference_protocol=true",
+        ]
     lines += [
         "# The JVM sizes its heap from the container's memory limit, leaving the rest to the Python workers.",
         "vmargs=-XX:+UseContainerSupport -XX:MaxRAMPercentage=25.0 -XX:+ExitOnOutOfMemoryError",

@@ -23,20 +23,18 @@ import time
 from typing import Any
 
 import httpx
+import kserve
 import numpy as np
 import orjson
-import uvicorn
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
-from starlette.exceptions import HTTPException as StarletteHTTPException
-
-import kserve
 from kserve.errors import InvalidInput
 from kserve.model_server import FASTAPI_APP_IMPORT_STRING, ModelServer
 from kserve.model_server import app as kserve_app
 from kserve.predictor_config import PredictorConfig
 from kserve.protocol.infer_type import InferRequest
 from kserve.protocol.rest.server import RESTServer
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 logger = logging.getLogger("camserve.kserve.front")
 
@@ -128,7 +126,14 @@ class TorchServeModel(kserve.Model):
     async def explain(self, payload: Any, headers: dict[str, str] | None = None) -> dict:
         # KServe routes :explain on v1 only; TorchServe answers it with our maps (the handler's explain mode).
         if self.api != "v1":
-            raise UpstreamError(400, error_body(400, "unsupported_route", "this server speaks KServe v2, and :explain is a v1 route; send v2 requests to /v2/models/{name}/infer"))
+            raise UpstreamError(
+                400,
+                error_body(
+                    400,
+                    "unsupported_route",
+                    "this server speaks KServe v2, and :explain is a v1 route; send v2 requests to /v2/models/{name}/infer",
+                ),
+            )
         return await self._post(f"/v1/models/{self.name}:explain", v1_body(payload), headers)
 
     async def _post(self, path: str, body: dict, headers: dict[str, str] | None) -> dict:
@@ -138,7 +143,10 @@ class TorchServeModel(kserve.Model):
             if lowered in FORWARDED_HEADERS or lowered.startswith(OPTION_HEADER_PREFIX):
                 forwarded[lowered] = value
         if str(forwarded.get("x-cam-output", "")).strip().lower() == "overlay":
-            raise UpstreamError(400, error_body(400, "invalid_option", "output 'overlay' answers with an image; KServe's protocols carry JSON", option="output"))
+            raise UpstreamError(
+                400,
+                error_body(400, "invalid_option", "output 'overlay' answers with an image; KServe's protocols carry JSON", option="output"),
+            )
         try:
             response = await self.client.post(f"{self.inference_url}{path}", content=orjson.dumps(body), headers=forwarded)
         except httpx.HTTPError as error:
@@ -150,14 +158,21 @@ class TorchServeModel(kserve.Model):
         if not response.is_success:
             raise UpstreamError(response.status_code, handler_error(response.status_code, answer))
         if not isinstance(answer, dict):
-            raise UpstreamError(502, error_body(502, "bad_upstream_answer", f"TorchServe answered {response.headers.get('content-type', 'no content type')}, not a JSON object"))
+            raise UpstreamError(
+                502,
+                error_body(
+                    502,
+                    "bad_upstream_answer",
+                    f"TorchServe answered {response.headers.get('content-type', 'no content type')}, not a JSON object",
+                ),
+            )
         return answer
 
 
 def v1_body(payload: Any) -> dict:
     """The v1 request as TorchServe's kserve envelope needs it: {"instances": [{"data": <base64>, ...options}, ...]}."""
     if not isinstance(payload, dict):
-        raise InvalidInput("a v1 request is a JSON object {\"instances\": [{\"data\": \"<base64 image>\"}, ...]}")
+        raise InvalidInput('a v1 request is a JSON object {"instances": [{"data": "<base64 image>"}, ...]}')
     instances = payload.get("instances")
     if not isinstance(instances, list) or not instances:
         raise InvalidInput("'instances' must be a non-empty list of objects")
@@ -165,14 +180,22 @@ def v1_body(payload: Any) -> dict:
         if not isinstance(instance, dict):
             raise InvalidInput(f"instances[{index}] must be an object with the base64 image under 'data'")
         if str(instance.get("output", "")).strip().lower() == "overlay":
-            raise UpstreamError(400, error_body(400, "invalid_option", f"instances[{index}]: output 'overlay' answers with an image; KServe's protocols carry JSON", option="output"))
+            raise UpstreamError(
+                400,
+                error_body(
+                    400,
+                    "invalid_option",
+                    f"instances[{index}]: output 'overlay' answers with an image; KServe's protocols carry JSON",
+                    option="output",
+                ),
+            )
     return {"instances": instances}
 
 
 def v2_body(payload: Any) -> dict:
     """The v2 request as TorchServe's kservev2 envelope needs it: BYTES inputs, one base64 image each."""
     if not isinstance(payload, InferRequest):
-        raise InvalidInput("a v2 request is an inference request {\"inputs\": [{\"name\", \"shape\", \"datatype\": \"BYTES\", \"data\"}]}")
+        raise InvalidInput('a v2 request is an inference request {"inputs": [{"name", "shape", "datatype": "BYTES", "data"}]}')
     if not payload.inputs:
         raise InvalidInput("'inputs' must hold at least one input")
     inputs = []
@@ -235,7 +258,9 @@ class BodyLimit:
         await self.app(scope, replay, send)
 
     async def _refuse(self, scope: dict, receive: Any, send: Any) -> None:
-        response = JSONResponse(error_body(413, "request_too_large", f"the body is over {self.limit} bytes"), status_code=413, headers={"connection": "close"})
+        response = JSONResponse(
+            error_body(413, "request_too_large", f"the body is over {self.limit} bytes"), status_code=413, headers={"connection": "close"}
+        )
         await response(scope, receive, send)
 
 
@@ -251,7 +276,11 @@ async def _validation_error(_request: Any, error: RequestValidationError) -> JSO
 
 
 async def _http_error(_request: Any, error: StarletteHTTPException) -> JSONResponse:
-    return JSONResponse(error_body(error.status_code, "http_error", str(error.detail)), status_code=error.status_code, headers=getattr(error, "headers", None))
+    return JSONResponse(
+        error_body(error.status_code, "http_error", str(error.detail)),
+        status_code=error.status_code,
+        headers=getattr(error, "headers", None),
+    )
 
 
 def serve(models: list[str], api: str, host: str, port: int, inference_url: str, management_url: str, max_body_bytes: int) -> None:

@@ -24,8 +24,17 @@ from pathlib import Path
 
 import requests
 
+from camserve_tools.kserve.bundle import (
+    ENVELOPES,
+    GRPC_INFERENCE_PORT,
+    GRPC_MANAGEMENT_PORT,
+    INFERENCE_PORT,
+    MANAGEMENT_PORT,
+    METRICS_PORT,
+    read_properties,
+    write_bundle,
+)
 from camserve_tools.server import TorchServe, free_port
-from camserve_tools.kserve.bundle import ENVELOPES, GRPC_INFERENCE_PORT, GRPC_MANAGEMENT_PORT, INFERENCE_PORT, MANAGEMENT_PORT, METRICS_PORT, read_properties, write_bundle
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -55,11 +64,17 @@ class KServeLocal:
         self.models = list(json.loads(properties["model_snapshot"])["models"])
         self.max_body_bytes = int(properties.get("max_request_size", 6553500))
         self.torchserve = TorchServe(
-            run_dir=self.run_dir / "torchserve", config=config, model_store=self.bundle / "model-store",
+            run_dir=self.run_dir / "torchserve",
+            config=config,
+            model_store=self.bundle / "model-store",
             # The snapshot in the config decides what loads; the names only tell the start-up probe what to ask.
             models=",".join(f"{name}={name}.mar" for name in self.models),
-            host=self.host, inference_port=self.inference_port, management_port=self.management_port, metrics_port=self.metrics_port,
-            grpc_inference_port=self.grpc_inference_port, grpc_management_port=self.grpc_management_port,
+            host=self.host,
+            inference_port=self.inference_port,
+            management_port=self.management_port,
+            metrics_port=self.metrics_port,
+            grpc_inference_port=self.grpc_inference_port,
+            grpc_management_port=self.grpc_management_port,
             env=pod_environment(self.api),
         )
 
@@ -82,9 +97,23 @@ class KServeLocal:
 
     def _start_front(self, timeout: float) -> None:
         command = [
-            sys.executable, "-m", "camserve_tools.kserve.front", "--models", ",".join(self.models), "--api", self.api,
-            "--host", self.host, "--port", str(self.port), "--max-body-bytes", str(self.max_body_bytes),
-            "--torchserve", self.torchserve.inference_url, "--management", self.torchserve.management_url,
+            sys.executable,
+            "-m",
+            "camserve_tools.kserve.front",
+            "--models",
+            ",".join(self.models),
+            "--api",
+            self.api,
+            "--host",
+            self.host,
+            "--port",
+            str(self.port),
+            "--max-body-bytes",
+            str(self.max_body_bytes),
+            "--torchserve",
+            self.torchserve.inference_url,
+            "--management",
+            self.torchserve.management_url,
         ]
         env = {**os.environ, "PYTHONPATH": str(ROOT)}
         with open(self.run_dir / "front.log", "ab") as log:
@@ -101,7 +130,9 @@ class KServeLocal:
             except requests.RequestException:
                 pass
             time.sleep(0.5)
-        raise TimeoutError(f"the KServe front did not report {self.models[0]} ready within {timeout:.0f} s; see {self.run_dir / 'front.log'}")
+        raise TimeoutError(
+            f"the KServe front did not report {self.models[0]} ready within {timeout:.0f} s; see {self.run_dir / 'front.log'}"
+        )
 
     def stop(self) -> None:
         front = getattr(self, "front", None)
@@ -175,9 +206,15 @@ def main() -> None:
         print(f"nothing to stop in {run_dir}")
         return
     local = KServeLocal(
-        run_dir=run_dir, bundle=bundle, api=args.api, port=args.port, inference_port=args.inference_port,
-        management_port=args.management_port, metrics_port=args.metrics_port,
-        grpc_inference_port=args.grpc_inference_port, grpc_management_port=args.grpc_management_port,
+        run_dir=run_dir,
+        bundle=bundle,
+        api=args.api,
+        port=args.port,
+        inference_port=args.inference_port,
+        management_port=args.management_port,
+        metrics_port=args.metrics_port,
+        grpc_inference_port=args.grpc_inference_port,
+        grpc_management_port=args.grpc_management_port,
     )
     if args.action == "stop":
         local.stop()
@@ -185,15 +222,20 @@ def main() -> None:
         return
     local.start()
     model = local.models[0]
-    print(f"KServe ({args.api}) on {local.url} -> TorchServe {local.torchserve.inference_url}; metrics {local.torchserve.metrics_url}/metrics")
+    print(
+        f"KServe ({args.api}) on {local.url} -> TorchServe {local.torchserve.inference_url}; metrics {local.torchserve.metrics_url}/metrics"
+    )
     print("Try it:")
     print("  .venv/bin/python -c \"from camserve_tools.scenes import make_scene; make_scene(7).image.save('scene.png')\"")
     if args.api == "v1":
         print(f"  curl -s {local.url}/v1/models/{model}:predict -H 'Content-Type: application/json' \\")
-        print("    -d \"{\\\"instances\\\": [{\\\"data\\\": \\\"$(base64 -w0 scene.png)\\\"}]}\" | head -c 400; echo")
+        print('    -d "{\\"instances\\": [{\\"data\\": \\"$(base64 -w0 scene.png)\\"}]}" | head -c 400; echo')
     else:
         print(f"  curl -s {local.url}/v2/models/{model}/infer -H 'Content-Type: application/json' \\")
-        print("    -d \"{\\\"inputs\\\": [{\\\"name\\\": \\\"image\\\", \\\"shape\\\": [1], \\\"datatype\\\": \\\"BYTES\\\", \\\"data\\\": [\\\"$(base64 -w0 scene.png)\\\"]}]}\" | head -c 400; echo")
+        print(
+            '    -d "{\\"inputs\\": [{\\"name\\": \\"image\\", \\"shape\\": [1], \\"datatype\\": \\"BYTES\\", \\"data\\": '
+            '[\\"$(base64 -w0 scene.png)\\"]}]}" | head -c 400; echo'
+        )
 
 
 if __name__ == "__main__":
