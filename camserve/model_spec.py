@@ -26,6 +26,7 @@ from types import MappingProxyType
 from typing import Any
 
 import torch
+import yaml
 from torch import nn
 
 
@@ -57,6 +58,11 @@ class ModelSpec:
         at 4 layers (41) fits too.
         """
         return self.max_request_cost or 2 * (1 + self.scorecam_max_channels)
+
+    @classmethod
+    def from_model_dir(cls, model_dir: Path) -> ModelSpec:
+        """The spec in `model_dir/model-config.yaml`, as the handler reads it from an archive."""
+        return cls.from_dict(yaml.safe_load((Path(model_dir) / "model-config.yaml").read_text())["handler"])
 
     @classmethod
     def from_dict(cls, raw: dict[str, Any]) -> ModelSpec:
@@ -130,9 +136,14 @@ def load_model(spec: ModelSpec, model_dir: Path, device: torch.device | str = "c
     model = build_architecture(spec.architecture, spec.num_classes)
     state = torch.load(path, map_location=device, weights_only=True)
     # Aux-classifier weights of GoogLeNet / Inception v3 checkpoints are unused at inference.
-    state = {k: v for k, v in state.items() if not k.startswith(("aux1.", "aux2.", "AuxLogits."))}
+    state = without_auxiliary_heads(state)
     model.load_state_dict(state)
     return model.to(device).eval().requires_grad_(False)
+
+
+def without_auxiliary_heads(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A state dict less GoogLeNet's and Inception v3's auxiliary classifiers, which inference never runs."""
+    return {k: v for k, v in state.items() if not k.startswith(("aux1.", "aux2.", "AuxLogits."))}
 
 
 def load_labels(spec: ModelSpec, model_dir: Path) -> list[str]:

@@ -27,7 +27,7 @@ from pathlib import Path
 
 import yaml
 
-from camserve.model_spec import EXPORTED, ModelSpec, SpecError
+from camserve.model_spec import EXPORTED, ModelSpec, SpecError, without_auxiliary_heads
 
 ROOT = Path(__file__).resolve().parent.parent
 HANDLER = ROOT / "camserve" / "serving" / "handler.py"
@@ -77,7 +77,7 @@ def build_archive(
     --extra-files: a directory's contents land in the archive root), so a worker needs nothing of this repository.
     """
     config_file = model_dir / "model-config.yaml"
-    spec = ModelSpec.from_dict(yaml.safe_load(config_file.read_text())["handler"])  # fail here, not in a worker
+    spec = ModelSpec.from_model_dir(model_dir)  # fail here, not in a worker
     export_path.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="camserve-archive-") as staging_dir:
         staging = Path(staging_dir)
@@ -436,7 +436,7 @@ def _torchvision(request: ArchiveRequest, directory: Path) -> str:
         preset = weights_enum.transforms()
         side = int(preset.crop_size[0]) if hasattr(preset, "crop_size") else side
         mean, std = tuple(getattr(preset, "mean", mean)), tuple(getattr(preset, "std", std))
-    state = {k: v for k, v in state.items() if not k.startswith(("aux1.", "aux2.", "AuxLogits."))}
+    state = without_auxiliary_heads(state)
     num_classes = classes_of(state)
     if num_classes is None:
         raise ArchiveError(f"WEIGHTS={request.weights} has no classifier weight (no 2-D tensor): not a state dict of {builder}")
@@ -534,7 +534,7 @@ def load_archive(mar: Path) -> tuple:
         with zipfile.ZipFile(mar) as archive_file:
             archive_file.extractall(unpacked)
         root = Path(unpacked)
-        spec = ModelSpec.from_dict(yaml.safe_load((root / "model-config.yaml").read_text())["handler"])
+        spec = ModelSpec.from_model_dir(root)
         sys.path.insert(0, unpacked)
         try:
             model = load_model(spec, root)

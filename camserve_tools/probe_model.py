@@ -22,12 +22,11 @@ def one_line(error: BaseException) -> str:
 
 def probe(root: Path) -> dict:
     import torch
-    import yaml
 
     from camserve.cam import CamExtractor
     from camserve.model_spec import EXPORTED, ModelSpec, load_model
 
-    spec = ModelSpec.from_dict(yaml.safe_load((root / "model-config.yaml").read_text())["handler"])
+    spec = ModelSpec.from_model_dir(root)
     try:
         model = load_model(spec, root)
     except Exception as error:  # noqa: BLE001 - any failure to build or load is reported, one line

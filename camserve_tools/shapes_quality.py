@@ -14,7 +14,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-import yaml
 
 from camserve.cam import CamExtractor
 from camserve.cam.localization import bounding_box, box_iou, peak, upsample_map
@@ -51,7 +50,7 @@ def evaluate(
     batch_size: int = 16,
     scene_maker: Callable[[int], Scene] = make_scene,
 ) -> Quality:
-    spec = ModelSpec.from_dict(yaml.safe_load((model_dir / "model-config.yaml").read_text())["handler"])
+    spec = ModelSpec.from_model_dir(model_dir)
     model = load_model(spec, model_dir)
     extractor = CamExtractor(model, spec.input_size, spec.target_layers)
     transform = whole_image_transform(spec.input_size, spec.mean, spec.std)

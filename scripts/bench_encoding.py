@@ -32,7 +32,6 @@ from pathlib import Path
 import cv2
 import numpy as np
 import torch
-import yaml
 from PIL import Image
 from torch.nn import functional as F
 from zlib_ng import zlib_ng
@@ -100,7 +99,7 @@ def blobs(side: int, seed: int) -> torch.Tensor:
 
 def scene_map(seed: int = EVAL_SEED_START + 9_000_003) -> torch.Tensor:
     """The default model's Grad-CAM (its served default) of a generated scene."""
-    spec = ModelSpec.from_dict(yaml.safe_load((ROOT / "models/shapes/model-config.yaml").read_text())["handler"])
+    spec = ModelSpec.from_model_dir(ROOT / "models" / "shapes")
     model = load_model(spec, ROOT / "models" / "shapes")
     image = make_scene(seed).image
     inputs = whole_image_transform(spec.input_size, spec.mean, spec.std)(image)[None]

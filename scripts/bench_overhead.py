@@ -42,7 +42,6 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
-import yaml
 
 from camserve.cam import CamExtractor, MethodError, to_grid
 from camserve.model_spec import ModelSpec, build_architecture, load_model
@@ -52,7 +51,7 @@ LIBRARIES = ("pytorch-grad-cam", "torchcam", "captum")
 
 
 def default_model() -> tuple[torch.nn.Module, tuple[int, int]]:
-    spec = ModelSpec.from_dict(yaml.safe_load((ROOT / "models/shapes/model-config.yaml").read_text())["handler"])
+    spec = ModelSpec.from_model_dir(ROOT / "models" / "shapes")
     return load_model(spec, ROOT / "models" / "shapes"), spec.input_size
 
 

@@ -19,7 +19,6 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import torch
-import yaml
 
 from camserve.cam import CamExtractor
 from camserve.model_spec import ModelSpec, load_model
@@ -38,7 +37,7 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(1)
     size = tuple(int(v) for v in args.size.split("x"))
-    spec = ModelSpec.from_dict(yaml.safe_load((ROOT / "models/shapes/model-config.yaml").read_text())["handler"])
+    spec = ModelSpec.from_model_dir(ROOT / "models" / "shapes")
     extractor = CamExtractor(load_model(spec, ROOT / "models" / "shapes"), spec.input_size)
     transform = whole_image_transform(spec.input_size, spec.mean, spec.std)
     inputs = [transform(make_scene(EVAL_SEED_START + 9_100_000 + i).image)[None] for i in range(8)]

@@ -9,7 +9,6 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-import yaml
 
 from camserve.cam import CamExtractor
 from camserve.model_spec import ModelSpec, load_model
@@ -26,7 +25,7 @@ IMAGENET_FIGURE = "overlay-imagenet.png"
 
 def main() -> None:
     model_dir = ROOT / "models" / "shapes"
-    spec = ModelSpec.from_dict(yaml.safe_load((model_dir / "model-config.yaml").read_text())["handler"])
+    spec = ModelSpec.from_model_dir(model_dir)
     extractor = CamExtractor(load_model(spec, model_dir), spec.input_size)
     transform = whole_image_transform(spec.input_size, spec.mean, spec.std)
     for name, (seed, method) in FIGURES.items():

@@ -60,7 +60,7 @@ def scenes_the_model_gets_right(count: int, first_seed: int) -> list[Scene]:
     """Scenes the committed model classifies right and points at in-process (default gradcam map), so that a
     wrong served answer is a mix-up, not one of the model's own errors."""
     model_dir = ROOT / "models" / "shapes"
-    spec = ModelSpec.from_dict(yaml.safe_load((model_dir / "model-config.yaml").read_text())["handler"])
+    spec = ModelSpec.from_model_dir(model_dir)
     extractor = CamExtractor(load_model(spec, model_dir), spec.input_size, spec.target_layers)
     transform = whole_image_transform(spec.input_size, spec.mean, spec.std)
     chosen: list[Scene] = []

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-import yaml
 from conftest import ROOT, TEST_SEED_START
 from scipy.stats import spearmanr
 
@@ -20,7 +19,7 @@ MODEL_DIR = ROOT / "models" / "shapes"
 
 
 def spec() -> ModelSpec:
-    return ModelSpec.from_dict(yaml.safe_load((MODEL_DIR / "model-config.yaml").read_text())["handler"])
+    return ModelSpec.from_model_dir(MODEL_DIR)
 
 
 @pytest.fixture(scope="module")

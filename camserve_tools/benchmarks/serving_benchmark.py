@@ -99,7 +99,7 @@ class BenchModel:
     model_file: Path  # the built-in's eager model class
 
     def spec(self) -> ModelSpec:
-        return ModelSpec.from_dict(yaml.safe_load((self.model_dir / "model-config.yaml").read_text())["handler"])
+        return ModelSpec.from_model_dir(self.model_dir)
 
 
 def prepare_models(names: list[str], work_dir: Path) -> list[BenchModel]:
@@ -171,7 +171,7 @@ def build_archives(model: BenchModel, settings: Settings, store: Path, staging: 
 
 def _forward_throughput(model_dir: str, batch_size: int, threads: int, seconds: float, queue: multiprocessing.Queue) -> None:
     torch.set_num_threads(threads)
-    spec = ModelSpec.from_dict(yaml.safe_load((Path(model_dir) / "model-config.yaml").read_text())["handler"])
+    spec = ModelSpec.from_model_dir(Path(model_dir))
     model = load_model(spec, Path(model_dir))
     batch = torch.randn(batch_size, 3, *spec.input_size)
     with torch.inference_mode():
