@@ -23,7 +23,8 @@ VARIANTS = ("built-in plain", "none", "gradcam", "built-in IG")
 def test_benchmark_serves_every_variant_and_writes_its_report(tmp_path: Path) -> None:
     command = [
         sys.executable,
-        str(ROOT / "load_tests" / "serving_benchmark.py"),
+        "-m",
+        "camserve_tools.benchmarks.serving_benchmark",
         "--models",
         "shapes",
         "--variants",
