@@ -1,6 +1,6 @@
 """Throughput of `camserve explain` against the bare in-process handler, on the same images and batch size.
 
-    .venv/bin/python scripts/bench_explain.py [--images 32] [--batch-size 8] [--jobs 2] [--output png] [--repeats 15]
+    .venv/bin/python scripts/bench_explain.py [--images 32] [--batch-size 8] [--jobs N] [--output png] [--repeats 15]
 
 "handler" calls handler.handle on batches of image bytes already in memory, asking for what an endpoint answers for
 that output (JSON for png and grid; the overlay image for overlay): the floor of any offline run.
@@ -56,7 +56,7 @@ def main() -> None:
     parser.add_argument("--model", type=Path, default=ROOT / "model_store" / "shapes.mar")
     parser.add_argument("--images", type=int, default=32)
     parser.add_argument("--batch-size", type=int, default=8)
-    parser.add_argument("--jobs", type=int, default=2)
+    parser.add_argument("--jobs", type=int, help="default: the command's (0 for png and grid, 2 for overlay)")
     parser.add_argument("--output", choices=("png", "overlay", "grid"), default="png")
     parser.add_argument("--repeats", type=int, default=15)
     parser.add_argument("--json", action="store_true")
@@ -82,7 +82,8 @@ def main() -> None:
     best = {key: max(v[0] for v in values) for key, values in rates.items()}  # the least disturbed run of each
     cpu = {key: statistics.median(v[1] for v in values) for key, values in rates.items()}
     paired = statistics.median(e[0] / h[0] for h, e in zip(rates["handler"], rates["explain"]))
-    result = {"paired_ratio": round(paired, 3), "images": args.images, "batch_size": args.batch_size, "jobs": args.jobs, "output": args.output, "repeats": args.repeats,
+    result = {"paired_ratio": round(paired, 3), "images": args.images, "batch_size": args.batch_size, "jobs": settings.threads,
+              "output": args.output, "repeats": args.repeats,
               "handler_images_per_s": round(wall["handler"], 2), "explain_images_per_s": round(wall["explain"], 2),
               "ratio": round(wall["explain"] / wall["handler"], 3), "best_ratio": round(best["explain"] / best["handler"], 3),
               "handler_images_per_cpu_s": round(cpu["handler"], 2), "explain_images_per_cpu_s": round(cpu["explain"], 2),
@@ -96,7 +97,7 @@ def main() -> None:
         print(f"| {key} | {wall[key]:.2f} | {best[key]:.2f} | {cpu[key]:.2f} | {', '.join(f'{v[0]:.1f}' for v in rates[key])} |")
     print(f"\nexplain / handler = {paired:.3f} (median of paired runs); {result['ratio']:.3f} (medians), {result['best_ratio']:.3f} (best runs), "
           f"{result['cpu_ratio']:.3f} (CPU time)  "
-          f"({args.images} scenes, batch {args.batch_size}, jobs {args.jobs}, output {args.output})")
+          f"({args.images} scenes, batch {args.batch_size}, jobs {settings.threads}, output {args.output})")
 
 
 if __name__ == "__main__":
