@@ -1,6 +1,6 @@
 """Throughput of `camserve explain` against the bare in-process handler, on the same images and batch size.
 
-    .venv/bin/python scripts/bench_explain.py [--images 32] [--batch-size 8] [--jobs 2] [--output png] [--repeats 15]
+    .venv/bin/python scripts/bench_explain.py [--images 32] [--batch-size 8] [--jobs N] [--output png] [--repeats 15]
 
 "handler" calls handler.handle on batches of image bytes already in memory, asking for what an endpoint answers for
 that output (JSON for png and grid; the overlay image for overlay): the floor of any offline run.
@@ -56,7 +56,7 @@ def main() -> None:
     parser.add_argument("--model", type=Path, default=ROOT / "model_store" / "shapes.mar")
     parser.add_argument("--images", type=int, default=32)
     parser.add_argument("--batch-size", type=int, default=8)
-    parser.add_argument("--jobs", type=int, default=2)
+    parser.add_argument("--jobs", type=int, help="default: the command's (0 for png and grid, 2 for overlay)")
     parser.add_argument("--output", choices=("png", "overlay", "grid"), default="png")
     parser.add_argument("--repeats", type=int, default=15)
     parser.add_argument("--json", action="store_true")
@@ -86,7 +86,7 @@ def main() -> None:
         "paired_ratio": round(paired, 3),
         "images": args.images,
         "batch_size": args.batch_size,
-        "jobs": args.jobs,
+        "jobs": settings.threads,
         "output": args.output,
         "repeats": args.repeats,
         "handler_images_per_s": round(wall["handler"], 2),
@@ -108,7 +108,7 @@ def main() -> None:
         f"\nexplain / handler = {paired:.3f} (median of paired runs); {result['ratio']:.3f} (medians), "
         f"{result['best_ratio']:.3f} (best runs), "
         f"{result['cpu_ratio']:.3f} (CPU time)  "
-        f"({args.images} scenes, batch {args.batch_size}, jobs {args.jobs}, output {args.output})"
+        f"({args.images} scenes, batch {args.batch_size}, jobs {settings.threads}, output {args.output})"
     )
 
 
