@@ -183,7 +183,7 @@ def profile_table(model_name: str, results: dict[str, dict[str, float]]) -> list
 
 
 def main() -> None:
-    from camserve_tools.benchmarks.serving_benchmark import prepare_models
+    from camserve_tools.benchmarks.bench_models import prepare_models
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", default="shapes,resnet18")
