@@ -72,6 +72,11 @@ class TorchServe:
     extra_properties: dict[str, str] = field(default_factory=dict)
     env: dict[str, str] = field(default_factory=dict)
 
+    @classmethod
+    def on_free_ports(cls, **fields: object) -> TorchServe:
+        """An instance on ports nobody else uses (tests, benchmarks, smoke): never in the way of `make serve`."""
+        return cls(inference_port=free_port(), management_port=free_port(), metrics_port=free_port(), **fields)  # type: ignore[arg-type]
+
     @property
     def inference_url(self) -> str:
         return f"http://{self.host}:{self.inference_port}"

@@ -13,7 +13,7 @@ import pytest
 import requests
 
 from camserve_tools.scenes import EVAL_SEED_START, Scene, make_scene
-from camserve_tools.server import TorchServe, free_port
+from camserve_tools.server import TorchServe
 
 ROOT = Path(__file__).resolve().parent.parent
 SHAPES_MAR = ROOT / "model_store" / "shapes.mar"
@@ -52,14 +52,11 @@ def start_server(run_dir: Path, mars: dict[str, Path], config: Path = ROOT / "co
     store.mkdir(parents=True, exist_ok=True)
     for name, mar in mars.items():
         shutil.copy2(mar, store / f"{name}.mar")
-    server = TorchServe(
+    server = TorchServe.on_free_ports(
         run_dir=run_dir,
         config=config,
         model_store=store,
         models=",".join(f"{name}={name}.mar" for name in mars),
-        inference_port=free_port(),
-        management_port=free_port(),
-        metrics_port=free_port(),
         **kwargs,
     )
     server.start()

@@ -35,7 +35,7 @@ import requests
 import yaml
 
 from camserve_tools.scenes import EVAL_SEED_START, make_scene
-from camserve_tools.server import TorchServe, free_port
+from camserve_tools.server import TorchServe
 
 ROOT = Path(__file__).resolve().parents[2]
 SEED_START = EVAL_SEED_START + 8_000_000
@@ -68,13 +68,10 @@ def serving(batch_size: int = 1, max_batch_delay: int = 20) -> Iterator[TorchSer
     config.update(batchSize=batch_size, maxBatchDelay=max_batch_delay)
     (model_dir / "model-config.yaml").write_text(yaml.safe_dump(config))
     mar = build_archive("shapes", model_dir, work / "store")
-    server = TorchServe(
+    server = TorchServe.on_free_ports(
         run_dir=work / "server",
         config=ROOT / "config" / "dev.properties",
         model_store=mar.parent,
-        inference_port=free_port(),
-        management_port=free_port(),
-        metrics_port=free_port(),
     )
     server.start()
     try:

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import requests
 
-from camserve_tools.server import TorchServe, free_port
+from camserve_tools.server import TorchServe
 
 ROOT = Path(__file__).resolve().parents[2]
 RUN_DIR = ROOT / ".run" / "loadtest"
@@ -40,13 +40,10 @@ def answers(host: str) -> bool:
 
 def start_server() -> TorchServe:
     """A TorchServe of model_store/ in RUN_DIR, on free ports so that it never collides with `make serve`."""
-    server = TorchServe(
+    server = TorchServe.on_free_ports(
         run_dir=RUN_DIR,
         config=ROOT / "config" / "dev.properties",
         model_store=ROOT / "model_store",
-        inference_port=free_port(),
-        management_port=free_port(),
-        metrics_port=free_port(),
     )
     if (RUN_DIR / "torchserve.pid").exists():
         sys.exit(

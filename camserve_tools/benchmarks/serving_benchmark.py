@@ -50,7 +50,7 @@ from camserve.model_spec import ModelSpec, load_model
 from camserve_tools.archive import build_archive
 from camserve_tools.benchmarks.bench_models import BenchModel, prepare_models
 from camserve_tools.benchmarks.benchmark_report import BASELINE, Cell, Settings, rewrite_report, write_report
-from camserve_tools.server import TorchServe, free_port, sample_image_png
+from camserve_tools.server import TorchServe, sample_image_png
 
 ROOT = Path(__file__).resolve().parents[2]
 RUN_DIR = ROOT / ".run" / "bench"
@@ -175,14 +175,11 @@ def start_server(models: list[BenchModel], settings: Settings, work_dir: Path) -
     run_dir.mkdir(parents=True)
     entries = ",".join(f"{name}={name}.mar" for model in models for name in (model.name, f"{model.name}_builtin"))
     threads = str(settings.threads)
-    server = TorchServe(
+    server = TorchServe.on_free_ports(
         run_dir=run_dir,
         config=ROOT / "config" / "dev.properties",
         model_store=store,
         models=entries,
-        inference_port=free_port(),
-        management_port=free_port(),
-        metrics_port=free_port(),
         env={"OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads},
     )
     try:

@@ -171,19 +171,16 @@ def inspect_archive(archive: Path) -> ArchiveFacts:
 
 def start_alone(archive: Path, name: str, config: Path, run_dir: Path, timeout: float) -> Any:
     """TorchServe serving only this archive, on free ports, with its own model store, TMPDIR and logs."""
-    from camserve_tools.server import TorchServe, free_port
+    from camserve_tools.server import TorchServe
 
     store = run_dir / "model_store"
     store.mkdir(parents=True, exist_ok=True)
     shutil.copy2(archive, store / f"{name}.mar")
-    server = TorchServe(
+    server = TorchServe.on_free_ports(
         run_dir=run_dir,
         config=config.resolve(),
         model_store=store,
         models=f"{name}={name}.mar",
-        inference_port=free_port(),
-        management_port=free_port(),
-        metrics_port=free_port(),
     )
     try:
         server.start(timeout=timeout)  # stops the server itself when the worker dies or the model never answers
