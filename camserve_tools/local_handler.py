@@ -6,6 +6,8 @@ TorchServe's MockContext (shipped with it for handler unit tests) plus the per-r
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from ts.context import Context, RequestProcessor
 from ts.torch_handler.unit_tests.test_utils.mock_context import MockContext
 
@@ -25,3 +27,20 @@ class BatchContext(MockContext):
         """This context for one batch: one request's headers per row."""
         self._request_processor = [RequestProcessor(dict(h)) for h in headers]
         return self
+
+
+def batch_context(headers: list[dict[str, str]]) -> BatchContext:
+    """A fresh per-batch context, one request's headers per row, as TorchServe gives the handler each batch."""
+    return BatchContext(model_pt_file=None, model_file=None).for_batch(headers)
+
+
+def initialised_handler(model_dir: Path | str, weights: str, name: str = "model", handler_class: type | None = None) -> object:
+    """A handler (CamHandler by default) initialised from a model dir, as a worker initialises it from an archive."""
+    from camserve.serving.handler import CamHandler
+
+    context = BatchContext(
+        model_pt_file=weights, model_dir=str(model_dir), model_file=None, model_name=name, model_yaml_config_file="model-config.yaml"
+    )
+    handler = (handler_class or CamHandler)()
+    handler.initialize(context)
+    return handler

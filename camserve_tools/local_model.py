@@ -112,24 +112,18 @@ def open_model(source: Path, *, handler_class: Any = None) -> LocalModel:
 
 
 def _initialised_handler(model_dir: Path, name: str, manifest: dict[str, Any], handler_class: Any) -> Any:
-    from camserve.serving.handler import CamHandler
-    from camserve_tools.local_handler import BatchContext
+    from camserve_tools.local_handler import initialised_handler
 
     config = yaml.safe_load((model_dir / MODEL_CONFIG).read_text()) or {}
     weights = manifest.get("serializedFile") or (config.get("handler") or {}).get("weights")
-    context = BatchContext(
-        model_pt_file=weights, model_dir=str(model_dir), model_file=None, model_name=name, model_yaml_config_file=MODEL_CONFIG
-    )
-    handler = (handler_class or CamHandler)()
-    handler.initialize(context)
-    return handler
+    return initialised_handler(model_dir, weights, name, handler_class)
 
 
 def batch_context(headers: list[dict[str, str]]) -> Any:
     """A fresh per-batch context, one request's headers per row, as TorchServe gives the handler each batch."""
-    from camserve_tools.local_handler import BatchContext
+    from camserve_tools import local_handler
 
-    return BatchContext(model_pt_file=None, model_file=None).for_batch(headers)
+    return local_handler.batch_context(headers)
 
 
 def handle_batch(handler: Any, bodies: list[bytes], headers: list[dict[str, str]]) -> list[tuple[int, Any]]:

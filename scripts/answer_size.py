@@ -27,25 +27,16 @@ def answer_sizes(pool: dict[str, bytes]) -> dict[str, int]:
     import torch
 
     from camserve.protocol.responses import json_bytes
-    from camserve.serving.handler import CamHandler
-    from camserve_tools.local_handler import BatchContext
+    from camserve_tools.local_handler import batch_context, initialised_handler
 
     torch.set_num_threads(1)
     with tempfile.TemporaryDirectory() as directory:
         for name in ("model-config.yaml", "index_to_name.json", "shapes_net.pt"):
             shutil.copy2(ROOT / "models" / "shapes" / name, Path(directory) / name)
-        context = BatchContext(
-            model_pt_file="shapes_net.pt",
-            model_dir=directory,
-            model_file=None,
-            model_name="shapes",
-            model_yaml_config_file="model-config.yaml",
-        )
-        handler = CamHandler()
-        handler.initialize(context)
+        handler = initialised_handler(directory, "shapes_net.pt", "shapes")
         sizes = {}
         for name, body in pool.items():
-            response = handler.handle([{"body": body}], BatchContext(model_pt_file=None, model_file=None).for_batch([{}]))[0]
+            response = handler.handle([{"body": body}], batch_context([{}]))[0]
             sizes[name] = len(json_bytes(response))
     return sizes
 

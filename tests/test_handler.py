@@ -14,7 +14,7 @@ from PIL import Image
 from camserve.models.shapes_net import ShapesNet
 from camserve.protocol.responses import decode_heatmap
 from camserve.serving.handler import CamHandler
-from camserve_tools.local_handler import BatchContext
+from camserve_tools.local_handler import BatchContext, batch_context, initialised_handler
 
 
 @pytest.fixture(scope="module")
@@ -30,20 +30,13 @@ def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="module")
 def handler(model_dir: Path) -> CamHandler:
-    context = BatchContext(
-        model_pt_file="shapes_net.pt",
-        model_dir=str(model_dir),
-        model_file=None,
-        model_name="shapes",
-        model_yaml_config_file="model-config.yaml",
-    )
-    handler = CamHandler()
-    handler.initialize(context)
+    handler = initialised_handler(model_dir, "shapes_net.pt", "shapes")
+    assert isinstance(handler, CamHandler)
     return handler
 
 
 def run(handler: CamHandler, rows: list[dict], headers: list[dict] | None = None) -> tuple[list, BatchContext]:
-    context = BatchContext(model_pt_file=None, model_file=None).for_batch(headers or [{} for _ in rows])
+    context = batch_context(headers or [{} for _ in rows])
     return handler.handle(rows, context), context
 
 

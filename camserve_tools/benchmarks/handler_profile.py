@@ -25,7 +25,7 @@ import camserve.serving.handler as cam_handler_module
 from camserve.cam import CamExtractor
 from camserve.serving.handler import CamHandler
 from camserve_tools.benchmarks.image_pool import Sample, image_pool
-from camserve_tools.local_handler import BatchContext
+from camserve_tools.local_handler import BatchContext, initialised_handler
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -77,16 +77,8 @@ def builtin_handler(model_dir: Path, model_file: Path) -> Any:
 
 def ours_handler(model_dir: Path) -> CamHandler:
     weights = next(p.name for p in model_dir.iterdir() if p.suffix in (".pt", ".pth"))
-    context = BatchContext(
-        model_pt_file=weights,
-        model_dir=str(model_dir),
-        model_file=None,
-        gpu_id=None,
-        model_name="ours",
-        model_yaml_config_file="model-config.yaml",
-    )
-    handler = CamHandler()
-    handler.initialize(context)
+    handler = initialised_handler(model_dir, weights, "ours")
+    assert isinstance(handler, CamHandler)
     return handler
 
 
