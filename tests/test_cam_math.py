@@ -243,3 +243,82 @@ def test_repeated_layers_are_taken_once() -> None:
     twice = extractor(inputs, method="gradcam", layers=["features", "features"])
     assert twice.layers == ("features",)
     torch.testing.assert_close(twice.maps, extractor(inputs, method="gradcam", layers=["features"]).maps)
+
+
+class ConvThenReLU(nn.Module):
+    """Target layer `conv`, then a ReLU (in place or not), GAP and a Linear head."""
+
+    def __init__(self, inplace: bool) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3, padding=1)
+        self.relu = nn.ReLU(inplace=inplace)
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Linear(8, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.pool(self.relu(self.conv(x))).flatten(1))
+
+
+def in_place_and_plain_twins(seed: int) -> tuple[ConvThenReLU, ConvThenReLU]:
+    torch.manual_seed(seed)
+    in_place = ConvThenReLU(inplace=True).eval()
+    plain = ConvThenReLU(inplace=False).eval()
+    plain.load_state_dict(in_place.state_dict())
+    return in_place, plain
+
+
+def test_gradcam_of_a_layer_written_in_place_downstream_by_hand() -> None:
+    """The map of what the layer returned, not of what the in-place ReLU after it made of that, on every call."""
+    in_place, plain = in_place_and_plain_twins(5)
+    inputs = torch.randn(3, 3, 16, 16)
+    with torch.no_grad():
+        activations = plain.conv(inputs)
+    leaf = activations.clone().requires_grad_(True)
+    logits = plain.fc(plain.relu(leaf).mean(dim=(2, 3)))
+    targets = logits.argmax(dim=1)
+    (gradients,) = torch.autograd.grad(logits.gather(1, targets[:, None]).sum(), leaf)
+    weights = gradients.mean(dim=(2, 3))
+    expected = normalize_maps(torch.einsum("bk,bkhw->bhw", weights, activations).clamp(min=0))
+    of_the_relu_output = normalize_maps(torch.einsum("bk,bkhw->bhw", weights, activations.clamp(min=0)).clamp(min=0))
+    assert not torch.allclose(expected, of_the_relu_output, atol=1e-3)  # so the test can tell the two apart
+
+    extractor = CamExtractor(in_place, (16, 16), ["conv"])
+    for _ in range(3):  # the first call finds the write (autograd refuses it on the captured leaf), later calls copy
+        result = extractor(inputs, method="gradcam")
+        torch.testing.assert_close(result.maps[:, 0], expected, atol=1e-5, rtol=1e-4)
+        torch.testing.assert_close(result.logits, logits.detach(), atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("method", ["gradcam", "hirescam", "layercam", "eigencam"])
+def test_maps_of_a_layer_written_in_place_equal_those_of_its_out_of_place_twin(method: str) -> None:
+    in_place, plain = in_place_and_plain_twins(6)
+    inputs = torch.randn(2, 3, 16, 16)
+    expected = CamExtractor(plain, (16, 16), ["conv"])(inputs, method=method).maps
+    extractor = CamExtractor(in_place, (16, 16), ["conv"])
+    for _ in range(3):
+        torch.testing.assert_close(extractor(inputs, method=method).maps, expected, atol=1e-5, rtol=1e-4)
+    assert not in_place.conv._forward_hooks
+    assert torch.is_grad_enabled()
+
+
+def test_cam_is_refused_where_the_head_sees_the_layer_only_through_an_in_place_relu() -> None:
+    """The logits are Linear(GAP(ReLU(A))): verified on the ReLU's output written over A, `cam` would pass."""
+    in_place, _ = in_place_and_plain_twins(7)
+    extractor = CamExtractor(in_place, (16, 16), ["conv"])
+    for _ in range(2):
+        with pytest.raises(MethodError, match="gradcam"):
+            extractor(torch.randn(2, 3, 16, 16), method="cam")
+
+
+@pytest.mark.parametrize("inplace", [False, True])
+def test_the_network_continues_on_the_layer_output_itself_unless_written_in_place(inplace: bool) -> None:
+    """A copy of the activation costs its memory on every call: only a layer written in place downstream gets one."""
+    model = ConvThenReLU(inplace=inplace).eval()
+    storage: dict[str, int] = {}
+    # Registered before the extractor's hook, so it sees what the layer itself returned.
+    model.conv.register_forward_hook(lambda module, args, output: storage.__setitem__("returned", output.data_ptr()))
+    model.relu.register_forward_pre_hook(lambda module, args: storage.__setitem__("passed on", args[0].data_ptr()))
+    extractor = CamExtractor(model, (16, 16), ["conv"])
+    for method in ("gradcam", "gradcam", "eigencam", "hirescam"):
+        extractor(torch.randn(2, 3, 16, 16), method=method)
+        assert (storage["passed on"] == storage["returned"]) is not inplace, method
