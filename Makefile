@@ -23,7 +23,7 @@ help:
 	@echo "make archive   (re)build model_store/shapes.mar; MODEL= / MODEL_FILE= / EXPORTED= archive your own (see README)"
 	@echo "make train     retrain the default model (models/shapes/)"
 	@echo "make evaluate  measure the default model's accuracy and localization (docs/shapes-model.md)"
-	@echo "make bench     serving benchmark: built-in vs our handler through TorchServe (docs/serving-benchmark.md; BENCH_ARGS=...)"
+	@echo "make bench     serving benchmark: built-in and pytorch-grad-cam handlers vs ours through TorchServe (docs/serving-benchmark.md; BENCH_ARGS=...)"
 	@echo "make bench-maps in-process map overhead (time, peak memory), against pytorch-grad-cam, torchcam and Captum (docs/benchmarks.md)"
 	@echo "make loadtest  Locust load test with SLO gates (starts a server if none answers; LOADTEST_ARGS=...)"
 	@echo "make kserve-bundle   KServe storage tree: config/config.properties + model-store/ (CONFIG=, MODELS=, PROTOCOL=v1|v2, BUNDLE_DIR=)"
@@ -94,7 +94,8 @@ train: $(VENV)/.installed
 evaluate: $(VENV)/.installed
 	$(PY) scripts/evaluate_shapes.py
 
-# About 40 minutes: two models x six variants x three concurrencies x two batch sizes, each a Locust run.
+# About 70 minutes (estimated: the two-model, six-variant run took 40): three models (shapes, resnet18, imagenet) x
+# seven variants (pytorch-grad-cam's among them) x three concurrencies x two batch sizes, each in Locust runs.
 bench: $(VENV)/.installed
 	$(PY) -m camserve_tools.benchmarks.serving_benchmark $(BENCH_ARGS)
 

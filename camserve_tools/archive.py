@@ -551,3 +551,23 @@ def torchvision_model_dir(
     directory.mkdir(parents=True, exist_ok=True)
     _torchvision(ArchiveRequest(model=builder, weights=weights, labels=labels, method=method, layers=tuple(layers)), directory)
     return directory
+
+
+def model_file_model_dir(
+    model_file: Path,
+    weights: Path,
+    directory: Path,
+    labels: Path | None = None,
+    input_size: tuple[int, int] | None = None,
+    mean: tuple[float, float, float] | None = None,
+    std: tuple[float, float, float] | None = None,
+) -> Path:
+    """A model dir for a model file's class (state dict, labels, model-config.yaml, and the model file, whose class
+    the architecture names), unchecked: for callers that archive it themselves with other settings
+    (camserve_tools/benchmarks/serving_benchmark.py). The model file is copied in because a worker imports it from
+    its model dir; whoever loads the model from this dir in-process puts the dir on sys.path as a worker does."""
+    directory.mkdir(parents=True, exist_ok=True)
+    request = ArchiveRequest(model_file=model_file, weights=str(weights), labels=labels, input_size=input_size, mean=mean, std=std)
+    _model_file(request, directory)
+    shutil.copy2(model_file, directory / model_file.name)
+    return directory

@@ -95,11 +95,19 @@ def check_map(response: FastResponse) -> None:
     expect(cam.get("index") == top["index"], f"map of class {cam.get('index')}, top-1 is {top['index']}")
 
 
+def check_pytorch_grad_cam(response: FastResponse) -> None:
+    """The peer handler (camserve_tools/benchmarks/pytorch_grad_cam_handler.py): top-1 label and its heat map."""
+    body = ok_json(response)
+    expect(isinstance(body, dict) and isinstance(body.get("label"), str), "no label")
+    expect(isinstance(body.get("heatmap"), str) and body["heatmap"].startswith(PNG_BASE64_SIGNATURE), "the heat map is not a base64 PNG")
+
+
 CHECKS: dict[str, Callable[[FastResponse], None]] = {
     "builtin": check_builtin,
     "integrated-gradients": check_integrated_gradients,
     "plain": check_plain,
     "map": check_map,
+    "pytorch-grad-cam": check_pytorch_grad_cam,
 }
 
 

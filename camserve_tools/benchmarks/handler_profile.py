@@ -24,6 +24,7 @@ import torch
 import camserve.serving.handler as cam_handler_module
 from camserve.cam import CamExtractor
 from camserve.serving.handler import CamHandler
+from camserve_tools.benchmarks.bench_models import importable_model_dir, prepare_models
 from camserve_tools.benchmarks.image_pool import Sample, image_pool
 from camserve_tools.local_handler import BatchContext, initialised_handler
 
@@ -77,7 +78,8 @@ def builtin_handler(model_dir: Path, model_file: Path) -> Any:
 
 def ours_handler(model_dir: Path) -> CamHandler:
     weights = next(p.name for p in model_dir.iterdir() if p.suffix in (".pt", ".pth"))
-    handler = initialised_handler(model_dir, weights, "ours")
+    with importable_model_dir(model_dir):
+        handler = initialised_handler(model_dir, weights, "ours")
     assert isinstance(handler, CamHandler)
     return handler
 
@@ -175,8 +177,6 @@ def profile_table(model_name: str, results: dict[str, dict[str, float]]) -> list
 
 
 def main() -> None:
-    from camserve_tools.benchmarks.bench_models import prepare_models
-
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", default="shapes,resnet18")
     parser.add_argument("--methods", default="none,cam,gradcam,eigencam")

