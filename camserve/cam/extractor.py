@@ -11,16 +11,8 @@ Linear(GAP(A)) for a layer, later calls run the whole forward under `inference_m
 The identity is checked again on every batch; a batch that breaks it is run once more with autograd, and that
 layer stays on autograd from then on.
 
-The network continues on the target layer's own output, not a copy: a copy would cost a whole activation per
-call. Where an operation after the layer writes that output in place (`nn.ReLU(inplace=True)` right after a
-convolution), what was captured would change under us. Autograd tells: the captured tensor's version counter
-moves, or, where the graph is recorded, the in-place write on the leaf raises. Either way the batch is run again
-with a copy for that layer, and from then on that layer is always copied. Tensors made under `inference_mode`
-have no version counter, so a layer runs under `inference_mode` only once a call has found out which of the two
-it is (a call that records the graph does; otherwise the first call runs under `no_grad` to find out).
-
 Hooks live for one forward pass and are always removed before any map is computed, so Score-CAM's extra forward
-passes see the plain model. Nothing but the per-layer verdicts is kept between calls.
+passes see the plain model. Nothing but the per-layer verdict is kept between calls.
 """
 
 from __future__ import annotations
@@ -105,8 +97,6 @@ class CamExtractor:
         # layer name -> whether its logits were verified to be Linear(GAP(activations)) (see the module docstring)
         self._gap_linear: dict[str, bool] = {}
         self._heads: dict[tuple[int, int], nn.Module | None] = {}  # (channels, classes) -> the candidate head
-        # layer name -> whether an operation after it writes its output in place (see the module docstring)
-        self._written_in_place: dict[str, bool] = {}
 
     @staticmethod
     def method(name: str) -> CamMethod:
@@ -150,37 +140,8 @@ class CamExtractor:
         return CamResult(logits=forward.logits.detach(), targets=chosen, maps=fuse_maps(maps), layers=layer_names)
 
     def _forward(self, inputs: Tensor, layer_names: tuple[str, ...], record_graph: bool) -> _Forward:
-        """One forward pass capturing the target layers' outputs; autograd records only after the first of them.
-
-        Copies only the layers known to be written in place downstream; a layer found so in this pass is recorded,
-        and the pass is run again with its copy.
-        """
-        copied = frozenset(name for name in layer_names if self._written_in_place.get(name, False))
-        while True:  # each pass that finds a write copies one more layer: at most len(layer_names) + 1 passes
-            watched = record_graph or any(name not in self._written_in_place for name in layer_names)
-            forward, overwritten = self._capturing_forward(inputs, layer_names, record_graph, copied, watched)
-            self._written_in_place.update(dict.fromkeys(overwritten, True))
-            if forward is not None and not overwritten:
-                break
-            copied |= overwritten
-        if watched:
-            for name in layer_names:
-                self._written_in_place.setdefault(name, False)
-        missing = [name for name in layer_names if name not in forward.outputs]
-        if missing:
-            raise LayerError(f"layer(s) {missing} did not run in the forward pass")
-        if forward.logits.dim() != 2:
-            raise MethodError(f"the model returns logits of shape {tuple(forward.logits.shape)}, not (batch, classes)")
-        return forward
-
-    def _capturing_forward(
-        self, inputs: Tensor, layer_names: tuple[str, ...], record_graph: bool, copied: frozenset[str], watched: bool
-    ) -> tuple[_Forward | None, frozenset[str]]:
-        """The forward pass (None where it stopped at an in-place write on the captured leaf) and the layers whose
-        captured output an operation after them wrote in place. `watched`: tensors get version counters (no
-        `inference_mode`), so such writes can be seen."""
+        """One forward pass capturing the target layers' outputs; autograd records only after the first of them."""
         outputs: dict[str, Tensor] = {}
-        versions: dict[str, int] = {}
 
         def capture(name: str) -> Callable[[nn.Module, object, object], Tensor]:
             def hook(module: nn.Module, args: object, output: object) -> Tensor:
@@ -190,30 +151,25 @@ class CamExtractor:
                     output = output.detach().requires_grad_(True)
                     torch.set_grad_enabled(True)
                 outputs[name] = output
-                if name in copied:
-                    return output.clone()
-                if watched:
-                    versions[name] = output._version
-                return output
+                # The network continues on a copy, so an in-place op downstream cannot change what we captured.
+                return output.clone()
 
             return hook
 
         handles = [get_module(self.model, name).register_forward_hook(capture(name)) for name in layer_names]
         try:
             # no_grad restores the caller's grad mode on exit, whatever the hook switched on.
-            with torch.no_grad() if watched else torch.inference_mode():
+            with torch.no_grad() if record_graph else torch.inference_mode():
                 logits = self.model(inputs)
-        except RuntimeError as error:
-            # Autograd refuses an in-place write on a leaf that requires grad: ours, made in the hook.
-            leaves = frozenset(name for name, output in outputs.items() if output.is_leaf and output.requires_grad and name not in copied)
-            if not leaves or "leaf Variable that requires grad" not in str(error):
-                raise
-            return None, leaves
         finally:
             for handle in handles:
                 handle.remove()
-        overwritten = frozenset(name for name, version in versions.items() if outputs[name]._version != version)
-        return _Forward(logits=logits, outputs=outputs), overwritten
+        missing = [name for name in layer_names if name not in outputs]
+        if missing:
+            raise LayerError(f"layer(s) {missing} did not run in the forward pass")
+        if logits.dim() != 2:
+            raise MethodError(f"the model returns logits of shape {tuple(logits.shape)}, not (batch, classes)")
+        return _Forward(logits=logits, outputs=outputs)
 
     @staticmethod
     def _choose_targets(logits: Tensor, targets: Targets) -> Tensor:
