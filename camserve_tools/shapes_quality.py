@@ -49,11 +49,14 @@ def evaluate(
     first_seed: int = EVAL_SEED_START,
     batch_size: int = 16,
     scene_maker: Callable[[int], Scene] = make_scene,
+    input_size: tuple[int, int] | None = None,
 ) -> Quality:
+    """`input_size` replaces the one in the model's config: how the model would do served at another size."""
     spec = ModelSpec.from_model_dir(model_dir)
     model = load_model(spec, model_dir)
-    extractor = CamExtractor(model, spec.input_size, spec.target_layers)
-    transform = whole_image_transform(spec.input_size, spec.mean, spec.std)
+    size = input_size or spec.input_size
+    extractor = CamExtractor(model, size, spec.target_layers)
+    transform = whole_image_transform(size, spec.mean, spec.std)
     correct = hits = good_boxes = 0
     ious = []
     for start in range(first_seed, first_seed + scenes, batch_size):

@@ -3,6 +3,7 @@
     make evaluate                       # 1,000 scenes, gradcam and cam; prints a Markdown table
     python scripts/evaluate_shapes.py --scenes 300 --methods gradcam
     python scripts/evaluate_shapes.py --generator other_scenes.py   # scenes from another file's make_scene(seed)
+    python scripts/evaluate_shapes.py --input-sizes 160,176,192,208 --validation   # the size to serve at
 
 Figures and how they are measured: camserve_tools/shapes_quality.py.
 """
@@ -13,7 +14,7 @@ import argparse
 import json
 from pathlib import Path
 
-from camserve_tools.scenes import EVAL_SEED_START, make_scene
+from camserve_tools.scenes import EVAL_SEED_START, VALIDATION_SEED_START, make_scene
 from camserve_tools.shapes_quality import MODEL_DIR, evaluate, load_generator
 
 
@@ -23,13 +24,20 @@ def main() -> None:
     parser.add_argument("--methods", default="gradcam,cam")
     parser.add_argument("--model-dir", type=Path, default=MODEL_DIR)
     parser.add_argument("--first-seed", type=int, default=EVAL_SEED_START)
+    parser.add_argument("--validation", action="store_true", help="scenes from VALIDATION_SEED_START (for choosing a setting)")
     parser.add_argument("--generator", type=Path, help="a Python file whose make_scene(seed) replaces camserve_tools.scenes'")
+    parser.add_argument("--input-sizes", help="comma-separated square sizes to serve the model at instead of its config's (one row each)")
     parser.add_argument("--json", action="store_true", help="print JSON instead of a Markdown table")
     args = parser.parse_args()
+    first_seed = VALIDATION_SEED_START if args.validation else args.first_seed
     scene_maker = load_generator(args.generator) if args.generator else make_scene
+    sizes = [int(side) for side in args.input_sizes.split(",")] if args.input_sizes else [None]
     results = {
-        method: evaluate(args.model_dir, method, args.scenes, args.first_seed, scene_maker=scene_maker)
+        f"{method} at {size} px" if size else method: evaluate(
+            args.model_dir, method, args.scenes, first_seed, scene_maker=scene_maker, input_size=(size, size) if size else None
+        )
         for method in args.methods.split(",")
+        for size in sizes
     }
     if args.json:
         print(json.dumps({m: q.__dict__ for m, q in results.items()}, indent=2))

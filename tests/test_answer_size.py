@@ -38,7 +38,7 @@ def test_heatmap_size_through_torchserve(predict, scenes) -> None:
     assert max(width, height) == 64 and decode_heatmap(small["heatmap"]).shape == (height, width)
     assert (small["peak"], small["bbox"]) == (full["peak"], full["bbox"])
     from_input = predict(png_bytes(scene.image), headers={"X-CAM-Heatmap-Size": "input"}).json()["cam"]
-    assert from_input["heatmap_size"] == [128, 128]  # the default model's input
+    assert from_input["heatmap_size"] == [192, 192]  # the default model's input
     bad = predict(png_bytes(scene.image), headers={"X-CAM-Heatmap-Size": "2"})
     assert bad.status_code == 400 and bad.json()["option"] == "heatmap_size"
 

@@ -95,7 +95,7 @@ def check(response: requests.Response, kind: str, scene) -> None:
         return
     cam = body["cam"]
     if kind == "grid":
-        assert cam["method"] == "layercam" and cam["shape"] == [16, 16]
+        assert cam["method"] == "layercam" and cam["shape"] == [24, 24]
         return
     assert cam["layer"] == ("features.4" if kind == "layer" else "features")
     assert decode_heatmap(cam["heatmap"]).shape == (scene.image.height, scene.image.width)

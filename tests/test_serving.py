@@ -72,7 +72,7 @@ def test_unknown_option_is_named(predict, scenes) -> None:
 def test_output_kinds(predict, scenes) -> None:
     scene = scenes[4]
     grid = predict(png_bytes(scene.image), headers={"X-CAM-Output": "grid"}).json()["cam"]
-    assert grid["shape"] == [16, 16] and len(grid["grid"]) == 16
+    assert grid["shape"] == [24, 24] and len(grid["grid"]) == 24
     assert min(min(row) for row in grid["grid"]) >= 0 and max(max(row) for row in grid["grid"]) == 1.0
     none = predict(png_bytes(scene.image), headers={"X-CAM-Output": "none"}).json()
     assert "cam" not in none and none["predictions"]
