@@ -1,7 +1,8 @@
 """What a map adds to one request's wait: sequential single-client latency through one real TorchServe (issue 12).
 
-    PYTHONPATH=. .venv/bin/python -m camserve_tools.benchmarks.sequential_latency            # the full run (about 4 min)
+    PYTHONPATH=. .venv/bin/python -m camserve_tools.benchmarks.sequential_latency            # the full run (about 3 min)
     PYTHONPATH=. .venv/bin/python -m camserve_tools.benchmarks.sequential_latency --models shapes --rounds 3
+    PYTHONPATH=. .venv/bin/python -m camserve_tools.benchmarks.sequential_latency --rounds 10 --profile  # + the handler's stages
 
 One TorchServe (own TMPDIR, free ports, stopped at the end) serves the built archives model_store/shapes.mar and
 model_store/imagenet.mar with their own settings, as `make serve` does. The pool: the photographs of
@@ -272,7 +273,7 @@ def main(argv: list[str] | None = None) -> None:
         "--sizes", type=size_list, default=list(SIZES), help="WxH,... the photos are resized to (default: 640x480,1280x960)"
     )
     parser.add_argument("--methods", default=",".join(METHODS), help="comma-separated, `none` first (default: %(default)s)")
-    parser.add_argument("--rounds", type=int, default=40, help="passes over the photo pool per model × size (default: %(default)s)")
+    parser.add_argument("--rounds", type=int, default=100, help="passes over the photo pool per model × size (default: %(default)s)")
     parser.add_argument("--warmup-rounds", type=int, default=1)
     parser.add_argument("--profile", action="store_true", help="then the same photos through the handler in-process, stage by stage")
     parser.add_argument("--model-store", type=Path, default=ROOT / "model_store")
