@@ -18,6 +18,16 @@ from camserve_tools.scenes import EVAL_SEED_START, VALIDATION_SEED_START, make_s
 from camserve_tools.shapes_quality import MODEL_DIR, evaluate, load_generator
 
 
+def square_sizes(text: str) -> list[int]:
+    try:
+        sizes = [int(side) for side in text.split(",")]
+    except ValueError:
+        sizes = []
+    if not sizes or any(not 8 <= side <= 1024 for side in sizes):
+        raise argparse.ArgumentTypeError(f"expected comma-separated sides of 8-1024 px, got {text!r}")
+    return sizes
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--scenes", type=int, default=1000)
@@ -26,12 +36,14 @@ def main() -> None:
     parser.add_argument("--first-seed", type=int, default=EVAL_SEED_START)
     parser.add_argument("--validation", action="store_true", help="scenes from VALIDATION_SEED_START (for choosing a setting)")
     parser.add_argument("--generator", type=Path, help="a Python file whose make_scene(seed) replaces camserve_tools.scenes'")
-    parser.add_argument("--input-sizes", help="comma-separated square sizes to serve the model at instead of its config's (one row each)")
+    parser.add_argument(
+        "--input-sizes", type=square_sizes, help="comma-separated square sizes to serve the model at instead of its config's (one row each)"
+    )
     parser.add_argument("--json", action="store_true", help="print JSON instead of a Markdown table")
     args = parser.parse_args()
     first_seed = VALIDATION_SEED_START if args.validation else args.first_seed
     scene_maker = load_generator(args.generator) if args.generator else make_scene
-    sizes = [int(side) for side in args.input_sizes.split(",")] if args.input_sizes else [None]
+    sizes: list[int | None] = list(args.input_sizes) if args.input_sizes else [None]
     results = {
         f"{method} at {size} px" if size else method: evaluate(
             args.model_dir, method, args.scenes, first_seed, scene_maker=scene_maker, input_size=(size, size) if size else None
