@@ -18,9 +18,9 @@ from camserve_tools.benchmarks.sequential_latency import (
     SIZES,
     WrongAnswer,
     check_answer,
+    jpeg_photo_pool,
     markdown_table,
     measure,
-    photo_pool,
     target_lines,
 )
 
@@ -30,7 +30,12 @@ def test_every_method_is_measured_on_every_photo_at_both_sizes(shapes_server) ->
     names = PHOTOS[:2]
     cells = [
         measure(
-            shapes_server.inference_url, "shapes", photo_pool(size, names), rounds=2, warmup_rounds=1, headers=shapes_server.auth_headers()
+            shapes_server.inference_url,
+            "shapes",
+            jpeg_photo_pool(size, names),
+            rounds=2,
+            warmup_rounds=1,
+            headers=shapes_server.auth_headers(),
         )
         for size in SIZES
     ]
@@ -53,7 +58,7 @@ def test_every_method_is_measured_on_every_photo_at_both_sizes(shapes_server) ->
 
 
 def test_the_pool_is_jpeg_photos_at_the_size_asked_for() -> None:
-    pool = photo_pool((640, 480), PHOTOS[:3])
+    pool = jpeg_photo_pool((640, 480), PHOTOS[:3])
     assert list(pool) == list(PHOTOS[:3])
     for sample in pool.values():
         image = Image.open(io.BytesIO(sample.body))
@@ -61,7 +66,7 @@ def test_the_pool_is_jpeg_photos_at_the_size_asked_for() -> None:
 
 
 def test_a_wrong_answer_stops_the_run() -> None:
-    sample = photo_pool((640, 480), PHOTOS[:1])[PHOTOS[0]]
+    sample = jpeg_photo_pool((640, 480), PHOTOS[:1])[PHOTOS[0]]
     plain = json.dumps({"predictions": [{"index": 0, "label": "a", "probability": 1.0}]}).encode()
     check_answer(200, plain, "none", sample)
     with pytest.raises(WrongAnswer, match="no map"):

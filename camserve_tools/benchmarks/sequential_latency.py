@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import base64
+import functools
 import http.client
 import io
 import json
@@ -55,8 +56,10 @@ class WrongAnswer(ValueError):
     """The server answered, but not what the method promises."""
 
 
-def photo_pool(size: tuple[int, int], names: Sequence[str] = PHOTOS) -> dict[str, Sample]:
-    """Name -> the photo resized to `size` (width, height) as a JPEG, as a camera or a browser sends it."""
+@functools.lru_cache(maxsize=4)
+def jpeg_photo_pool(size: tuple[int, int], names: tuple[str, ...] = PHOTOS) -> dict[str, Sample]:
+    """Name -> the photo resized to `size` (width, height) as a JPEG, as a camera or a browser sends it; encoded
+    once per size, for the served run and the stage profile alike."""
     pool = {}
     for name in names:
         buffer = io.BytesIO()
@@ -198,7 +201,7 @@ def run(
     run_dir: Path,
     warmup_rounds: int = 1,
 ) -> list[CellLatency]:
-    pools = {size: photo_pool(size) for size in sizes}
+    pools = {size: jpeg_photo_pool(size) for size in sizes}
     cells = []
     with served(model_store, models, run_dir) as server:
         for model in models:
@@ -221,7 +224,7 @@ def stage_profile(models: Sequence[str], sizes: Sequence[tuple[int, int]], metho
     for model in prepare_models(list(models), work_dir):
         handler = ours_handler(model.model_dir)
         for size in sizes:
-            samples = tuple(photo_pool(size).values())
+            samples = tuple(jpeg_photo_pool(size).values())
             results = {}
             for method in methods:
                 profile_ours(handler, method, samples, 1)  # warm-up: first calls allocate
