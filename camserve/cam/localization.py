@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-from scipy import ndimage, sparse
+from scipy import sparse
 from scipy.sparse import csgraph
 from torch import Tensor
 from torch.nn import functional as F
@@ -38,9 +38,9 @@ def bounding_box(heatmap: Tensor, threshold: float = BBOX_THRESHOLD) -> tuple[in
     is then the whole image (as for a map of NaN).
 
     Labelling every pixel (scipy.ndimage.label) took 3 ms at 640x480 and 8-15 ms at 1280x960, more than the map
-    itself. The usual CAM above the threshold is one blob: one run of pixels per row, in consecutive rows, each
-    run overlapping the next. That is checked in a few numpy passes over the mask (0.7 ms at 640x480, 1.4 ms at
-    1280x960; scripts/bench_encoding.py), and its box is then the runs' extent. Any other mask is labelled.
+    itself. The mask is read as runs of pixels per row instead, in a few numpy passes (0.7 ms at 640x480, 1.4 ms
+    at 1280x960; scripts/bench_encoding.py). The usual CAM above the threshold is one blob, one run per row
+    overlapping the next, whose box is the runs' extent; other masks join their runs into regions.
     """
     height, width = heatmap.shape
     values = heatmap.detach().cpu().numpy()
@@ -60,23 +60,7 @@ def bounding_box(heatmap: Tensor, threshold: float = BBOX_THRESHOLD) -> tuple[in
         return 0, 0, width, height
     rows = starts // stride
     x0, x1 = starts - rows * stride - 1, ends - rows * stride - 1  # image columns, x1 exclusive
-    one_per_row = bool((np.diff(rows) == 1).all())
-    if one_per_row and bool(((x0[1:] < x1[:-1]) & (x0[:-1] < x1[1:])).all()):
-        return int(x0.min()), int(rows[0]), int(x1.max()), int(rows[-1]) + 1
-    return _labelled_box(above)
-
-
-def _labelled_box(mask: np.ndarray) -> tuple[int, int, int, int]:
-    """bounding_box by labelling every pixel (scipy.ndimage.label): its way for any mask but a single blob."""
-    labels, count = ndimage.label(mask)
-    if count > 1:
-        sizes = np.bincount(labels.ravel())
-        sizes[0] = 0
-        mask = labels == int(sizes.argmax())
-    rows, cols = np.any(mask, axis=1), np.any(mask, axis=0)
-    y0, y1 = np.flatnonzero(rows)[[0, -1]]
-    x0, x1 = np.flatnonzero(cols)[[0, -1]]
-    return int(x0), int(y0), int(x1) + 1, int(y1) + 1
+    return _largest_region_box(rows, x0, x1, width)
 
 
 def box_iou(a: tuple[int, int, int, int], b: tuple[int, int, int, int]) -> float:
@@ -105,6 +89,9 @@ def box_iou(a: tuple[int, int, int, int], b: tuple[int, int, int, int]) -> float
 # the result against upsample_map + peak + bounding_box.
 
 _SMALL_OUTPUT = 128  # torch's _use_channels_last_kernel_2d threshold on output height + width
+# Below this many output pixels the full-size map is the cheaper way: the grid way's hundred-odd numpy calls cost
+# about 0.3 ms whatever the size, torch's upsampling + peak + bounding_box 0.2 ms at 280x220 (scripts/bench_encoding.py).
+_FULL_SIZE_PIXELS = 100_000
 _SLACK = 4e-6  # bound on |torch's value - the affine model|: ~30 ULPs at 1.0, for values in [0, 1]
 
 
@@ -202,14 +189,15 @@ def peak_and_box(
     """peak(m) and bounding_box(m, threshold) of m = upsample_map(grid, size), without computing m.
 
     The same answer at a fraction of the cost at camera sizes. A grid with values outside [0, 1] or NaN (never
-    a normalised map), a small output, and a torch whose rounding this does not reproduce take the full-size way.
+    a normalised map), an output under _FULL_SIZE_PIXELS, and a torch whose rounding this does not reproduce
+    take the full-size way.
     """
     values = grid.detach().cpu().float().numpy() if isinstance(grid, Tensor) else np.asarray(grid, dtype=np.float32)
     width, height = size
-    # Outputs with width + height <= 128 go through another torch kernel (channels-last, other rounding); they
-    # are small enough to compute in full. NaN fails the range check too.
+    # Outputs with width + height <= 128 go through another torch kernel (channels-last, other rounding), which
+    # the grid way does not reproduce; _FULL_SIZE_PIXELS covers them. NaN fails the range check.
     fused = _torch_fuses()
-    if width + height <= _SMALL_OUTPUT or fused is None or not (values.min() >= 0 and values.max() <= 1):
+    if width * height < _FULL_SIZE_PIXELS or fused is None or not (values.min() >= 0 and values.max() <= 1):
         heatmap = upsample_map(torch.from_numpy(values), size)
         return peak(heatmap), bounding_box(heatmap, threshold)
     if not values.max() > 0:
@@ -332,7 +320,8 @@ def _crossing_interval(
 def _largest_region_box(rows: np.ndarray, x0: np.ndarray, x1: np.ndarray, width: int) -> tuple[int, int, int, int]:
     """Box of the largest 4-connected region of a mask given as runs [x0, x1) in `rows`, in reading order.
 
-    Of regions of equal size, the one whose first pixel comes first in reading order wins, as in _labelled_box.
+    Of regions of equal size, the one whose first pixel comes first in reading order wins, as scipy.ndimage.label's
+    numbering would pick (tests/test_cam_math.py checks against it).
     """
     one_per_row = bool((np.diff(rows) == 1).all())
     if one_per_row and bool(((x0[1:] < x1[:-1]) & (x0[:-1] < x1[1:])).all()):
