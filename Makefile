@@ -94,7 +94,7 @@ train: $(VENV)/.installed
 evaluate: $(VENV)/.installed
 	$(PY) scripts/evaluate_shapes.py
 
-# About 70 minutes (estimated: the two-model, six-variant run took 40): three models (shapes, resnet18, imagenet) x
+# About 55 minutes (estimated: BENCH_ARGS="--concurrency 1,16" took 37): three models (shapes, resnet18, imagenet) x
 # seven variants (pytorch-grad-cam's among them) x three concurrencies x two batch sizes, each in Locust runs.
 bench: $(VENV)/.installed
 	$(PY) -m camserve_tools.benchmarks.serving_benchmark $(BENCH_ARGS)

@@ -7,13 +7,15 @@
 The old answer is the implementation before issue 12, kept below as the reference: torch's bilinear upsampling
 to a float map at full size, the PNG quantised from it (Sub filter, stdlib zlib level 1), numpy's argmax and the
 run-based box of that map. The new one is camserve.protocol.responses.cam_json: peak and box from the grid
-(camserve.cam.localization.peak_and_box), the PNG from OpenCV's resize of the grid and zlib-ng.
+(camserve.cam.localization.peak_and_box; under 100,000 pixels from the full-size map, the cheaper way there), the
+PNG from OpenCV's resize of the grid and zlib-ng.
 
 Maps: three smooth Gaussian blobs on a 16x16 and on a 7x7 grid, a 16x16 torch.rand grid (noise, the worst case
-for bytes), and the default model's Grad-CAM of a generated scene (its layer's grid, 24x24 at 192 px). Rounds alternate old and new, each
-going first in half of them, so drifting machine load and cache state weigh on both alike; figures are medians
-over rounds, in milliseconds, with torch and OpenCV on one thread. Before timing, every case checks that old and
-new give the same peak and box, and counts the heat map pixels that differ (by one level of 64 at most).
+for bytes), and the default model's Grad-CAM of a generated scene (its layer's grid, 24x24 at 192 px). Rounds
+alternate old and new, each going first in half of them, so drifting machine load and cache state weigh on both
+alike; figures are medians over rounds, in milliseconds, with torch and OpenCV on one thread. Before timing,
+every case checks that old and new give the same peak and box, and counts the heat map pixels that differ (by
+one level of 64 at most).
 """
 
 from __future__ import annotations
