@@ -94,8 +94,8 @@ train: $(VENV)/.installed
 evaluate: $(VENV)/.installed
 	$(PY) scripts/evaluate_shapes.py
 
-# About 55 minutes (estimated: BENCH_ARGS="--concurrency 1,16" took 37): three models (shapes, resnet18, imagenet) x
-# seven variants (pytorch-grad-cam's among them) x three concurrencies x two batch sizes, each in Locust runs.
+# About an hour (estimated: BENCH_ARGS="--concurrency 1,16" took 37 min with seven variants): three models x
+# eight variants (pytorch-grad-cam's among them) x three concurrencies x two batch sizes, each in Locust runs.
 bench: $(VENV)/.installed
 	$(PY) -m camserve_tools.benchmarks.serving_benchmark $(BENCH_ARGS)
 

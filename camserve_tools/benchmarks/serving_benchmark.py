@@ -12,6 +12,7 @@ Variants, all on the same server and the same worker settings, one after the oth
 | `built-in plain` | TorchServe's built-in `ImageClassifier`, `POST /predictions/<model>_builtin`: the baseline |
 | `none` | our handler with `X-CAM-Method: none`: labels only |
 | `cam`, `gradcam`, `eigencam` | our handler with that method: labels + map (heat map PNG, peak, box) |
+| `gradcam input-size` | gradcam with `X-CAM-Heatmap-Size: input`: the PNG at the model input's size, peak and box still in image pixels |
 | `built-in IG` | the built-in `POST /explanations/<model>_builtin`: Integrated Gradients through captum |
 | `pytorch-grad-cam` | `POST /predictions/<model>_pytorch_grad_cam`: what a user would write instead (a reference, not a target) |
 
@@ -75,9 +76,11 @@ class Variant:
     route: str
     answer: str  # what benchmark_locustfile.py checks
     method: str = ""  # X-CAM-Method
+    heatmap_size: str = ""  # X-CAM-Heatmap-Size; our default (the image's own size) where empty
 
     def headers(self) -> list[str]:
-        return [f"X-CAM-Method={self.method}"] if self.method else []
+        options = {"Method": self.method, "Heatmap-Size": self.heatmap_size}
+        return [f"X-CAM-{name}={value}" for name, value in options.items() if value]
 
 
 VARIANTS = (
@@ -85,6 +88,8 @@ VARIANTS = (
     Variant("none", "ours", "predictions", "plain", "none"),
     Variant("cam", "ours", "predictions", "map", "cam"),
     Variant("gradcam", "ours", "predictions", "map", "gradcam"),
+    # For clients that lay the map over the image themselves: the PNG at the model input's size.
+    Variant("gradcam input-size", "ours", "predictions", "map", "gradcam", heatmap_size="input"),
     Variant("eigencam", "ours", "predictions", "map", "eigencam"),
     Variant("built-in IG", "builtin", "explanations", "integrated-gradients"),
     Variant(PEER, "pytorch_grad_cam", "predictions", "pytorch-grad-cam"),
