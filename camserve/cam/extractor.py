@@ -12,7 +12,7 @@ The identity is checked again on every batch; a batch that breaks it is run once
 layer stays on autograd from then on.
 
 Hooks live for one forward pass and are always removed before any map is computed, so Score-CAM's extra forward
-passes see the plain model. Nothing but the per-layer verdict is kept between calls.
+passes see the plain model. Nothing but the per-layer verdicts and the candidate heads is kept between calls.
 """
 
 from __future__ import annotations
