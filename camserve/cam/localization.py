@@ -5,10 +5,9 @@ from __future__ import annotations
 import functools
 from dataclasses import dataclass
 
+import numba
 import numpy as np
 import torch
-from scipy import sparse
-from scipy.sparse import csgraph
 from torch import Tensor
 from torch.nn import functional as F
 
@@ -38,9 +37,8 @@ def bounding_box(heatmap: Tensor, threshold: float = BBOX_THRESHOLD) -> tuple[in
     is then the whole image (as for a map of NaN).
 
     Labelling every pixel (scipy.ndimage.label) took 3 ms at 640x480 and 8-15 ms at 1280x960, more than the map
-    itself. The mask is read as runs of pixels per row instead, in a few numpy passes (0.7 ms at 640x480, 1.4 ms
-    at 1280x960; scripts/bench_encoding.py). The usual CAM above the threshold is one blob, one run per row
-    overlapping the next, whose box is the runs' extent; other masks join their runs into regions.
+    itself. The mask is read as runs of pixels per row instead, in a few numpy passes, and the runs are joined
+    into regions by compiled code (_largest_region).
     """
     height, width = heatmap.shape
     values = heatmap.detach().cpu().numpy()
@@ -60,7 +58,7 @@ def bounding_box(heatmap: Tensor, threshold: float = BBOX_THRESHOLD) -> tuple[in
         return 0, 0, width, height
     rows = starts // stride
     x0, x1 = starts - rows * stride - 1, ends - rows * stride - 1  # image columns, x1 exclusive
-    return _largest_region_box(rows, x0, x1, width)
+    return _largest_region(rows, x0, x1)
 
 
 def box_iou(a: tuple[int, int, int, int], b: tuple[int, int, int, int]) -> float:
@@ -73,9 +71,11 @@ def box_iou(a: tuple[int, int, int, int], b: tuple[int, int, int, int]) -> float
 
 # --- Peak and box from the grid itself ------------------------------------------------------------------------
 #
-# upsample_map's full-size map costs more than everything else in an answer (4 ms at 1280x960), and the PNG no
-# longer needs it (camserve.protocol.responses). peak_and_box gets the same peak and box from the grid: it
-# reproduces torch's bilinear upsampling bit for bit, but only at the few pixels that can decide the answer.
+# upsample_map's full-size map costs more than everything else in an answer (4 ms at 1280x960), and the PNG does
+# not need it (camserve.protocol.responses). peak_and_box gets the same peak and box from the grid: it reproduces
+# torch's bilinear upsampling bit for bit, but only at the few pixels that can decide the answer. Its loops are
+# compiled by numba: as numpy passes they cost 0.5-0.9 ms per answer, mostly in the overhead of a hundred calls on
+# small arrays (docs/benchmarks.md, "The map answer").
 #
 # torch (CPU, float32, align_corners=False) computes output pixel (y, x) from the knots around it as
 #     row(r, x) = fma(grid[r, x_low], wx_low, grid[r, x_high] * wx_high)        (r = y_low and y_high)
@@ -89,10 +89,11 @@ def box_iou(a: tuple[int, int, int, int], b: tuple[int, int, int, int]) -> float
 # the result against upsample_map + peak + bounding_box.
 
 _SMALL_OUTPUT = 128  # torch's _use_channels_last_kernel_2d threshold on output height + width
-# Below this many output pixels the full-size map is the cheaper way: the grid way's hundred-odd numpy calls cost
-# about 0.3 ms whatever the size, torch's upsampling + peak + bounding_box 0.2 ms at 280x220 (scripts/bench_encoding.py).
-_FULL_SIZE_PIXELS = 100_000
 _SLACK = 4e-6  # bound on |torch's value - the affine model|: ~30 ULPs at 1.0, for values in [0, 1]
+
+# Compiled on first use and cached beside this file (or in NUMBA_CACHE_DIR); nogil: a worker's other threads
+# (TorchServe's, the frontend's I/O) go on meanwhile.
+_compiled = numba.njit(cache=True, nogil=True, boundscheck=False)
 
 
 @dataclass(frozen=True)
@@ -105,12 +106,10 @@ class _Axis:
     low: np.ndarray  # (n_out,) int64: the knot at or before the pixel
     high: np.ndarray  # (n_out,) int64: the knot after it (= low at the last knot)
     weight_low: np.ndarray  # (n_out,) float32
-    weight_high: np.ndarray  # (n_out,) float32
+    weight_high: np.ndarray  # (n_out,) float32, increasing within a segment
     first: np.ndarray  # (segments,) first pixel of each segment
     last: np.ndarray  # (segments,) its last pixel (inclusive)
     segment: np.ndarray  # (n_out,) the segment of each pixel
-    ends: np.ndarray  # every segment's first and last pixel, sorted
-    keys: np.ndarray  # (n_out,) float64: 2 * segment + weight_high, increasing: searchsorted finds pixels by weight
 
 
 @functools.lru_cache(maxsize=64)
@@ -120,13 +119,16 @@ def _axis(n_in: int, n_out: int, fused: bool) -> _Axis:
     Cached: a server sees the same few image sizes over and over.
     """
     scale = np.float32(n_in) / np.float32(n_out)
-    source = _fma(np.full(n_out, scale), np.arange(n_out, dtype=np.float32) + np.float32(0.5), np.float32(-0.5), fused)
+    pixels = np.arange(n_out, dtype=np.float32) + np.float32(0.5)
+    if fused:  # a * b is exact in float64: one rounding, as an fma
+        source = (np.float64(scale) * pixels.astype(np.float64) - 0.5).astype(np.float32)
+    else:
+        source = (scale * pixels).astype(np.float32) - np.float32(0.5)
     np.maximum(source, np.float32(0), out=source)
     low = np.minimum(source.astype(np.int64), n_in - 1)
     weight_high: np.ndarray = np.clip(source - low.astype(np.float32), np.float32(0), np.float32(1))
     first = np.flatnonzero(np.diff(low, prepend=-1))
     last = np.append(first[1:], n_out) - 1
-    segment = np.repeat(np.arange(len(first)), last - first + 1)
     axis = _Axis(
         low,
         np.minimum(low + 1, n_in - 1),
@@ -134,20 +136,11 @@ def _axis(n_in: int, n_out: int, fused: bool) -> _Axis:
         weight_high,
         first,
         last,
-        segment,
-        np.union1d(first, last),
-        2.0 * segment + weight_high,
+        np.repeat(np.arange(len(first)), last - first + 1),
     )
     for array in vars(axis).values():
         array.flags.writeable = False
     return axis
-
-
-def _fma(a: np.ndarray, b: np.ndarray, c: np.ndarray | np.floating, fused: bool) -> np.ndarray:
-    """float32 a * b + c as torch's kernels compute it: rounded once if `fused` (a * b is exact in float64), else twice."""
-    if fused:
-        return (a.astype(np.float64) * b + c).astype(np.float32)
-    return (a * b).astype(np.float32) + c
 
 
 @functools.cache
@@ -160,27 +153,11 @@ def _torch_fuses() -> bool | None:
     size = (97, 61)  # width + height > _SMALL_OUTPUT: the kernel that peak_and_box reproduces
     reference = upsample_map(probe, size).numpy()
     for fused in (True, False):
-        values = _Upsampled(probe.numpy(), size, fused).values(np.arange(size[1])[:, None], np.arange(size[0])[None, :])
+        x, y = _axis(7, size[0], fused), _axis(5, size[1], fused)
+        values = _upsampled(probe.numpy(), x.low, x.high, x.weight_low, x.weight_high, y.low, y.high, y.weight_low, y.weight_high, fused)
         if np.array_equal(np.clip(values, 0, 1), reference):
             return fused
     return None
-
-
-class _Upsampled:
-    """upsample_map(grid, size) without the full map: exact values at any pixels, and bounds for regions."""
-
-    def __init__(self, grid: np.ndarray, size: tuple[int, int], fused: bool) -> None:
-        self.grid, self.fused = grid, fused
-        self.width, self.height = size
-        self.x = _axis(grid.shape[1], self.width, fused)
-        self.y = _axis(grid.shape[0], self.height, fused)
-        # Every knot row interpolated along x, as torch's first step: (h, width), small.
-        self.rows = _fma(grid[:, self.x.low], self.x.weight_low, grid[:, self.x.high] * self.x.weight_high, fused)
-
-    def values(self, ys: np.ndarray, xs: np.ndarray) -> np.ndarray:
-        """Exact float32 values at pixels (ys, xs) (broadcast), before upsample_map's clamp."""
-        y = self.y
-        return _fma(self.rows[y.low[ys], xs], y.weight_low[ys], self.rows[y.high[ys], xs] * y.weight_high[ys], self.fused)
 
 
 def peak_and_box(
@@ -188,162 +165,244 @@ def peak_and_box(
 ) -> tuple[tuple[int, int], tuple[int, int, int, int]]:
     """peak(m) and bounding_box(m, threshold) of m = upsample_map(grid, size), without computing m.
 
-    The same answer at a fraction of the cost at camera sizes. A grid with values outside [0, 1] or NaN (never
-    a normalised map), an output under _FULL_SIZE_PIXELS, and a torch whose rounding this does not reproduce
-    take the full-size way.
+    The same answer at a fraction of the cost. A grid with values outside [0, 1] or NaN (never a normalised
+    map), an output that torch upsamples with its other kernel, and a torch whose rounding this does not
+    reproduce take the full-size way.
     """
-    values = grid.detach().cpu().float().numpy() if isinstance(grid, Tensor) else np.asarray(grid, dtype=np.float32)
+    values = np.ascontiguousarray(grid.detach().cpu().float().numpy() if isinstance(grid, Tensor) else np.asarray(grid, dtype=np.float32))
     width, height = size
-    # Outputs with width + height <= 128 go through another torch kernel (channels-last, other rounding), which
-    # the grid way does not reproduce; _FULL_SIZE_PIXELS covers them. NaN fails the range check.
     fused = _torch_fuses()
-    if width * height < _FULL_SIZE_PIXELS or fused is None or not (values.min() >= 0 and values.max() <= 1):
+    if width + height <= _SMALL_OUTPUT or fused is None or not (values.min() >= 0 and values.max() <= 1):
         heatmap = upsample_map(torch.from_numpy(values), size)
         return peak(heatmap), bounding_box(heatmap, threshold)
     if not values.max() > 0:
         return (0, 0), (0, 0, width, height)  # all zero: peak() and bounding_box() of a zero map
-    upsampled = _Upsampled(values, size, fused)
-    (x, y), maximum = _peak(upsampled)
-    return (x, y), _box(upsampled, np.float32(threshold * float(maximum)))
+    x, y = _axis(values.shape[1], width, fused), _axis(values.shape[0], height, fused)
+    found = _grid_peak_and_box(
+        values, x.low, x.high, x.weight_low, x.weight_high, x.first, x.last,
+        y.low, y.high, y.weight_low, y.weight_high, y.first, y.last, y.segment, fused, threshold,
+    )  # fmt: skip
+    if found[0] < 0:  # more runs than room (a mask no map draws): the full-size way has no such limit
+        heatmap = upsample_map(torch.from_numpy(values), size)
+        return peak(heatmap), bounding_box(heatmap, threshold)
+    peak_x, peak_y, x0, y0, x1, y1 = found
+    return (peak_x, peak_y), (x0, y0, x1, y1)
 
 
-def _peak(upsampled: _Upsampled) -> tuple[tuple[int, int], np.float32]:
-    """The first maximum in reading order of the clamped map, and its value.
+def compile_peak_and_box() -> None:
+    """Compile peak_and_box's loops, or load them from numba's cache: seconds the first time in a fresh copy of
+    this package, so that a worker pays them while it starts and not in its first answer."""
+    peak_and_box(np.full((2, 2), 0.5, dtype=np.float32), (_SMALL_OUTPUT, _SMALL_OUTPUT))
+    bounding_box(torch.ones(1, 1))
 
-    In exact arithmetic the maximum sits on a segment's first or last row and column: the largest value there
-    is a lower bound of the true maximum. A pixel can reach it only where its two knot rows, interpolated along
-    x, do (its value is a convex combination of them): those pixels, usually a few columns next to the top
-    knot, are computed exactly.
+
+@_compiled
+def _fma(a: np.float32, b: np.float32, c: np.float32, fused: bool) -> np.float32:
+    """float32 a * b + c as torch's kernels compute it: rounded once if `fused` (a * b is exact in float64), else twice."""
+    if fused:
+        return np.float32(np.float64(a) * np.float64(b) + np.float64(c))
+    return np.float32(a * b) + c
+
+
+@_compiled
+def _knot_rows(
+    grid: np.ndarray, x_low: np.ndarray, x_high: np.ndarray, x_weight_low: np.ndarray, x_weight_high: np.ndarray, fused: bool
+) -> np.ndarray:
+    """Every knot row interpolated along x, torch's first step: (h, width) float32."""
+    rows = np.empty((grid.shape[0], x_low.shape[0]), dtype=np.float32)
+    for r in range(grid.shape[0]):
+        for x in range(x_low.shape[0]):
+            rows[r, x] = _fma(grid[r, x_low[x]], x_weight_low[x], np.float32(grid[r, x_high[x]] * x_weight_high[x]), fused)
+    return rows
+
+
+@_compiled
+def _value(
+    rows: np.ndarray,
+    y_low: np.ndarray,
+    y_high: np.ndarray,
+    y_weight_low: np.ndarray,
+    y_weight_high: np.ndarray,
+    y: int,
+    x: int,
+    fused: bool,
+) -> np.float32:
+    """torch's value at pixel (y, x), before upsample_map's clamp."""
+    return _fma(rows[y_low[y], x], y_weight_low[y], np.float32(rows[y_high[y], x] * y_weight_high[y]), fused)
+
+
+@_compiled
+def _upsampled(
+    grid: np.ndarray, x_low: np.ndarray, x_high: np.ndarray, x_weight_low: np.ndarray, x_weight_high: np.ndarray,
+    y_low: np.ndarray, y_high: np.ndarray, y_weight_low: np.ndarray, y_weight_high: np.ndarray, fused: bool,
+) -> np.ndarray:  # fmt: skip
+    """Every pixel of the map, unclamped: the probe that tells whether this reproduces torch."""
+    rows = _knot_rows(grid, x_low, x_high, x_weight_low, x_weight_high, fused)
+    values = np.empty((y_low.shape[0], x_low.shape[0]), dtype=np.float32)
+    for y in range(y_low.shape[0]):
+        for x in range(x_low.shape[0]):
+            values[y, x] = _value(rows, y_low, y_high, y_weight_low, y_weight_high, y, x, fused)
+    return values
+
+
+@_compiled
+def _grid_peak_and_box(
+    grid: np.ndarray, x_low: np.ndarray, x_high: np.ndarray, x_weight_low: np.ndarray, x_weight_high: np.ndarray,
+    x_first: np.ndarray, x_last: np.ndarray, y_low: np.ndarray, y_high: np.ndarray, y_weight_low: np.ndarray,
+    y_weight_high: np.ndarray, y_first: np.ndarray, y_last: np.ndarray, y_segment: np.ndarray, fused: bool, threshold: float,
+) -> tuple[int, int, int, int, int, int]:  # fmt: skip
+    """(peak x, peak y, x0, y0, x1, y1) of the upsampled map; all -1 if the box's runs overflow their room.
+
+    Peak: in exact arithmetic the maximum sits on a segment's first or last row and column, so the largest value
+    there is a lower bound of the true maximum. A pixel can reach it only where its two knot rows, interpolated
+    along x, do (its value is a convex combination of them); those pixels, usually a few columns next to the top
+    knot, are computed exactly, and the first of the largest in reading order wins.
+
+    Box: a row crosses one segment of columns per pair of neighbouring knots. Where the four knots around such a
+    stretch are all above the limit (or all below), so is every pixel of it. Elsewhere the two end pixels are
+    computed: along the stretch the value is affine in exact arithmetic, so unless the limit lies between them,
+    they decide it. Where it does, the pixels whose affine value is within _SLACK of the limit, usually one or
+    two, are computed exactly; the pixels before and after them follow the affine model. The mask's runs per
+    row go to _largest_region.
     """
-    x_axis, y_axis = upsampled.x, upsampled.y
-    lower = np.minimum(upsampled.values(y_axis.ends[:, None], x_axis.ends[None, :]), 1).max()
-    # Per segment of rows, the columns that may reach `lower`; then every row of that segment at those columns.
-    reach = np.maximum(upsampled.rows[y_axis.low[y_axis.first]], upsampled.rows[y_axis.high[y_axis.first]])
-    segments, xs = np.nonzero(reach >= lower - 2 * _SLACK)
-    counts = y_axis.last[segments] - y_axis.first[segments] + 1
-    ys = np.repeat(y_axis.first[segments] - np.cumsum(counts) + counts, counts) + np.arange(counts.sum())
-    xs = np.repeat(xs, counts)
-    found = np.minimum(upsampled.values(ys, xs), 1)
-    maximum = found.max()
-    at_maximum = found == maximum
-    first = int((ys[at_maximum] * upsampled.width + xs[at_maximum]).min())
-    return (first % upsampled.width, first // upsampled.width), maximum
+    width, height = x_low.shape[0], y_low.shape[0]
+    rows = _knot_rows(grid, x_low, x_high, x_weight_low, x_weight_high, fused)
+    slack = np.float32(_SLACK)
+
+    lower = np.float32(-1)
+    for sy in range(y_first.shape[0]):
+        for y in (y_first[sy], y_last[sy]):
+            for sx in range(x_first.shape[0]):
+                for x in (x_first[sx], x_last[sx]):
+                    lower = max(lower, min(_value(rows, y_low, y_high, y_weight_low, y_weight_high, y, x, fused), np.float32(1)))
+    best, best_index = np.float32(-1), -1
+    for sy in range(y_first.shape[0]):
+        top, bottom = rows[y_low[y_first[sy]]], rows[y_high[y_first[sy]]]
+        for x in range(width):
+            if max(top[x], bottom[x]) >= lower - 2 * slack:
+                for y in range(y_first[sy], y_last[sy] + 1):
+                    value = min(_value(rows, y_low, y_high, y_weight_low, y_weight_high, y, x, fused), np.float32(1))
+                    index = y * width + x
+                    if value > best or (value == best and index < best_index):
+                        best, best_index = value, index
+    limit = np.float32(threshold * np.float64(best))
+
+    # Bounds of each cell between knots (the last knot repeated past the edge), per segment of rows and columns.
+    cell_low = np.empty((y_first.shape[0], x_first.shape[0]), dtype=np.float32)
+    cell_high = np.empty_like(cell_low)
+    for sy in range(y_first.shape[0]):
+        r0, r1 = y_low[y_first[sy]], y_high[y_first[sy]]
+        for sx in range(x_first.shape[0]):
+            c0, c1 = x_low[x_first[sx]], x_high[x_first[sx]]
+            a, b, c, d = grid[r0, c0], grid[r0, c1], grid[r1, c0], grid[r1, c1]
+            cell_low[sy, sx], cell_high[sy, sx] = min(min(a, b), min(c, d)), max(max(a, b), max(c, d))
+
+    room = height * (x_first.shape[0] + 2)
+    run_row = np.empty(room, dtype=np.int64)
+    run_x0, run_x1 = np.empty(room, dtype=np.int64), np.empty(room, dtype=np.int64)
+    runs = 0
+    for y in range(height):
+        row_start = runs
+        sy = y_segment[y]
+        for sx in range(x_first.shape[0]):
+            first, stop = x_first[sx], x_last[sx] + 1
+            if cell_high[sy, sx] + slack < limit:
+                continue
+            if cell_low[sy, sx] - slack >= limit:
+                runs = _add_interval(run_row, run_x0, run_x1, runs, row_start, y, first, stop)
+                continue
+            start_value = _value(rows, y_low, y_high, y_weight_low, y_weight_high, y, first, fused)
+            end_value = _value(rows, y_low, y_high, y_weight_low, y_weight_high, y, stop - 1, fused)
+            if min(start_value, end_value) - slack >= limit:
+                runs = _add_interval(run_row, run_x0, run_x1, runs, row_start, y, first, stop)
+                continue
+            if max(start_value, end_value) + slack < limit:
+                continue
+            # The window of pixels to compute: those whose weight puts the affine value within _SLACK of the limit.
+            window_start, window_stop = first, stop
+            start_weight, end_weight = np.float64(x_weight_high[first]), np.float64(x_weight_high[stop - 1])
+            span = np.float64(end_value) - np.float64(start_value)
+            if span != 0 and end_weight != start_weight:
+                near_a = start_weight + (end_weight - start_weight) * (np.float64(limit) - _SLACK - start_value) / span
+                near_b = start_weight + (end_weight - start_weight) * (np.float64(limit) + _SLACK - start_value) / span
+                lowest, highest = min(near_a, near_b), max(near_a, near_b)
+                window_start = first + np.searchsorted(x_weight_high[first:stop], lowest, side="left")
+                window_stop = max(window_start, first + np.searchsorted(x_weight_high[first:stop], highest, side="right"))
+            rising = end_value > start_value
+            if not rising and window_start > first:  # falling: the pixels before the window are above
+                runs = _add_interval(run_row, run_x0, run_x1, runs, row_start, y, first, window_start)
+            for x in range(window_start, window_stop):
+                if _value(rows, y_low, y_high, y_weight_low, y_weight_high, y, x, fused) >= limit:
+                    runs = _add_interval(run_row, run_x0, run_x1, runs, row_start, y, x, x + 1)
+            if rising and window_stop < stop:  # rising: the pixels after it are
+                runs = _add_interval(run_row, run_x0, run_x1, runs, row_start, y, window_stop, stop)
+            if runs < 0:
+                return -1, -1, -1, -1, -1, -1
+        if runs < 0:
+            return -1, -1, -1, -1, -1, -1
+    if runs == 0:  # the peak is always in the mask: only an error of this code could leave it empty
+        return -1, -1, -1, -1, -1, -1
+    x0, y0, x1, y1 = _largest_region(run_row[:runs], run_x0[:runs], run_x1[:runs])
+    return best_index % width, best_index // width, x0, y0, x1, y1
 
 
-def _box(upsampled: _Upsampled, limit: np.float32) -> tuple[int, int, int, int]:
-    """bounding_box of the map for the mask `value >= limit`, from the mask's runs of pixels per row.
-
-    A row crosses one segment of columns per pair of neighbouring knots. Where the four knots around such a
-    stretch are all above the limit (or all below), so is every pixel of it (values are convex combinations).
-    Elsewhere the two end pixels are computed: along the stretch the value is affine in exact arithmetic, so
-    unless the limit lies between them, they decide it. Where it does, the pixels whose affine value is within
-    _SLACK of the limit - usually one or two - are computed exactly, and they split the stretch into the part
-    above and the part below. Each stretch thus gives at most one interval of the mask, and consecutive
-    intervals that touch make the runs.
-    """
-    x_axis, y_axis, grid = upsampled.x, upsampled.y, upsampled.grid
-    # Bounds of each cell between knots (r, r + 1) x (c, c + 1), the last knot repeated past the edge.
-    padded = np.concatenate((grid, grid[-1:]), axis=0)
-    padded = np.concatenate((padded, padded[:, -1:]), axis=1)
-    quad = (padded[:-1, :-1], padded[1:, :-1], padded[:-1, 1:], padded[1:, 1:])
-    rows, cols = y_axis.low[y_axis.first][:, None], x_axis.low[x_axis.first][None, :]
-    cell_low, cell_high = np.minimum.reduce(quad)[rows, cols], np.maximum.reduce(quad)[rows, cols]
-    maybe = (cell_high + _SLACK >= limit)[y_axis.segment]  # (height, segments): stretches that may be in the mask
-    sure = (cell_low - _SLACK >= limit)[y_axis.segment]
-    ys, js = np.nonzero(maybe)  # in reading order
-    sure = sure[ys, js]
-    first, last = x_axis.first[js], x_axis.last[js]
-    x0, x1 = first.copy(), last + 1
-    open_ = np.flatnonzero(~sure)
-    if len(open_):
-        y, j = ys[open_], js[open_]
-        start_value, end_value = upsampled.values(y, first[open_]), upsampled.values(y, last[open_])
-        low, high = np.minimum(start_value, end_value), np.maximum(start_value, end_value)
-        inside, outside = low - _SLACK >= limit, high + _SLACK < limit
-        crossing = ~inside & ~outside
-        x1[open_[outside]] = x0[open_[outside]]  # empty
-        if crossing.any():
-            at = open_[crossing]
-            begin, stop = _crossing_interval(upsampled, y[crossing], j[crossing], start_value[crossing], end_value[crossing], limit)
-            if begin is None:
-                return bounding_box(upsample_map(torch.from_numpy(grid), (upsampled.width, upsampled.height)), BBOX_THRESHOLD)
-            x0[at], x1[at] = begin, stop
-    keep = x1 > x0
-    ys, x0, x1 = ys[keep], x0[keep], x1[keep]
-    # Runs: intervals that touch, within a row, are one run.
-    joined = (ys[1:] == ys[:-1]) & (x0[1:] == x1[:-1])
-    starts = np.flatnonzero(~np.concatenate(([False], joined)))
-    ends = np.flatnonzero(~np.concatenate((joined, [False])))
-    return _largest_region_box(ys[starts], x0[starts], x1[ends], upsampled.width)
+@_compiled
+def _add_interval(run_row: np.ndarray, run_x0: np.ndarray, run_x1: np.ndarray, runs: int, row_start: int, y: int, x0: int, x1: int) -> int:
+    """Add the mask's pixels [x0, x1) of row y, joined to the row's last run if they touch; the new count of runs, -1 if full."""
+    if runs < 0:
+        return runs
+    if runs > row_start and run_x1[runs - 1] == x0:
+        run_x1[runs - 1] = x1
+        return runs
+    if runs == run_row.shape[0]:
+        return -1
+    run_row[runs], run_x0[runs], run_x1[runs] = y, x0, x1
+    return runs + 1
 
 
-def _crossing_interval(
-    upsampled: _Upsampled, ys: np.ndarray, segments: np.ndarray, start_value: np.ndarray, end_value: np.ndarray, limit: np.float32
-) -> tuple[np.ndarray | None, np.ndarray | None]:
-    """[begin, stop) of the pixels >= limit in stretches of rows `ys` whose end values lie on both sides of it.
+@_compiled
+def _largest_region(rows: np.ndarray, x0: np.ndarray, x1: np.ndarray) -> tuple[int, int, int, int]:
+    """(x0, y0, x1, y1) box of the largest 4-connected region of a mask given as runs [x0, x1) in `rows`, in reading order.
 
-    Along a stretch the value is affine in the pixels' weight (exact arithmetic); the pixels whose affine value
-    is within _SLACK of the limit are computed. (None, None) if those do not fall into an above part and a
-    below part, which float rounding could only do for a stretch that hugs the limit: never seen in a map.
-    """
-    x_axis = upsampled.x
-    first, last = x_axis.first[segments], x_axis.last[segments]
-    start_weight, end_weight = x_axis.weight_high[first].astype(np.float64), x_axis.weight_high[last].astype(np.float64)
-    rising = end_value > start_value
-    span = (end_value - start_value).astype(np.float64)
-    with np.errstate(divide="ignore", invalid="ignore"):
-        near = [start_weight + (end_weight - start_weight) * (float(limit) + sign * _SLACK - start_value) / span for sign in (-1, 1)]
-    flat = (span == 0) | (end_weight == start_weight)  # no slope to follow: every pixel is computed
-    keys = x_axis.keys
-    lowest, highest = np.where(flat, start_weight, np.minimum(*near)), np.where(flat, end_weight, np.maximum(*near))
-    window_start = np.clip(np.searchsorted(keys, 2.0 * segments + lowest, side="left"), first, last + 1)
-    window_stop = np.clip(np.searchsorted(keys, 2.0 * segments + highest, side="right"), window_start, last + 1)
-    size = window_stop - window_start
-    count = int(size.sum())
-    above_in_window = np.zeros(len(ys), dtype=np.int64)
-    if count:
-        owner = np.repeat(np.arange(len(ys)), size)
-        xs = np.repeat(window_start - np.cumsum(size) + size, size) + np.arange(count)
-        above = upsampled.values(ys[owner], xs) >= limit
-        # Above the limit must be one block at the rising end of the window (or the falling start).
-        expected_order = np.where(rising[owner], above, ~above)
-        same_owner = owner[1:] == owner[:-1]
-        if bool((same_owner & (expected_order[1:] < expected_order[:-1])).any()):
-            return None, None
-        above_in_window = np.bincount(owner, weights=above, minlength=len(ys)).astype(np.int64)
-    # Rising: below before the window and in its first part, above after; falling: the mirror image.
-    begin = np.where(rising, window_stop - above_in_window, first)
-    stop = np.where(rising, last + 1, window_start + above_in_window)
-    return begin, stop
-
-
-def _largest_region_box(rows: np.ndarray, x0: np.ndarray, x1: np.ndarray, width: int) -> tuple[int, int, int, int]:
-    """Box of the largest 4-connected region of a mask given as runs [x0, x1) in `rows`, in reading order.
-
+    Runs of consecutive rows that share a column are one region (union-find, each region named by its first run).
     Of regions of equal size, the one whose first pixel comes first in reading order wins, as scipy.ndimage.label's
     numbering would pick (tests/test_cam_math.py checks against it).
     """
-    one_per_row = bool((np.diff(rows) == 1).all())
-    if one_per_row and bool(((x0[1:] < x1[:-1]) & (x0[:-1] < x1[1:])).all()):
-        return int(x0.min()), int(rows[0]), int(x1.max()), int(rows[-1]) + 1
-    # Runs of consecutive rows that share a column are connected. Keys rank runs in reading order (row-major):
-    # the runs of the row above that overlap run i are those from `first` to `stop` (exclusive).
-    stride = width + 1
-    start_keys, end_keys = rows * stride + x0, rows * stride + x1
-    above = (rows - 1) * stride
-    first = np.searchsorted(end_keys, above + x0, side="right")
-    stop = np.maximum(np.searchsorted(start_keys, above + x1, side="left"), first)
-    links = stop - first
-    ends = np.cumsum(links)
-    other = np.repeat(first - ends + links, links) + np.arange(int(ends[-1]))
-    # Row i of the graph lists the runs above that run i touches: built as CSR directly, and read as directed
-    # with weak connection (the same components as undirected, without symmetrising the matrix).
-    indptr = np.concatenate(([0], ends)).astype(np.int32)
-    graph = sparse.csr_matrix((np.ones(len(other)), other.astype(np.int32), indptr), shape=(len(rows), len(rows)))
-    _, region = csgraph.connected_components(graph, directed=True, connection="weak")
-    sizes = np.bincount(region, weights=x1 - x0)
-    # The first run of each region, in reading order, stands for its first pixel.
-    first_run = np.unique(region, return_index=True)[1]
-    largest = np.flatnonzero(sizes == sizes.max())
-    chosen = region == largest[np.argmin(first_run[largest])]
-    return int(x0[chosen].min()), int(rows[chosen].min()), int(x1[chosen].max()), int(rows[chosen].max()) + 1
+    count = rows.shape[0]
+    parent = np.arange(count)
+    previous_start, previous_stop, start = 0, 0, 0
+    while start < count:
+        stop = start
+        while stop < count and rows[stop] == rows[start]:
+            stop += 1
+        if previous_stop > previous_start and rows[previous_start] == rows[start] - 1:
+            above = previous_start
+            for run in range(start, stop):
+                while above < previous_stop and x1[above] <= x0[run]:
+                    above += 1
+                other = above
+                while other < previous_stop and x0[other] < x1[run]:
+                    a, b = _root(parent, run), _root(parent, other)
+                    parent[max(a, b)] = min(a, b)
+                    other += 1
+        previous_start, previous_stop, start = start, stop, stop
+    size = np.zeros(count, dtype=np.int64)
+    left, right, bottom = x0.copy(), x1.copy(), rows.copy()
+    for run in range(count):
+        root = _root(parent, run)
+        size[root] += x1[run] - x0[run]
+        left[root], right[root], bottom[root] = min(left[root], x0[run]), max(right[root], x1[run]), max(bottom[root], rows[run])
+    largest = 0
+    for run in range(count):
+        if size[run] > size[largest]:
+            largest = run
+    return left[largest], rows[largest], right[largest], bottom[largest] + 1
+
+
+@_compiled
+def _root(parent: np.ndarray, run: int) -> int:
+    """The first run of `run`'s region, halving the path on the way."""
+    while parent[run] != run:
+        parent[run] = parent[parent[run]]
+        run = parent[run]
+    return run

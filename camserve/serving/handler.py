@@ -25,6 +25,7 @@ from ts.service import Service
 from ts.torch_handler.base_handler import BaseHandler
 
 from camserve.cam import METHODS, CamExtractor, LayerError, MethodError
+from camserve.cam.localization import compile_peak_and_box
 from camserve.model_spec import ModelSpec, load_labels, load_model
 from camserve.preprocessing import whole_image_transform
 from camserve.protocol.decoding import MAX_PIXELS, RequestError, decode_request
@@ -84,6 +85,7 @@ class CamHandler(BaseHandler):
             max_request_cost=self.spec.request_cost_limit,
         )
         self.max_answer_bytes = int(os.environ.get("TS_MAX_RESPONSE_SIZE", DEFAULT_MAX_RESPONSE_SIZE)) - _ENVELOPE_ALLOWANCE
+        compile_peak_and_box()
         logger.info(
             "camserve: %s, default method %s at layer(s) %s", self.spec.architecture, self.spec.method, self.extractor.default_layers
         )
