@@ -3,6 +3,12 @@
 from __future__ import annotations
 
 import io
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -103,3 +109,31 @@ def test_this_torch_is_reproduced_so_the_grid_way_is_taken() -> None:
     from camserve.cam.localization import _torch_fuses
 
     assert _torch_fuses() is not None
+
+
+@pytest.mark.skipif(not hasattr(os, "geteuid") or os.geteuid() != 0 or not shutil.which("setpriv"), reason="needs root and setpriv")
+def test_a_read_only_package_imports_and_answers_without_numbas_cache() -> None:
+    """A pod with a read-only image and home: numba finds nowhere to cache, and the package must still work."""
+    package = Path(__file__).resolve().parent.parent / "camserve"
+    root = Path(tempfile.mkdtemp(prefix="camserve-read-only-"))
+    try:
+        shutil.copytree(package, root / "camserve", ignore=shutil.ignore_patterns("__pycache__"))
+        for path in [root, *root.rglob("*")]:
+            path.chmod(0o555 if path.is_dir() else 0o444)
+        program = (
+            f"import sys; sys.path.insert(0, {str(root)!r}); import torch; "
+            "from camserve.cam.localization import peak_and_box; "
+            "print(peak_and_box(torch.tensor([[0.0, 1.0], [0.5, 0.0]]), (640, 480)))"
+        )
+        unprivileged = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", sys.executable, "-c", program]
+        environment = {**os.environ, "HOME": "/nonexistent"}
+        environment.pop("NUMBA_CACHE_DIR", None)
+        result = subprocess.run(unprivileged, capture_output=True, text=True, timeout=300, env=environment, cwd=root)
+        assert result.returncode == 0, result.stderr[-2000:]
+        heatmap = upsample_map(torch.tensor([[0.0, 1.0], [0.5, 0.0]]), (640, 480))
+        assert result.stdout.strip() == str((peak(heatmap), bounding_box(heatmap)))
+        assert not list(root.rglob("*.nbi"))
+    finally:
+        for path in [root, *root.rglob("*")]:
+            path.chmod(0o755 if path.is_dir() else 0o644)
+        shutil.rmtree(root)

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import numba
 import numpy as np
@@ -91,9 +93,16 @@ def box_iou(a: tuple[int, int, int, int], b: tuple[int, int, int, int]) -> float
 _SMALL_OUTPUT = 128  # torch's _use_channels_last_kernel_2d threshold on output height + width
 _SLACK = 4e-6  # bound on |torch's value - the affine model|: ~30 ULPs at 1.0, for values in [0, 1]
 
-# Compiled on first use and cached beside this file (or in NUMBA_CACHE_DIR); nogil: a worker's other threads
-# (TorchServe's, the frontend's I/O) go on meanwhile.
-_compiled = numba.njit(cache=True, nogil=True, boundscheck=False)
+
+def _compiled(function: Callable[..., Any]) -> Any:
+    """numba.njit, cached on disk where numba finds a writable place (beside this file, NUMBA_CACHE_DIR, the user's
+    cache directory). Without one (a read-only image and home) numba refuses to cache at import time: compiled in
+    memory then, once per process, rather than a handler that cannot be imported. nogil: the worker's other
+    threads go on meanwhile."""
+    try:
+        return numba.njit(cache=True, nogil=True, boundscheck=False)(function)
+    except RuntimeError:
+        return numba.njit(nogil=True, boundscheck=False)(function)
 
 
 @dataclass(frozen=True)
