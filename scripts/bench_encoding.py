@@ -7,7 +7,7 @@
 The old answer is the implementation before issue 12, kept below as the reference: torch's bilinear upsampling
 to a float map at full size, the PNG quantised from it (Sub filter, stdlib zlib level 1), numpy's argmax and the
 run-based box of that map. The new one is camserve.protocol.responses.cam_json: peak and box from the grid
-(camserve.cam.localization.peak_and_box; under 100,000 pixels from the full-size map, the cheaper way there), the
+(camserve.cam.localization.peak_and_box, compiled loops; outputs of width + height <= 128 from the full-size map), the
 PNG from OpenCV's resize of the grid and zlib-ng.
 
 Maps: three smooth Gaussian blobs on a 16x16 and on a 7x7 grid, a 16x16 torch.rand grid (noise, the worst case

@@ -76,8 +76,8 @@ def box_iou(a: tuple[int, int, int, int], b: tuple[int, int, int, int]) -> float
 # upsample_map's full-size map costs more than everything else in an answer (4 ms at 1280x960), and the PNG does
 # not need it (camserve.protocol.responses). peak_and_box gets the same peak and box from the grid: it reproduces
 # torch's bilinear upsampling bit for bit, but only at the few pixels that can decide the answer. Its loops are
-# compiled by numba: as numpy passes they cost 0.5-0.9 ms per answer, mostly in the overhead of a hundred calls on
-# small arrays (docs/benchmarks.md, "The map answer").
+# compiled by numba: as numpy passes they cost 0.4-0.9 ms per answer, mostly the fixed cost of a hundred calls on
+# small arrays, against 0.03-0.13 ms compiled (docs/benchmarks.md, "Response encoding").
 #
 # torch (CPU, float32, align_corners=False) computes output pixel (y, x) from the knots around it as
 #     row(r, x) = fma(grid[r, x_low], wx_low, grid[r, x_high] * wx_high)        (r = y_low and y_high)
