@@ -345,9 +345,7 @@ def _grid_peak_and_box(
                     runs = _add_interval(run_row, run_x0, run_x1, runs, row_start, y, x, x + 1)
             if rising and window_stop < stop:  # rising: the pixels after it are
                 runs = _add_interval(run_row, run_x0, run_x1, runs, row_start, y, window_stop, stop)
-            if runs < 0:
-                return -1, -1, -1, -1, -1, -1
-        if runs < 0:
+        if runs < 0:  # full: _add_interval keeps -1 once it is reached
             return -1, -1, -1, -1, -1, -1
     if runs == 0:  # the peak is always in the mask: only an error of this code could leave it empty
         return -1, -1, -1, -1, -1, -1
