@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import ROOT, png_bytes
+from conftest import ROOT, default_heatmap_size, png_bytes
 from PIL import Image
 
 from camserve.models.shapes_net import ShapesNet
@@ -47,10 +47,11 @@ def test_initialize_reads_model_config(handler: CamHandler) -> None:
 
 
 def test_a_batch_answers_each_request_with_its_own_map(handler: CamHandler, scenes) -> None:
-    rows = [{"body": png_bytes(scene.image)} for scene in scenes[:3]]
+    # The heat map at the default size, and at the image's (where the peak indexes it) in the same batch.
+    rows = [{"body": png_bytes(scene.image)} for scene in scenes[:3]] + [{"body": png_bytes(scenes[3].image), "heatmap_size": b"original"}]
     responses, context = run(handler, rows)
-    assert len(responses) == 3
-    for response, scene, index in zip(responses, scenes, range(3)):
+    assert len(responses) == 4
+    for response, scene, index in zip(responses, scenes, range(4)):
         assert context.get_response_status(index)[0] == 200
         assert [p["index"] for p in response["predictions"]] and len(response["predictions"]) == 3
         cam = response["cam"]
@@ -58,10 +59,12 @@ def test_a_batch_answers_each_request_with_its_own_map(handler: CamHandler, scen
         assert cam["index"] == response["predictions"][0]["index"]
         assert cam["size"] == list(scene.image.size)
         heatmap = decode_heatmap(cam["heatmap"])
-        assert heatmap.shape == (scene.image.height, scene.image.width) and heatmap.dtype.name == "uint8"
+        width, height = scene.image.size if index == 3 else default_heatmap_size(scene.image.size, 192)
+        assert cam["heatmap_size"] == [width, height] and heatmap.shape == (height, width) and heatmap.dtype.name == "uint8"
         x0, y0, x1, y1 = cam["bbox"]
         assert 0 <= x0 < x1 <= scene.image.width and 0 <= y0 < y1 <= scene.image.height
-        assert heatmap[cam["peak"][1], cam["peak"][0]] == heatmap.max()
+        if index == 3:
+            assert heatmap[cam["peak"][1], cam["peak"][0]] == heatmap.max()
 
 
 def test_a_bad_request_fails_alone(handler: CamHandler, scenes) -> None:
@@ -85,10 +88,11 @@ def test_a_photo_decoded_at_reduced_scale_still_gets_full_size_answers(handler: 
     photo = scenes[0].image.resize((1280, 960))
     buffer = io.BytesIO()
     photo.save(buffer, format="JPEG", quality=90)
-    rows = [{"body": buffer.getvalue()}, {"body": buffer.getvalue()}]
-    responses, context = run(handler, rows, headers=[{}, {"Accept": "image/png"}])
-    assert responses[0]["cam"]["size"] == [1280, 960]
-    assert decode_heatmap(responses[0]["cam"]["heatmap"]).shape == (960, 1280)
+    rows = [{"body": buffer.getvalue()}, {"body": buffer.getvalue()}, {"body": buffer.getvalue(), "heatmap_size": b"original"}]
+    responses, context = run(handler, rows, headers=[{}, {"Accept": "image/png"}, {}])
+    assert responses[0]["cam"]["size"] == responses[2]["cam"]["size"] == [1280, 960]
+    assert decode_heatmap(responses[0]["cam"]["heatmap"]).shape == (144, 192)  # the default: the model input's side
+    assert decode_heatmap(responses[2]["cam"]["heatmap"]).shape == (960, 1280)
     assert context.get_response_content_type(1) == "image/png"
     with Image.open(io.BytesIO(responses[1])) as overlay:
         assert overlay.size == (1280, 960)

@@ -8,6 +8,7 @@ box white, its peak a cross).
 Figures - over images for top1, over (image, ground-truth class) maps for the rest:
   top1                  the top-1 prediction is one of the image's classes
   pointing_game         the map's peak lies inside a ground-truth box of its class
+  empty_maps            maps that point nowhere (all zero): no peak, no box; counted as misses (pointing and IoU 0)
   iou50                 the map's box has IoU >= 0.5 with a ground-truth box of its class (mean_iou: the mean)
   deletion_auc          RISE deletion (lower is better): the class probability as the most salient pixels turn
                         black, 1/STEPS of the pixels at a time; the area under that curve
@@ -90,13 +91,14 @@ class MapRecord:
     class_index: int
     predicted: str  # the image's top-1 label
     probability: float | None  # of this class, as the endpoint answered; None when outside its top-k
-    peak: list[int]
-    bbox: list[int]
+    peak: list[int] | None  # None: the map is empty
+    bbox: list[int] | None
     pointing: bool
     iou: float
     deletion_auc: float
     insertion_auc: float
     randomization_spearman: float | None = None
+    empty: bool = False  # the answer said the map points nowhere: a miss for the pointing game and IoU
 
     @property
     def badness(self) -> tuple:
@@ -312,7 +314,7 @@ def model_pixels(handler: Any, body: bytes) -> Any:
 
 
 def map_at_input_size(handler: Any, heatmap: Any) -> Any:
-    """A full-size uint8 heat map resized to the model's input, as floats in [0, 1]."""
+    """A uint8 heat map (any size: the answer's heatmap_size) resized to the model's input, as floats in [0, 1]."""
     import numpy as np
     import torch
     from PIL import Image
@@ -335,18 +337,20 @@ def score_map(handler: Any, image: Any, cam: dict[str, Any], pixels: Any, steps:
         return handler.extractor.predict(normalize(batch)).softmax(dim=1)[:, class_index]
 
     deletion, insertion = deletion_insertion_auc(class_probability, pixels, map_at_input_size(handler, heatmap), steps)
+    empty = cam.get("empty") is True or cam.get("bbox") is None or cam.get("peak") is None
     record = MapRecord(
         image=str(image.path),
         label=cam["label"],
         class_index=class_index,
         predicted="",
         probability=None,
-        peak=list(cam["peak"]),
-        bbox=list(cam["bbox"]),
-        pointing=pointing_hit(cam["peak"], boxes),
-        iou=round(best_iou(cam["bbox"], boxes), 4),
+        peak=None if empty else list(cam["peak"]),
+        bbox=None if empty else list(cam["bbox"]),
+        pointing=False if empty else pointing_hit(cam["peak"], boxes),
+        iou=0.0 if empty else round(best_iou(cam["bbox"], boxes), 4),
         deletion_auc=round(deletion, 4),
         insertion_auc=round(insertion, 4),
+        empty=empty,
     )
     return record, heatmap
 
@@ -383,6 +387,7 @@ def map_figures(records: list[MapRecord]) -> dict[str, Any]:
     spearmans = [r.randomization_spearman for r in records]
     return {
         "maps": len(records),
+        "empty_maps": sum(r.empty for r in records),
         "pointing_game": _mean([float(r.pointing) for r in records]),
         "iou50": _mean([float(r.iou >= 0.5) for r in records]),
         "mean_iou": _mean([r.iou for r in records]),
@@ -467,7 +472,8 @@ def write_worst(folder: Path, evaluation: Evaluation) -> list[str]:
     names = []
     for rank, (record, heatmap_b64, boxes, path) in enumerate(evaluation.worst, start=1):
         name = f"{rank:02d}_{Path(record.image).stem}_{record.label}.png".replace(" ", "_")
-        caption = f"{record.label}: top-1 {record.predicted}, IoU {record.iou:.2f}, {'hit' if record.pointing else 'miss'}"
+        verdict = "empty map" if record.empty else "hit" if record.pointing else "miss"
+        caption = f"{record.label}: top-1 {record.predicted}, IoU {record.iou:.2f}, {verdict}"
         (folder / name).write_bytes(
             annotated_overlay(path.read_bytes(), base64.b64decode(heatmap_b64), boxes, record.bbox, record.peak, caption)
         )
@@ -481,14 +487,15 @@ def _shown(value: Any) -> str:
     return f"{value:.3f}" if isinstance(value, float) else str(value)
 
 
-FIGURE_COLUMNS = ("top1", "pointing_game", "iou50", "mean_iou", "deletion_auc", "insertion_auc", "randomization_spearman")
+FIGURE_COLUMNS = ("empty_maps", "top1", "pointing_game", "iou50", "mean_iou", "deletion_auc", "insertion_auc", "randomization_spearman")
 
 
 def summary_markdown(metrics: dict[str, Any]) -> str:
     lines = [
         f"# Evaluation of `{metrics['model']}` ({metrics['method']})",
         "",
-        f"{metrics['images']} images, {metrics['maps']} maps (one per image and ground-truth class); boxes from "
+        f"{metrics['images']} images, {metrics['maps']} maps (one per image and ground-truth class), "
+        f"{metrics['empty_maps']} of them empty (no peak, no box: counted as misses); boxes from "
         f"`{metrics['settings']['boxes']}`; {metrics['seconds']} s.",
         "",
         "| scope | images | maps | " + " | ".join(FIGURE_COLUMNS) + " |",
@@ -540,7 +547,7 @@ def summary_markdown(metrics: dict[str, Any]) -> str:
         for rank, entry in enumerate(metrics["worst"], start=1):
             lines.append(
                 f"| {rank} | {Path(entry['image']).name} | {entry['label']} | {entry['predicted']} | "
-                f"{'yes' if entry['pointing'] else 'no'} | "
+                f"{'empty map' if entry['empty'] else 'yes' if entry['pointing'] else 'no'} | "
                 f"{entry['iou']:.2f} | {entry['deletion_auc']:.3f} | {entry['insertion_auc']:.3f} | "
                 f"[{entry.get('file', '')}]({entry.get('file', '')}) |"
             )
