@@ -254,6 +254,8 @@ def run_cell(server: TorchServe, model: BenchModel, variant: Variant, users: int
         variant.answer,
         "--summary",
         str(summary),
+        "--server-pid",
+        str(server.process.pid),
     ]
     for header in variant.headers():
         command += ["--header", header]
@@ -294,8 +296,12 @@ def drain(server: TorchServe, name: str, ours: bool) -> None:
         requests.post(f"{server.inference_url}/predictions/{name}", data=image, headers=headers, timeout=900).raise_for_status()
 
 
+FRONTEND_WARMUP_S = 10.0
+
+
 def merge(rounds: list[dict]) -> dict:
-    """One cell's figures from its rounds: requests and bytes add up, percentiles from the merged histogram."""
+    """One cell's figures from its rounds: requests, bytes and CPU seconds add up, percentiles from the merged
+    histogram; CPU per request is the rounds' CPU seconds over their requests."""
     histogram: dict[float, int] = {}
     for figures in rounds:
         for ms, count in figures["response_times_ms"].items():
@@ -311,6 +317,25 @@ def merge(rounds: list[dict]) -> dict:
         "errors": [error for f in rounds for error in f["errors"]][:5],
         "rounds": len(rounds),
         **{f"p{round(q * 100)}_ms": percentile(histogram, q) for q in (0.5, 0.95, 0.99)},
+        **cpu_per_request(rounds, requests_made),
+    }
+
+
+CPU_PARTS = ("server_frontend", "server_workers", "server_other", "server_total", "server_jit", "client")
+
+
+def cpu_per_request(rounds: list[dict], requests_made: int) -> dict:
+    """CPU ms per answered request over the rounds' measured windows, by part (server_total: frontend + workers +
+    other; server_jit, the frontend's JIT compilation, apart), and the seconds behind them; nothing where a round
+    has no CPU figures (a run without --server-pid)."""
+    if not requests_made or not all(f.get("cpu") for f in rounds):
+        return {}
+    seconds = {part: sum(f["cpu"][f"{part}_s"] for f in rounds) for part in CPU_PARTS}
+    return {
+        **{f"{part}_cpu_ms": 1000 * value / requests_made for part, value in seconds.items()},
+        "cpu_seconds": {**seconds, "window": sum(f["cpu"]["window_s"] for f in rounds)},
+        # Each round's own figure: how far rounds of one cell spread.
+        "server_total_cpu_ms_by_round": [1000 * f["cpu"]["server_total_s"] / f["requests"] if f["requests"] else None for f in rounds],
     }
 
 
@@ -344,8 +369,13 @@ def measure(
     server = start_server(models, settings, work_dir)
     try:
         for model in models:
+            # Warm-up. The frontend's request path (the same for every variant) runs interpreted, at a higher CPU
+            # cost per request, until its JIT has compiled it over the first thousands of requests: at full load
+            # first, so that the first variant measured does not pay for it. Then each variant once: first-call
+            # costs, caches.
+            run_cell(server, model, VARIANTS[0], max(concurrency), FRONTEND_WARMUP_S, work_dir)
             for variant in variants:
-                run_cell(server, model, variant, 1, 2.0, work_dir)  # warm-up: first-call costs, caches
+                run_cell(server, model, variant, 1, 2.0, work_dir)
             for users in concurrency:
                 results: dict[str, list[dict]] = {variant.name: [] for variant in variants}
                 for round_ in range(rounds):
