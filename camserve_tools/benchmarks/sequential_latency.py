@@ -260,7 +260,7 @@ def target_lines(cells: Sequence[CellLatency]) -> str:
     for cell in cells:
         ratio = cell.ratio("gradcam")
         verdict = "met" if ratio <= GRADCAM_TARGET else "missed"
-        lines.append(f"gradcam ÷ none ≤ {GRADCAM_TARGET}, {cell.model} {cell.size[0]}×{cell.size[1]}: ×{ratio:.2f}, {verdict}")
+        lines.append(f"gradcam ÷ none ≤ {GRADCAM_TARGET:.2f}, {cell.model} {cell.size[0]}×{cell.size[1]}: ×{ratio:.2f}, {verdict}")
     return "\n".join(lines)
 
 
