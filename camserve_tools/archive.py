@@ -30,7 +30,7 @@ import yaml
 from camserve.model_spec import EXPORTED, ModelSpec, SpecError, without_auxiliary_heads
 
 ROOT = Path(__file__).resolve().parent.parent
-HANDLER = ROOT / "camserve" / "serving" / "handler.py"
+HANDLER = ROOT / "camserve" / "engines" / "torchserve_handler.py"
 PACKAGE = ROOT / "camserve"
 PROBE = Path(__file__).resolve().with_name("probe_model.py")
 

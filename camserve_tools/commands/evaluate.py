@@ -186,7 +186,7 @@ def run(args: argparse.Namespace) -> int:
     except Exception as error:  # noqa: BLE001 - a damaged archive, or whatever the model's own code raises while loading
         raise CommandFailed(f"{args.model} cannot be loaded: {type(error).__name__}: {error}") from None
     try:
-        check_method(model.handler, settings.method)
+        check_method(model.pipeline, settings.method)
         try:
             annotated = read_annotations(args.boxes, args.data, model.labels)
         except AnnotationError as error:
@@ -197,9 +197,9 @@ def run(args: argparse.Namespace) -> int:
                 f"(unmatched labels: {annotated.unmatched_labels[:10]}, missing images: {len(annotated.missing_images)})"
             )
         if randomised is not None:
-            randomise_weights(randomised.handler, settings.seed)
-        evaluation = evaluate_images(model.handler, randomised.handler if randomised else None, annotated.images, settings, args.quiet)
-        metrics = metrics_report(evaluation, model.name, settings.method or model.handler.spec.method, settings, args.boxes, annotated)
+            randomise_weights(randomised.pipeline, settings.seed)
+        evaluation = evaluate_images(model.pipeline, randomised.pipeline if randomised else None, annotated.images, settings, args.quiet)
+        metrics = metrics_report(evaluation, model.name, settings.method or model.pipeline.spec.method, settings, args.boxes, annotated)
         metrics["seconds"] = round(time.perf_counter() - started, 1)
         verdicts = [
             {"key": t.key, "bound": t.bound, "value": t.value, "actual": metrics[t.key], "passed": t.passes(metrics[t.key])}
@@ -224,7 +224,7 @@ def check_method(handler: Any, method: str | None) -> None:
     from camserve.protocol.options import parse_options
 
     try:
-        options = parse_options({"method": method} if method else {}, handler.option_rules)
+        options = parse_options({"method": method} if method else {}, handler.rules)
     except RequestError as error:
         raise UsageError(str(error)) from None
     if options.method is None:

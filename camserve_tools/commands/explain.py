@@ -151,8 +151,8 @@ def run(args: argparse.Namespace) -> int:
     except Exception as error:  # noqa: BLE001 - a damaged archive, or whatever the model's own code raises while loading
         raise CommandFailed(f"{args.model} cannot be loaded: {type(error).__name__}: {error}") from None
     with model:
-        check_settings(model.handler, settings)
-        summary = explain_images(model.handler, model.name, paths, args.out, settings, quiet=args.quiet)
+        check_settings(model.pipeline, settings)
+        summary = explain_images(model.pipeline, model.name, paths, args.out, settings, quiet=args.quiet)
     report = {**asdict(summary), "images_per_second": round(summary.images_per_second, 2)}
     emit(report, args.json, key_values(report))
     return EXIT_FAILED if summary.failed else EXIT_OK
@@ -164,7 +164,7 @@ def check_settings(handler: Any, settings: ExplainSettings) -> None:
     from camserve.protocol.options import parse_options
 
     try:
-        parse_options(options_from_headers(settings.request_headers()), handler.option_rules)
+        parse_options(options_from_headers(settings.request_headers()), handler.rules)
     except RequestError as error:
         raise UsageError(str(error)) from None
 
