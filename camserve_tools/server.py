@@ -109,19 +109,37 @@ class TorchServe:
             # Nothing of the repository on the worker's path: the archive must carry all it imports.
             PYTHONPATH="",
         )
+        env.pop("TS_SERVICE_ENVELOPE", None)
+        if self.envelope:
+            # camserve's handler answers the envelope itself (camserve/engines/torchserve_handler.py).
+            env["TS_SERVICE_ENVELOPE"] = self.envelope
         env.update(self.env)
         return env
 
     @property
+    def envelope(self) -> str | None:
+        """The KServe envelope camserve's handler answers in: TS_SERVICE_ENVELOPE as the caller sets it (KServe's
+        runtime does), else the config's `service_envelope`, which is never handed to TorchServe's own envelopes."""
+        return self.env.get("TS_SERVICE_ENVELOPE") or self._properties().get("service_envelope") or None
+
+    def _properties(self) -> dict[str, str]:
+        pairs = (line.split("=", 1) for line in self.config.read_text().splitlines() if "=" in line and not line.lstrip().startswith("#"))
+        return {key.strip(): value.strip() for key, value in pairs}
+
+    @property
     def max_response_size(self) -> int:
         """The config's max_response_size (an extra property wins), else TorchServe's default."""
-        properties = dict(line.split("=", 1) for line in self.config.read_text().splitlines() if "=" in line and not line.startswith("#"))
-        properties.update(self.extra_properties)
+        properties = {**self._properties(), **self.extra_properties}
         return int(properties.get("max_response_size", 6_553_500))
 
     def _write_config(self) -> Path:
         """The given config with this instance's addresses (and any extra properties) filled in."""
-        ours = ("inference_address", "management_address", "metrics_address", "grpc_")
+        ours = ("inference_address", "management_address", "metrics_address", "grpc_", "service_envelope")
+        if self._properties().get("enable_envvars_config", "").lower() == "true" and self.envelope:
+            raise ValueError(
+                f"{self.config}: service_envelope with enable_envvars_config=true would make TorchServe unwrap the envelope "
+                "before camserve's handler does; turn enable_envvars_config off"
+            )
         lines = [line for line in self.config.read_text().splitlines() if not line.startswith(ours)]
         lines += [
             f"inference_address=http://{self.host}:{self.inference_port}",
@@ -202,9 +220,7 @@ class TorchServe:
     def _probe_request(self) -> dict:
         """A real prediction request in the protocol the config speaks (plain, or a KServe envelope)."""
         image = sample_image_png()
-        envelope = next(
-            (line.split("=", 1)[1].strip() for line in self.config.read_text().splitlines() if line.startswith("service_envelope=")), ""
-        )
+        envelope = self.envelope
         encoded = base64.b64encode(image).decode("ascii")
         if envelope == "kserve":
             body = {"instances": [{"data": encoded}]}

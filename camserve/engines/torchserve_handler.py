@@ -4,10 +4,12 @@
 - inference: the network's predictions and maps for every decoded row, in one pass per (method, layers) group;
 - postprocess: each request's answer bytes, status and content type.
 
-KServe's envelopes are camserve's own (camserve.pipeline.envelopes), chosen by CAMSERVE_ENVELOPE (`kserve` or
-`kservev2`) in the server's environment and read once at start; TorchServe's `service_envelope` must stay unset,
-since its envelopes would unwrap the body before us. Each request in a batch succeeds or fails on its own, and no
-request can make the worker exit.
+KServe's envelopes are camserve's own (camserve.pipeline.envelopes): TorchServe's would unwrap the body before us,
+drop every request of a batch but the first, and answer a malformed envelope with a 503. The envelope is read once,
+at start, from TS_SERVICE_ENVELOPE (`kserve` or `kservev2`: KServe's TorchServe runtime sets it from the
+InferenceService's protocol, and `camserve serve` from the config's `service_envelope`), while TorchServe itself must
+not apply it: the config has no `service_envelope` and `enable_envvars_config` off. Each request in a batch
+succeeds or fails on its own, and no request can make the worker exit.
 """
 
 from __future__ import annotations
@@ -15,54 +17,28 @@ from __future__ import annotations
 import logging
 import os
 import time
-from collections.abc import Mapping
-from dataclasses import dataclass, field
 from http import HTTPStatus
 from pathlib import Path
 from typing import Any
 
 import torch
-from ts.metrics.dimension import Dimension
 from ts.torch_handler.base_handler import BaseHandler
 
+from camserve.engines.torchserve_parts import ReceivedRequest, TorchServeMetrics
 from camserve.model_spec import ModelSpec
-from camserve.pipeline import Answer, CamPipeline, Prediction, Request, RequestError, Row
-from camserve.pipeline.envelopes import ENVELOPES, KSERVE_V1, V2Request, v1_answer, v1_rows, v2_answer, v2_request
+from camserve.pipeline import Answer, CamPipeline, RequestError, Row
+from camserve.pipeline.envelopes import ENVELOPES, KSERVE_V1, v1_answer, v1_rows, v2_answer, v2_request
 from camserve.protocol.limits import ENVELOPE_ALLOWANCE, TORCHSERVE_MAX_RESPONSE_SIZE
 
 logger = logging.getLogger(__name__)
 
 
 def configured_envelope() -> str | None:
-    """The KServe envelope this server answers in (CAMSERVE_ENVELOPE), or None for camserve's own protocol."""
-    envelope = os.environ.get("CAMSERVE_ENVELOPE", "").strip().lower() or None
+    """The KServe envelope this server answers in (TS_SERVICE_ENVELOPE), or None for camserve's own protocol."""
+    envelope = os.environ.get("TS_SERVICE_ENVELOPE", "").strip().lower() or None
     if envelope not in (None, *ENVELOPES):
-        raise ValueError(f"CAMSERVE_ENVELOPE={envelope!r}: use one of {list(ENVELOPES)}, or leave it unset")
+        raise ValueError(f"TS_SERVICE_ENVELOPE={envelope!r}: use one of {list(ENVELOPES)}, or leave it unset")
     return envelope
-
-
-class _TorchServeMetrics:
-    """The pipeline's times and counts as TorchServe model metrics (on /metrics with metrics_mode=prometheus)."""
-
-    def __init__(self, metrics: Any) -> None:
-        self.metrics = metrics
-
-    def add_time(self, name: str, milliseconds: float, dimensions: Mapping[str, str]) -> None:
-        self.metrics.add_time(name, milliseconds, None, "ms", [Dimension(k, v) for k, v in dimensions.items()])
-
-    def add_count(self, name: str, dimensions: Mapping[str, str]) -> None:
-        self.metrics.add_counter(name, 1, None, [Dimension(k, v) for k, v in dimensions.items()])
-
-
-@dataclass
-class _Received:
-    """One HTTP request of the batch: its rows as read (or decoded), and what its answer wraps them in."""
-
-    rows: list[Request | RequestError] = field(default_factory=list)
-    refusal: RequestError | None = None  # the whole request, when its envelope cannot be read
-    v2: V2Request | None = None
-    explain: bool = False
-    predictions: list[Prediction | RequestError] = field(default_factory=list)
 
 
 class CamHandler(BaseHandler):
@@ -76,7 +52,7 @@ class CamHandler(BaseHandler):
         # frontend's limit: an answer over it would make the frontend drop the worker's connection.
         limit = int(os.environ.get("TS_MAX_RESPONSE_SIZE", TORCHSERVE_MAX_RESPONSE_SIZE)) - ENVELOPE_ALLOWANCE
         self.pipeline = CamPipeline.from_spec(
-            spec, Path(properties["model_dir"]), device, max_answer_bytes=limit, metrics=_TorchServeMetrics(context.metrics)
+            spec, Path(properties["model_dir"]), device, max_answer_bytes=limit, metrics=TorchServeMetrics(context.metrics)
         )
         self.model = self.pipeline.model
         self.manifest = context.manifest
@@ -93,12 +69,12 @@ class CamHandler(BaseHandler):
         context.metrics.add_time("HandlerTime", round((time.perf_counter() - started) * 1000, 2), None, "ms")
         return responses
 
-    def preprocess(self, data: list[dict[str, Any]]) -> list[_Received]:
+    def preprocess(self, data: list[dict[str, Any]]) -> list[ReceivedRequest]:
         """Each request -> its rows read against the model and decoded into network inputs, or its refusal."""
         received = []
         for index, row in enumerate(data):
             headers = self._headers(index)
-            item = _Received(explain=str(headers.get("explain", "")).lower() == "true")
+            item = ReceivedRequest(explain=str(headers.get("explain", "")).lower() == "true")
             try:
                 rows = self._rows(row, headers, item)
             except RequestError as error:
@@ -108,13 +84,13 @@ class CamHandler(BaseHandler):
             received.append(item)
         return received
 
-    def inference(self, received: list[_Received]) -> list[_Received]:
+    def inference(self, received: list[ReceivedRequest]) -> list[ReceivedRequest]:
         """Predictions and maps for every decoded row of the batch."""
         for item, predictions in zip(received, self.pipeline.predict_each([item.rows for item in received]), strict=True):
             item.predictions = predictions
         return received
 
-    def postprocess(self, received: list[_Received]) -> list[bytes]:
+    def postprocess(self, received: list[ReceivedRequest]) -> list[bytes]:
         """Each request's answer as bytes, with its status and content type set."""
         responses = []
         for index, item in enumerate(received):
@@ -129,7 +105,7 @@ class CamHandler(BaseHandler):
 
     # -- stages' parts ----------------------------------------------------------------------------------------
 
-    def _rows(self, row: dict[str, Any], headers: dict[str, str], item: _Received) -> list[Row]:
+    def _rows(self, row: dict[str, Any], headers: dict[str, str], item: ReceivedRequest) -> list[Row]:
         if self.envelope is None:
             return [Row(fields=row, headers=headers, explain=item.explain)]
         body = row.get("body") if row.get("body") is not None else row.get("data")
@@ -138,7 +114,7 @@ class CamHandler(BaseHandler):
         item.v2 = v2_request(body, headers)
         return item.v2.rows
 
-    def _answer(self, item: _Received, index: int) -> Answer:
+    def _answer(self, item: ReceivedRequest, index: int) -> Answer:
         if item.refusal is not None:
             return self.pipeline.refuse(item.refusal)
         answers = self.pipeline.respond(item.rows, item.predictions)
