@@ -9,49 +9,43 @@ imported already (the `camserve` package itself) are not imported again from the
 
 from __future__ import annotations
 
-import json
-import sys
-import tempfile
-import zipfile
-from dataclasses import dataclass, field
-from pathlib import Path, PurePosixPath
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
+from camserve.model_source import (  # noqa: F401 - the commands read archives through this module
+    MODEL_CONFIG,
+    DamagedArchive,
+    ModelSource,
+    ModelSourceError,
+    extract_archive,
+    open_model_source,
+    read_manifest,
+)
 from camserve.pipeline import CamPipeline, Row
-
-MODEL_CONFIG = "model-config.yaml"
-MANIFEST = "MAR-INF/MANIFEST.json"
-
-
-class ModelSourceError(ValueError):
-    """MODEL is neither a .mar nor a model directory with model-config.yaml: the command line names the wrong thing."""
-
-
-class DamagedArchive(ValueError):
-    """MODEL is a .mar that cannot be read: truncated, not a zip, or with members pointing outside it."""
 
 
 @dataclass
 class LocalModel:
     """A loaded pipeline and where its files are; `close()` removes what opening it added."""
 
-    name: str
-    model_dir: Path
+    source: ModelSource
     pipeline: CamPipeline
-    version: str | None = None
-    _temporary: tempfile.TemporaryDirectory | None = field(default=None, repr=False)
+
+    @property
+    def name(self) -> str:
+        return self.source.name
+
+    @property
+    def model_dir(self) -> Path:
+        return self.source.model_dir
 
     @property
     def labels(self) -> list[str]:
         return self.pipeline.labels
 
     def close(self) -> None:
-        entry = str(self.model_dir)
-        if entry in sys.path:
-            sys.path.remove(entry)
-        if self._temporary is not None:
-            self._temporary.cleanup()
-            self._temporary = None
+        self.source.close()
 
     def __enter__(self) -> LocalModel:
         return self
@@ -60,55 +54,14 @@ class LocalModel:
         self.close()
 
 
-def extract_archive(archive: Path, destination: Path) -> None:
-    """Unzip a .mar, refusing members that would land outside `destination` (a zip may name '../x')."""
-    try:
-        with zipfile.ZipFile(archive) as mar:
-            for member in mar.namelist():
-                parts = PurePosixPath(member).parts
-                if PurePosixPath(member).is_absolute() or ".." in parts:
-                    raise DamagedArchive(f"{archive}: member {member!r} points outside the archive")
-            mar.extractall(destination)
-    except (zipfile.BadZipFile, EOFError, OSError) as error:
-        raise DamagedArchive(f"{archive} is not a readable .mar (zip) archive, truncated or damaged: {error}") from None
-
-
-def read_manifest(model_dir: Path) -> dict[str, Any]:
-    """The archive's MAR-INF/MANIFEST.json `model` section; a plain model dir has none (empty dict)."""
-    path = model_dir / MANIFEST
-    return json.loads(path.read_text()).get("model", {}) if path.exists() else {}
-
-
 def open_model(source: Path, **settings: Any) -> LocalModel:
     """Load MODEL (a .mar or a model directory) into a pipeline, as a worker would (`settings`: CamPipeline's)."""
-    source = Path(source)
-    temporary = None
-    if source.is_dir():
-        model_dir = source.resolve()
-    elif source.is_file():
-        temporary = tempfile.TemporaryDirectory(prefix="camserve-model-")
-        model_dir = Path(temporary.name)
-        try:
-            extract_archive(source, model_dir)
-        except DamagedArchive:
-            temporary.cleanup()
-            raise
-    else:
-        raise ModelSourceError(f"{source} does not exist")
+    opened = open_model_source(source)
     try:
-        if not (model_dir / MODEL_CONFIG).is_file():
-            raise ModelSourceError(f"{source} has no {MODEL_CONFIG}: not a camserve model directory or archive")
-        manifest = read_manifest(model_dir)
-        name = manifest.get("modelName") or (source.stem if source.is_file() else source.name)
-        sys.path.insert(0, str(model_dir))  # as the worker: the archive's own modules are importable
-        pipeline = CamPipeline.from_model_dir(model_dir, **settings)
+        return LocalModel(opened, CamPipeline.from_model_dir(opened.model_dir, **settings))
     except BaseException:
-        if str(model_dir) in sys.path:
-            sys.path.remove(str(model_dir))
-        if temporary is not None:
-            temporary.cleanup()
+        opened.close()
         raise
-    return LocalModel(name=name, model_dir=model_dir, pipeline=pipeline, version=manifest.get("modelVersion"), _temporary=temporary)
 
 
 def answer_rows(pipeline: CamPipeline, bodies: list[bytes], headers: list[dict[str, str]]) -> list[tuple[int, Any]]:
