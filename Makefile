@@ -10,13 +10,15 @@ INFERENCE_PORT ?= 8080
 MANAGEMENT_PORT ?= 8081
 METRICS_PORT ?= 8082
 CONFIG ?= config/dev.properties
+# torchserve, or kserve: the same pipeline on KServe's own model server (no TorchServe, no Java)
+ENGINE ?= torchserve
 comma := ,
 space := $(empty) $(empty)
 
 .PHONY: help venv serve stop test lint archive train evaluate bench bench-maps loadtest clean kserve-bundle kserve-local kserve-local-stop check-manifests
 
 help:
-	@echo "make serve     start TorchServe with the default models (shapes, imagenet) on 127.0.0.1:$(INFERENCE_PORT) (background)"
+	@echo "make serve     start TorchServe with the default models (shapes, imagenet) on 127.0.0.1:$(INFERENCE_PORT) (background; ENGINE=kserve: KServe's own model server)"
 	@echo "make stop      stop that server"
 	@echo "make test      install what is missing, lint, and run the whole test suite"
 	@echo "make lint      ruff (lint, format check) and mypy"
@@ -73,7 +75,7 @@ archive: $(VENV)/.installed
 endif
 
 serve: $(ARCHIVES)
-	$(BIN)/camserve serve --run-dir $(RUN_DIR) --config $(CONFIG) \
+	$(BIN)/camserve serve --engine $(ENGINE) --run-dir $(RUN_DIR) --config $(CONFIG) \
 		--inference-port $(INFERENCE_PORT) --management-port $(MANAGEMENT_PORT) --metrics-port $(METRICS_PORT)
 
 stop:

@@ -77,7 +77,7 @@ def shapes_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TorchSer
 
 def start_kserve_engine(run_dir: Path, archives: list[Path]) -> KServeEngine:
     """camserve on KServe's own model server (no TorchServe) in `run_dir`, on free ports, serving `archives`."""
-    engine = KServeEngine.on_free_ports(run_dir=run_dir, archives=archives)
+    engine = KServeEngine.on_free_ports(run_dir=run_dir, archives=archives, config=ROOT / "config" / "dev.properties")
     engine.start()
     return engine
 

@@ -66,15 +66,14 @@ def test_plain_requests_get_identical_bytes(shapes_server, kserve_engine, scenes
 
 def test_form_and_json_bodies_get_identical_bytes(shapes_server, kserve_engine, scenes) -> None:
     image = png_bytes(scenes[1].image)
+    body = json.dumps({"data": base64.b64encode(image).decode(), "maps": 2}).encode()
+    forms, bodies = [], []
     for engine in (shapes_server, kserve_engine):
-        engine.form = post(f"{engine.inference_url}/predictions/shapes", files={"data": image}, data={"method": "cam"})
-        engine.json = post(
-            f"{engine.inference_url}/predictions/shapes",
-            json.dumps({"data": base64.b64encode(image).decode(), "maps": 2}).encode(),
-            {"Content-Type": "application/json"},
-        )
-    same_answer(shapes_server.form, kserve_engine.form)
-    same_answer(shapes_server.json, kserve_engine.json)
+        url = f"{engine.inference_url}/predictions/shapes"
+        forms.append(requests.post(url, files={"data": image}, data={"method": "cam"}, timeout=60))
+        bodies.append(post(url, body, {"Content-Type": "application/json"}))
+    same_answer(*forms)
+    same_answer(*bodies)
 
 
 def v1_body(images: list[str], **options) -> bytes:
@@ -167,3 +166,13 @@ def test_the_native_engine_answers_requests_in_flight_together(kserve_engine, sc
     assert all(answer.status_code == 200 for answer in answers)
     assert [answer.json()["cam"]["size"] for answer in answers] == [list(scene.image.size) for scene in scenes[:16]]
     assert requests.get(f"{kserve_engine.inference_url}/v2/models/shapes/ready", timeout=10).json()["ready"] is True
+
+
+def test_the_native_engine_reports_camserve_metrics(kserve_engine, scenes) -> None:
+    url = kserve_engine.inference_url
+    assert post(f"{url}/predictions/shapes", png_bytes(scenes[3].image), {"X-CAM-Method": "cam"}).status_code == 200
+    assert post(f"{url}/predictions/shapes", b"not an image").status_code == 400
+    text = requests.get(f"{url}/metrics", timeout=30).text
+    assert 'CamRequests_total{Method="cam",Output="png",model_name="shapes"}' in text
+    assert 'CamErrors_total{Kind="invalid_image",model_name="shapes"}' in text
+    assert 'CamMapTime_count{Method="cam",model_name="shapes"}' in text

@@ -33,7 +33,7 @@ def test_every_manifest_validates() -> None:
 
 
 def test_the_checker_catches_unknown_fields_and_wrong_kinds() -> None:
-    service = by_kind("InferenceService")[0]
+    service = next(s for s in by_kind("InferenceService") if "env" in s["spec"]["predictor"]["model"])
     typo = copy.deepcopy(service)
     typo["spec"]["predictor"]["model"]["runtimeVerison"] = "0.12.0"
     assert any("runtimeVerison: unknown field" in problem for problem in check_document(typo))
@@ -49,7 +49,7 @@ def test_the_checker_catches_unknown_fields_and_wrong_kinds() -> None:
 
 
 def test_inference_services() -> None:
-    services = by_kind("InferenceService")
+    services = [s for s in by_kind("InferenceService") if s["spec"]["predictor"]["model"]["runtime"] != "camserve"]
     protocols = set()
     for service in services:
         predictor = service["spec"]["predictor"]
@@ -102,3 +102,18 @@ def test_kubernetes_config_carries_production_settings() -> None:
         if key not in documented_exceptions:
             assert ours.get(key) == value, key
     assert ours["disable_token_authorization"] == "true" and ours["management_address"].startswith("http://127.0.0.1:")
+
+
+def test_the_native_runtime_and_its_inference_service() -> None:
+    """camserve's own ClusterServingRuntime (KServe's model server hosting the pipeline) and a service that names it."""
+    runtime = one("ClusterServingRuntime")
+    (container,) = runtime["spec"]["containers"]
+    assert container["command"] == ["python", "-m", "camserve.engines.kserve_model"]
+    assert container["args"][:2] == ["--model-store", "/mnt/models"] and "--grpc-listen-port" in container["args"]
+    assert container["securityContext"]["runAsNonRoot"] and container["securityContext"]["readOnlyRootFilesystem"]
+    assert {"v1", "v2", "grpc-v2"} <= set(runtime["spec"]["protocolVersions"])
+    formats = {f["name"] for f in runtime["spec"]["supportedModelFormats"]}
+    (service,) = [s for s in by_kind("InferenceService") if s["spec"]["predictor"]["model"]["runtime"] == runtime["metadata"]["name"]]
+    model = service["spec"]["predictor"]["model"]
+    assert model["modelFormat"]["name"] in formats and model["storageUri"]
+    assert model["readinessProbe"]["httpGet"]["path"] == "/v2/models/shapes/ready"

@@ -2,6 +2,7 @@
 
     python -m camserve.engines.kserve_model --archives model_store/shapes.mar,model_store/imagenet.mar \
         --listen-port 8080 --grpc-listen-port 8081
+    python -m camserve.engines.kserve_model --model-store /mnt/models --listen-host 0.0.0.0   # in a KServe pod
 
 One `CamModel` (a kserve.Model) per archive or model dir. It answers
 - KServe v1 `:predict` and `:explain` and v2 `/infer` (REST and the v2 gRPC service) in the envelopes of
@@ -35,19 +36,47 @@ from kserve import Model
 from kserve.errors import InvalidInput
 from kserve.model_server import FASTAPI_APP_IMPORT_STRING, ModelServer
 from kserve.protocol.grpc import grpc_predict_v2_pb2_grpc
+from kserve.protocol.grpc.interceptors import ExceptionToStatusInterceptor
 from kserve.protocol.grpc.server import GRPCServer
 from kserve.protocol.grpc.servicer import InferenceServicer
 from kserve.protocol.infer_type import InferOutput, InferRequest, InferResponse
 from kserve.protocol.rest.server import RESTServer
+from prometheus_client import Counter, Histogram
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from camserve.model_source import ModelSource, open_model_source
 from camserve.pipeline import Answer, CamPipeline, RequestError, Row
 from camserve.pipeline.envelopes import v1_answer, v1_rows, v2_answer, v2_request
+from camserve.protocol.decoding import body_value
 
 logger = logging.getLogger("camserve.engines.kserve")
 
 DEFAULT_MAX_BODY_BYTES = 6_553_500  # TorchServe's default max_request_size: the same bound on both engines
+
+
+# The pipeline's metrics on KServe's /metrics, beside KServe's own: counters and the map time per method, by model.
+_REQUESTS = Counter("CamRequests", "answered requests, by method and output", ["model_name", "Method", "Output"])
+_ERRORS = Counter("CamErrors", "refused requests, by error type", ["model_name", "Kind"])
+_MAP_TIME = Histogram(
+    "CamMapTime", "forward pass and maps of one group, in ms", ["model_name", "Method"], buckets=(1, 2, 5, 10, 20, 50, 100, 200, 500, 1000)
+)
+
+
+class PrometheusMetrics:
+    """camserve.pipeline's Metrics as Prometheus series of one model."""
+
+    def __init__(self, model_name: str) -> None:
+        self.model_name = model_name
+
+    def add_time(self, name: str, milliseconds: float, dimensions: Mapping[str, str]) -> None:
+        if name == "CamMapTime":
+            _MAP_TIME.labels(self.model_name, dimensions.get("Method", "none")).observe(milliseconds)
+
+    def add_count(self, name: str, dimensions: Mapping[str, str]) -> None:
+        if name == "CamRequests":
+            _REQUESTS.labels(self.model_name, dimensions.get("Method", "none"), dimensions.get("Output", "")).inc()
+        elif name == "CamErrors":
+            _ERRORS.labels(self.model_name, dimensions.get("Kind", "")).inc()
 
 
 class AnswerError(Exception):
@@ -120,7 +149,8 @@ class CamModel(Model):
         source = open_model_source(path)
         try:
             config = yaml.safe_load((source.model_dir / "model-config.yaml").read_text()) or {}
-            return cls(source, CamPipeline.from_model_dir(source.model_dir), int(config.get("batchSize", 1)))
+            pipeline = CamPipeline.from_model_dir(source.model_dir, metrics=PrometheusMetrics(source.name))
+            return cls(source, pipeline, int(config.get("batchSize", 1)))
         except BaseException:
             source.close()
             raise
@@ -222,7 +252,7 @@ async def _plain(request: HTTPRequest, model_name: str, explain: bool) -> Respon
         form = await request.form()
         fields = {key: (await value.read()) if hasattr(value, "read") else value for key, value in form.multi_items()}
     else:
-        fields = {"body": await request.body()}
+        fields = {"body": body_value(await request.body(), headers.get("content-type"))}
     return _response(await model.answer_plain(Row(fields=fields, headers=headers, explain=explain)))
 
 
@@ -334,12 +364,15 @@ _models: dict[str, CamModel] = {}
 class _LoopbackGRPCServer(GRPCServer):
     """KServe's v2 gRPC service on a chosen address: KServe's own binds every interface."""
 
-    def __init__(self, host: str, *args: Any, **kwargs: Any) -> None:
+    def __init__(self, host: str, max_message_bytes: int, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self._host = host
+        self._max_message_bytes = max_message_bytes
 
     async def start(self, max_workers: int) -> None:
-        self._server = aio.server(options=[("grpc.max_receive_message_length", DEFAULT_MAX_BODY_BYTES)])
+        self._server = aio.server(
+            interceptors=(ExceptionToStatusInterceptor(),), options=[("grpc.max_receive_message_length", self._max_message_bytes)]
+        )
         servicer = InferenceServicer(self._data_plane, self._model_repository_extension)
         grpc_predict_v2_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(servicer, self._server)
         self._server.add_insecure_port(f"{self._host}:{self._port}")
@@ -357,7 +390,7 @@ def serve(sources: list[str], host: str, port: int, grpc_port: int | None, max_b
     rest = _CamRESTServer(host, max_body_bytes, FASTAPI_APP_IMPORT_STRING, server.dataplane, server.model_repository_extension, port)
     servers = [rest.start()]
     if grpc_port:
-        grpc = _LoopbackGRPCServer(host, grpc_port, server.dataplane, server.model_repository_extension, kwargs={})
+        grpc = _LoopbackGRPCServer(host, max_body_bytes, grpc_port, server.dataplane, server.model_repository_extension, kwargs={})
         servers.append(grpc.start(1))
     logger.info("camserve on KServe's model server: %s on %s:%s (gRPC %s)", sorted(_models), host, port, grpc_port or "off")
 
@@ -369,14 +402,19 @@ def serve(sources: list[str], host: str, port: int, grpc_port: int | None, max_b
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--archives", required=True, help="comma list of .mar files or model dirs")
+    sources = parser.add_mutually_exclusive_group(required=True)
+    sources.add_argument("--archives", help="comma list of .mar files or model dirs")
+    sources.add_argument("--model-store", type=Path, help="serve every .mar of this folder (KServe mounts storageUri at /mnt/models)")
     parser.add_argument("--listen-host", default="127.0.0.1")
     parser.add_argument("--listen-port", type=int, default=8080)
     parser.add_argument("--grpc-listen-port", type=int, default=0, help="v2 gRPC port (0: off)")
     parser.add_argument("--max-body-bytes", type=int, default=DEFAULT_MAX_BODY_BYTES)
     args, _ = parser.parse_known_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    serve([s for s in args.archives.split(",") if s], args.listen_host, args.listen_port, args.grpc_listen_port, args.max_body_bytes)
+    archives = [s for s in args.archives.split(",") if s] if args.archives else [str(p) for p in sorted(args.model_store.glob("*.mar"))]
+    if not archives:
+        parser.error(f"no .mar in {args.model_store}")
+    serve(archives, args.listen_host, args.listen_port, args.grpc_listen_port, args.max_body_bytes)
 
 
 if __name__ == "__main__":

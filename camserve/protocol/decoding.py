@@ -174,6 +174,20 @@ def _header_text(value: str) -> str:
         return value
 
 
+def body_value(payload: bytes, content_type: str | None) -> Any:
+    """A request body as TorchServe's frontend hands it to a worker, so that every engine reads it alike: parsed
+    JSON for `application/json`, text for `text/*`, the bytes as they are otherwise or where that fails."""
+    content_type = (content_type or "").split(";")[0].strip().lower()
+    try:
+        if content_type == "application/json":
+            return json.loads(payload.decode("utf-8"))
+        if content_type.startswith("text"):
+            return payload.decode("utf-8")
+    except (ValueError, RecursionError):
+        pass
+    return payload
+
+
 @dataclass
 class RawRequest:
     """A request row before its image is decoded: the raw options and the image's bytes."""

@@ -20,6 +20,7 @@ from pathlib import Path
 
 import requests
 
+from camserve_tools.kserve.bundle import read_properties
 from camserve_tools.server import free_port, sample_image_png
 
 PID_FILE = "kserve.pid"
@@ -34,7 +35,13 @@ class KServeEngine:
     host: str = "127.0.0.1"
     inference_port: int = 8080
     grpc_port: int = 0  # 0: no gRPC listener
-    max_body_bytes: int = 6_553_500
+    # TorchServe's config, when given, sets the same body limit (max_request_size) as on TorchServe.
+    config: Path | None = None
+
+    @property
+    def max_body_bytes(self) -> int:
+        properties = read_properties(self.config) if self.config is not None else []
+        return int(dict(properties).get("max_request_size", 6_553_500))
 
     @classmethod
     def on_free_ports(cls, **fields: object) -> KServeEngine:
@@ -120,6 +127,14 @@ class KServeEngine:
     def auth_headers(self) -> dict[str, str]:
         return {}
 
+    def inference_key(self) -> str | None:
+        """No token: KServe's model server leaves authorization to what stands in front of it (an ingress, a mesh)."""
+        return None
+
+    @property
+    def models(self) -> str:
+        return ",".join(f"{name}={Path(archive).name}" for name, archive in zip(self.model_names, self.archives, strict=True))
+
     def stop(self) -> None:
         process = getattr(self, "process", None)
         pid = process.pid if process is not None else int(self.pid_file.read_text()) if self.pid_file.exists() else None
@@ -151,12 +166,14 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--archives", default="", help="comma list of .mar files or model dirs")
     parser.add_argument("--port", type=int, default=8080)
     parser.add_argument("--grpc-port", type=int, default=0)
+    parser.add_argument("--config", type=Path, help="a TorchServe config whose max_request_size bounds the body")
     args = parser.parse_args(argv)
     engine = KServeEngine(
         run_dir=args.run_dir.resolve(),
         archives=[Path(a) for a in args.archives.split(",") if a],
         inference_port=args.port,
         grpc_port=args.grpc_port,
+        config=args.config,
     )
     if args.action == "start":
         engine.start()
