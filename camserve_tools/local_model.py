@@ -13,15 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from camserve.model_source import (  # noqa: F401 - the commands read archives through this module
-    MODEL_CONFIG,
-    DamagedArchive,
-    ModelSource,
-    ModelSourceError,
-    extract_archive,
-    open_model_source,
-    read_manifest,
-)
+from camserve.model_source import ModelSource, open_model_source
 from camserve.pipeline import CamPipeline, Row
 
 

@@ -179,11 +179,12 @@ def test_evaluate_with_voc_boxes_agrees_and_a_breached_threshold_exits_1(coco_me
 
 
 @pytest.mark.serving
-def test_smoke_passes_the_real_archive() -> None:
-    result = camserve("smoke", SHAPES_MAR, "--json", "--quiet")
+@pytest.mark.parametrize("engine", ["torchserve", "kserve"])
+def test_smoke_passes_the_real_archive(engine: str) -> None:
+    result = camserve("smoke", SHAPES_MAR, "--engine", engine, "--json", "--quiet")
     assert result.returncode == 0, result.stdout + result.stderr
     report = json.loads(result.stdout)
-    assert report["ok"] and report["model"] == "shapes" and report["stage"] == "done"
+    assert report["ok"] and report["model"] == "shapes" and report["stage"] == "done" and report["engine"] == engine
     assert len(report["probes"]) == 4 and all(probe["ok"] for probe in report["probes"])
     assert report["probes"][-1]["status"] == 400  # the body that is not an image
 

@@ -84,6 +84,12 @@ def register(subparsers: Any) -> None:
         "--config", type=Path, default=ROOT / "config" / "dev.properties", help="TorchServe config.properties (default: %(default)s)"
     )
     parser.add_argument(
+        "--engine",
+        choices=("torchserve", "kserve"),
+        default="torchserve",
+        help="serve it on TorchServe or on KServe's own model server (default: %(default)s)",
+    )
+    parser.add_argument(
         "--timeout", type=float, default=120.0, help="seconds the model may take to answer its first prediction (default: 120)"
     )
     parser.add_argument(
@@ -99,16 +105,19 @@ def run(args: argparse.Namespace) -> int:
     if not args.config.is_file():
         raise UsageError(f"--config {args.config} is not a file")
     started = time.perf_counter()
-    report = smoke_test(args.archive, args.config, args.timeout, args.run_dir, args.quiet)
+    report = smoke_test(args.archive, args.config, args.timeout, args.run_dir, args.quiet, engine=args.engine)
     report["seconds"] = round(time.perf_counter() - started, 1)
     emit(report, args.json, people_table(report))
     return EXIT_OK if report["ok"] else EXIT_FAILED
 
 
-def smoke_test(archive: Path, config: Path, timeout: float, run_dir: Path | None, quiet: bool = True) -> dict[str, Any]:
+def smoke_test(
+    archive: Path, config: Path, timeout: float, run_dir: Path | None, quiet: bool = True, engine: str = "torchserve"
+) -> dict[str, Any]:
     """Every stage in order; the report says which failed and why. The server is stopped whatever happens."""
     report: dict[str, Any] = {
         "archive": str(archive),
+        "engine": engine,
         "model": None,
         "ok": False,
         "stage": "inspect",
@@ -123,7 +132,7 @@ def smoke_test(archive: Path, config: Path, timeout: float, run_dir: Path | None
         facts = inspect_archive(archive)
         report["model"] = facts.name
         report["stage"] = "start"
-        server = start_alone(archive, facts.name, config, run_dir, timeout)
+        server = start_alone(archive, facts.name, config, run_dir, timeout, engine)
         report["stage"] = "probe"
         results = probe(server, facts, quiet)
         report["probes"] = [{**asdict(result), "ok": result.ok} for result in results]
@@ -154,7 +163,7 @@ def inspect_archive(archive: Path) -> ArchiveFacts:
 
     from camserve.model_spec import ModelSpec, SpecError, load_labels
     from camserve_tools.archive import model_name_problem
-    from camserve_tools.local_model import MANIFEST, MODEL_CONFIG
+    from camserve.model_source import MANIFEST, MODEL_CONFIG
 
     try:
         with zipfile.ZipFile(archive) as mar:
@@ -211,8 +220,9 @@ def read_member(mar: zipfile.ZipFile, name: str, directory: str) -> Path:
     return Path(mar.extract(member, directory))
 
 
-def start_alone(archive: Path, name: str, config: Path, run_dir: Path, timeout: float) -> Any:
-    """TorchServe serving only this archive, on free ports, with its own model store, TMPDIR and logs."""
+def start_alone(archive: Path, name: str, config: Path, run_dir: Path, timeout: float, engine: str = "torchserve") -> Any:
+    """`engine` serving only this archive, on free ports, with its own model store, TMPDIR and logs."""
+    from camserve_tools.kserve.native import KServeEngine
     from camserve_tools.server import TorchServe
 
     store = run_dir / "model_store"
@@ -221,12 +231,11 @@ def start_alone(archive: Path, name: str, config: Path, run_dir: Path, timeout: 
     if target.resolve().parent != store.resolve():
         raise UsageError(f"model name {name!r} names no file of the run dir's model store")
     shutil.copy2(archive, target)
-    server = TorchServe.on_free_ports(
-        run_dir=run_dir,
-        config=config.resolve(),
-        model_store=store,
-        models=f"{name}={name}.mar",
-    )
+    server: TorchServe | KServeEngine
+    if engine == "kserve":
+        server = KServeEngine.on_free_ports(run_dir=run_dir, archives=[target], config=config.resolve())
+    else:
+        server = TorchServe.on_free_ports(run_dir=run_dir, config=config.resolve(), model_store=store, models=f"{name}={name}.mar")
     try:
         server.start(timeout=timeout)  # stops the server itself when the worker dies or the model never answers
     except (RuntimeError, TimeoutError, OSError) as error:
