@@ -174,8 +174,8 @@ def parse_thresholds(raw_min: list[str], raw_max: list[str]) -> list[Threshold]:
 
 
 def run(args: argparse.Namespace) -> int:
-    from camserve_tools.annotations import AnnotationError, read_annotations
     from camserve.model_source import ModelSourceError
+    from camserve_tools.annotations import AnnotationError, read_annotations
     from camserve_tools.local_model import open_model
 
     thresholds = parse_thresholds(args.min, args.max)

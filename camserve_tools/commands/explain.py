@@ -132,9 +132,9 @@ def _not_negative(raw: str) -> int:
 
 
 def run(args: argparse.Namespace) -> int:
+    from camserve.model_source import ModelSourceError
     from camserve_tools.image_inputs import InputError, collect_images
     from camserve_tools.journal import JournalError
-    from camserve.model_source import ModelSourceError
     from camserve_tools.local_model import open_model
 
     out = check_out_dir(args.out)

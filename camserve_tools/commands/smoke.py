@@ -161,9 +161,9 @@ def inspect_archive(archive: Path) -> ArchiveFacts:
 
     import yaml
 
+    from camserve.model_source import MANIFEST, MODEL_CONFIG
     from camserve.model_spec import ModelSpec, SpecError, load_labels
     from camserve_tools.archive import model_name_problem
-    from camserve.model_source import MANIFEST, MODEL_CONFIG
 
     try:
         with zipfile.ZipFile(archive) as mar:
