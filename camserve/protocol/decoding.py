@@ -31,10 +31,10 @@ class RequestError(ValueError):
     """A request we refuse; `status` is the HTTP code, `kind` a stable machine-readable name, `option` what was wrong."""
 
     def __init__(self, message: str, status: int = 400, kind: str = "bad_request", option: str | None = None) -> None:
-        super().__init__(message)
+        super().__init__(_strict_text(message))
         self.status = status
         self.kind = kind
-        self.option = option
+        self.option = None if option is None else _strict_text(option)
 
     def to_json(self) -> dict[str, Any]:
         body: dict[str, Any] = {"code": self.status, "type": self.kind, "message": str(self)}
@@ -45,6 +45,12 @@ class RequestError(ValueError):
     def log_line(self) -> str:
         """One JSON line for the log: why, and which option; the message cut short, never the request's bytes."""
         return json.dumps({"status": self.status, "type": self.kind, "option": self.option, "message": str(self)[:300]})
+
+
+def _strict_text(text: str) -> str:
+    """`text` without lone surrogates (a JSON body's "\\ud800" decodes to one): written as a backslash escape, so that
+    an error that quotes the client stays valid UTF-8 and valid JSON to strict parsers."""
+    return text.encode("utf-8", "backslashreplace").decode("utf-8")
 
 
 @dataclass
