@@ -356,17 +356,24 @@ class TorchServe:
             except subprocess.TimeoutExpired:
                 os.killpg(pid, 9)
                 process.wait()
-        else:
-            for _ in range(60):
-                try:
-                    os.killpg(pid, 0)
-                except ProcessLookupError:
-                    break
-                time.sleep(0.5)
-            else:
-                os.killpg(pid, 9)
+        # The launcher has gone; the frontend and its workers (its process group) may still be winding down, and a
+        # frontend still up makes its temp dir again. Stopped means all of them are gone.
+        wait_for_group_exit(pid, timeout=30.0)
         pid_file.unlink(missing_ok=True)
         self._remove_socket_dir()
+
+
+def wait_for_group_exit(group: int, timeout: float) -> None:
+    """Until no process of the process group `group` is left; SIGKILL to what remains after `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    try:
+        while time.monotonic() < deadline:
+            os.killpg(group, 0)
+            time.sleep(0.25)
+        os.killpg(group, 9)
+        time.sleep(0.5)
+    except ProcessLookupError:
+        pass
 
 
 def add_server_arguments(parser: argparse.ArgumentParser) -> None:
