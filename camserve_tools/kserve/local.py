@@ -154,26 +154,7 @@ class KServeLocal:
             except ProcessLookupError:
                 pass
             self.front_pid_file.unlink(missing_ok=True)
-        process = getattr(self.torchserve, "process", None)
-        pid_file = self.torchserve.run_dir / "torchserve.pid"
-        group = process.pid if process is not None else int(pid_file.read_text()) if pid_file.exists() else None
-        self.torchserve.stop()
-        if group is not None:
-            # TorchServe.stop waits for its launcher; the JVM and the Python workers of its session may still be
-            # winding down. Stopped means all of them are gone.
-            wait_for_group_exit(group, timeout=30.0)
-
-
-def wait_for_group_exit(group: int, timeout: float) -> None:
-    deadline = time.monotonic() + timeout
-    try:
-        while time.monotonic() < deadline:
-            os.killpg(group, 0)
-            time.sleep(0.25)
-        os.killpg(group, signal.SIGKILL)
-        time.sleep(0.5)
-    except ProcessLookupError:
-        pass
+        self.torchserve.stop()  # returns once the frontend and its workers are all gone
 
 
 def main() -> None:
