@@ -12,8 +12,13 @@ METRICS_PORT ?= 8082
 CONFIG ?= config/dev.properties
 # torchserve, or kserve: the same pipeline on KServe's own model server (no TorchServe, no Java)
 ENGINE ?= torchserve
-comma := ,
-space := $(empty) $(empty)
+# The settings a user may give the targets below reach their recipes the way the archive rule's do: unexpanded,
+# through the environment as MAKE_<NAME>, read by the shell only inside double quotes (or, for argument lists, split
+# into words with globbing off): no value is ever make or shell code. Not exported under their own names, where
+# make would expand them on the way.
+USER_SETTINGS := CONFIG ENGINE INFERENCE_PORT MANAGEMENT_PORT METRICS_PORT BENCH_ARGS LOADTEST_ARGS MODELS PROTOCOL BUNDLE_DIR KSERVE_PORT
+unexport $(USER_SETTINGS)
+$(foreach setting,$(USER_SETTINGS),$(eval export MAKE_$(setting) = $$(value $(setting))))
 
 .PHONY: help venv serve stop test lint archive train evaluate bench bench-maps loadtest clean kserve-bundle kserve-local kserve-local-stop check-manifests
 
@@ -82,8 +87,8 @@ archive: $(VENV)/.installed
 endif
 
 serve: $(ARCHIVES)
-	$(BIN)/camserve serve --engine $(ENGINE) --run-dir $(RUN_DIR) --config $(CONFIG) \
-		--inference-port $(INFERENCE_PORT) --management-port $(MANAGEMENT_PORT) --metrics-port $(METRICS_PORT)
+	$(BIN)/camserve serve --engine "$$MAKE_ENGINE" --run-dir $(RUN_DIR) --config "$$MAKE_CONFIG" \
+		--inference-port "$$MAKE_INFERENCE_PORT" --management-port "$$MAKE_MANAGEMENT_PORT" --metrics-port "$$MAKE_METRICS_PORT"
 
 stop:
 	@test -x $(BIN)/camserve && $(BIN)/camserve stop --run-dir $(RUN_DIR) || true
@@ -106,20 +111,20 @@ evaluate: $(VENV)/.installed
 # About an hour (estimated: BENCH_ARGS="--concurrency 1,16" took 37 min with seven variants): three models x
 # eight variants (pytorch-grad-cam's among them) x three concurrencies x two batch sizes, each in Locust runs.
 bench: $(VENV)/.installed
-	$(PY) -m camserve_tools.benchmarks.serving_benchmark $(BENCH_ARGS)
+	set -f; $(PY) -m camserve_tools.benchmarks.serving_benchmark $$MAKE_BENCH_ARGS
 
 # About 40 minutes on 2 cores: default model + resnet50, cam and gradcam, batch 1 and 8, time and peak memory (each
 # variant in three fresh processes), against pytorch-grad-cam, torchcam and Captum.
 bench-maps: $(VENV)/.installed model_store/imagenet.mar
-	$(PY) scripts/bench_overhead.py --references --memory $(BENCH_ARGS)
+	set -f; $(PY) scripts/bench_overhead.py --references --memory $$MAKE_BENCH_ARGS
 
 loadtest: $(ARCHIVES)
-	$(PY) -m camserve_tools.benchmarks.run_loadtest $(LOADTEST_ARGS)
+	set -f; $(PY) -m camserve_tools.benchmarks.run_loadtest $$MAKE_LOADTEST_ARGS
 
 # --- deployment (docs/deploy.md) ---
 # The bundle carries CONFIG's settings (token authorization, sizes, metrics); make's default CONFIG is the
 # development one, so unless CONFIG is given on the command line or in the environment the production one is used.
-BUNDLE_CONFIG := $(if $(filter command line environment,$(origin CONFIG)),$(CONFIG),config/production.properties)
+export MAKE_BUNDLE_CONFIG = $(if $(filter command line environment,$(origin CONFIG)),$(value CONFIG),config/production.properties)
 MODELS ?= model_store/shapes.mar
 PROTOCOL ?= v1
 BUNDLE_DIR ?= .run/kserve-bundle
@@ -127,11 +132,12 @@ KSERVE_PORT ?= 8080
 KSERVE_RUN_DIR := .run/kserve-local
 
 kserve-bundle: $(VENV)/.installed $(MODELS)
-	@$(PY) -m camserve_tools.kserve.bundle --out $(BUNDLE_DIR) --config $(BUNDLE_CONFIG) --protocol $(PROTOCOL) $(MODELS)
+	@set -f; $(PY) -m camserve_tools.kserve.bundle --out "$$MAKE_BUNDLE_DIR" --config "$$MAKE_BUNDLE_CONFIG" --protocol "$$MAKE_PROTOCOL" $$MAKE_MODELS
 
 kserve-local: $(VENV)/.installed $(MODELS)
-	$(PY) -m camserve_tools.kserve.local start --run-dir $(KSERVE_RUN_DIR) --api $(PROTOCOL) --port $(KSERVE_PORT) \
-		--config $(BUNDLE_CONFIG) --archives "$(subst $(space),$(comma),$(strip $(MODELS)))"
+	set -f; archives=$$(echo $$MAKE_MODELS | tr ' ' ','); \
+	$(PY) -m camserve_tools.kserve.local start --run-dir $(KSERVE_RUN_DIR) --api "$$MAKE_PROTOCOL" --port "$$MAKE_KSERVE_PORT" \
+		--config "$$MAKE_BUNDLE_CONFIG" --archives "$$archives"
 
 kserve-local-stop:
 	@test -x $(PY) && $(PY) -m camserve_tools.kserve.local stop --run-dir $(KSERVE_RUN_DIR) || true

@@ -404,3 +404,38 @@ def test_make_archive_never_runs_a_variables_value(tmp_path: Path) -> None:
     assert "$(shell touch BY_MAKE)" in result.stderr  # the value arrived as text
     created = [path for path in copy.rglob("BY_*")] + [path for path in ROOT.glob("BY_*")]
     assert not created, result.stdout + result.stderr
+
+
+@pytest.mark.parametrize(
+    ("target", "hostile"),
+    [
+        ("serve", {"ENGINE": 'x"; touch BY_ENGINE; echo "', "CONFIG": "$(shell touch BY_CONFIG)"}),
+        ("bench", {"BENCH_ARGS": "--rounds 1; touch BY_BENCH_ARGS `touch BY_BACKQUOTE` *"}),
+        ("loadtest", {"LOADTEST_ARGS": "$$(touch BY_SUBSHELL)"}),
+        ("kserve-bundle", {"PROTOCOL": "v1; touch BY_PROTOCOL", "BUNDLE_DIR": '"; touch BY_DIR; "'}),
+    ],
+)
+def test_make_targets_never_run_a_variables_value(tmp_path: Path, target: str, hostile: dict[str, str]) -> None:
+    """Every rule that takes a setting passes it as text: the command refuses it, nothing it names runs."""
+    copy = tmp_path / "checkout"
+    copy.mkdir()
+    for name in ("Makefile", "pyproject.toml"):
+        shutil.copy2(ROOT / name, copy / name)
+    (copy / ".venv").mkdir()
+    (copy / ".venv" / "bin").symlink_to((ROOT / ".venv" / "bin").resolve())
+    (copy / ".venv" / ".installed").touch()
+    (copy / "model_store").mkdir()
+    for archive in ("shapes.mar", "imagenet.mar"):
+        (copy / "model_store" / archive).touch()  # prerequisites only: every command here is refused before reading them
+    result = subprocess.run(
+        ["make", "-o", ".venv/.installed", "-o", "model_store/shapes.mar", "-o", "model_store/imagenet.mar", target]
+        + [f"{key}={value}" for key, value in hostile.items()],
+        cwd=copy,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode != 0, result.stdout[-500:]
+    created = [path for path in copy.rglob("BY_*")] + [path for path in ROOT.glob("BY_*")]
+    assert not created, result.stdout + result.stderr
