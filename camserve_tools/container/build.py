@@ -6,8 +6,9 @@
    what to install). CONTAINERS_CONF names deploy/image/containers.conf unless the environment names another.
 2. The base, localhost/camserve-base:bookworm, is built from Debian's packages (mmdebstrap, minbase with python3,
    python3-venv, ca-certificates and catatonit) and imported when no image of that name exists.
-3. The build context is staged under .run/image/context with only what the image holds: pyproject.toml, README.md,
-   camserve/, camserve_tools/, config/, deploy/image/log4j2.xml, model_store/*.mar.
+3. The build context is staged under .run/image/context with only what the image holds: requirements.txt (the
+   runtime pins of pyproject.toml), pyproject.toml, README.md, camserve/, camserve_tools/, config/,
+   deploy/image/log4j2.xml, model_store/*.mar.
 4. The host's pip settings (`pip config list`: indexes, find-links, constraints, CA bundle) reach the RUN steps
    only: rewritten into one pip.conf, with copies of the small files it names, in .run/image/pip, mounted at /mnt
    for the build; local indexes and find-links folders are served read-only over loopback HTTP while the build
@@ -47,6 +48,11 @@ PIP_PATH_KEYS = {"cert", "client-cert", "constraint", "find-links", "index-url",
 
 def version() -> str:
     return tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["version"]
+
+
+def runtime_requirements() -> list[str]:
+    """[project].dependencies of pyproject.toml: the pins of the worker runtime and the tools, no dev extra."""
+    return list(tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"])
 
 
 def default_tag() -> str:
@@ -128,6 +134,7 @@ def stage_context(archives: list[Path]) -> Path:
     ignore = shutil.ignore_patterns("__pycache__", "*.pyc")
     for name in ("pyproject.toml", "README.md"):
         shutil.copy2(ROOT / name, context / name)
+    (context / "requirements.txt").write_text("\n".join(runtime_requirements()) + "\n")
     for name in ("camserve", "camserve_tools", "config"):
         shutil.copytree(ROOT / name, context / name, ignore=ignore)
     (context / "deploy" / "image").mkdir(parents=True)

@@ -19,7 +19,10 @@
    - SIGTERM while clients are sending long requests: every request in flight at the signal is answered (200), and
      the container exits with code 0 within the grace period;
    - restarted on the same image and model store, the same requests get the same answers.
-4. `podman kube play` of deploy/kubernetes's ConfigMap and Deployment (one replica, the image built here, hostPorts
+4. KServe: a container as deploy/kserve's ClusterServingRuntime and each InferenceService (v1, v2) configure it
+   answers KServe's route with a map, refuses a body that is not JSON with a 4xx, and passes the InferenceService's
+   readiness command; CAMSERVE_ENGINE=kserve is refused with a message while the image lacks that engine.
+5. `podman kube play` of deploy/kubernetes's ConfigMap and Deployment (one replica, the image built here, hostPorts
    on loopback, free): the container runs as the manifest says (uid 1000, read-only root), and the Deployment's
    own readiness command (exec) and liveness request (httpGet /ping) pass inside the pod.
 
@@ -194,16 +197,15 @@ def check_smoke(container: Container) -> str:
 
 
 def check_token(container: Container) -> str:
+    """Without the key, or with a wrong one, refused (TorchServe 0.12's token plugin: 400 InvalidKeyException)."""
     from camserve_tools.server import sample_image_png
 
-    refused = requests.post(f"{container.url}/predictions/shapes", data=sample_image_png(), timeout=30)
-    assert refused.status_code == 401, f"without the key: HTTP {refused.status_code}"
-    wrong = requests.post(
-        f"{container.url}/predictions/shapes", data=sample_image_png(), headers={"Authorization": "Bearer nope"}, timeout=30
-    )
-    assert wrong.status_code == 401, f"with a wrong key: HTTP {wrong.status_code}"
+    url = f"{container.url}/predictions/shapes"
+    for headers in ({}, {"Authorization": "Bearer not-the-key"}):
+        refused = requests.post(url, data=sample_image_png(), headers=headers, timeout=30)
+        assert refused.status_code == 400 and refused.json().get("type") == "InvalidKeyException", f"HTTP {refused.status_code}"
     assert container.key(), "no key file in the container's run dir"
-    return "401 without a key and with a wrong one; answers with the container's key"
+    return "400 InvalidKeyException without a key and with a wrong one; answers with the container's key"
 
 
 def check_healthcheck(container: Container) -> str:
@@ -459,12 +461,14 @@ def check_kube_play(image: str, report: Report) -> None:
     manifest.write_text(yaml.safe_dump_all(documents))
     spec = deployment["spec"]["template"]["spec"]
     container_spec = spec["containers"][0]
-    pod_name = f"{deployment['metadata']['name']}-pod"
-    container_name = f"{pod_name}-{container_spec['name']}"
     try:
         played = podman("kube", "play", str(manifest), check=False, timeout=300)
         if not report.check("kube play: the Deployment's pod runs", played.returncode == 0, (played.stdout + played.stderr)[-600:]):
             return
+        # `kube play` prints the pod's id, then its containers' ids; ours is the one that is not the pod's infra.
+        pod_id = played.stdout.split("Pod:", 1)[1].split()[0]
+        containers = podman("ps", "--filter", f"pod={pod_id}", "--format", "{{.Names}} {{.IsInfra}}").stdout.split("\n")
+        (container_name,) = [line.split()[0] for line in containers if line.strip().endswith("false")]
         runner = Container(image, container_name)
         runner.port = port
 
@@ -508,6 +512,58 @@ def check_kube_play(image: str, report: Report) -> None:
         report.run("kube play: security context and ConfigMap applied", as_declared)
     finally:
         podman("kube", "down", str(manifest), check=False, timeout=120)
+
+
+# --- KServe: the ClusterServingRuntime's container, as an InferenceService of protocol v1 configures it ---------------
+
+
+def kserve_container_env(protocol: str) -> dict[str, str]:
+    """The env of deploy/kserve's runtime container with the InferenceService of `protocol` (Knative mode) on top."""
+    kserve = ROOT / "deploy" / "kserve"
+    (runtime,) = [d for d in yaml.safe_load_all((kserve / "clusterservingruntime.yaml").read_text()) if d]
+    (service,) = [d for d in yaml.safe_load_all((kserve / f"inferenceservice-{protocol}.yaml").read_text()) if d]
+    env = {e["name"]: e["value"] for e in runtime["spec"]["containers"][0]["env"]}
+    env.update({e["name"]: e["value"] for e in service["spec"]["predictor"]["model"]["env"]})
+    return env
+
+
+def check_kserve_runtime(image: str, protocol: str) -> str:
+    """Our runtime's container answers KServe's `protocol` route with a map, and the InferenceService's readiness
+    command passes inside it."""
+    from camserve_tools.container.probe import has_map, request_for
+
+    kserve = ROOT / "deploy" / "kserve"
+    (service,) = [d for d in yaml.safe_load_all((kserve / f"inferenceservice-{protocol}.yaml").read_text()) if d]
+    container = Container(image, f"camserve-image-test-kserve-{secrets.token_hex(3)}", kserve_container_env(protocol))
+    path, body, content_type = request_for("shapes", protocol)
+    try:
+        container.run()
+        deadline = time.monotonic() + 300
+        while True:
+            try:
+                response = requests.post(container.url + path, data=body, headers={"Content-Type": content_type}, timeout=30)
+                if response.status_code == 200 and has_map(response.json()):
+                    break
+            except (requests.RequestException, ValueError):
+                pass
+            assert container.state() == "running" and time.monotonic() < deadline, container.logs()[-2000:]
+            time.sleep(0.5)
+        started = time.monotonic() - container.started_at
+        command = service["spec"]["predictor"]["model"]["readinessProbe"]["exec"]["command"]
+        ready = container.exec(*command)
+        assert ready.returncode == 0, f"readiness `{' '.join(command)}`: {ready.stdout[-300:]}"
+        garbage = requests.post(container.url + path, data=b"{not json", headers={"Content-Type": "application/json"}, timeout=30)
+        assert 400 <= garbage.status_code < 500, f"a body that is not JSON: HTTP {garbage.status_code}"
+        return f"POST {path}: predictions and a map after {started:.1f} s; readiness command exit 0; not JSON: {garbage.status_code}"
+    finally:
+        container.remove()
+
+
+def check_engine_refusal(image: str) -> str:
+    result = podman("run", "--rm", "-e", "CAMSERVE_ENGINE=kserve", image, check=False, timeout=120)
+    message = "CAMSERVE_ENGINE='kserve' is not available in this image"
+    assert result.returncode == 2 and message in result.stderr, f"exit {result.returncode}: {result.stderr[-500:]}"
+    return f"exit 2: {result.stderr.strip().splitlines()[-1]}"
 
 
 # --- the run ------------------------------------------------------------------------------------------------------
@@ -567,6 +623,9 @@ def main() -> int:
             report.run("restart with the same model store: same answers", restart)
     finally:
         container.remove()
+    report.run("KServe runtime container, protocol v1 (deploy/kserve)", lambda: check_kserve_runtime(args.image, "v1"))
+    report.run("KServe runtime container, protocol v2 (deploy/kserve)", lambda: check_kserve_runtime(args.image, "v2"))
+    report.run("an engine the image lacks is refused", lambda: check_engine_refusal(args.image))
     if not args.skip_kube:
         check_kube_play(args.image, report)
     report.figures["image_test_seconds"] = round(time.monotonic() - started, 1)
