@@ -10,13 +10,15 @@ INFERENCE_PORT ?= 8080
 MANAGEMENT_PORT ?= 8081
 METRICS_PORT ?= 8082
 CONFIG ?= config/dev.properties
+# torchserve, or kserve: the same pipeline on KServe's own model server (no TorchServe, no Java)
+ENGINE ?= torchserve
 comma := ,
 space := $(empty) $(empty)
 
 .PHONY: help venv serve stop test lint archive train evaluate bench bench-maps loadtest clean kserve-bundle kserve-local kserve-local-stop check-manifests image image-test prometheus-tools
 
 help:
-	@echo "make serve     start TorchServe with the default models (shapes, imagenet) on 127.0.0.1:$(INFERENCE_PORT) (background)"
+	@echo "make serve     start TorchServe with the default models (shapes, imagenet) on 127.0.0.1:$(INFERENCE_PORT) (background; ENGINE=kserve: KServe's own model server)"
 	@echo "make stop      stop that server"
 	@echo "make test      install what is missing, lint, and run the whole test suite"
 	@echo "make lint      ruff (lint, format check) and mypy"
@@ -62,20 +64,27 @@ ARCHIVES := model_store/shapes.mar model_store/imagenet.mar
 # make archive MODEL_FILE=model.py [CLASS=Name] WEIGHTS=<state-dict file> [EXTRA_FILES=a.py,pkg]
 # make archive EXPORTED=model.pt2                 (torch.export.save, with a dynamic batch dimension)
 #   and for any of them: [LABELS=..] [NAME=..] [INPUT_SIZE=224|H,W] [MEAN=r,g,b] [STD=r,g,b] [METHOD=..] [LAYER=..]
-ARCHIVE_VARIABLES := $(strip $(filter-out shapes,$(MODEL))$(MODEL_FILE)$(CLASS)$(WEIGHTS)$(EXPORTED)$(EXTRA_FILES)$(LABELS)$(NAME)$(INPUT_SIZE)$(MEAN)$(STD)$(METHOD)$(LAYER))
-ifeq ($(ARCHIVE_VARIABLES),)
+# Each variable reaches the recipe unexpanded ($(value ...): a `$(shell ...)` in it stays text) through the
+# environment as ARCHIVE_<VARIABLE>, and the shell reads it only inside double quotes: no value is ever make or shell code.
+# Under its own name it is not exported: make would expand it on the way into every recipe's environment.
+ARCHIVE_VARIABLES := MODEL MODEL_FILE CLASS WEIGHTS EXPORTED EXTRA_FILES LABELS NAME INPUT_SIZE MEAN STD METHOD LAYER
+unexport $(ARCHIVE_VARIABLES)
+ARCHIVE_GIVEN := $(strip $(foreach variable,$(ARCHIVE_VARIABLES),$(if $(filter-out shapes,$(value $(variable))),$(variable))))
+ifeq ($(ARCHIVE_GIVEN),)
 archive: model_store/shapes.mar
 else
+$(foreach variable,$(ARCHIVE_VARIABLES),$(eval archive: export ARCHIVE_$(variable) = $$(value $(variable))))
 archive: $(VENV)/.installed
-	$(BIN)/camserve archive $(if $(MODEL),--model "$(MODEL)") $(if $(MODEL_FILE),--model-file "$(MODEL_FILE)") \
-		$(if $(CLASS),--class "$(CLASS)") $(if $(WEIGHTS),--weights "$(WEIGHTS)") $(if $(EXPORTED),--exported "$(EXPORTED)") \
-		$(if $(EXTRA_FILES),--extra-files "$(EXTRA_FILES)") $(if $(LABELS),--labels "$(LABELS)") $(if $(NAME),--name "$(NAME)") \
-		$(if $(INPUT_SIZE),--input-size "$(INPUT_SIZE)") $(if $(MEAN),--mean "$(MEAN)") $(if $(STD),--std "$(STD)") \
-		$(if $(METHOD),--method "$(METHOD)") $(if $(LAYER),--layer "$(LAYER)")
+	$(BIN)/camserve archive $${ARCHIVE_MODEL:+--model "$$ARCHIVE_MODEL"} $${ARCHIVE_MODEL_FILE:+--model-file "$$ARCHIVE_MODEL_FILE"} \
+		$${ARCHIVE_CLASS:+--class "$$ARCHIVE_CLASS"} $${ARCHIVE_WEIGHTS:+--weights "$$ARCHIVE_WEIGHTS"} \
+		$${ARCHIVE_EXPORTED:+--exported "$$ARCHIVE_EXPORTED"} $${ARCHIVE_EXTRA_FILES:+--extra-files "$$ARCHIVE_EXTRA_FILES"} \
+		$${ARCHIVE_LABELS:+--labels "$$ARCHIVE_LABELS"} $${ARCHIVE_NAME:+--name "$$ARCHIVE_NAME"} \
+		$${ARCHIVE_INPUT_SIZE:+--input-size "$$ARCHIVE_INPUT_SIZE"} $${ARCHIVE_MEAN:+--mean "$$ARCHIVE_MEAN"} \
+		$${ARCHIVE_STD:+--std "$$ARCHIVE_STD"} $${ARCHIVE_METHOD:+--method "$$ARCHIVE_METHOD"} $${ARCHIVE_LAYER:+--layer "$$ARCHIVE_LAYER"}
 endif
 
 serve: $(ARCHIVES)
-	$(BIN)/camserve serve --run-dir $(RUN_DIR) --config $(CONFIG) \
+	$(BIN)/camserve serve --engine $(ENGINE) --run-dir $(RUN_DIR) --config $(CONFIG) \
 		--inference-port $(INFERENCE_PORT) --management-port $(MANAGEMENT_PORT) --metrics-port $(METRICS_PORT)
 
 stop:

@@ -37,7 +37,10 @@ import yaml
 
 # The oldest Kubernetes KServe 0.20 supports, and the newest whose schemas kubernetes-validate ships.
 KUBERNETES_VERSIONS = ("1.29.0", kubernetes_validate.latest_version())
-KSERVE_KINDS = {("serving.kserve.io/v1beta1", "InferenceService"): "V1beta1InferenceService"}
+KSERVE_KINDS = {
+    ("serving.kserve.io/v1beta1", "InferenceService"): "V1beta1InferenceService",
+    ("serving.kserve.io/v1alpha1", "ClusterServingRuntime"): "V1alpha1ClusterServingRuntime",
+}
 # KServe's CRDs: ../shared/kserve-crds beside the repository, unless CAMSERVE_KSERVE_CRDS names another folder.
 KSERVE_CRDS = Path(os.environ.get("CAMSERVE_KSERVE_CRDS", Path(__file__).resolve().parents[1].parent / "shared" / "kserve-crds"))
 CRD_KINDS = {"InferenceService", "ServingRuntime", "ClusterServingRuntime"}

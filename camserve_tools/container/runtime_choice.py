@@ -3,7 +3,7 @@
     PYTHONPATH=. .venv/bin/python -m camserve_tools.container.runtime_choice [--requests 200]
 
 The stock kserve-torchserve runtime puts a Python model server (its kserve_wrapper) on 8080 in front of TorchServe;
-camserve's own ClusterServingRuntime (deploy/kserve/clusterservingruntime.yaml) lets TorchServe answer
+camserve-torchserve ClusterServingRuntime (deploy/kserve/clusterservingruntime-torchserve.yaml) lets TorchServe answer
 `POST /v1/models/{name}:predict` on 8080 itself, under its kserve envelope. This starts `make kserve-local`'s pair
 (KServe SDK 0.21's model server, camserve_tools.kserve.front, in front of TorchServe with the v1 bundle) on free
 ports, and sends the same v1 request alternately through the front and straight to TorchServe, one at a time:

@@ -46,6 +46,7 @@ OWNED_KEYS = {
     "model_snapshot",
     "service_envelope",
     "enable_envvars_config",
+    "disable_token_authorization",
     "metrics_mode",
     "vmargs",
     "allowed_urls",
@@ -111,10 +112,11 @@ def config_properties(base_config: Path, archives: list[ArchiveInfo], protocol: 
         f"model_store={MOUNT}/model-store",
         "# Only archives of a model store may be registered (the model API is off too).",
         "allowed_urls=file://.*/model-store/[^/]*\\\\.mar",
-        "# The runtime sets TS_SERVICE_ENVELOPE from the InferenceService's protocolVersion (kserve / kservev2);",
-        "# TS_* variables are read only with this on. Without KServe, the envelope below applies.",
-        "enable_envvars_config=true",
-        f"service_envelope={ENVELOPES[protocol]}",
+        "# The runtime sets TS_SERVICE_ENVELOPE from the InferenceService's protocolVersion (kserve / kservev2). camserve's",
+        "# handler answers that envelope itself; TorchServe must not unwrap it first, so it reads no TS_* variable.",
+        "enable_envvars_config=false",
+        "# TorchServe's keys regenerate per process and expire: inside the pod, KServe's own front guards the model.",
+        "disable_token_authorization=true",
     ]
     if protocol == "v2":
         lines += [
