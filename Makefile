@@ -156,7 +156,7 @@ TORCH_INDEX_URL ?=
 image: $(VENV)/.installed $(ARCHIVES)
 	$(PY) -m camserve_tools.container.build --torch-index-url "$(TORCH_INDEX_URL)"
 
-# Builds the image first when it is absent; SKIPPED (exit 0, loudly) where podman cannot be installed or run,
+# Runs make image first (seconds with its layers cached); SKIPPED (exit 0, loudly) where podman cannot be installed or run,
 # a failure instead with CAMSERVE_IMAGE_TEST_REQUIRED=1.
 image-test: $(VENV)/.installed $(ARCHIVES)
 	$(PY) -m camserve_tools.container.image_test
