@@ -20,7 +20,7 @@ USER_SETTINGS := CONFIG ENGINE INFERENCE_PORT MANAGEMENT_PORT METRICS_PORT BENCH
 unexport $(USER_SETTINGS)
 $(foreach setting,$(USER_SETTINGS),$(eval export MAKE_$(setting) = $$(value $(setting))))
 
-.PHONY: help venv serve stop test lint archive train evaluate bench bench-maps loadtest clean kserve-bundle kserve-local kserve-local-stop check-manifests
+.PHONY: help venv serve stop test lint archive train evaluate bench bench-maps loadtest clean kserve-bundle kserve-local kserve-local-stop check-manifests image image-test prometheus-tools
 
 help:
 	@echo "make serve     start TorchServe with the default models (shapes, imagenet) on 127.0.0.1:$(INFERENCE_PORT) (background; ENGINE=kserve: KServe's own model server)"
@@ -36,7 +36,9 @@ help:
 	@echo "make kserve-bundle   KServe storage tree: config/config.properties + model-store/ (CONFIG=, MODELS=, PROTOCOL=v1|v2, BUNDLE_DIR=)"
 	@echo "make kserve-local    the KServe pod on loopback: KServe's model server on 127.0.0.1:$(KSERVE_PORT), TorchServe on 8085 (PROTOCOL=)"
 	@echo "make kserve-local-stop  stop both"
-	@echo "make check-manifests validate deploy/ against the Kubernetes schemas and KServe's typed models (docs/deploy.md)"
+	@echo "make check-manifests validate deploy/ against the Kubernetes schemas and KServe's CRDs (docs/deploy.md)"
+	@echo "make image     build camserve:<version> with podman from deploy/image/Containerfile, no registry needed (TORCH_INDEX_URL=)"
+	@echo "make image-test run the image for real: smoke, tokens, Locust, SIGTERM, restart, Prometheus, kube play (docs/deploy.md)"
 
 # The venv is rebuilt when pyproject.toml changes; the stamp records the last successful install. The project is
 # installed editable, so .venv/bin/camserve and every script run from this checkout without PYTHONPATH.
@@ -99,8 +101,16 @@ lint: $(VENV)/.installed
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy
 
-test: lint $(ARCHIVES)
+test: lint $(ARCHIVES) prometheus-tools
 	$(PY) -m pytest
+
+# promtool (Debian's prometheus package) for tests/test_prometheus_rules.py and Prometheus for make image-test:
+# installed with apt as root when missing; elsewhere those tests skip and say why.
+prometheus-tools:
+	@command -v promtool >/dev/null || { if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+		echo "installing promtool and prometheus (apt-get install prometheus): they were missing"; \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq prometheus >/dev/null; \
+	else echo "promtool is missing and this is not root: tests/test_prometheus_rules.py will skip"; fi; }
 
 train: $(VENV)/.installed
 	$(PY) scripts/train_shapes.py
@@ -144,6 +154,18 @@ kserve-local-stop:
 
 check-manifests: $(VENV)/.installed
 	$(PY) -m camserve_tools.manifests deploy
+
+# --- the container image (docs/deploy.md, "The image"); podman & co are installed with apt when missing ---
+# TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu builds a CPU-only image (torch and torchvision from there).
+TORCH_INDEX_URL ?=
+
+image: $(VENV)/.installed $(ARCHIVES)
+	$(PY) -m camserve_tools.container.build --torch-index-url "$(TORCH_INDEX_URL)"
+
+# Runs make image first (seconds with its layers cached); SKIPPED (exit 0, loudly) where podman cannot be installed or run,
+# a failure instead with CAMSERVE_IMAGE_TEST_REQUIRED=1.
+image-test: $(VENV)/.installed $(ARCHIVES)
+	$(PY) -m camserve_tools.container.image_test
 
 clean:
 	rm -rf .run model_store/*.mar

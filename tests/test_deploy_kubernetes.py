@@ -1,5 +1,6 @@
-"""deploy/kubernetes/ on a real TorchServe: its ConfigMap's config.properties serves our archive, its readiness probe
-passes only on a real answer, and TorchServe's own gRPC inference API (no envelope) is answered by our handler.
+"""deploy/kubernetes/ on a real TorchServe: its ConfigMap's config.properties serves our archive, the image's readiness
+probe (camserve_tools.container.probe, the Deployment's exec command) passes only on a real answer, and TorchServe's
+own gRPC inference API (no envelope) is answered by our handler.
 
 The server runs with token authorization on (the ConfigMap turns it off, docs/deploy.md "Keys"), so that the probe's
 use of the pod's key file and gRPC's token check are exercised too; every other setting is the ConfigMap's."""
@@ -26,7 +27,7 @@ CONFIG_MAP = next(doc for doc in yaml.safe_load_all((ROOT / "deploy" / "kubernet
 
 @pytest.fixture(scope="module")
 def pod_files(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The ConfigMap's files, as the Deployment mounts them at /etc/camserve."""
+    """The ConfigMap's file, as the Deployment mounts it at /etc/camserve."""
     directory = tmp_path_factory.mktemp("etc-camserve")
     for name, text in CONFIG_MAP["data"].items():
         (directory / name).write_text(text)
@@ -52,7 +53,7 @@ def server(pod_files: Path, tmp_path_factory: pytest.TempPathFactory):
 def probe(pod_files: Path, server, *models: str, key_file: Path | None = None) -> subprocess.CompletedProcess:
     env = {**os.environ, "CAMSERVE_PROBE_URL": server.inference_url, "CAMSERVE_KEY_FILE": str(key_file or pod_files / "absent.json")}
     return subprocess.run(
-        [sys.executable, str(pod_files / "readiness_probe.py"), *models], env=env, capture_output=True, text=True, timeout=60
+        [sys.executable, "-m", "camserve_tools.container.probe", *models], env=env, capture_output=True, text=True, timeout=60, cwd=ROOT
     )
 
 
