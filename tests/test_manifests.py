@@ -59,6 +59,10 @@ def test_inference_services() -> None:
         assert 1 <= predictor["minReplicas"] < predictor["maxReplicas"]
         assert model["resources"]["requests"]["cpu"] and model["resources"]["limits"]["memory"]
         assert model["readinessProbe"]["httpGet"]["port"] == 8080
+        # The bundle's config/model_probe.py, straight to TorchServe: the wrapper's readiness reads TorchServe's
+        # worker list, which can say READY for a worker that is gone.
+        liveness = model["livenessProbe"]["exec"]["command"]
+        assert liveness[:2] == ["python", "/mnt/models/config/model_probe.py"] and "http://127.0.0.1:8085" in liveness
         assert {"name": "TS_DISABLE_TOKEN_AUTHORIZATION", "value": "true"} in model["env"]
         protocols.add(model["protocolVersion"])
     assert protocols == {"v1", "v2"}
@@ -73,8 +77,10 @@ def test_inference_services() -> None:
 def test_kubernetes_deployment() -> None:
     container = one("Deployment")["spec"]["template"]["spec"]["containers"][0]
     assert container["image"] == "pytorch/torchserve:0.12.0-cpu"
-    assert container["livenessProbe"]["httpGet"]["path"] == "/ping"
-    assert container["readinessProbe"]["exec"]["command"][:2] == ["python", "/etc/camserve/readiness_probe.py"]
+    # Liveness proves a real answer too: TorchServe can lose a model while /ping stays healthy (model_probe.py).
+    assert container["livenessProbe"]["exec"]["command"][:2] == ["python", "/etc/camserve/model_probe.py"]
+    assert container["livenessProbe"]["timeoutSeconds"] > 20 and container["livenessProbe"]["failureThreshold"] >= 3
+    assert container["readinessProbe"]["exec"]["command"][:2] == ["python", "/etc/camserve/model_probe.py"]
     assert {mount["mountPath"] for mount in container["volumeMounts"]} == {"/etc/camserve", "/mnt/models"}
     hpa = one("HorizontalPodAutoscaler")
     assert hpa["apiVersion"] == "autoscaling/v2" and {m["type"] for m in hpa["spec"]["metrics"]} == {"Resource", "Pods"}
