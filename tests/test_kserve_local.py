@@ -225,7 +225,7 @@ def small_png_base64() -> str:
     return base64.b64encode(png_bytes(Image.new("RGB", (64, 48), (30, 200, 30)))).decode()
 
 
-def binary_body(json_part: dict, *sections: bytes, json_length: int | None = None) -> tuple[bytes, dict[str, str]]:
+def binary_body(json_part: dict, *sections: bytes, json_length: int | str | None = None) -> tuple[bytes, dict[str, str]]:
     """A v2 request in the binary data extension: the JSON part, then the inputs' bytes."""
     head = json.dumps(json_part).encode()
     return head + b"".join(sections), {
@@ -276,6 +276,7 @@ def hostile_front_request(name: str, api: str) -> tuple[bytes, dict[str, str | b
             ),
             "binary: JSON length past the body": binary_body(v2_binary, bytes_tensor(png), json_length=10**6),
             "binary: JSON length cutting the JSON": binary_body(v2_binary, bytes_tensor(png), json_length=7),
+            "binary: JSON length of 5000 digits": binary_body(v2_binary, bytes_tensor(png), json_length="9" * 5000),
             "binary: element longer than its input": binary_body(v2_binary, struct.pack("<I", 10**6) + png),
             "binary: bytes after the last input": binary_body(v2_binary, bytes_tensor(png), png[:100]),
             "binary: FP32 input": binary_body(
@@ -300,6 +301,7 @@ HOSTILE_FRONT = {
     "lone surrogate as the id": ({"v2"}, 400, "invalid_request", {}),
     "binary: JSON length past the body": ({"v2"}, 400, "invalid_binary_request", {}),
     "binary: JSON length cutting the JSON": ({"v2"}, 400, "invalid_binary_request", {}),
+    "binary: JSON length of 5000 digits": ({"v2"}, 400, "invalid_binary_request", {}),
     "binary: element longer than its input": ({"v2"}, 400, "invalid_binary_request", {}),
     "binary: bytes after the last input": ({"v2"}, 400, "invalid_binary_request", {}),
     "binary: FP32 input": ({"v2"}, 400, "invalid_binary_request", {}),

@@ -26,6 +26,7 @@ import argparse
 import asyncio
 import base64
 import logging
+import re
 import time
 from concurrent import futures
 from typing import Any
@@ -108,7 +109,9 @@ class UpstreamError(GrpcException):
 
     def __init__(self, status: int, body: dict[str, Any]) -> None:
         code = GRPC_CODES.get(status, grpc.StatusCode.INVALID_ARGUMENT if 400 <= status < 500 else grpc.StatusCode.INTERNAL)
-        super().__init__(orjson.dumps(clean(body)).decode(), code)
+        # gRPC details travel in a trailer of a few KB: the error alone, without the other instances' answers.
+        details = {key: value for key, value in body.items() if key not in ("predictions", "explanations", "outputs")}
+        super().__init__(orjson.dumps(clean(details)).decode(), code)
         self.status = status
         self.body = body
 
@@ -148,7 +151,7 @@ def forwarded_headers(headers: dict[str, str] | None) -> dict[bytes, bytes]:
         lowered = key.lower()
         if lowered in IDENTITY_HEADERS:
             if not value.isascii():
-                raise refusal(400, "invalid_header", f"header {excerpt(key, 40)!r} must be ASCII text", header=excerpt(key, 40))
+                raise refusal(400, "invalid_header", f"header '{excerpt(key, 40)}' must be ASCII text", header=excerpt(key, 40))
             forwarded[lowered.encode()] = value.encode()
         elif lowered.startswith(OPTION_HEADER_PREFIX) and lowered.isascii():
             # Starlette reads header bytes as Latin-1: encoding it back gives the bytes the client sent.
@@ -173,7 +176,7 @@ def refuse_overlay(options: dict[str, Any], where: str) -> None:
             raise refusal(
                 400,
                 "invalid_option",
-                f"{where}option {excerpt(key, 40)!r} = 'overlay' answers with an image; KServe's protocols carry JSON",
+                f"{where}option '{excerpt(key, 40)}' = 'overlay' answers with an image; KServe's protocols carry JSON",
                 option="output",
             )
 
@@ -351,7 +354,7 @@ def binary_request_as_json(body: bytes, json_length: str) -> bytes:
     def refuse(message: str) -> UpstreamError:
         return refusal(400, "invalid_binary_request", message)
 
-    if not json_length.isdigit() or int(json_length) > len(body):
+    if not re.fullmatch(r"[0-9]{1,12}", json_length) or int(json_length) > len(body):
         raise refuse(f"header Inference-Header-Content-Length must be the byte length of the JSON part (0 to {len(body)})")
     split = int(json_length)
     try:
