@@ -135,7 +135,7 @@ def test_the_liveness_probe_passes_on_a_live_model(server, scenes) -> None:
 
 
 def test_stream_predictions2_while_busy_leaves_a_dead_model_that_only_the_probe_sees(server, stubs, inference, scenes) -> None:
-    """TorchServe 0.12's frontend bug (its issues #3087, #3091), reproduced: a StreamPredictions2 call while the
+    """TorchServe 0.12's frontend bug, reproduced: a StreamPredictions2 call made while the
     worker is busy fails at once, and the queued job then makes the frontend drop the worker for good. The port
     cannot be closed (TorchServe has no setting for it), so the liveness probe must fail, and the pod be restarted."""
     pid = worker_pid(server, scenes)
