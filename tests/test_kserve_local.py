@@ -108,7 +108,7 @@ def test_torchserve_runs_with_the_bundles_jvm_settings(pod: KServeLocal) -> None
     ]
     arguments = java.cmdline()
     assert {"-XX:MaxRAMPercentage=25.0", "-XX:+ExitOnOutOfMemoryError", "-XX:+UseContainerSupport"} <= set(arguments), arguments
-    assert f"-Djava.io.tmpdir={pod.torchserve.tmp_dir}" in arguments and "-Xmx1g" not in arguments
+    assert f"-Djava.io.tmpdir={pod.torchserve.socket_dir}" in arguments and "-Xmx1g" not in arguments
 
 
 def test_model_is_ready(pod: KServeLocal) -> None:
@@ -257,10 +257,7 @@ def hostile_front_request(name: str, api: str) -> tuple[bytes, dict[str, str | b
     }
     if api == "v1":
         cases |= {
-            "output as a list": (
-                json.dumps({"instances": [{"data": image}, {"data": image, "output": ["overlay"]}]}).encode(),
-                json_headers,
-            ),
+            "output as a list": (json.dumps({"instances": [{"data": image, "output": ["overlay"]}]}).encode(), json_headers),
             "Output spelt with a capital": (json.dumps({"instances": [{"data": image, "Output": "Overlay"}]}).encode(), json_headers),
             "output inside the data object": (
                 json.dumps({"instances": [{"data": {"data": image, "output": "overlay"}}]}).encode(),
@@ -279,6 +276,10 @@ def hostile_front_request(name: str, api: str) -> tuple[bytes, dict[str, str | b
             "binary: JSON length of 5000 digits": binary_body(v2_binary, bytes_tensor(png), json_length="9" * 5000),
             "binary: element longer than its input": binary_body(v2_binary, struct.pack("<I", 10**6) + png),
             "binary: bytes after the last input": binary_body(v2_binary, bytes_tensor(png), png[:100]),
+            "shape that does not match the images": (
+                json.dumps({"inputs": [{"name": "image", "shape": [3], "datatype": "BYTES", "data": [image, image]}]}).encode(),
+                json_headers,
+            ),
             "binary: FP32 input": binary_body(
                 {"inputs": [{"name": "x", "shape": [1], "datatype": "FP32", "parameters": {"binary_data_size": 4}}]}, b"\x00" * 4
             ),
@@ -305,6 +306,7 @@ HOSTILE_FRONT = {
     "binary: element longer than its input": ({"v2"}, 400, "invalid_binary_request", {}),
     "binary: bytes after the last input": ({"v2"}, 400, "invalid_binary_request", {}),
     "binary: FP32 input": ({"v2"}, 400, "invalid_binary_request", {}),
+    "shape that does not match the images": ({"v2"}, 400, "shape_mismatch", {}),
 }
 
 
@@ -324,6 +326,29 @@ def test_hostile_request_through_the_front_gets_a_4xx_naming_it(pod: KServeLocal
     assert len(response.content) < 2000, "the error quotes at most a short excerpt"
     front_answers(pod, scenes[5])
     assert worker_pid(pod) == before, "the worker was restarted"
+
+
+def test_one_instance_asking_for_an_overlay_costs_no_other_its_answer(pod: KServeLocal, scenes) -> None:
+    """An overlay is an image, which no envelope carries: that instance is refused in its place, the others answered."""
+    if pod.api != "v1":
+        pytest.skip("v1 options travel beside each instance")
+    instances = [{"data": encoded(scenes[4])}, {"data": encoded(scenes[4]), "Output": ["overlay"]}]
+    response = requests.post(f"{pod.url}/v1/models/shapes:predict", json={"instances": instances}, timeout=60)
+    assert response.status_code == 200, response.text[:300]
+    answered, refused = response.json()["predictions"]
+    assert answered["cam"]["size"] == list(scenes[4].image.size)
+    assert refused["code"] == 400 and refused["option"] == "output", refused
+
+
+def test_several_images_in_one_v2_tensor_are_each_answered(pod: KServeLocal, scenes) -> None:
+    if pod.api != "v2":
+        pytest.skip("a v2 tensor")
+    images = [encoded(scenes[11]), encoded(scenes[12])]
+    body = {"inputs": [{"name": "image", "shape": [2], "datatype": "BYTES", "data": images}]}
+    response = requests.post(f"{pod.url}/v2/models/shapes/infer", json=body, timeout=60)
+    assert response.status_code == 200, response.text[:300]
+    answers = response.json()["outputs"][0]["data"]
+    assert [answer["cam"]["size"] for answer in answers] == [list(scenes[11].image.size), list(scenes[12].image.size)]
 
 
 def test_binary_data_extension_is_answered(pod: KServeLocal, scenes) -> None:
@@ -360,22 +385,28 @@ def envelope_request(api: str, image: str) -> bytes:
 
 
 ENVELOPE_CASES = {
-    "a raw image": (lambda api, image: base64.b64decode(image), {"Content-Type": "image/png"}),
-    "a malformed envelope": (lambda api, image: b'{"instances": 3, "inputs": 3}', {"Content-Type": "application/json"}),
-    "Accept: image/png": (envelope_request, {"Content-Type": "application/json", "Accept": "image/png"}),
+    # name -> (body, headers, status): straight to TorchServe, where camserve's handler reads the envelope itself
+    "a raw image": (lambda api, image: base64.b64decode(image), {"Content-Type": "image/png"}, 400),
+    "a malformed envelope": (lambda api, image: b'{"instances": 3, "inputs": 3}', {"Content-Type": "application/json"}, 400),
+    # Envelopes carry JSON: Accept is not read, and the answer is JSON.
+    "Accept: image/png": (envelope_request, {"Content-Type": "application/json", "Accept": "image/png"}, 200),
 }
 
 
-@pytest.mark.xfail(strict=True, reason="needs the handler to refuse what TorchServe's envelope cannot read or carry, with a 4xx")
 @pytest.mark.parametrize("name", list(ENVELOPE_CASES))
-def test_envelope_mistakes_straight_to_torchserve_get_a_4xx(pod: KServeLocal, scenes, name: str) -> None:
-    """Straight to TorchServe under the bundle's envelope, a body the envelope cannot read, or an overlay answer it
-    cannot carry, fails the whole request with 503 ("Prediction failed") unless the handler refuses it first."""
+def test_envelope_mistakes_straight_to_torchserve_are_never_a_5xx(pod: KServeLocal, scenes, name: str) -> None:
+    """TorchServe's own envelopes answered these with 503 ("Prediction failed"), losing the request."""
     before = worker_pid(pod)
-    make_body, headers = ENVELOPE_CASES[name]
-    body = make_body(pod.api, small_png_base64())
-    response = requests.post(f"{pod.torchserve.inference_url}/predictions/shapes", data=body, headers=headers, timeout=60)
-    assert 400 <= response.status_code < 500, (name, response.status_code, response.text[:300])
+    make_body, headers, status = ENVELOPE_CASES[name]
+    response = requests.post(
+        f"{pod.torchserve.inference_url}/predictions/shapes", data=make_body(pod.api, small_png_base64()), headers=headers, timeout=60
+    )
+    assert response.status_code == status, (name, response.status_code, response.text[:300])
+    answer = orjson.loads(response.content)
+    if status == 400:
+        assert answer["code"] == 400 and answer["type"] and answer["message"], answer
+    else:
+        assert response.headers["content-type"].startswith("application/json") and ("predictions" in answer or "outputs" in answer)
     front_answers(pod, scenes[7])
     assert worker_pid(pod) == before
 
@@ -457,13 +488,16 @@ def test_the_fronts_grpc_answers_with_our_json(front_grpc, scenes) -> None:
     assert response.outputs[0].datatype == "BYTES"
     answer = json.loads(response.outputs[0].contents.bytes_contents[0])
     assert answer["cam"]["size"] == list(scenes[8].image.size)
+    two = front_grpc.ModelInfer(model_infer(png_bytes(scenes[8].image), png_bytes(scenes[9].image)), timeout=60)
+    sizes = [json.loads(element)["cam"]["size"] for element in two.outputs[0].contents.bytes_contents]
+    assert sizes == [list(scenes[8].image.size), list(scenes[9].image.size)]
 
 
 FRONT_GRPC_MISTAKES = {
     "not an image": (lambda: model_infer(b"plain text"), grpc.StatusCode.INVALID_ARGUMENT),
     "aspect ratio over 20": (lambda: model_infer(png_bytes(Image.new("L", (4000, 150), 90))), grpc.StatusCode.INVALID_ARGUMENT),
     "image over 16384 pixels a side": (lambda: model_infer(png_bytes(Image.new("L", (1, 16_385)))), grpc.StatusCode.RESOURCE_EXHAUSTED),
-    "two images in one tensor": (lambda: model_infer(b"a", b"b"), grpc.StatusCode.INVALID_ARGUMENT),
+    "two non-images in one tensor": (lambda: model_infer(b"a", b"b"), grpc.StatusCode.INVALID_ARGUMENT),
     "FP32 tensor": (lambda: model_infer(datatype="FP32"), grpc.StatusCode.INVALID_ARGUMENT),
     "no inputs": (lambda: kserve_pb.ModelInferRequest(model_name="shapes"), grpc.StatusCode.INVALID_ARGUMENT),
     "message over the size limit": (lambda: model_infer(b"x" * (17 * 1024 * 1024)), grpc.StatusCode.RESOURCE_EXHAUSTED),

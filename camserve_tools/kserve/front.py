@@ -13,8 +13,9 @@ Readiness proves an answer: a model is ready while TorchServe lists a READY work
 lately (a client's, or the probe of camserve_tools.model_probe, sent when none came). TorchServe 0.12 can lose a
 worker for good while still listing it READY, and every request would then wait forever.
 
-The front checks only what TorchServe's envelopes would choke on (shape of the JSON, body size, datatypes, overlay
-answers, header bytes): the handler judges the images and options, and its 4xx comes back with the same status
+The front checks only what the protocols themselves get wrong (shape of the JSON, body size, datatypes, header
+bytes, text that is not Unicode): the handler judges the images and options (output=overlay, which no envelope
+carries, is refused per instance there), and its 4xx comes back with the same status
 (on gRPC its code: INVALID_ARGUMENT, RESOURCE_EXHAUSTED, ...) and a JSON body naming it. Every refusal is logged on
 one line, with at most a short escaped excerpt of what the client sent.
 Option names below avoid kserve's own flags: kserve.model_server parses sys.argv when it is imported.
@@ -159,28 +160,6 @@ def forwarded_headers(headers: dict[str, str] | None) -> dict[bytes, bytes]:
     return forwarded
 
 
-def _option_text(value: Any) -> str | None:
-    """An option's value as the handler reads it: a string or number as sent, a list of them comma-joined."""
-    scalars = (str, int, float, bool)
-    if isinstance(value, list) and all(isinstance(item, scalars) for item in value):
-        return ",".join(str(item) for item in value)
-    return str(value) if isinstance(value, scalars) else None
-
-
-def refuse_overlay(options: dict[str, Any], where: str) -> None:
-    """Refuse output=overlay however it is spelt: it answers with image bytes, which no KServe envelope can carry, and
-    TorchServe would then fail the whole request (every instance's answer with it)."""
-    for key, value in options.items():
-        name = key.lower().replace("-", "_") if isinstance(key, str) else ""
-        if name == "output" and (_option_text(value) or "").strip().lower() == "overlay":
-            raise refusal(
-                400,
-                "invalid_option",
-                f"{where}option '{excerpt(key, 40)}' = 'overlay' answers with an image; KServe's protocols carry JSON",
-                option="output",
-            )
-
-
 class TorchServeModel(kserve.Model):
     """One TorchServe model behind KServe's model server; `grpc` answers v2 as InferResponses (BYTES elements)."""
 
@@ -263,9 +242,6 @@ class TorchServeModel(kserve.Model):
 
     async def _post(self, path: str, body: dict, headers: dict[str, str] | None) -> dict:
         forwarded = forwarded_headers(headers)
-        prefix = len(OPTION_HEADER_PREFIX)
-        options = {key[prefix:]: value for key, value in (headers or {}).items() if key.lower().startswith(OPTION_HEADER_PREFIX)}
-        refuse_overlay(options, "header ")
         try:
             content = orjson.dumps(body)
         except TypeError:  # orjson refuses a lone surrogate, which Python's JSON parser lets through
@@ -309,16 +285,12 @@ def v1_body(payload: Any) -> dict:
     for index, instance in enumerate(instances):
         if not isinstance(instance, dict):
             raise InvalidInput(f"instances[{index}] must be an object with the base64 image under 'data'")
-        refuse_overlay(instance, f"instances[{index}]: ")
-        # The handler also reads options beside the image inside a JSON object given as the image field.
-        for field in ("data", "file", "body"):
-            if isinstance(instance.get(field), dict):
-                refuse_overlay(instance[field], f"instances[{index}].{field}: ")
     return {"instances": instances}
 
 
 def v2_body(payload: Any) -> dict:
-    """The v2 request as TorchServe's kservev2 envelope needs it: BYTES inputs, one base64 image each."""
+    """The v2 request as camserve's kservev2 envelope reads it: BYTES inputs of base64 images, each with its shape (the
+    handler checks that the shape matches the images, and answers or refuses each image)."""
     if not isinstance(payload, InferRequest):
         raise InvalidInput('a v2 request is an inference request {"inputs": [{"name", "shape", "datatype": "BYTES", "data"}]}')
     if not payload.inputs:
@@ -328,20 +300,31 @@ def v2_body(payload: Any) -> dict:
         name = excerpt(str(tensor.name), 40)
         if tensor.datatype != "BYTES":
             raise InvalidInput(f"input '{name}': datatype must be BYTES (the image), not {excerpt(str(tensor.datatype), 20)}")
-        data = tensor.data.tolist() if isinstance(tensor.data, np.ndarray) else list(tensor.data or [])
-        # The envelope reads one image per input (data[0]); more would be dropped silently, so refuse them.
-        if len(data) != 1:
-            raise InvalidInput(f"input '{name}': data must hold exactly one image (send several images as several inputs)")
-        element = data[0]
-        if isinstance(element, (bytes, bytearray)):  # the binary extension or gRPC: raw bytes, sent on as base64
-            element = base64.b64encode(bytes(element)).decode("ascii")
-        if not isinstance(element, str):
-            raise InvalidInput(f"input '{name}': data[0] must be the image as a base64 string")
-        inputs.append({"name": tensor.name, "shape": [1], "datatype": "BYTES", "data": [element]})
+        data = tensor.data.tolist() if isinstance(tensor.data, np.ndarray) else tensor.data
+        elements = []
+        for element in _flattened(data):
+            if isinstance(element, (bytes, bytearray)):  # the binary extension or gRPC: raw bytes, sent on as base64
+                element = base64.b64encode(bytes(element)).decode("ascii")
+            if not isinstance(element, str):
+                raise InvalidInput(f"input '{name}': each element of data must be an image as a base64 string")
+            elements.append(element)
+        inputs.append({"name": tensor.name, "shape": list(tensor.shape), "datatype": "BYTES", "data": elements})
     body: dict[str, Any] = {"inputs": inputs}
     if payload.id:
         body["id"] = payload.id
     return body
+
+
+def _flattened(data: Any) -> list[Any]:
+    """A tensor's elements in row-major order, however deeply its data nests them (no recursion: any depth)."""
+    elements, pending = [], [data]
+    while pending:
+        item = pending.pop()
+        if isinstance(item, (list, tuple)):
+            pending.extend(reversed(item))
+        else:
+            elements.append(item)
+    return elements
 
 
 def binary_request_as_json(body: bytes, json_length: str) -> bytes:

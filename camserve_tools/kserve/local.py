@@ -80,10 +80,6 @@ class KServeLocal:
             grpc_management_port=self.grpc_management_port,
             env=pod_environment(self.api),
         )
-        # TorchServe's own vmargs (camserve_tools.server) would replace the bundle's heap sizing and out-of-memory
-        # exit: keep the bundle's, with the per-instance temp dir the frontend puts its worker sockets in.
-        if properties.get("vmargs"):
-            self.torchserve.extra_properties["vmargs"] = f"{properties['vmargs']} -Djava.io.tmpdir={self.torchserve.tmp_dir}"
 
     @property
     def url(self) -> str:
