@@ -200,8 +200,9 @@ class TorchServe:
             f"grpc_management_port={self.grpc_management_port}",
         ]
         # The frontend puts its worker sockets in java.io.tmpdir (not $TMPDIR): each instance gets its own, by a
-        # short path.
-        lines += [f"vmargs=-Xmx1g -XX:+UseContainerSupport -Djava.io.tmpdir={self.socket_dir}"]
+        # short path. The config's own JVM settings stay (a KServe bundle's heap share and exit on out-of-memory).
+        jvm = self._properties().get("vmargs") or "-Xmx1g -XX:+UseContainerSupport"
+        lines += [f"vmargs={jvm} -Djava.io.tmpdir={self.socket_dir}"]
         lines += [f"{key}={value}" for key, value in self.extra_properties.items()]
         path = self.run_dir / "config.properties"
         path.write_text("\n".join(lines) + "\n")
@@ -342,7 +343,10 @@ class TorchServe:
         key_file = self.run_dir / "key_file.json"
         if not key_file.exists():
             return None
-        return json.loads(key_file.read_text())["inference"]["key"]
+        try:
+            return json.loads(key_file.read_text())["inference"]["key"]
+        except ValueError:  # TorchServe creates the file, then writes it: the start-up probe may read it between
+            return None
 
     def stop(self) -> None:
         process = getattr(self, "process", None)

@@ -110,21 +110,21 @@ def test_grpc_predictions_answer_with_a_map(stub, scenes) -> None:
     assert answer["cam"]["size"] == [scene.image.width, scene.image.height]
 
 
-def test_grpc_errors_come_back_in_the_answer(stub) -> None:
-    """TorchServe 0.12's gRPC job ignores a prediction's status code: our 4xx arrives as an OK reply holding the error."""
+def test_grpc_an_unknown_model_is_a_grpc_error(stub) -> None:
     stubs, inference = stub
-    answer = json.loads(
-        inference.Predictions(
-            stubs.inference_pb2.PredictionsRequest(model_name="shapes", input={"data": b"\x89PNG truncated"}), timeout=60
-        ).prediction
-    )
-    assert answer["code"] == 400 and answer["type"] == "invalid_image"
-    unknown = json.loads(
-        inference.Predictions(
-            stubs.inference_pb2.PredictionsRequest(model_name="shapes", input={"data": b"x", "mehtod": b"cam"}), timeout=60
-        ).prediction
-    )
-    assert unknown["code"] == 400 and unknown["type"] in ("unknown_option", "invalid_image")
     with pytest.raises(grpc.RpcError) as raised:
         inference.Predictions(stubs.inference_pb2.PredictionsRequest(model_name="nope", input={"data": b"x"}), timeout=60)
     assert raised.value.code() in (grpc.StatusCode.NOT_FOUND, grpc.StatusCode.INTERNAL)
+
+
+@pytest.mark.xfail(strict=True, reason="needs the handler to raise a single gRPC request's 4xx as the request's status")
+@pytest.mark.parametrize("inputs", [{"data": b"\x89PNG truncated"}, {"data": b"x", "mehtod": b"cam"}], ids=["truncated", "unknown option"])
+def test_grpc_client_mistakes_are_invalid_argument(stub, inputs: dict) -> None:
+    """TorchServe 0.12's gRPC job drops a prediction's own status: only an error of the whole batch (a single request
+    here) reaches the client as a gRPC code, INVALID_ARGUMENT, with our JSON error as its details."""
+    stubs, inference = stub
+    with pytest.raises(grpc.RpcError) as raised:
+        inference.Predictions(stubs.inference_pb2.PredictionsRequest(model_name="shapes", input=inputs), timeout=60)
+    assert raised.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    error = json.loads(raised.value.details().split("\n")[0])
+    assert error["code"] == 400 and error["type"] in ("unknown_option", "invalid_image")

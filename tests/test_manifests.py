@@ -138,6 +138,11 @@ def test_inference_services() -> None:
         config = {"v1": "kserve.properties", "v2": "kserve-v2.properties"}[model["protocolVersion"]]
         assert env["CAMSERVE_CONFIG"] == f"/opt/camserve/config/{config}" and env["CAMSERVE_PROBE_PROTOCOL"] == model["protocolVersion"]
         assert model["readinessProbe"]["exec"]["command"][:3] == ["python", "-m", "camserve_tools.container.probe"]
+        # Liveness proves a real answer straight from TorchServe, in the runtime's envelope: TorchServe 0.12 can lose a
+        # model for good while it still reports it ready.
+        liveness = model["livenessProbe"]["exec"]["command"]
+        envelope = {"v1": "kserve", "v2": "kservev2"}[model["protocolVersion"]]
+        assert liveness[:3] == ["python", "-m", "camserve_tools.model_probe"] and liveness[liveness.index("--envelope") + 1] == envelope
         protocols.add(model["protocolVersion"])
     assert protocols == {"v1", "v2"}
     knative = [s for s in services if "serving.kserve.io/deploymentMode" not in s["metadata"].get("annotations", {})]
@@ -167,7 +172,9 @@ def test_kubernetes_deployment() -> None:
     (container,) = pod["containers"]
     assert container["image"].startswith("camserve:") and "command" not in container, "the image's entry point serves"
     assert {"name": "CAMSERVE_CONFIG", "value": "/etc/camserve/config.properties"} in container["env"]
-    assert container["livenessProbe"]["httpGet"]["path"] == "/ping"
+    # Liveness proves a real answer too: TorchServe can lose a model while /ping stays healthy (model_probe).
+    assert container["livenessProbe"]["exec"]["command"][:3] == ["python", "-m", "camserve_tools.model_probe"]
+    assert container["livenessProbe"]["timeoutSeconds"] > 20 and container["livenessProbe"]["failureThreshold"] >= 3
     assert container["readinessProbe"]["exec"]["command"] == ["python", "-m", "camserve_tools.container.probe", "shapes", "imagenet"]
     assert container["securityContext"]["readOnlyRootFilesystem"] is True and pod["securityContext"]["runAsUser"] == 1000
     assert {mount["mountPath"] for mount in container["volumeMounts"]} == {"/etc/camserve", "/tmp"}
