@@ -117,7 +117,6 @@ def test_grpc_an_unknown_model_is_a_grpc_error(stub) -> None:
     assert raised.value.code() in (grpc.StatusCode.NOT_FOUND, grpc.StatusCode.INTERNAL)
 
 
-@pytest.mark.xfail(strict=True, reason="needs the handler to raise a single gRPC request's 4xx as the request's status")
 @pytest.mark.parametrize("inputs", [{"data": b"\x89PNG truncated"}, {"data": b"x", "mehtod": b"cam"}], ids=["truncated", "unknown option"])
 def test_grpc_client_mistakes_are_invalid_argument(stub, inputs: dict) -> None:
     """TorchServe 0.12's gRPC job drops a prediction's own status: only an error of the whole batch (a single request

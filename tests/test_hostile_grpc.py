@@ -24,11 +24,6 @@ from camserve_tools.torchserve_grpc import compile_stubs
 pytestmark = [pytest.mark.serving]
 
 PROBE = ROOT / "camserve_tools" / "model_probe.py"
-# What the handler must do for these to pass is in docs/deploy.md ("gRPC"): answer each gRPC request with the
-# response header ts_stream_next=false, and raise a single gRPC request's refusal as a PredictionException.
-NEEDS_HANDLER = pytest.mark.xfail(
-    strict=True, reason="needs the handler's gRPC answers: ts_stream_next=false on every gRPC request, its 4xx as the request's status"
-)
 
 
 @pytest.fixture(scope="module")
@@ -84,7 +79,6 @@ def request(stubs, sequence_id: str | None = None, **inputs: bytes):
     return stubs.inference_pb2.PredictionsRequest(model_name="shapes", input=inputs, sequence_id=sequence_id)
 
 
-@NEEDS_HANDLER
 def test_stream_predictions_answers_once_and_keeps_the_worker(server, stubs, inference, scenes) -> None:
     """StreamPredictions: one reply, our answer, the stream closed; without ts_stream_next in the handler's answer
     TorchServe's frontend throws a NullPointerException after the first reply and restarts the worker."""
@@ -95,7 +89,6 @@ def test_stream_predictions_answers_once_and_keeps_the_worker(server, stubs, inf
     assert worker_pid(server, scenes) == before, "the worker was restarted"
 
 
-@NEEDS_HANDLER
 @pytest.mark.parametrize(
     ("name", "inputs", "code"),
     [

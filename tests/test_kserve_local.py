@@ -439,7 +439,6 @@ def test_grpc_open_inference_protocol(channel, stubs, scenes) -> None:
     assert answer["cam"]["size"] == [scenes[2].image.width, scenes[2].image.height]
 
 
-@pytest.mark.xfail(strict=True, reason="needs the handler to raise a single gRPC request's 4xx as the request's status")
 def test_grpc_open_inference_protocol_refuses_a_bad_image_with_invalid_argument(channel, stubs) -> None:
     """TorchServe 0.12's gRPC job drops a handler's per-request status (an OK reply would hold our error): only an
     error of the whole batch reaches the client as a gRPC code."""
