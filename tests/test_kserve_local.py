@@ -449,7 +449,7 @@ def test_grpc_open_inference_protocol_refuses_a_bad_image_with_invalid_argument(
     with pytest.raises(grpc.RpcError) as raised:
         oip.ModelInfer(stubs.oip_pb2.ModelInferRequest(model_name="shapes", inputs=[bad]), timeout=60)
     assert raised.value.code() == grpc.StatusCode.INVALID_ARGUMENT
-    assert json.loads(raised.value.details().split("\n")[0])["type"] == "invalid_image"
+    assert '"invalid_image"' in raised.value.details()  # our JSON answer, the error in its image's place
 
 
 def test_grpc_predictions_with_a_v2_body(channel, stubs, scenes) -> None:
