@@ -10,13 +10,20 @@ INFERENCE_PORT ?= 8080
 MANAGEMENT_PORT ?= 8081
 METRICS_PORT ?= 8082
 CONFIG ?= config/dev.properties
-comma := ,
-space := $(empty) $(empty)
+# torchserve, or kserve: the same pipeline on KServe's own model server (no TorchServe, no Java)
+ENGINE ?= torchserve
+# The settings a user may give the targets below reach their recipes the way the archive rule's do: unexpanded,
+# through the environment as MAKE_<NAME>, read by the shell only inside double quotes (or, for argument lists, split
+# into words with globbing off): no value is ever make or shell code. Not exported under their own names, where
+# make would expand them on the way.
+USER_SETTINGS := CONFIG ENGINE INFERENCE_PORT MANAGEMENT_PORT METRICS_PORT BENCH_ARGS LOADTEST_ARGS MODELS PROTOCOL BUNDLE_DIR KSERVE_PORT
+unexport $(USER_SETTINGS)
+$(foreach setting,$(USER_SETTINGS),$(eval export MAKE_$(setting) = $$(value $(setting))))
 
-.PHONY: help venv serve stop test lint archive train evaluate bench bench-maps loadtest clean kserve-bundle kserve-local kserve-local-stop check-manifests
+.PHONY: help venv serve stop test lint archive train evaluate bench bench-maps loadtest clean kserve-bundle kserve-local kserve-local-stop check-manifests image image-test prometheus-tools
 
 help:
-	@echo "make serve     start TorchServe with the default models (shapes, imagenet) on 127.0.0.1:$(INFERENCE_PORT) (background)"
+	@echo "make serve     start TorchServe with the default models (shapes, imagenet) on 127.0.0.1:$(INFERENCE_PORT) (background; ENGINE=kserve: KServe's own model server)"
 	@echo "make stop      stop that server"
 	@echo "make test      install what is missing, lint, and run the whole test suite"
 	@echo "make lint      ruff (lint, format check) and mypy"
@@ -29,7 +36,9 @@ help:
 	@echo "make kserve-bundle   KServe storage tree: config/config.properties + model-store/ (CONFIG=, MODELS=, PROTOCOL=v1|v2, BUNDLE_DIR=)"
 	@echo "make kserve-local    the KServe pod on loopback: KServe's model server on 127.0.0.1:$(KSERVE_PORT), TorchServe on 8085 (PROTOCOL=)"
 	@echo "make kserve-local-stop  stop both"
-	@echo "make check-manifests validate deploy/ against the Kubernetes schemas and KServe's typed models (docs/deploy.md)"
+	@echo "make check-manifests validate deploy/ against the Kubernetes schemas and KServe's CRDs (docs/deploy.md)"
+	@echo "make image     build camserve:<version> with podman from deploy/image/Containerfile, no registry needed (TORCH_INDEX_URL=)"
+	@echo "make image-test run the image for real: smoke, tokens, Locust, SIGTERM, restart, Prometheus, kube play (docs/deploy.md)"
 
 # The venv is rebuilt when pyproject.toml changes; the stamp records the last successful install. The project is
 # installed editable, so .venv/bin/camserve and every script run from this checkout without PYTHONPATH.
@@ -60,21 +69,28 @@ ARCHIVES := model_store/shapes.mar model_store/imagenet.mar
 # make archive MODEL_FILE=model.py [CLASS=Name] WEIGHTS=<state-dict file> [EXTRA_FILES=a.py,pkg]
 # make archive EXPORTED=model.pt2                 (torch.export.save, with a dynamic batch dimension)
 #   and for any of them: [LABELS=..] [NAME=..] [INPUT_SIZE=224|H,W] [MEAN=r,g,b] [STD=r,g,b] [METHOD=..] [LAYER=..]
-ARCHIVE_VARIABLES := $(strip $(filter-out shapes,$(MODEL))$(MODEL_FILE)$(CLASS)$(WEIGHTS)$(EXPORTED)$(EXTRA_FILES)$(LABELS)$(NAME)$(INPUT_SIZE)$(MEAN)$(STD)$(METHOD)$(LAYER))
-ifeq ($(ARCHIVE_VARIABLES),)
+# Each variable reaches the recipe unexpanded ($(value ...): a `$(shell ...)` in it stays text) through the
+# environment as ARCHIVE_<VARIABLE>, and the shell reads it only inside double quotes: no value is ever make or shell code.
+# Under its own name it is not exported: make would expand it on the way into every recipe's environment.
+ARCHIVE_VARIABLES := MODEL MODEL_FILE CLASS WEIGHTS EXPORTED EXTRA_FILES LABELS NAME INPUT_SIZE MEAN STD METHOD LAYER
+unexport $(ARCHIVE_VARIABLES)
+ARCHIVE_GIVEN := $(strip $(foreach variable,$(ARCHIVE_VARIABLES),$(if $(filter-out shapes,$(value $(variable))),$(variable))))
+ifeq ($(ARCHIVE_GIVEN),)
 archive: model_store/shapes.mar
 else
+$(foreach variable,$(ARCHIVE_VARIABLES),$(eval archive: export ARCHIVE_$(variable) = $$(value $(variable))))
 archive: $(VENV)/.installed
-	$(BIN)/camserve archive $(if $(MODEL),--model "$(MODEL)") $(if $(MODEL_FILE),--model-file "$(MODEL_FILE)") \
-		$(if $(CLASS),--class "$(CLASS)") $(if $(WEIGHTS),--weights "$(WEIGHTS)") $(if $(EXPORTED),--exported "$(EXPORTED)") \
-		$(if $(EXTRA_FILES),--extra-files "$(EXTRA_FILES)") $(if $(LABELS),--labels "$(LABELS)") $(if $(NAME),--name "$(NAME)") \
-		$(if $(INPUT_SIZE),--input-size "$(INPUT_SIZE)") $(if $(MEAN),--mean "$(MEAN)") $(if $(STD),--std "$(STD)") \
-		$(if $(METHOD),--method "$(METHOD)") $(if $(LAYER),--layer "$(LAYER)")
+	$(BIN)/camserve archive $${ARCHIVE_MODEL:+--model "$$ARCHIVE_MODEL"} $${ARCHIVE_MODEL_FILE:+--model-file "$$ARCHIVE_MODEL_FILE"} \
+		$${ARCHIVE_CLASS:+--class "$$ARCHIVE_CLASS"} $${ARCHIVE_WEIGHTS:+--weights "$$ARCHIVE_WEIGHTS"} \
+		$${ARCHIVE_EXPORTED:+--exported "$$ARCHIVE_EXPORTED"} $${ARCHIVE_EXTRA_FILES:+--extra-files "$$ARCHIVE_EXTRA_FILES"} \
+		$${ARCHIVE_LABELS:+--labels "$$ARCHIVE_LABELS"} $${ARCHIVE_NAME:+--name "$$ARCHIVE_NAME"} \
+		$${ARCHIVE_INPUT_SIZE:+--input-size "$$ARCHIVE_INPUT_SIZE"} $${ARCHIVE_MEAN:+--mean "$$ARCHIVE_MEAN"} \
+		$${ARCHIVE_STD:+--std "$$ARCHIVE_STD"} $${ARCHIVE_METHOD:+--method "$$ARCHIVE_METHOD"} $${ARCHIVE_LAYER:+--layer "$$ARCHIVE_LAYER"}
 endif
 
 serve: $(ARCHIVES)
-	$(BIN)/camserve serve --run-dir $(RUN_DIR) --config $(CONFIG) \
-		--inference-port $(INFERENCE_PORT) --management-port $(MANAGEMENT_PORT) --metrics-port $(METRICS_PORT)
+	$(BIN)/camserve serve --engine "$$MAKE_ENGINE" --run-dir $(RUN_DIR) --config "$$MAKE_CONFIG" \
+		--inference-port "$$MAKE_INFERENCE_PORT" --management-port "$$MAKE_MANAGEMENT_PORT" --metrics-port "$$MAKE_METRICS_PORT"
 
 stop:
 	@test -x $(BIN)/camserve && $(BIN)/camserve stop --run-dir $(RUN_DIR) || true
@@ -85,8 +101,16 @@ lint: $(VENV)/.installed
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy
 
-test: lint $(ARCHIVES)
+test: lint $(ARCHIVES) prometheus-tools
 	$(PY) -m pytest
+
+# promtool (Debian's prometheus package) for tests/test_prometheus_rules.py and Prometheus for make image-test:
+# installed with apt as root when missing; elsewhere those tests skip and say why.
+prometheus-tools:
+	@command -v promtool >/dev/null || { if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+		echo "installing promtool and prometheus (apt-get install prometheus): they were missing"; \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq prometheus >/dev/null; \
+	else echo "promtool is missing and this is not root: tests/test_prometheus_rules.py will skip"; fi; }
 
 train: $(VENV)/.installed
 	$(PY) scripts/train_shapes.py
@@ -97,20 +121,20 @@ evaluate: $(VENV)/.installed
 # About an hour (estimated: BENCH_ARGS="--concurrency 1,16" took 37 min with seven variants): three models x
 # eight variants (pytorch-grad-cam's among them) x three concurrencies x two batch sizes, each in Locust runs.
 bench: $(VENV)/.installed
-	$(PY) -m camserve_tools.benchmarks.serving_benchmark $(BENCH_ARGS)
+	set -f; $(PY) -m camserve_tools.benchmarks.serving_benchmark $$MAKE_BENCH_ARGS
 
 # About 40 minutes on 2 cores: default model + resnet50, cam and gradcam, batch 1 and 8, time and peak memory (each
 # variant in three fresh processes), against pytorch-grad-cam, torchcam and Captum.
 bench-maps: $(VENV)/.installed model_store/imagenet.mar
-	$(PY) scripts/bench_overhead.py --references --memory $(BENCH_ARGS)
+	set -f; $(PY) scripts/bench_overhead.py --references --memory $$MAKE_BENCH_ARGS
 
 loadtest: $(ARCHIVES)
-	$(PY) -m camserve_tools.benchmarks.run_loadtest $(LOADTEST_ARGS)
+	set -f; $(PY) -m camserve_tools.benchmarks.run_loadtest $$MAKE_LOADTEST_ARGS
 
 # --- deployment (docs/deploy.md) ---
 # The bundle carries CONFIG's settings (token authorization, sizes, metrics); make's default CONFIG is the
 # development one, so unless CONFIG is given on the command line or in the environment the production one is used.
-BUNDLE_CONFIG := $(if $(filter command line environment,$(origin CONFIG)),$(CONFIG),config/production.properties)
+export MAKE_BUNDLE_CONFIG = $(if $(filter command line environment,$(origin CONFIG)),$(value CONFIG),config/production.properties)
 MODELS ?= model_store/shapes.mar
 PROTOCOL ?= v1
 BUNDLE_DIR ?= .run/kserve-bundle
@@ -118,17 +142,30 @@ KSERVE_PORT ?= 8080
 KSERVE_RUN_DIR := .run/kserve-local
 
 kserve-bundle: $(VENV)/.installed $(MODELS)
-	@$(PY) -m camserve_tools.kserve.bundle --out $(BUNDLE_DIR) --config $(BUNDLE_CONFIG) --protocol $(PROTOCOL) $(MODELS)
+	@set -f; $(PY) -m camserve_tools.kserve.bundle --out "$$MAKE_BUNDLE_DIR" --config "$$MAKE_BUNDLE_CONFIG" --protocol "$$MAKE_PROTOCOL" $$MAKE_MODELS
 
 kserve-local: $(VENV)/.installed $(MODELS)
-	$(PY) -m camserve_tools.kserve.local start --run-dir $(KSERVE_RUN_DIR) --api $(PROTOCOL) --port $(KSERVE_PORT) \
-		--config $(BUNDLE_CONFIG) --archives "$(subst $(space),$(comma),$(strip $(MODELS)))"
+	set -f; archives=$$(echo $$MAKE_MODELS | tr ' ' ','); \
+	$(PY) -m camserve_tools.kserve.local start --run-dir $(KSERVE_RUN_DIR) --api "$$MAKE_PROTOCOL" --port "$$MAKE_KSERVE_PORT" \
+		--config "$$MAKE_BUNDLE_CONFIG" --archives "$$archives"
 
 kserve-local-stop:
 	@test -x $(PY) && $(PY) -m camserve_tools.kserve.local stop --run-dir $(KSERVE_RUN_DIR) || true
 
 check-manifests: $(VENV)/.installed
 	$(PY) -m camserve_tools.manifests deploy
+
+# --- the container image (docs/deploy.md, "The image"); podman & co are installed with apt when missing ---
+# TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu builds a CPU-only image (torch and torchvision from there).
+TORCH_INDEX_URL ?=
+
+image: $(VENV)/.installed $(ARCHIVES)
+	$(PY) -m camserve_tools.container.build --torch-index-url "$(TORCH_INDEX_URL)"
+
+# Runs make image first (seconds with its layers cached); SKIPPED (exit 0, loudly) where podman cannot be installed or run,
+# a failure instead with CAMSERVE_IMAGE_TEST_REQUIRED=1.
+image-test: $(VENV)/.installed $(ARCHIVES)
+	$(PY) -m camserve_tools.container.image_test
 
 clean:
 	rm -rf .run model_store/*.mar

@@ -16,7 +16,9 @@ from __future__ import annotations
 
 import inspect
 import json
+import math
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -30,7 +32,7 @@ import yaml
 from camserve.model_spec import EXPORTED, ModelSpec, SpecError, without_auxiliary_heads
 
 ROOT = Path(__file__).resolve().parent.parent
-HANDLER = ROOT / "camserve" / "serving" / "handler.py"
+HANDLER = ROOT / "camserve" / "engines" / "torchserve_handler.py"
 PACKAGE = ROOT / "camserve"
 PROBE = Path(__file__).resolve().with_name("probe_model.py")
 
@@ -38,6 +40,13 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 # TorchServe worker settings of a generated model-config.yaml (the benchmark overrides them per run).
 WORKER_SETTINGS = {"minWorkers": 1, "maxWorkers": 1, "batchSize": 1, "maxBatchDelay": 20, "responseTimeout": 120}
+# A model name as TorchServe's management API accepts one; it is also the archive's file name, so it can name
+# neither a folder nor anything a shell or a URL would read specially.
+MODEL_NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
+MAX_MODEL_NAME_LENGTH = 128
+# The model's input, per side: below this a convolutional network has nothing left to map, above it one dummy
+# forward pass alone needs gigabytes.
+MIN_INPUT_SIDE, MAX_INPUT_SIDE = 8, 4096
 
 
 class ArchiveError(ValueError):
@@ -62,6 +71,33 @@ class ArchiveRequest:
     method: str | None = None
     layers: tuple[str, ...] = ()
     extra_settings: dict = field(default_factory=dict)
+
+
+# -- checks ---------------------------------------------------------------------------------------------------
+
+
+def model_name_problem(name: str) -> str | None:
+    """Why `name` cannot be a served model's name (and its archive's file name), or None when it can."""
+    if len(name) > MAX_MODEL_NAME_LENGTH:
+        return f"model name {name[:40]!r}... is {len(name)} characters long, over {MAX_MODEL_NAME_LENGTH}"
+    if not MODEL_NAME_PATTERN.fullmatch(name):
+        return f"model name {name!r} must be letters, digits, '_', '.' and '-', starting with a letter or digit"
+    return None
+
+
+def check_preprocessing(spec: ModelSpec) -> None:
+    """Normalisation and input size that every request can go through: finite MEAN and STD, STD above zero (a zero
+    or non-finite value makes every input tensor inf or nan), and sides within [MIN_INPUT_SIDE, MAX_INPUT_SIDE]."""
+    height, width = spec.input_size
+    if not all(isinstance(side, int) and MIN_INPUT_SIDE <= side <= MAX_INPUT_SIDE for side in (height, width)):
+        raise ArchiveError(
+            f"INPUT_SIZE {height},{width}: each side must be a whole number of pixels from {MIN_INPUT_SIDE} to {MAX_INPUT_SIDE}"
+        )
+    for option, values in (("MEAN", spec.mean), ("STD", spec.std)):
+        if len(values) != 3 or not all(isinstance(v, (int, float)) and math.isfinite(v) for v in values):
+            raise ArchiveError(f"{option}={','.join(map(str, values))}: must be three finite numbers (r,g,b)")
+    if min(spec.std) <= 0:
+        raise ArchiveError(f"STD={','.join(map(str, spec.std))}: every value must be above 0 (the input is divided by it)")
 
 
 # -- packing --------------------------------------------------------------------------------------------------
@@ -133,6 +169,9 @@ def checked_archive(
     """Build the archive in a scratch store, probe it, fix its class count from the real output, and only then
     move it to `export_path`."""
     config_file = model_dir / "model-config.yaml"
+    if (problem := model_name_problem(name)) is not None:
+        raise ArchiveError(f"NAME: {problem}")
+    check_preprocessing(ModelSpec.from_model_dir(model_dir))
     with tempfile.TemporaryDirectory(prefix="camserve-store-") as scratch:
         mar = build_archive(name, model_dir, Path(scratch), model_file=model_file, extra_files=extra_files)
         result = probe_archive(mar)
@@ -153,6 +192,8 @@ def checked_archive(
 
 def archive_model_dir(name: str, model_dir: Path, export_path: Path) -> Path:
     """A project model dir (model-config.yaml, weights, labels) -> a checked archive; the dir is left as it is."""
+    if (problem := model_name_problem(name)) is not None:
+        raise ArchiveError(f"NAME: {problem}")
     if not (model_dir / "model-config.yaml").is_file():
         raise ArchiveError(f"{model_dir} has no model-config.yaml")
     with tempfile.TemporaryDirectory(prefix="camserve-model-") as scratch:
@@ -363,6 +404,8 @@ def write_model_dir(directory: Path, config: dict, labels: Path | dict | None) -
 
 def archive(request: ArchiveRequest, export_path: Path) -> Path:
     """Any form -> a checked `export_path/<name>.mar`."""
+    if request.name is not None and (problem := model_name_problem(request.name)) is not None:
+        raise ArchiveError(f"NAME: {problem}")
     form = form_of(request)
     if form == "shapes":
         if any((request.labels, request.input_size, request.mean, request.std, request.method, request.layers)):

@@ -9,8 +9,12 @@ from __future__ import annotations
 import os
 from collections.abc import Iterable
 from pathlib import Path
+from typing import Any
+
+from camserve_tools.bounded_files import MAX_IMAGE_BYTES, FileRefused, read_bounded
 
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"})
+MAX_LIST_BYTES = 64 * 1024 * 1024  # a list file: about a million paths
 
 
 class InputError(ValueError):
@@ -30,8 +34,8 @@ def paths_in_list(list_file: Path) -> list[Path]:
     """The paths a text file lists, one a line (images or folders); blank lines and lines starting with '#' are
     skipped. Listed paths are kept even when missing: the run then reports each as a failed image, and goes on."""
     try:
-        text = list_file.read_text()
-    except (OSError, UnicodeDecodeError) as error:
+        text = read_bounded(list_file, MAX_LIST_BYTES).decode()
+    except (OSError, UnicodeDecodeError, FileRefused) as error:
         raise InputError(f"{list_file}: not a readable list of paths ({error})") from None
     base = list_file.parent
     listed = (line.strip() for line in text.splitlines())
@@ -52,6 +56,20 @@ def collect_images(inputs: Iterable[str | Path]) -> list[Path]:
         elif path.is_file():
             for listed in paths_in_list(path):
                 found += images_in_folder(listed) if listed.is_dir() else [listed]
+        elif path.exists():
+            raise InputError(f"{path}: not a regular file or folder (a device, a FIFO or a socket is never read)")
         else:
             raise InputError(f"{path}: no such image, folder or list file")
     return list(dict.fromkeys(Path(os.path.abspath(p)) for p in found))
+
+
+def read_image(path: Path) -> bytes | dict[str, Any]:
+    """The file's bytes, or the JSON error the file gets instead, as a server would answer it: a path that cannot
+    be read (a missing path from a list file, say) or that is not a regular file (a device, a FIFO) gets a 400, a
+    file over the server's request size limit a 413; none is read past that limit."""
+    try:
+        return read_bounded(path, MAX_IMAGE_BYTES)
+    except FileRefused as refused:
+        return {"code": refused.status, "type": refused.kind, "message": str(refused)}
+    except OSError as error:
+        return {"code": 400, "type": "unreadable_file", "message": f"cannot read {path}: {error.strerror or error}"}

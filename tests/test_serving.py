@@ -98,9 +98,10 @@ def test_explanations_route_returns_our_map_without_predictions(predict, scenes)
     assert len(response.content) < 64_000  # not TorchServe's Integrated-Gradients tensor dump
 
 
-def test_handler_metrics_on_the_prometheus_endpoint(shapes_server, predict, scenes) -> None:
-    assert predict(png_bytes(scenes[8].image), headers={"X-CAM-Method": "cam"}).status_code == 200
-    assert predict(b"not an image").status_code == 400
+def test_handler_metrics_on_the_prometheus_endpoint(shapes_server, scenes) -> None:
+    url, auth = f"{shapes_server.inference_url}/predictions/shapes", shapes_server.auth_headers()
+    assert requests.post(url, data=png_bytes(scenes[8].image), headers={**auth, "X-CAM-Method": "cam"}, timeout=60).status_code == 200
+    assert requests.post(url, data=b"not an image", headers=auth, timeout=60).status_code == 400
     text = requests.get(f"{shapes_server.metrics_url}/metrics", timeout=30).text
     assert "CamRequests{" in text and 'Method="cam"' in text and 'Output="png"' in text
     assert "CamErrors{" in text and 'Kind="invalid_image"' in text

@@ -11,6 +11,7 @@ import binascii
 import io
 import json
 import warnings
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -30,16 +31,26 @@ class RequestError(ValueError):
     """A request we refuse; `status` is the HTTP code, `kind` a stable machine-readable name, `option` what was wrong."""
 
     def __init__(self, message: str, status: int = 400, kind: str = "bad_request", option: str | None = None) -> None:
-        super().__init__(message)
+        super().__init__(_strict_text(message))
         self.status = status
         self.kind = kind
-        self.option = option
+        self.option = None if option is None else _strict_text(option)
 
     def to_json(self) -> dict[str, Any]:
         body: dict[str, Any] = {"code": self.status, "type": self.kind, "message": str(self)}
         if self.option is not None:
             body["option"] = self.option
         return body
+
+    def log_line(self) -> str:
+        """One JSON line for the log: why, and which option; the message cut short, never the request's bytes."""
+        return json.dumps({"status": self.status, "type": self.kind, "option": self.option, "message": str(self)[:300]})
+
+
+def _strict_text(text: str) -> str:
+    """`text` without lone surrogates (a JSON body's "\\ud800" decodes to one): written as a backslash escape, so that
+    an error that quotes the client stays valid UTF-8 and valid JSON to strict parsers."""
+    return text.encode("utf-8", "backslashreplace").decode("utf-8")
 
 
 @dataclass
@@ -148,7 +159,7 @@ def _flatten_alpha(image: Image.Image) -> Image.Image:
 HEADER_PREFIX = "x-cam-"
 
 
-def options_from_headers(headers: dict[str, Any]) -> dict[str, str]:
+def options_from_headers(headers: Mapping[str, Any]) -> dict[str, str]:
     """Options sent as `X-CAM-<Option>` headers (TorchServe 0.12 does not pass the query string to handlers).
 
     Header names take hyphens where option names take underscores: `X-CAM-Heatmap-Size` is `heatmap_size`.
@@ -169,8 +180,31 @@ def _header_text(value: str) -> str:
         return value
 
 
-def decode_request(row: dict[str, Any], headers: dict[str, Any] | None = None, at_least: tuple[int, int] | None = None) -> DecodedRequest:
-    """One TorchServe request row (and its HTTP headers) -> image + raw options (`at_least`: see decode_image).
+def body_value(payload: bytes, content_type: str | None) -> Any:
+    """A request body as TorchServe's frontend hands it to a worker, so that every engine reads it alike: parsed
+    JSON for `application/json`, text for `text/*`, the bytes as they are otherwise or where that fails."""
+    content_type = (content_type or "").split(";")[0].strip().lower()
+    try:
+        if content_type == "application/json":
+            return json.loads(payload.decode("utf-8"))
+        if content_type.startswith("text"):
+            return payload.decode("utf-8")
+    except (ValueError, RecursionError):
+        pass
+    return payload
+
+
+@dataclass
+class RawRequest:
+    """A request row before its image is decoded: the raw options and the image's bytes."""
+
+    options: dict[str, str]  # raw option values, validated later against the model
+    payload: bytes
+    field: str  # where the image came from
+
+
+def read_request(row: Mapping[str, Any], headers: Mapping[str, Any] | None = None) -> RawRequest:
+    """One request row (and its HTTP headers) -> raw options + the image's bytes, without decoding the image.
 
     Options come from `X-CAM-<Option>` headers, from form fields beside the image, or from JSON fields beside
     `data`; a field in the body wins over a header of the same name.
@@ -199,8 +233,16 @@ def decode_request(row: dict[str, Any], headers: dict[str, Any] | None = None, a
         image_field, payload = "data", payload["data"]
     elif not isinstance(payload, (bytes, bytearray, str)):
         raise RequestError("a JSON body must be an object with the base64 image under 'data'", kind="invalid_json", option="data")
-    image, size = decode_image(_as_bytes(payload, image_field), at_least)
-    return DecodedRequest(image=image, options=options, size=size)
+    return RawRequest(options=options, payload=_as_bytes(payload, image_field), field=image_field)
+
+
+def decode_request(
+    row: Mapping[str, Any], headers: Mapping[str, Any] | None = None, at_least: tuple[int, int] | None = None
+) -> DecodedRequest:
+    """One request row (and its HTTP headers) -> image + raw options (`at_least`: see decode_image)."""
+    raw = read_request(row, headers)
+    image, size = decode_image(raw.payload, at_least)
+    return DecodedRequest(image=image, options=raw.options, size=size)
 
 
 _SCALARS = (str, int, float, bool)

@@ -1,4 +1,4 @@
-"""Where a served request's time goes: both handlers run in-process, stage by stage, on the benchmark's images.
+"""Where a served request's time goes: the built-in handler and our pipeline in-process, stage by stage, on the benchmark's images.
 
     PYTHONPATH=. .venv/bin/python camserve_tools/benchmarks/handler_profile.py --models shapes,resnet18 --methods none,gradcam
 
@@ -20,13 +20,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from ts.torch_handler.unit_tests.test_utils.mock_context import MockContext
 
-import camserve.serving.handler as cam_handler_module
-from camserve.cam import CamExtractor
-from camserve.serving.handler import CamHandler
+from camserve.pipeline import CamPipeline, Row
 from camserve_tools.benchmarks.bench_models import importable_model_dir, prepare_models
 from camserve_tools.benchmarks.image_pool import Sample, image_pool
-from camserve_tools.local_handler import BatchContext, initialised_handler
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -51,8 +49,31 @@ class Stopwatch:
         return self.wrap(stage, function)(*args)
 
 
+# The pipeline's own stage times (camserve.pipeline's Metrics), under the names this table has always used.
+PIPELINE_STAGES = {
+    "CamDecodeTime": "decode + options",
+    "CamResizeTime": "resize + normalise",
+    "CamMapTime": "forward (+ map)",
+    "CamEncodeTime": "answer (map: upsample, peak, box, PNG)",
+}
+
+
+class StageTimes:
+    """A Metrics sink for the pipeline: its stage times, summed per stage."""
+
+    def __init__(self) -> None:
+        self.totals: dict[str, float] = defaultdict(float)
+
+    def add_time(self, name: str, milliseconds: float, dimensions: Any) -> None:
+        if name in PIPELINE_STAGES:
+            self.totals[PIPELINE_STAGES[name]] += milliseconds
+
+    def add_count(self, name: str, dimensions: Any) -> None:
+        return None
+
+
 def builtin_handler(model_dir: Path, model_file: Path) -> Any:
-    """The benchmark's baseline handler on a model dir laid out as its archive is."""
+    """The benchmark's baseline handler on a model dir laid out as its archive is, initialised as a worker does."""
     import shutil
     import tempfile
 
@@ -62,7 +83,8 @@ def builtin_handler(model_dir: Path, model_file: Path) -> Any:
     for path in (*model_dir.iterdir(), model_file):
         shutil.copy2(path, staging / path.name)
     weights = next(p.name for p in model_dir.iterdir() if p.suffix in (".pt", ".pth"))
-    context = BatchContext(
+    # TorchServe's own test context for its own handler: the baseline runs exactly as TorchServe's tests run it.
+    context = MockContext(
         model_pt_file=weights,
         model_dir=str(staging),
         model_file=model_file.name,
@@ -76,12 +98,9 @@ def builtin_handler(model_dir: Path, model_file: Path) -> Any:
     return handler
 
 
-def ours_handler(model_dir: Path) -> CamHandler:
-    weights = next(p.name for p in model_dir.iterdir() if p.suffix in (".pt", ".pth"))
+def ours_pipeline(model_dir: Path, stages: StageTimes) -> CamPipeline:
     with importable_model_dir(model_dir):
-        handler = initialised_handler(model_dir, weights, "ours")
-    assert isinstance(handler, CamHandler)
-    return handler
+        return CamPipeline.from_model_dir(model_dir, metrics=stages)
 
 
 def batches(samples: tuple[Sample, ...], batch_size: int) -> list[tuple[Sample, ...]]:
@@ -103,42 +122,26 @@ def profile_builtin(handler: Any, samples: tuple[Sample, ...], rounds: int, batc
     return {stage: value / (rounds * len(samples)) for stage, value in watch.totals.items()}
 
 
-def profile_ours(handler: CamHandler, method: str, samples: tuple[Sample, ...], rounds: int, batch_size: int = 1) -> dict[str, float]:
-    """Our handler's stages, timed by wrapping what handle() calls; whatever is left is the handler's own glue."""
+def profile_ours(
+    pipeline: CamPipeline, stages: StageTimes, method: str, samples: tuple[Sample, ...], rounds: int, batch_size: int = 1
+) -> dict[str, float]:
+    """Our pipeline's stages, timed by the pipeline itself; whatever is left of the total is its own glue."""
+    stages.totals.clear()
     watch = Stopwatch()
-    originals = (
-        cam_handler_module.decode_request,
-        cam_handler_module.encode_answer,
-        handler.transform,
-        CamExtractor.predict,
-        CamExtractor.__call__,
-    )
-    cam_handler_module.decode_request = watch.wrap("decode + options", cam_handler_module.decode_request)
-    cam_handler_module.encode_answer = watch.wrap("answer (map: upsample, peak, box, PNG)", cam_handler_module.encode_answer)
-    handler.transform = watch.wrap("resize + normalise", handler.transform)
-    CamExtractor.predict = watch.wrap("forward (+ map)", CamExtractor.predict)
-    CamExtractor.__call__ = watch.wrap("forward (+ map)", CamExtractor.__call__)
-    try:
-        for _ in range(rounds):
-            for batch in batches(samples, batch_size):
-                context = BatchContext(model_pt_file=None, model_file=None, gpu_id=None).for_batch(
-                    [{"X-CAM-Method": method, "Content-Type": sample.content_type} for sample in batch]
-                )
-                started = time.perf_counter()
-                answers = handler.handle([{"body": sample.body} for sample in batch], context)
-                for answer in answers:
-                    watch.time("JSON (worker)", json.dumps, answer)
-                watch.totals["total"] += (time.perf_counter() - started) * 1000
-    finally:
-        (
-            cam_handler_module.decode_request,
-            cam_handler_module.encode_answer,
-            handler.transform,
-            CamExtractor.predict,
-            CamExtractor.__call__,
-        ) = originals
-    per_request = {stage: value / (rounds * len(samples)) for stage, value in watch.totals.items()}
-    per_request["handler glue"] = per_request["total"] - sum(v for k, v in per_request.items() if k != "total")
+    for _ in range(rounds):
+        for batch in batches(samples, batch_size):
+            requests = [
+                [Row(fields={"body": sample.body}, headers={"x-cam-method": method, "content-type": sample.content_type})]
+                for sample in batch
+            ]
+            started = time.perf_counter()
+            answers = pipeline.answer(requests)
+            for (answer,) in answers:
+                watch.time("JSON (worker)", answer.to_bytes)
+            watch.totals["total"] += (time.perf_counter() - started) * 1000
+    totals = {**stages.totals, **watch.totals}
+    per_request = {stage: value / (rounds * len(samples)) for stage, value in totals.items()}
+    per_request["pipeline glue"] = per_request["total"] - sum(v for k, v in per_request.items() if k != "total")
     return per_request
 
 
@@ -156,12 +159,13 @@ def profile(
     torch.set_num_threads(threads)
     samples = image_pool(pool_size)
     builtin = builtin_handler(model_dir, model_file)
-    ours = ours_handler(model_dir)
+    stages = StageTimes()
+    ours = ours_pipeline(model_dir, stages)
     profile_builtin(builtin, samples[:8], 1, batch_size)  # warm-up: first calls allocate
     results = {"built-in plain": profile_builtin(builtin, samples, rounds, batch_size)}
     for method in methods:
-        profile_ours(ours, method, samples[:8], 1, batch_size)
-        results[method] = profile_ours(ours, method, samples, rounds, batch_size)
+        profile_ours(ours, stages, method, samples[:8], 1, batch_size)
+        results[method] = profile_ours(ours, stages, method, samples, rounds, batch_size)
     return results
 
 

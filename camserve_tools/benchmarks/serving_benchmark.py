@@ -11,8 +11,8 @@ Variants, all on the same server and the same worker settings, one after the oth
 |---|---|
 | `built-in plain` | TorchServe's built-in `ImageClassifier`, `POST /predictions/<model>_builtin`: the baseline |
 | `none` | our handler with `X-CAM-Method: none`: labels only |
-| `cam`, `gradcam`, `eigencam` | our handler with that method: labels + map (heat map PNG, peak, box) |
-| `gradcam input-size` | gradcam with `X-CAM-Heatmap-Size: input`: the PNG at the model input's size, peak and box still in image pixels |
+| `cam`, `gradcam`, `eigencam` | our handler with that method: labels + map (heat map PNG at the model input's side, peak, box) |
+| `gradcam original` | gradcam with `X-CAM-Heatmap-Size: original`: the PNG at the image's size (the default before it was input-sized) |
 | `built-in IG` | the built-in `POST /explanations/<model>_builtin`: Integrated Gradients through captum |
 | `pytorch-grad-cam` | `POST /predictions/<model>_pytorch_grad_cam`: what a user would write instead (a reference, not a target) |
 
@@ -76,7 +76,7 @@ class Variant:
     route: str
     answer: str  # what benchmark_locustfile.py checks
     method: str = ""  # X-CAM-Method
-    heatmap_size: str = ""  # X-CAM-Heatmap-Size; our default (the image's own size) where empty
+    heatmap_size: str = ""  # X-CAM-Heatmap-Size; our default (the model input's longest side) where empty
 
     def headers(self) -> list[str]:
         options = {"Method": self.method, "Heatmap-Size": self.heatmap_size}
@@ -88,8 +88,8 @@ VARIANTS = (
     Variant("none", "ours", "predictions", "plain", "none"),
     Variant("cam", "ours", "predictions", "map", "cam"),
     Variant("gradcam", "ours", "predictions", "map", "gradcam"),
-    # For clients that lay the map over the image themselves: the PNG at the model input's size.
-    Variant("gradcam input-size", "ours", "predictions", "map", "gradcam", heatmap_size="input"),
+    # What a client that wants the map pixel for pixel over the image pays: the PNG at the image's size.
+    Variant("gradcam original", "ours", "predictions", "map", "gradcam", heatmap_size="original"),
     Variant("eigencam", "ours", "predictions", "map", "eigencam"),
     Variant("built-in IG", "builtin", "explanations", "integrated-gradients"),
     Variant(PEER, "pytorch_grad_cam", "predictions", "pytorch-grad-cam"),

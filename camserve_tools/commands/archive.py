@@ -10,13 +10,14 @@ import argparse
 import contextlib
 import io
 import json
+import math
 import os
 import subprocess
 import sys
 from pathlib import Path
 from typing import Any
 
-from camserve_tools.archive import ROOT, ArchiveError, ArchiveRequest, archive, archive_model_dir
+from camserve_tools.archive import MAX_INPUT_SIDE, MIN_INPUT_SIDE, ROOT, ArchiveError, ArchiveRequest, archive, archive_model_dir
 from camserve_tools.commands.common import EXIT_FAILED, EXIT_OK
 
 BUILDER_DOC = """Build a checked, self-contained TorchServe archive (.mar) around camserve/serving/handler.py.
@@ -91,14 +92,16 @@ def _stdout_to_stderr():
         os.close(saved)
 
 
-def floats(option: str, count: int):
+def floats(option: str, count: int, positive: bool = False):
     def parse(text: str) -> tuple[float, ...]:
         try:
             values = tuple(float(part) for part in text.split(","))
         except ValueError:
             raise argparse.ArgumentTypeError(f"{option} must be {count} comma-separated numbers, got {text!r}") from None
-        if len(values) != count:
-            raise argparse.ArgumentTypeError(f"{option} must be {count} comma-separated numbers, got {text!r}")
+        if len(values) != count or not all(math.isfinite(value) for value in values):
+            raise argparse.ArgumentTypeError(f"{option} must be {count} comma-separated finite numbers, got {text!r}")
+        if positive and min(values) <= 0:
+            raise argparse.ArgumentTypeError(f"{option} values must be above 0 (the input is divided by them), got {text!r}")
         return values
 
     return parse
@@ -109,8 +112,10 @@ def input_size(text: str) -> tuple[int, int]:
         sides = tuple(int(part) for part in text.split(","))
     except ValueError:
         sides = ()
-    if len(sides) not in (1, 2) or min(sides) < 8:
-        raise argparse.ArgumentTypeError(f"INPUT_SIZE must be one side or H,W (pixels, at least 8), got {text!r}")
+    if len(sides) not in (1, 2) or not all(MIN_INPUT_SIDE <= side <= MAX_INPUT_SIDE for side in sides):
+        raise argparse.ArgumentTypeError(
+            f"INPUT_SIZE must be one side or H,W (pixels, {MIN_INPUT_SIDE} to {MAX_INPUT_SIDE}), got {text[:40]!r}"
+        )
     return (sides[0], sides[-1])
 
 
@@ -129,7 +134,7 @@ def build_main(argv: list[str] | None = None, prog: str | None = None) -> None:
     parser.add_argument("--labels", type=Path, help='index_to_name.json: {"0": name} or {"0": [wnid, name]}')
     parser.add_argument("--input-size", type=input_size, help="one side or H,W")
     parser.add_argument("--mean", type=floats("MEAN", 3))
-    parser.add_argument("--std", type=floats("STD", 3))
+    parser.add_argument("--std", type=floats("STD", 3, positive=True))
     parser.add_argument("--method", help="default CAM method (default gradcam)")
     parser.add_argument("--layer", default="", help="comma-separated target layer names (default: found automatically)")
     parser.add_argument("--export-path", type=Path, default=ROOT / "model_store")

@@ -8,8 +8,10 @@ missing files) - argparse's own code for a bad command line.
 from __future__ import annotations
 
 import json
+import os
 import sys
 from collections.abc import Iterable, Sequence
+from pathlib import Path
 from typing import Any, TypeVar
 
 EXIT_OK = 0
@@ -27,6 +29,24 @@ class UsageError(Exception):
 
 class CommandFailed(Exception):
     """The command could not do its work (a model that cannot load, a broken archive): exit 1, with this message."""
+
+
+def check_out_dir(out: Path) -> Path:
+    """--out as a folder the command can create or fill, checked before any work; its absolute path.
+
+    An existing file, a path through a file, or a folder that cannot be written is a usage error: found here, not
+    as a traceback after the work is done. Nothing is created yet."""
+    out = Path(os.path.abspath(out))
+    if out.is_symlink() and not out.exists():
+        raise UsageError(f"--out {out} is a symlink to nothing")
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"--out {out} is a file, not a folder")
+    existing = next(folder for folder in (out, *out.parents) if folder.exists())
+    if not existing.is_dir():
+        raise UsageError(f"--out {out}: {existing} is a file, not a folder")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise UsageError(f"--out {out}: {existing} is not writable")
+    return out
 
 
 def add_output_arguments(parser: Any) -> None:

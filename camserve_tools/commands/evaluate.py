@@ -3,7 +3,9 @@
 Each image goes through the server's own handler (in-process), asking for the map of every ground-truth class of
 the image (X-CAM-Target), so the figures judge localization apart from classification. Writes DIR/metrics.json
 (overall and per class), DIR/summary.md, and DIR/worst/ (overlays of the worst maps: ground truth green, the map's
-box white, its peak a cross).
+box white, its peak a cross). An annotation entry that cannot be used (a box of no area, an unknown image or class,
+an image name outside DATA) is dropped, counted and named in metrics.json (`data_errors`), and the rest is
+evaluated; images are read only inside DATA.
 
 Figures - over images for top1, over (image, ground-truth class) maps for the rest:
   top1                  the top-1 prediction is one of the image's classes
@@ -22,7 +24,11 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import re
+import shutil
 import sys
+import tempfile
 import time
 from collections import defaultdict
 from dataclasses import asdict, dataclass, field
@@ -36,6 +42,7 @@ from camserve_tools.commands.common import (
     CommandFailed,
     UsageError,
     add_output_arguments,
+    check_out_dir,
     emit,
     format_table,
     progress,
@@ -54,6 +61,7 @@ METRIC_KEYS = (
 )
 LOWER_IS_BETTER = frozenset({"deletion_auc", "randomization_spearman", "randomization_spearman_abs"})
 MAX_TARGETS = 10  # the handler's MAX_MAPS: classes per request
+LISTED_DATA_ERRORS = 100  # metrics.json names this many data errors and counts them all
 
 
 @dataclass(frozen=True)
@@ -168,8 +176,9 @@ def parse_thresholds(raw_min: list[str], raw_max: list[str]) -> list[Threshold]:
 
 
 def run(args: argparse.Namespace) -> int:
+    from camserve.model_source import ModelSourceError
     from camserve_tools.annotations import AnnotationError, read_annotations
-    from camserve_tools.local_model import ModelSourceError, open_model
+    from camserve_tools.local_model import open_model
 
     thresholds = parse_thresholds(args.min, args.max)
     if min(args.batch_size, args.steps) < 1 or args.worst < 0:
@@ -178,6 +187,7 @@ def run(args: argparse.Namespace) -> int:
         raise UsageError(f"DATA {args.data} is not a folder")
     if not args.boxes.exists():
         raise UsageError(f"--boxes {args.boxes} does not exist")
+    out = check_out_dir(args.out)
     settings = EvaluateSettings(args.method, args.batch_size, args.steps, args.worst, args.seed, not args.no_sanity)
     started = time.perf_counter()
     try:
@@ -188,7 +198,7 @@ def run(args: argparse.Namespace) -> int:
     except Exception as error:  # noqa: BLE001 - a damaged archive, or whatever the model's own code raises while loading
         raise CommandFailed(f"{args.model} cannot be loaded: {type(error).__name__}: {error}") from None
     try:
-        check_method(model.handler, settings.method)
+        check_method(model.pipeline, settings.method)
         try:
             annotated = read_annotations(args.boxes, args.data, model.labels)
         except AnnotationError as error:
@@ -196,12 +206,13 @@ def run(args: argparse.Namespace) -> int:
         if not annotated.images:
             raise UsageError(
                 f"no image of {args.data} has a box of a class the model knows "
-                f"(unmatched labels: {annotated.unmatched_labels[:10]}, missing images: {len(annotated.missing_images)})"
+                f"(unmatched labels: {annotated.unmatched_labels[:10]}, missing images: {len(annotated.missing_images)}, "
+                f"data errors: {len(annotated.data_errors)}{describe_data_errors(annotated.data_errors, 3)})"
             )
         if randomised is not None:
-            randomise_weights(randomised.handler, settings.seed)
-        evaluation = evaluate_images(model.handler, randomised.handler if randomised else None, annotated.images, settings, args.quiet)
-        metrics = metrics_report(evaluation, model.name, settings.method or model.handler.spec.method, settings, args.boxes, annotated)
+            randomise_weights(randomised.pipeline, settings.seed)
+        evaluation = evaluate_images(model.pipeline, randomised.pipeline if randomised else None, annotated.images, settings, args.quiet)
+        metrics = metrics_report(evaluation, model.name, settings.method or model.pipeline.spec.method, settings, args.boxes, annotated)
         metrics["seconds"] = round(time.perf_counter() - started, 1)
         verdicts = [
             {"key": t.key, "bound": t.bound, "value": t.value, "actual": metrics[t.key], "passed": t.passes(metrics[t.key])}
@@ -209,7 +220,7 @@ def run(args: argparse.Namespace) -> int:
         ]
         metrics["thresholds"] = verdicts
         metrics["passed"] = all(v["passed"] for v in verdicts) and not evaluation.failed
-        write_outputs(args.out, metrics, evaluation)
+        write_outputs(out, metrics, evaluation)
     finally:
         model.close()
         if randomised is not None:
@@ -217,8 +228,19 @@ def run(args: argparse.Namespace) -> int:
     for threshold, verdict in zip(thresholds, verdicts):
         if not verdict["passed"]:
             print(f"threshold breached: {threshold.describe(verdict['actual'])}", file=sys.stderr)
+    if annotated.data_errors:
+        print(
+            f"{len(annotated.data_errors)} annotation {'entry' if len(annotated.data_errors) == 1 else 'entries'} dropped as data "
+            f"errors{describe_data_errors(annotated.data_errors, 3)}; all are counted in metrics.json (data_errors)",
+            file=sys.stderr,
+        )
     emit(metrics, args.json, people_table(metrics))
     return EXIT_OK if metrics["passed"] else EXIT_FAILED
+
+
+def describe_data_errors(errors: list, shown: int) -> str:
+    """': where: problem; ...' for the first `shown` data errors, for a message; empty for none."""
+    return (": " + "; ".join(f"{error.where}: {error.problem}" for error in errors[:shown])) if errors else ""
 
 
 def check_method(handler: Any, method: str | None) -> None:
@@ -226,7 +248,7 @@ def check_method(handler: Any, method: str | None) -> None:
     from camserve.protocol.options import parse_options
 
     try:
-        options = parse_options({"method": method} if method else {}, handler.option_rules)
+        options = parse_options({"method": method} if method else {}, handler.rules)
     except RequestError as error:
         raise UsageError(str(error)) from None
     if options.method is None:
@@ -248,13 +270,14 @@ def randomise_weights(handler: Any, seed: int) -> None:
 
 
 def evaluate_images(handler: Any, random_handler: Any, images: list, settings: EvaluateSettings, quiet: bool) -> Evaluation:
-    from camserve_tools.local_model import answer_batch, read_input
+    from camserve_tools.image_inputs import read_image
+    from camserve_tools.local_model import answer_batch
 
     evaluation = Evaluation()
     with progress(total=len(images), desc="evaluate", quiet=quiet) as bar:
         for start in range(0, len(images), settings.batch_size):
             batch = images[start : start + settings.batch_size]
-            bodies = [read_input(image.path) for image in batch]
+            bodies = [read_image(image.path) for image in batch]
             headers = [request_headers(image.classes, settings.method) for image in batch]
             answers = answer_batch(handler, bodies, headers)
             random_answers = answer_batch(random_handler, bodies, headers) if random_handler is not None else [(0, None)] * len(batch)
@@ -441,6 +464,8 @@ def metrics_report(
             "maps": "one per (image, ground-truth class), requested with X-CAM-Target",
         },
         "failed_images": evaluation.failed,
+        "data_error_count": len(annotated.data_errors),
+        "data_errors": [asdict(error) for error in annotated.data_errors[:LISTED_DATA_ERRORS]],
         "unmatched_labels": annotated.unmatched_labels,
         "missing_images": annotated.missing_images,
         "unannotated_images": annotated.unannotated_images,
@@ -452,39 +477,92 @@ def metrics_report(
 
 
 def write_outputs(out: Path, metrics: dict[str, Any], evaluation: Evaluation) -> None:
+    """DIR/worst/, metrics.json and summary.md. The overlays are drawn into a new folder first and swapped in
+    whole, and each file replaces its old self at once: until this run's results are ready, the last run's stay."""
     out.mkdir(parents=True, exist_ok=True)
-    worst_files = write_worst(out / "worst", evaluation)
-    for entry, name in zip(metrics["worst"], worst_files):
-        entry["file"] = name
-    (out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
-    (out / "summary.md").write_text(summary_markdown(metrics))
+    staging = Path(tempfile.mkdtemp(prefix=".worst-new-", dir=out))
+    try:
+        files = write_worst(staging, evaluation)
+        for entry, (name, problem) in zip(metrics["worst"], files):
+            entry["file"] = name
+            if problem is not None:
+                entry["overlay_error"] = problem
+        swap_folder(staging, out / "worst")
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    write_atomically(out / "metrics.json", json.dumps(metrics, indent=2) + "\n")
+    write_atomically(out / "summary.md", summary_markdown(metrics))
 
 
-def write_worst(folder: Path, evaluation: Evaluation) -> list[str]:
-    """Overlays of the worst maps, ground truth drawn on; old ones are removed so the folder matches this run."""
+def swap_folder(new: Path, target: Path) -> None:
+    """Put the folder `new` in the place of `target` (a folder, a file, a symlink or nothing), then remove the old."""
+    retired = None
+    if target.is_symlink() or target.exists():
+        retired = Path(tempfile.mkdtemp(prefix=".worst-old-", dir=target.parent)) / target.name
+        target.rename(retired)
+    new.rename(target)
+    if retired is not None:
+        if retired.is_dir() and not retired.is_symlink():
+            shutil.rmtree(retired.parent, ignore_errors=True)
+        else:
+            retired.unlink()
+            retired.parent.rmdir()
+
+
+def write_atomically(path: Path, text: str) -> None:
+    """The file's new text, in place at once (written beside it, then renamed over it)."""
+    descriptor, temporary = tempfile.mkstemp(prefix=f".{path.name}-", dir=path.parent)
+    try:
+        with os.fdopen(descriptor, "w", encoding="utf-8") as file:
+            file.write(text)
+        os.replace(temporary, path)
+    except BaseException:
+        Path(temporary).unlink(missing_ok=True)
+        raise
+
+
+def safe_name_part(text: str, limit: int = 60) -> str:
+    """`text` as part of a file name: letters, digits, '.', '_' and '-' only (a label like "T-shirt/top" names no
+    folder), never starting with '.', at most `limit` characters."""
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", text).lstrip(".")[:limit] or "_"
+
+
+def write_worst(folder: Path, evaluation: Evaluation) -> list[tuple[str | None, str | None]]:
+    """Overlays of the worst maps, ground truth drawn on, into `folder`; for each, (its name under DIR, or None,
+    and why it could not be drawn, or None)."""
     import base64
 
+    from camserve_tools.image_inputs import read_image
     from camserve_tools.overlays import annotated_overlay
 
-    folder.mkdir(parents=True, exist_ok=True)
-    for old in folder.glob("*.png"):
-        old.unlink()
-    names = []
+    files: list[tuple[str | None, str | None]] = []
     for rank, (record, heatmap_b64, boxes, path) in enumerate(evaluation.worst, start=1):
-        name = f"{rank:02d}_{Path(record.image).stem}_{record.label}.png".replace(" ", "_")
+        name = f"{rank:02d}_{safe_name_part(Path(record.image).stem)}_{safe_name_part(record.label)}.png"
         verdict = "empty map" if record.empty else "hit" if record.pointing else "miss"
         caption = f"{record.label}: top-1 {record.predicted}, IoU {record.iou:.2f}, {verdict}"
-        (folder / name).write_bytes(
-            annotated_overlay(path.read_bytes(), base64.b64decode(heatmap_b64), boxes, record.bbox, record.peak, caption)
-        )
-        names.append(f"worst/{name}")
-    return names
+        body = read_image(path)
+        if isinstance(body, dict):
+            files.append((None, body["message"]))
+            continue
+        try:
+            overlay = annotated_overlay(body, base64.b64decode(heatmap_b64), boxes, record.bbox, record.peak, caption)
+        except (OSError, ValueError) as error:  # an image changed on disk since it was scored, say
+            files.append((None, f"{type(error).__name__}: {error}"))
+            continue
+        (folder / name).write_bytes(overlay)
+        files.append((f"worst/{name}", None))
+    return files
 
 
 def _shown(value: Any) -> str:
     if value is None:
         return "-"
     return f"{value:.3f}" if isinstance(value, float) else str(value)
+
+
+def _markdown_cell(text: str) -> str:
+    """Text from labels or file names as one markdown table cell: no '|' or line break ends it early."""
+    return " ".join(str(text).replace("|", "\\|").split())
 
 
 FIGURE_COLUMNS = ("empty_maps", "top1", "pointing_game", "iou50", "mean_iou", "deletion_auc", "insertion_auc", "randomization_spearman")
@@ -503,9 +581,8 @@ def summary_markdown(metrics: dict[str, Any]) -> str:
         f"| overall | {metrics['images']} | {metrics['maps']} | " + " | ".join(_shown(metrics[k]) for k in FIGURE_COLUMNS) + " |",
     ]
     for label, figures in metrics["per_class"].items():
-        lines.append(
-            f"| {label} | {figures['images']} | {figures['maps']} | " + " | ".join(_shown(figures[k]) for k in FIGURE_COLUMNS) + " |"
-        )
+        figures_cells = " | ".join(_shown(figures[k]) for k in FIGURE_COLUMNS)
+        lines.append(f"| {_markdown_cell(label)} | {figures['images']} | {figures['maps']} | {figures_cells} |")
     sanity = metrics["sanity"]
     lines += [
         "",
@@ -530,7 +607,13 @@ def summary_markdown(metrics: dict[str, Any]) -> str:
                 f"{_shown(verdict['actual'])} | {'pass' if verdict['passed'] else '**FAIL**'} |"
             )
     problems = [f"{len(metrics['failed_images'])} image(s) failed"] if metrics["failed_images"] else []
-    problems += [f"labels without a model class: {', '.join(metrics['unmatched_labels'])}"] if metrics["unmatched_labels"] else []
+    if metrics["data_error_count"]:
+        problems.append(
+            f"{metrics['data_error_count']} annotation entries dropped as data errors (listed in metrics.json), first: "
+            + "; ".join(_markdown_cell(f"{error['where']}: {error['problem']}") for error in metrics["data_errors"][:5])
+        )
+    if metrics["unmatched_labels"]:
+        problems.append(f"labels without a model class: {_markdown_cell(', '.join(metrics['unmatched_labels']))}")
     problems += [f"{len(metrics['missing_images'])} annotated image(s) not found"] if metrics["missing_images"] else []
     if problems:
         lines += ["", "Problems: " + "; ".join(problems) + "."]
@@ -546,10 +629,11 @@ def summary_markdown(metrics: dict[str, Any]) -> str:
         ]
         for rank, entry in enumerate(metrics["worst"], start=1):
             lines.append(
-                f"| {rank} | {Path(entry['image']).name} | {entry['label']} | {entry['predicted']} | "
+                f"| {rank} | {_markdown_cell(Path(entry['image']).name)} | {_markdown_cell(entry['label'])} | "
+                f"{_markdown_cell(entry['predicted'])} | "
                 f"{'empty map' if entry['empty'] else 'yes' if entry['pointing'] else 'no'} | "
                 f"{entry['iou']:.2f} | {entry['deletion_auc']:.3f} | {entry['insertion_auc']:.3f} | "
-                f"[{entry.get('file', '')}]({entry.get('file', '')}) |"
+                + (f"[{entry['file']}]({entry['file']}) |" if entry.get("file") else "- |")
             )
     return "\n".join(lines) + "\n"
 

@@ -30,6 +30,7 @@ from camserve_tools.commands.common import (
     CommandFailed,
     UsageError,
     add_output_arguments,
+    check_out_dir,
     emit,
     key_values,
     progress,
@@ -131,16 +132,17 @@ def _not_negative(raw: str) -> int:
 
 
 def run(args: argparse.Namespace) -> int:
+    from camserve.model_source import ModelSourceError
     from camserve_tools.image_inputs import InputError, collect_images
-    from camserve_tools.local_model import ModelSourceError, open_model
+    from camserve_tools.journal import JournalError
+    from camserve_tools.local_model import open_model
 
+    out = check_out_dir(args.out)
     try:
         paths = collect_images(args.inputs)
     except InputError as error:
         raise UsageError(str(error)) from None
-    # DIR inside an input folder: its own maps would be inputs of the next run.
-    out = Path(os.path.abspath(args.out))
-    paths = [path for path in paths if not path.is_relative_to(out)]
+    paths = without_outputs(paths, args.inputs, out)
     if not paths:
         raise UsageError("INPUTS name no images")
     settings = ExplainSettings(args.method, args.layer, args.output, args.batch_size, args.jobs, args.retry_failed)
@@ -151,11 +153,28 @@ def run(args: argparse.Namespace) -> int:
     except Exception as error:  # noqa: BLE001 - a damaged archive, or whatever the model's own code raises while loading
         raise CommandFailed(f"{args.model} cannot be loaded: {type(error).__name__}: {error}") from None
     with model:
-        check_settings(model.handler, settings)
-        summary = explain_images(model.handler, model.name, paths, args.out, settings, quiet=args.quiet)
+        check_settings(model.pipeline, settings)
+        try:
+            summary = explain_images(model.pipeline, model.name, paths, out, settings, quiet=args.quiet)
+        except JournalError as error:
+            raise UsageError(str(error)) from None
     report = {**asdict(summary), "images_per_second": round(summary.images_per_second, 2)}
     emit(report, args.json, key_values(report))
     return EXIT_FAILED if summary.failed else EXIT_OK
+
+
+def without_outputs(paths: list[Path], inputs: list[str], out: Path) -> list[Path]:
+    """The input images less those inside DIR, where this command's own maps are (DIR may sit in an input
+    folder); symlinks are resolved on both sides, so no way of naming DIR makes its maps inputs of the next run.
+    DIR that is an input folder, or holds one, is a usage error: every image there would be left out."""
+    real_out = Path(os.path.realpath(out))
+    for raw in inputs:
+        folder = Path(os.path.realpath(raw))
+        if Path(raw).is_dir() and folder.is_relative_to(real_out):
+            raise UsageError(
+                f"--out {out} is the input folder {raw} or holds it: its maps would be explained as inputs; choose another folder"
+            )
+    return [path for path in paths if not Path(os.path.realpath(path)).is_relative_to(real_out)]
 
 
 def check_settings(handler: Any, settings: ExplainSettings) -> None:
@@ -164,7 +183,7 @@ def check_settings(handler: Any, settings: ExplainSettings) -> None:
     from camserve.protocol.options import parse_options
 
     try:
-        parse_options(options_from_headers(settings.request_headers()), handler.option_rules)
+        parse_options(options_from_headers(settings.request_headers()), handler.rules)
     except RequestError as error:
         raise UsageError(str(error)) from None
 
@@ -203,13 +222,13 @@ def explain_images(
 def prefetched_batches(paths: list[Path], batch_size: int, pool: ThreadPoolExecutor) -> Iterator[tuple[list[Path], list[Any]]]:
     """Batches of (paths, bytes), the next batch read in the pool while the caller works on the current one."""
     batches = [paths[start : start + batch_size] for start in range(0, len(paths), batch_size)]
-    from camserve_tools.local_model import read_input
+    from camserve_tools.image_inputs import read_image
 
-    upcoming = [pool.submit(read_input, path) for path in batches[0]] if batches else []
+    upcoming = [pool.submit(read_image, path) for path in batches[0]] if batches else []
     for index, batch in enumerate(batches):
         current = upcoming
         if index + 1 < len(batches):
-            upcoming = [pool.submit(read_input, path) for path in batches[index + 1]]
+            upcoming = [pool.submit(read_image, path) for path in batches[index + 1]]
         yield batch, [future.result() for future in current]
 
 

@@ -1,7 +1,9 @@
-"""`camserve serve` / `camserve stop`: what `make serve` / `make stop` do, through camserve_tools.server's own functions.
+"""`camserve serve` / `camserve stop`: what `make serve` / `make stop` do.
 
-`serve` starts TorchServe in the background with its own run dir (TMPDIR, logs, pid file) and returns once every
-model answers a real prediction; `stop` stops exactly the server of that run dir.
+`serve` starts an engine in the background with its own run dir (TMPDIR, logs, pid file) and returns once every
+model answers a real prediction: TorchServe (`--engine torchserve`, the default) or KServe's own model server
+hosting the same pipeline (`--engine kserve`: no TorchServe, no Java). `stop` stops exactly the server of that run
+dir, whichever engine it is.
 """
 
 from __future__ import annotations
@@ -25,6 +27,8 @@ def register(subparsers: Any) -> None:
         "(a model that cannot load, a port in use, a server of this run dir already running); 2 usage error",
     )
     add_server_arguments(serve)
+    serve.add_argument("--engine", choices=ENGINES, default="torchserve", help="the serving engine (default: %(default)s)")
+    serve.add_argument("--grpc-port", type=int, default=0, help="--engine kserve: its v2 gRPC port (default: off)")
     add_output_arguments(serve)
     serve.set_defaults(run=run_serve)
     stop = subparsers.add_parser(
@@ -39,9 +43,14 @@ def register(subparsers: Any) -> None:
     stop.set_defaults(run=run_stop)
 
 
+ENGINES = ("torchserve", "kserve")
+
+
 def run_serve(args: argparse.Namespace) -> int:
     from camserve_tools.server import AlreadyRunning, server_from_args, start_detached, usage_example
 
+    if args.engine == "kserve":
+        return _serve_on_kserve(args)
     server = server_from_args(args)
     if not args.quiet:
         print(f"starting TorchServe ({args.models}) in {server.run_dir} ...", file=sys.stderr)
@@ -63,16 +72,57 @@ def run_serve(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _serve_on_kserve(args: argparse.Namespace) -> int:
+    from camserve_tools.kserve.native import KServeEngine
+    from camserve_tools.server import usage_example
+
+    run_dir = args.run_dir.resolve()
+    archives = [args.model_store.resolve() / entry.split("=", 1)[-1] for entry in args.models.split(",") if entry]
+    engine = KServeEngine(
+        run_dir=run_dir,
+        archives=archives,
+        host=args.host,
+        inference_port=args.inference_port,
+        grpc_port=args.grpc_port,
+        config=args.config.resolve(),
+    )
+    if engine.pid_file.exists() or (run_dir / "torchserve.pid").exists():
+        raise CommandFailed(f"a server of {run_dir} seems to run already (pid file present); `camserve stop --run-dir {run_dir}` first")
+    if not args.quiet:
+        print(f"starting KServe's model server ({args.models}) in {run_dir} ...", file=sys.stderr)
+    try:
+        engine.start()
+    except (RuntimeError, TimeoutError, OSError) as error:
+        raise CommandFailed(str(error)) from None
+    report = {
+        "engine": "kserve",
+        "inference": engine.inference_url,
+        "grpc_port": args.grpc_port or None,
+        "models": args.models,
+        "run_dir": str(run_dir),
+        "pid": engine.process.pid,
+    }
+    emit(report, args.json, key_values(report) + "\nTry it:\n" + usage_example(engine))
+    return EXIT_OK
+
+
 def run_stop(args: argparse.Namespace) -> int:
+    from camserve_tools.kserve.native import KServeEngine
     from camserve_tools.server import server_from_args
 
     server = server_from_args(args)
-    was_running = (server.run_dir / "torchserve.pid").exists()
-    server.stop()
-    report = {"stopped": was_running, "run_dir": str(server.run_dir)}
+    stopped = []
+    if (server.run_dir / "torchserve.pid").exists():
+        server.stop()
+        stopped.append("TorchServe")
+    engine = KServeEngine(run_dir=server.run_dir, archives=[])
+    if engine.pid_file.exists():
+        engine.stop()
+        stopped.append("KServe model server")
+    report = {"stopped": bool(stopped), "run_dir": str(server.run_dir)}
     emit(
         report,
         args.json,
-        f"stopped the TorchServe of {server.run_dir}" if was_running else f"no TorchServe of {server.run_dir} was running",
+        f"stopped the {' and '.join(stopped)} of {server.run_dir}" if stopped else f"no server of {server.run_dir} was running",
     )
     return EXIT_OK

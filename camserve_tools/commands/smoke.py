@@ -1,9 +1,11 @@
 """`camserve smoke ARCHIVE.mar`: serve the archive alone, probe it, stop - the step before an archive is promoted.
 
-1. inspect: the archive is a whole zip (every member's CRC), with a manifest, a model-config.yaml whose handler
-   section describes a model, and its labels;
+1. inspect: the archive is a whole zip (every member's CRC) of bounded size whose members all stay inside it,
+   with a manifest naming a valid model name (nothing outside the run dir is ever written: the name becomes a file
+   name there), a model-config.yaml whose handler section describes a model, and its labels;
 2. start: TorchServe on free ports with this archive alone, in its own run dir and TMPDIR
-   (camserve_tools.server.TorchServe), until the model answers a real prediction - a worker that cannot load fails here;
+   (camserve_tools.server.TorchServe), until the model answers a real prediction - a worker that cannot load, or an
+   archive the server refuses, fails here as soon as the server's logs say so;
 3. probe: generated scenes (PNG and JPEG) must get 200 with labels of the archive's label set, a heat map that
    decodes to the image's size, a peak inside the image and a box within it; a body that is not an image must get
    a 4xx with a JSON error;
@@ -17,8 +19,9 @@ import io
 import shutil
 import tempfile
 import time
+import zipfile
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any
 
 from camserve_tools.commands.common import (
@@ -34,6 +37,11 @@ from camserve_tools.commands.common import (
 
 PROBE_SEEDS = (3, 11, 29)  # offsets from camserve_tools.scenes.EVAL_SEED_START: scenes of several sizes and classes
 NOT_AN_IMAGE = b"this body is not an image\n"
+# Bounds of what an archive may unpack to, checked from its directory before any member is read: the largest
+# torchvision classifiers' weights are a few GB, and TorchServe unpacks the whole archive again.
+MAX_UNPACKED_BYTES = 8 * 1024**3
+MAX_MEMBERS = 100_000
+MAX_SMALL_MEMBER_BYTES = 64 * 1024**2  # the manifest, model-config.yaml and the labels, read here
 
 
 class SmokeFailure(Exception):
@@ -76,6 +84,12 @@ def register(subparsers: Any) -> None:
         "--config", type=Path, default=ROOT / "config" / "dev.properties", help="TorchServe config.properties (default: %(default)s)"
     )
     parser.add_argument(
+        "--engine",
+        choices=("torchserve", "kserve"),
+        default="torchserve",
+        help="serve it on TorchServe or on KServe's own model server (default: %(default)s)",
+    )
+    parser.add_argument(
         "--timeout", type=float, default=120.0, help="seconds the model may take to answer its first prediction (default: 120)"
     )
     parser.add_argument(
@@ -91,16 +105,19 @@ def run(args: argparse.Namespace) -> int:
     if not args.config.is_file():
         raise UsageError(f"--config {args.config} is not a file")
     started = time.perf_counter()
-    report = smoke_test(args.archive, args.config, args.timeout, args.run_dir, args.quiet)
+    report = smoke_test(args.archive, args.config, args.timeout, args.run_dir, args.quiet, engine=args.engine)
     report["seconds"] = round(time.perf_counter() - started, 1)
     emit(report, args.json, people_table(report))
     return EXIT_OK if report["ok"] else EXIT_FAILED
 
 
-def smoke_test(archive: Path, config: Path, timeout: float, run_dir: Path | None, quiet: bool = True) -> dict[str, Any]:
+def smoke_test(
+    archive: Path, config: Path, timeout: float, run_dir: Path | None, quiet: bool = True, engine: str = "torchserve"
+) -> dict[str, Any]:
     """Every stage in order; the report says which failed and why. The server is stopped whatever happens."""
     report: dict[str, Any] = {
         "archive": str(archive),
+        "engine": engine,
         "model": None,
         "ok": False,
         "stage": "inspect",
@@ -115,7 +132,7 @@ def smoke_test(archive: Path, config: Path, timeout: float, run_dir: Path | None
         facts = inspect_archive(archive)
         report["model"] = facts.name
         report["stage"] = "start"
-        server = start_alone(archive, facts.name, config, run_dir, timeout)
+        server = start_alone(archive, facts.name, config, run_dir, timeout, engine)
         report["stage"] = "probe"
         results = probe(server, facts, quiet)
         report["probes"] = [{**asdict(result), "ok": result.ok} for result in results]
@@ -138,50 +155,87 @@ def smoke_test(archive: Path, config: Path, timeout: float, run_dir: Path | None
 
 
 def inspect_archive(archive: Path) -> ArchiveFacts:
-    """Read the archive as TorchServe will: a whole zip, its manifest, model-config.yaml and labels."""
-    import zipfile
+    """Read the archive as TorchServe will: a whole zip, its manifest, model-config.yaml and labels. Only these
+    members are unpacked, after check_members has passed the whole archive."""
+    import json
 
     import yaml
 
+    from camserve.model_source import MANIFEST, MODEL_CONFIG
     from camserve.model_spec import ModelSpec, SpecError, load_labels
-    from camserve_tools.local_model import MODEL_CONFIG, DamagedArchive, extract_archive, read_manifest
+    from camserve_tools.archive import model_name_problem
 
     try:
         with zipfile.ZipFile(archive) as mar:
+            check_members(mar)
             broken = mar.testzip()
+            if broken is not None:
+                raise SmokeFailure("inspect", f"member {broken!r} is damaged (CRC mismatch)")
+            with tempfile.TemporaryDirectory(prefix="camserve-smoke-mar-") as directory:
+                try:
+                    manifest = json.loads(read_member(mar, MANIFEST, directory).read_text()).get("model", {})
+                    config = yaml.safe_load(read_member(mar, MODEL_CONFIG, directory).read_text()) or {}
+                    spec = ModelSpec.from_dict(config.get("handler") or {})
+                    if spec.labels:
+                        read_member(mar, spec.labels, directory)
+                    labels = load_labels(spec, Path(directory))
+                    if spec.weights not in mar.namelist():
+                        raise SpecError(f"the weights file {spec.weights!r} is missing")
+                except (SpecError, OSError, ValueError, TypeError, AttributeError, yaml.YAMLError) as error:
+                    raise SmokeFailure("inspect", f"{type(error).__name__}: {error}") from None
     except (zipfile.BadZipFile, EOFError, OSError) as error:
         raise SmokeFailure("inspect", f"not a readable .mar (zip) archive, truncated or damaged: {error}") from None
-    if broken is not None:
-        raise SmokeFailure("inspect", f"member {broken!r} is damaged (CRC mismatch)")
-    with tempfile.TemporaryDirectory(prefix="camserve-smoke-mar-") as directory:
-        try:
-            extract_archive(archive, Path(directory))
-            manifest = read_manifest(Path(directory))
-            config = yaml.safe_load((Path(directory) / MODEL_CONFIG).read_text()) or {}
-            spec = ModelSpec.from_dict(config.get("handler") or {})
-            labels = load_labels(spec, Path(directory))
-            if not (Path(directory) / spec.weights).is_file():
-                raise SpecError(f"the weights file {spec.weights!r} is missing")
-        except (DamagedArchive, SpecError, OSError, ValueError, yaml.YAMLError) as error:
-            raise SmokeFailure("inspect", f"{type(error).__name__}: {error}") from None
-    if not manifest.get("modelName") or not manifest.get("handler"):
+    name = manifest.get("modelName") if isinstance(manifest, dict) else None
+    if not name or not manifest.get("handler"):
         raise SmokeFailure("inspect", "MAR-INF/MANIFEST.json names no model or handler")
-    return ArchiveFacts(name=manifest["modelName"], labels=labels)
+    if (problem := model_name_problem(str(name))) is not None:
+        # The name becomes the archive's file name in the run dir and a path in every request URL.
+        raise UsageError(f"{archive}: MAR-INF/MANIFEST.json: {problem}; nothing was copied or started")
+    return ArchiveFacts(name=str(name), labels=labels)
 
 
-def start_alone(archive: Path, name: str, config: Path, run_dir: Path, timeout: float) -> Any:
-    """TorchServe serving only this archive, on free ports, with its own model store, TMPDIR and logs."""
+def check_members(mar: zipfile.ZipFile) -> None:
+    """The archive's directory, before any member is read: members that would land outside the folder it is
+    unpacked into (absolute, '..', a drive), too many members, or more unpacked bytes than MAX_UNPACKED_BYTES."""
+    members = mar.infolist()
+    if len(members) > MAX_MEMBERS:
+        raise SmokeFailure("inspect", f"the archive has {len(members)} members, over {MAX_MEMBERS}")
+    for member in members:
+        parts = PurePosixPath(member.filename.replace("\\", "/")).parts
+        if member.filename.startswith(("/", "\\")) or ".." in parts or (parts and parts[0].endswith(":")):
+            raise SmokeFailure("inspect", f"member {member.filename[:200]!r} points outside the archive")
+    unpacked = sum(member.file_size for member in members)
+    if unpacked > MAX_UNPACKED_BYTES:
+        raise SmokeFailure("inspect", f"the archive unpacks to {unpacked} bytes, over {MAX_UNPACKED_BYTES}")
+
+
+def read_member(mar: zipfile.ZipFile, name: str, directory: str) -> Path:
+    """Unpack one member that the inspection reads into `directory` (its size bounded); its path there."""
+    try:
+        member = mar.getinfo(name)
+    except KeyError:
+        raise ValueError(f"the archive has no {name}") from None
+    if member.file_size > MAX_SMALL_MEMBER_BYTES:
+        raise ValueError(f"{name} is {member.file_size} bytes, over {MAX_SMALL_MEMBER_BYTES}")
+    return Path(mar.extract(member, directory))
+
+
+def start_alone(archive: Path, name: str, config: Path, run_dir: Path, timeout: float, engine: str = "torchserve") -> Any:
+    """`engine` serving only this archive, on free ports, with its own model store, TMPDIR and logs."""
+    from camserve_tools.kserve.native import KServeEngine
     from camserve_tools.server import TorchServe
 
     store = run_dir / "model_store"
     store.mkdir(parents=True, exist_ok=True)
-    shutil.copy2(archive, store / f"{name}.mar")
-    server = TorchServe.on_free_ports(
-        run_dir=run_dir,
-        config=config.resolve(),
-        model_store=store,
-        models=f"{name}={name}.mar",
-    )
+    target = store / f"{name}.mar"  # inspect_archive passed the name: letters, digits, '_', '.', '-' only
+    if target.resolve().parent != store.resolve():
+        raise UsageError(f"model name {name!r} names no file of the run dir's model store")
+    shutil.copy2(archive, target)
+    server: TorchServe | KServeEngine
+    if engine == "kserve":
+        server = KServeEngine.on_free_ports(run_dir=run_dir, archives=[target], config=config.resolve())
+    else:
+        server = TorchServe.on_free_ports(run_dir=run_dir, config=config.resolve(), model_store=store, models=f"{name}={name}.mar")
     try:
         server.start(timeout=timeout)  # stops the server itself when the worker dies or the model never answers
     except (RuntimeError, TimeoutError, OSError) as error:
