@@ -10,15 +10,17 @@ INFERENCE_PORT ?= 8080
 MANAGEMENT_PORT ?= 8081
 METRICS_PORT ?= 8082
 CONFIG ?= config/dev.properties
-# torchserve, or kserve: the same pipeline on KServe's own model server (no TorchServe, no Java)
+# torchserve; kserve: the same pipeline on KServe's own model server (no TorchServe, no Java); ray: on Ray Serve, in a
+# local Ray cluster of RAY_NODES nodes on loopback
 ENGINE ?= torchserve
+RAY_NODES ?= 1
 comma := ,
 space := $(empty) $(empty)
 
 .PHONY: help venv serve stop test lint archive train evaluate bench bench-maps loadtest clean kserve-bundle kserve-local kserve-local-stop check-manifests
 
 help:
-	@echo "make serve     start TorchServe with the default models (shapes, imagenet) on 127.0.0.1:$(INFERENCE_PORT) (background; ENGINE=kserve: KServe's own model server)"
+	@echo "make serve     start TorchServe with the default models (shapes, imagenet) on 127.0.0.1:$(INFERENCE_PORT) (background; ENGINE=kserve: KServe's own model server; ENGINE=ray RAY_NODES=2: Ray Serve on a local 2-node cluster)"
 	@echo "make stop      stop that server"
 	@echo "make test      install what is missing, lint, and run the whole test suite"
 	@echo "make lint      ruff (lint, format check) and mypy"
@@ -81,8 +83,13 @@ archive: $(VENV)/.installed
 		$${ARCHIVE_STD:+--std "$$ARCHIVE_STD"} $${ARCHIVE_METHOD:+--method "$$ARCHIVE_METHOD"} $${ARCHIVE_LAYER:+--layer "$$ARCHIVE_LAYER"}
 endif
 
+# ENGINE and RAY_NODES reach the recipe as the archive rule's variables do: unexpanded, through the environment, read
+# by the shell only inside double quotes.
+unexport ENGINE RAY_NODES
+serve: export SERVE_ENGINE = $(value ENGINE)
+serve: export SERVE_RAY_NODES = $(value RAY_NODES)
 serve: $(ARCHIVES)
-	$(BIN)/camserve serve --engine $(ENGINE) --run-dir $(RUN_DIR) --config $(CONFIG) \
+	$(BIN)/camserve serve --engine "$$SERVE_ENGINE" --ray-nodes "$$SERVE_RAY_NODES" --run-dir $(RUN_DIR) --config $(CONFIG) \
 		--inference-port $(INFERENCE_PORT) --management-port $(MANAGEMENT_PORT) --metrics-port $(METRICS_PORT)
 
 stop:

@@ -44,6 +44,7 @@ TEMP_PREFIX = "cs-ray-"
 # The longest socket path Ray makes under its temp dir (a session dir named by date and pid, then sockets/...).
 RAY_SOCKET_EXAMPLE = "/session_2000-01-01_00-00-00_000000_4194304/sockets/plasma_store.99"
 GIB = 1024**3
+DEFAULT_MAX_BODY_BYTES = 6_553_500  # TorchServe's default max_request_size
 # Ray's own command lines, with a loopback address kept loopback (camserve_tools/ray_loopback.py).
 LOOPBACK_CLI = [sys.executable, "-m", "camserve_tools.ray_loopback"]
 
@@ -88,10 +89,10 @@ def merged(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
 
 @dataclass
 class RayCluster:
-    """`nodes` Ray nodes on loopback (a head and nodes-1 workers) serving `models` (name -> .mar or model dir)."""
+    """`nodes` Ray nodes on loopback (a head and nodes-1 workers) serving `archives` (name -> .mar or model dir)."""
 
     run_dir: Path
-    models: dict[str, Path]
+    archives: dict[str, Path]
     nodes: int = 1
     host: str = "127.0.0.1"
     inference_port: int = 8080
@@ -99,7 +100,7 @@ class RayCluster:
     cpus_per_node: int = 4
     memory_per_node: int = 6 * GIB
     object_store_per_node: int = GIB // 4
-    max_body_bytes: int = 6_553_500
+    max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
     # Per deployment (model name or CamRouter): options merged over serve-config.yaml's (autoscaling, user_config, ...)
     deployment_options: dict[str, dict[str, Any]] = field(default_factory=dict)
     serve_config: Path = SERVE_CONFIG
@@ -122,7 +123,12 @@ class RayCluster:
 
     @property
     def model_names(self) -> list[str]:
-        return list(self.models)
+        return list(self.archives)
+
+    @property
+    def models(self) -> str:
+        """TorchServe's `name=archive,...` of what this cluster serves."""
+        return ",".join(f"{name}={Path(archive).name}" for name, archive in self.archives.items())
 
     def record(self) -> dict[str, Any]:
         return json.loads(self.record_file.read_text()) if self.record_file.exists() else {}
@@ -243,10 +249,10 @@ class RayCluster:
         templates = {app["name"]: app for app in config["applications"]}
         router = next(app for app in config["applications"] if app["import_path"].endswith(":router_app"))
         model_template = next(app for app in config["applications"] if app["import_path"].endswith(":model_app"))
-        router["args"].update(models=list(self.models), max_body_bytes=self.max_body_bytes)
+        router["args"].update(models=self.model_names, max_body_bytes=self.max_body_bytes)
         router["deployments"] = [self._deployment(deployment) for deployment in router.get("deployments", [])]
         applications = [router]
-        for name, source in self.models.items():
+        for name, source in self.archives.items():
             app = copy.deepcopy(templates.get(name, model_template))
             source = Path(source).resolve()
             app.update(name=name, route_prefix=f"/predictions/{name}")
@@ -314,7 +320,7 @@ class RayCluster:
         """Until every model answers a real prediction on its route, and the router an explanation."""
         deadline = time.monotonic() + timeout
         image = sample_image_png()
-        pending = {f"predictions/{name}" for name in self.models} | {f"explanations/{next(iter(self.models))}"}
+        pending = {f"predictions/{name}" for name in self.model_names} | {f"explanations/{self.model_names[0]}"}
         last_error = "no answer yet"
         while pending and time.monotonic() < deadline:
             for path in sorted(pending):
@@ -354,6 +360,10 @@ class RayCluster:
 
     def auth_headers(self) -> dict[str, str]:
         return {}
+
+    def inference_key(self) -> str | None:
+        """No token: Ray Serve's proxy leaves authorization to what stands in front of it."""
+        return None
 
     def kill_node(self, node: str) -> list[int]:
         """Lose `node` at once: SIGKILL to each of its processes (raylet, agents, replicas), by pid. Their pids."""
@@ -397,6 +407,13 @@ def _signal_and_wait(processes: list[psutil.Process], signum: int, timeout: floa
             continue
     _, alive = psutil.wait_procs(processes, timeout=timeout)
     return alive
+
+
+def body_limit(config: Path) -> int:
+    """A TorchServe config's max_request_size (its default when unset): the same bound on the body as TorchServe's."""
+    from camserve_tools.kserve.bundle import read_properties
+
+    return int(dict(read_properties(config)).get("max_request_size", DEFAULT_MAX_BODY_BYTES))
 
 
 def parse_models(models: str, model_store: Path) -> dict[str, Path]:
@@ -458,17 +475,17 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--models", default=DEFAULT_MODELS, help="name=archive.mar[,...] (default: %(default)s)")
     parser.add_argument("--model-store", type=Path, default=ROOT / "model_store")
     parser.add_argument("--port", type=int, default=8080)
-    parser.add_argument("--max-body-bytes", type=int, default=6_553_500)
+    parser.add_argument("--config", type=Path, help="a TorchServe config whose max_request_size bounds the body")
     parser.add_argument("--timeout", type=float, default=600.0, help="start, wait: seconds")
     parser.add_argument("--interval", type=float, default=1.0, help="watch: seconds between lines")
     parser.add_argument("--duration", type=float, default=0.0, help="watch: seconds (0: until stopped)")
     args = parser.parse_args(argv)
     cluster = RayCluster(
         run_dir=args.run_dir.resolve(),
-        models=parse_models(args.models, args.model_store),
+        archives=parse_models(args.models, args.model_store),
         nodes=args.nodes,
         inference_port=args.port,
-        max_body_bytes=args.max_body_bytes,
+        max_body_bytes=body_limit(args.config) if args.config else DEFAULT_MAX_BODY_BYTES,
     )
     if args.action == "start":
         cluster.start(args.timeout)
