@@ -1,6 +1,8 @@
-"""Check every manifest under deploy/: Kubernetes kinds strictly against the API schemas, KServe's against its SDK.
+"""Check every manifest under deploy/: Kubernetes kinds strictly against the API schemas, KServe's against its SDK,
+Ray Serve's config against Ray's schema, KubeRay's RayService as far as no KubeRay at hand allows.
 
     python -m camserve_tools.manifests deploy        # make check-manifests; tests/test_manifests.py runs the same
+    python -m camserve_tools.manifests deploy --crds ../shared/kuberay-crds   # and against CRDs' own schemas, strictly
 
 - Built-in kinds (Deployment, Service, HorizontalPodAutoscaler, ...) are validated by `kubernetes-validate` in
   strict mode (an unknown field is an error), against the oldest and the newest Kubernetes version we support.
@@ -9,6 +11,11 @@
   client's models for pod fields): any key a model does not declare, or a value of the wrong kind, is an error.
   The document is built into those model objects as it is walked. (The SDK's own ApiClient.deserialize cannot:
   it looks every type up in kserve.models, which lacks the kubernetes client's V1ObjectMeta, V1EnvVar, ...)
+- A Ray Serve config (deploy/ray/serve-config.yaml: `applications`, no `kind`) and a RayService's serveConfigV2
+  load into Ray's ServeDeploySchema; a key it does not read is an error too (Ray's models ignore unknown keys).
+- A RayService's pod templates are validated strictly as Kubernetes PodTemplateSpecs; its own fields against the
+  field names of KubeRay v1.7.0's CRD (ray.io_rayservices.yaml), and with `--crds DIR` against that CRD's whole
+  schema, any field it does not declare refused.
 """
 
 from __future__ import annotations
@@ -102,10 +109,158 @@ def check_kserve(document: dict, model_name: str) -> list[str]:
     return problems
 
 
+def check_serve_config(config: Any, where: str) -> list[str]:
+    """Problems of a Ray Serve config (the `serve deploy` / `serve run` file, a RayService's serveConfigV2)."""
+    from pydantic import ValidationError
+    from ray.serve.schema import ServeDeploySchema
+
+    if not isinstance(config, dict):
+        return [f"{where}: a Ray Serve config is a mapping"]
+    try:
+        schema = ServeDeploySchema.model_validate(config)
+    except ValidationError as error:
+        return [f"{where}.{'.'.join(str(part) for part in problem['loc'])}: {problem['msg']}" for problem in error.errors()]
+    return [f"{where}.{path}: Ray Serve's config has no such field" for path in unread_keys(config, schema.model_dump(exclude_unset=True))]
+
+
+def unread_keys(given: Any, read: Any, path: str = "") -> list[str]:
+    """Keys of `given` that a schema's dump of it (`read`) lacks: what the schema dropped without a word."""
+    if isinstance(given, dict) and isinstance(read, dict):
+        keys = []
+        for key, value in given.items():
+            where = f"{path}.{key}" if path else str(key)
+            keys += [where] if key not in read else unread_keys(value, read[key], where)
+        return keys
+    if isinstance(given, list) and isinstance(read, list):
+        return [key for index, (g, r) in enumerate(zip(given, read)) for key in unread_keys(g, r, f"{path}[{index}]")]
+    return []
+
+
+RAY_SERVICE = ("ray.io/v1", "RayService")
+# The RayService's own fields, from KubeRay v1.7.0's CRD: (where, the fields it declares, those it requires).
+RAY_SERVICE_FIELDS = (
+    (
+        "spec",
+        {
+            "deploymentUnhealthySecondThreshold", "excludeHeadPodFromServeSvc", "managedBy", "rayClusterConfig",
+            "rayClusterDeletionDelaySeconds", "serveConfigV2", "serveService", "serviceUnhealthySecondThreshold", "suspend",
+            "upgradeStrategy",
+        },
+        {"rayClusterConfig"},
+    ),
+    (
+        "spec.rayClusterConfig",
+        {
+            "authOptions", "autoscalerOptions", "enableInTreeAutoscaling", "gcsFaultToleranceOptions", "headGroupSpec",
+            "headServiceAnnotations", "historyServerOptions", "managedBy", "networkPolicy", "rayVersion", "suspend",
+            "tlsOptions", "upgradeStrategy", "workerGroupSpecs",
+        },
+        {"headGroupSpec"},
+    ),
+    (
+        "spec.rayClusterConfig.headGroupSpec",
+        {"enableIngress", "headService", "ingressOptions", "labels", "rayStartParams", "resources", "serviceType", "template"},
+        {"template"},
+    ),
+    (
+        "spec.rayClusterConfig.workerGroupSpecs[]",
+        {
+            "groupName", "idleTimeoutSeconds", "labels", "maxReplicas", "minReplicas", "numOfHosts", "priority",
+            "rayStartParams", "replicas", "resources", "scaleStrategy", "suspend", "template",
+        },
+        {"groupName", "maxReplicas", "minReplicas", "template"},
+    ),
+)  # fmt: skip
+
+
+def _at(document: dict, where: str) -> list[tuple[str, Any]]:
+    """The values at a dotted path, `[]` standing for every item of a list: (their path, value)."""
+    found: list[tuple[str, Any]] = [("", document)]
+    for part in where.split("."):
+        many = part.endswith("[]")
+        name = part.removesuffix("[]")
+        step = []
+        for path, value in found:
+            child = value.get(name) if isinstance(value, dict) else None
+            path = f"{path}.{name}" if path else name
+            if many and isinstance(child, list):
+                step += [(f"{path}[{index}]", item) for index, item in enumerate(child)]
+            elif child is not None and not many:
+                step.append((path, child))
+        found = step
+    return found
+
+
+def check_ray_service(document: dict) -> list[str]:
+    """A RayService: its own fields by name, each group's rayStartParams as strings, each pod template strictly as a
+    Kubernetes PodTemplateSpec, and serveConfigV2 as a Ray Serve config."""
+    problems = []
+    for where, known, required in RAY_SERVICE_FIELDS:
+        for path, value in _at(document, where):
+            if not isinstance(value, dict):
+                problems.append(f"{path}: an object")
+                continue
+            problems += [f"{path}.{key}: unknown field of KubeRay's RayService" for key in sorted(set(value) - known)]
+            problems += [f"{path}.{key}: required" for key in sorted(required - set(value))]
+    for path, params in _at(document, "spec.rayClusterConfig.headGroupSpec.rayStartParams") + _at(
+        document, "spec.rayClusterConfig.workerGroupSpecs[].rayStartParams"
+    ):
+        problems += [
+            f"{path}.{key}: a string (KubeRay passes it to `ray start` as text)" for key, v in params.items() if not isinstance(v, str)
+        ]
+    templates = _at(document, "spec.rayClusterConfig.headGroupSpec.template") + _at(
+        document, "spec.rayClusterConfig.workerGroupSpecs[].template"
+    )
+    for path, template in templates:
+        pod_template = {"apiVersion": "v1", "kind": "PodTemplate", "metadata": {"name": "template"}, "template": template}
+        problems += [f"{path}: {problem}" for problem in check_document(pod_template)]
+    serve_config = document.get("spec", {}).get("serveConfigV2")
+    if not isinstance(serve_config, str):
+        problems.append("spec.serveConfigV2: a YAML string holding the Serve config")
+    else:
+        problems += check_serve_config(yaml.safe_load(serve_config), "spec.serveConfigV2")
+    return problems
+
+
+def check_against_crds(document: dict, crd_dirs: list[Path]) -> list[str]:
+    """`document` against the openAPIV3Schema of its kind's CRD in `crd_dirs` (none found: no problem), any field
+    the schema does not declare refused, as a Kubernetes API server's strict field validation does."""
+    import jsonschema
+
+    group, _, version = str(document.get("apiVersion", "")).rpartition("/")
+    for crd in (yaml.safe_load(path.read_text()) for directory in crd_dirs for path in sorted(directory.glob("*.yaml"))):
+        if not isinstance(crd, dict) or crd.get("kind") != "CustomResourceDefinition":
+            continue
+        if crd["spec"]["group"] != group or crd["spec"]["names"]["kind"] != document.get("kind"):
+            continue
+        schema = next((v["schema"]["openAPIV3Schema"] for v in crd["spec"]["versions"] if v["name"] == version), None)
+        if schema is None:
+            return [f"{document.get('kind')}: its CRD serves no version {version!r}"]
+        validator = jsonschema.Draft7Validator(_closed(schema))
+        return [f"CRD {'.'.join(str(p) for p in error.absolute_path)}: {error.message[:300]}" for error in validator.iter_errors(document)]
+    return []
+
+
+def _closed(schema: Any) -> Any:
+    """An openAPI schema where every object with declared properties refuses any other (unless it keeps unknown fields)."""
+    if isinstance(schema, list):
+        return [_closed(item) for item in schema]
+    if not isinstance(schema, dict):
+        return schema
+    closed = {key: _closed(value) for key, value in schema.items()}
+    if "properties" in schema and "additionalProperties" not in schema and not schema.get("x-kubernetes-preserve-unknown-fields"):
+        closed["additionalProperties"] = False
+    return closed
+
+
 def check_document(document: dict) -> list[str]:
     key = (document.get("apiVersion"), document.get("kind"))
     if key in KSERVE_KINDS:
         return check_kserve(document, KSERVE_KINDS[key])
+    if key == RAY_SERVICE:
+        return check_ray_service(document)
+    if key == (None, None) and "applications" in document:
+        return check_serve_config(document, "serve config")
     problems = []
     for version in KUBERNETES_VERSIONS:
         try:
@@ -118,8 +273,9 @@ def check_document(document: dict) -> list[str]:
     return problems
 
 
-def check_tree(root: Path) -> dict[str, list[str]]:
-    """Problems per `file#document`, for every YAML document under `root`; an empty dict when all pass."""
+def check_tree(root: Path, crd_dirs: list[Path] | None = None) -> dict[str, list[str]]:
+    """Problems per `file#document`, for every YAML document under `root` (and against the CRDs in `crd_dirs`);
+    an empty dict when all pass."""
     report: dict[str, list[str]] = {}
     files = sorted(root.rglob("*.yaml")) + sorted(root.rglob("*.yml"))
     if not files:
@@ -131,7 +287,7 @@ def check_tree(root: Path) -> dict[str, list[str]]:
             if not isinstance(document, dict):
                 report[f"{path}#{index}"] = ["not a mapping"]
                 continue
-            if problems := check_document(document):
+            if problems := check_document(document) + check_against_crds(document, crd_dirs or []):
                 report[f"{path}#{index}"] = problems
     return report
 
@@ -139,8 +295,9 @@ def check_tree(root: Path) -> dict[str, list[str]]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("root", type=Path, nargs="?", default=Path("deploy"))
+    parser.add_argument("--crds", type=Path, action="append", default=[], help="a folder of CRDs to validate custom resources against")
     args = parser.parse_args()
-    report = check_tree(args.root)
+    report = check_tree(args.root, args.crds)
     count = sum(1 for path in args.root.rglob("*.y*ml") for document in yaml.safe_load_all(path.read_text()) if document)
     for where, problems in report.items():
         for problem in problems:
@@ -149,7 +306,8 @@ def main() -> None:
         sys.exit(1)
     print(
         f"{count} manifests under {args.root}: valid (Kubernetes {', '.join(KUBERNETES_VERSIONS)} strict; InferenceService "
-        f"against kserve's models)"
+        f"against kserve's models; Ray Serve configs against Ray's schema; RayService by KubeRay's fields"
+        f"{', and against the CRDs in ' + ', '.join(map(str, args.crds)) if args.crds else ''})"
     )
 
 
