@@ -80,14 +80,16 @@ def test_the_checker_catches_what_the_schemas_let_through() -> None:
         change(document)
         return check_document(document)
 
-    cluster = "rayClusterConfig"
-    assert any("maxReplica: unknown field" in p for p in problems(lambda d: d["spec"][cluster]["workerGroupSpecs"][0].update(maxReplica=3)))
-    assert any("num-cpus: a string" in p for p in problems(lambda d: d["spec"][cluster]["headGroupSpec"]["rayStartParams"].update({"num-cpus": 0})))
-    typo = problems(lambda d: d["spec"].update(serveConfigV2=d["spec"]["serveConfigV2"].replace("autoscaling_config", "autoscalling_config", 1)))
-    assert any("autoscalling_config: Ray Serve's config has no such field" in p for p in typo)
-    container = problems(lambda d: d["spec"][cluster]["workerGroupSpecs"][0]["template"]["spec"]["containers"][0].update(imagePullPolicies="x"))
+    spec = "spec"
+    workers = lambda d: d[spec]["rayClusterConfig"]["workerGroupSpecs"][0]  # noqa: E731
+    head = lambda d: d[spec]["rayClusterConfig"]["headGroupSpec"]  # noqa: E731
+    assert any("maxReplica: unknown field" in p for p in problems(lambda d: workers(d).update(maxReplica=3)))
+    assert any("num-cpus: a string" in p for p in problems(lambda d: head(d)["rayStartParams"].update({"num-cpus": 0})))
+    misspelt = lambda d: d[spec].update(serveConfigV2=d[spec]["serveConfigV2"].replace("autoscaling_config", "autoscalling_config", 1))  # noqa: E731
+    assert any("autoscalling_config: Ray Serve's config has no such field" in p for p in problems(misspelt))
+    container = problems(lambda d: workers(d)["template"]["spec"]["containers"][0].update(imagePullPolicies="x"))
     assert any("imagePullPolicies" in p for p in container)
-    assert problems(lambda d: d["spec"].pop(cluster)) == ["spec.rayClusterConfig: required"]
+    assert problems(lambda d: d[spec].pop("rayClusterConfig")) == ["spec.rayClusterConfig: required"]
 
 
 def test_the_ray_service_against_kuberays_crd() -> None:
@@ -101,19 +103,18 @@ def test_the_ray_service_against_kuberays_crd() -> None:
 
 
 def test_the_local_cluster_deploys_the_same_config_with_its_own_port_models_and_replicas(tmp_path: Path) -> None:
-    cluster = RayCluster(
-        run_dir=tmp_path, archives={"shapes": ROOT / "model_store" / "shapes.mar", "mine": tmp_path / "mine.mar"}, nodes=2, inference_port=18123
-    )
-    config = cluster.application_config()
+    archives = {"shapes": ROOT / "model_store" / "shapes.mar", "mine": tmp_path / "mine.mar"}
+    config = RayCluster(run_dir=tmp_path, archives=archives, nodes=2, inference_port=18123).application_config()
     assert check_serve_config(config, "local") == []
     assert config["http_options"]["host"] == "127.0.0.1" and config["http_options"]["port"] == 18123
     applications = {app["name"]: app for app in config["applications"]}
     assert set(applications) == {"camserve", "shapes", "mine"} and applications["camserve"]["args"]["models"] == ["shapes", "mine"]
     mine = applications["mine"]
-    assert mine["route_prefix"] == "/predictions/mine" and mine["args"]["model_store"] == str(tmp_path) and mine["args"]["source"] == "mine.mar"
+    assert mine["route_prefix"] == "/predictions/mine" and mine["args"]["source"] == "mine.mar"
+    assert mine["args"]["model_store"] == str(tmp_path)
     for name in ("shapes", "mine"):
         (deployment,) = applications[name]["deployments"]
         assert deployment["name"] == name and deployment["autoscaling_config"]["min_replicas"] == 2, "a replica per node at least"
-    fixed = RayCluster(run_dir=tmp_path, archives={"shapes": ROOT / "model_store" / "shapes.mar"}, deployment_options={"shapes": {"num_replicas": 1}})
+    fixed = RayCluster(run_dir=tmp_path, archives={"shapes": archives["shapes"]}, deployment_options={"shapes": {"num_replicas": 1}})
     (deployment,) = {app["name"]: app for app in fixed.application_config()["applications"]}["shapes"]["deployments"]
     assert deployment["num_replicas"] == 1 and "autoscaling_config" not in deployment
