@@ -104,6 +104,8 @@ class RayCluster:
     # Per deployment (model name or CamRouter): options merged over serve-config.yaml's (autoscaling, user_config, ...)
     deployment_options: dict[str, dict[str, Any]] = field(default_factory=dict)
     serve_config: Path = SERVE_CONFIG
+    # More environment for every Ray process of the cluster (Ray's and Serve's RAY_* settings).
+    env: dict[str, str] = field(default_factory=dict)
 
     @classmethod
     def on_free_ports(cls, **fields: Any) -> RayCluster:
@@ -210,6 +212,7 @@ class RayCluster:
             }
         )
         env.pop("RAY_ADDRESS", None)
+        env.update(self.env)
         return env
 
     def _start_node(self, name: str, temp_dir: Path, gcs_port: int, deadline: float) -> None:
@@ -432,7 +435,7 @@ def replica_counts() -> dict[str, dict[str, int]]:
     counts: dict[str, dict[str, int]] = {}
     for application in serve.status().applications.values():
         for name, deployment in application.deployments.items():
-            counts[name] = {state.value: count for state, count in deployment.replica_states.items()}
+            counts[name] = {getattr(state, "value", state): count for state, count in deployment.replica_states.items()}
     return counts
 
 
