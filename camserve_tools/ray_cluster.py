@@ -165,7 +165,7 @@ class RayCluster:
             self.stop()
             raise
 
-    def _node_command(self, name: str, temp_dir: Path, gcs_port: int) -> list[str]:
+    def _node_command(self, name: str, temp_dir: Path, gcs_port: int, metrics_port: int) -> list[str]:
         # Ray starts its client server wherever grpcio is installed, and refuses port 0: on loopback, then.
         role = ["--head", f"--port={gcs_port}", "--include-dashboard=false", f"--ray-client-server-port={free_port()}", "--no-monitor"]
         if name != "head":
@@ -186,7 +186,7 @@ class RayCluster:
             f"--resources={json.dumps({f'camserve_{name}': 1})}",
             f"--node-manager-port={free_port()}",
             f"--object-manager-port={free_port()}",
-            f"--metrics-export-port={free_port()}",
+            f"--metrics-export-port={metrics_port}",
             f"--dashboard-agent-listen-port={free_port()}",
             f"--dashboard-agent-grpc-port={free_port()}",
             f"--runtime-env-agent-port={free_port()}",
@@ -218,17 +218,20 @@ class RayCluster:
     def _start_node(self, name: str, temp_dir: Path, gcs_port: int, deadline: float) -> None:
         log = self.log_dir / f"ray-{name}.log"
         offset = log.stat().st_size if log.exists() else 0
+        metrics_port = free_port()
+        # Ray's dashboard process (started even without the dashboard) takes a fixed port for its own metrics.
+        env = {**self._environment(f"{temp_dir}:{name}"), "DASHBOARD_METRIC_PORT": str(free_port())}
         with open(log, "ab") as out:
             process = subprocess.Popen(
-                self._node_command(name, temp_dir, gcs_port),
-                env=self._environment(f"{temp_dir}:{name}"),
+                self._node_command(name, temp_dir, gcs_port, metrics_port),
+                env=env,
                 cwd=self.run_dir,
                 stdout=out,
                 stderr=subprocess.STDOUT,
                 start_new_session=True,
             )
         record = self.record()
-        record["nodes"][name] = process.pid
+        record["nodes"][name] = {"pid": process.pid, "metrics_port": metrics_port}
         self._write_record(record)
         # `ray start` says so once its node has registered with the head.
         while "Ray runtime started." not in log.read_bytes()[offset:].decode(errors="replace"):
@@ -360,6 +363,11 @@ class RayCluster:
             except psutil.NoSuchProcess:
                 continue
         return sorted(pids)
+
+    def metrics_urls(self) -> dict[str, str]:
+        """Each node's Prometheus endpoint: Ray's metrics, and camserve's as ray_camrequests_total, ray_camerrors_total,
+        ray_cammaptime, tagged with the model, application, deployment and replica."""
+        return {name: f"http://127.0.0.1:{node['metrics_port']}/metrics" for name, node in self.record().get("nodes", {}).items()}
 
     def auth_headers(self) -> dict[str, str]:
         return {}

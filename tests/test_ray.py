@@ -359,3 +359,18 @@ def test_routes_methods_and_models_outside_the_protocol_get_json_errors(ray_engi
     explained = requests.post(f"{url}/explanations/shapes", data=image, timeout=60)
     assert explained.status_code == 200 and "predictions" not in explained.json() and explained.json()["cam"]
     assert explained.headers["x-cam-node"] == "head" and explained.headers["x-cam-replica"].startswith("shapes#")
+
+
+def test_camserve_metrics_on_the_nodes_prometheus_endpoint(ray_engine: RayCluster, scenes) -> None:
+    url = ray_engine.inference_url
+    assert requests.post(f"{url}/predictions/shapes", data=png_bytes(scenes[3].image), headers={"X-CAM-Method": "cam"}, timeout=60).ok
+    assert requests.post(f"{url}/predictions/shapes", data=b"not an image", timeout=60).status_code == 400
+    wanted = ("ray_camrequests_total{", 'Method="cam"', "ray_camerrors_total{", 'Kind="invalid_image"', "ray_cammaptime_count{")
+    deadline = time.monotonic() + 60  # the replica reports to its node's agent every few seconds
+    while True:
+        text = requests.get(ray_engine.metrics_urls()["head"], timeout=30).text
+        if all(part in text for part in wanted) or time.monotonic() > deadline:
+            break
+        time.sleep(2)
+    assert all(part in text for part in wanted), [part for part in wanted if part not in text]
+    assert 'model_name="shapes"' in text
