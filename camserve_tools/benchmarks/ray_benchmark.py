@@ -37,7 +37,7 @@ import yaml
 from camserve_tools.archive import build_archive
 from camserve_tools.benchmarks.bench_models import prepare_models
 from camserve_tools.benchmarks.benchmark_report import Settings
-from camserve_tools.benchmarks.serving_benchmark import drain, locust_run, merge, model_config
+from camserve_tools.benchmarks.serving_benchmark import drain, locust_run, merge, model_config, start_torchserve
 from camserve_tools.ray_cluster import RayCluster, body_limit
 from camserve_tools.server import TorchServe
 
@@ -117,23 +117,7 @@ def torchserve(work_dir: Path) -> TorchServe:
         shutil.copytree(model.model_dir, model_dir)
         (model_dir / "model-config.yaml").write_text(yaml.safe_dump(model_config(model, SETTINGS), sort_keys=False))
         build_archive("shapes", model_dir, store, model_file=model.ours_model_file())
-    run_dir = work_dir / "torchserve"
-    shutil.rmtree(run_dir, ignore_errors=True)
-    run_dir.mkdir(parents=True)
-    threads = str(SETTINGS.threads)
-    server = TorchServe.on_free_ports(
-        run_dir=run_dir,
-        config=CONFIG,
-        model_store=store,
-        models="shapes=shapes.mar",
-        env={"OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads},
-    )
-    try:
-        server.start(timeout=600)
-    except BaseException:
-        server.stop()
-        raise
-    return server
+    return start_torchserve(store, "shapes=shapes.mar", SETTINGS.threads, work_dir / "torchserve")
 
 
 def ray(work_dir: Path, nodes: int, batching: tuple[int, float] = (SETTINGS.batch_size, SETTINGS.max_batch_delay_ms / 1000)) -> RayCluster:

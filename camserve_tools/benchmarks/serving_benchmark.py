@@ -204,18 +204,22 @@ def start_server(models: list[BenchModel], settings: Settings, work_dir: Path) -
     with tempfile.TemporaryDirectory(prefix="camserve-bench-") as staging:
         for model in models:
             build_archives(model, settings, store, Path(staging))
-    run_dir = work_dir / f"server-{settings.slug}"
-    shutil.rmtree(run_dir, ignore_errors=True)
-    run_dir.mkdir(parents=True)
     names = [name for model in models for name in (model.name, *(f"{model.name}_{suffix}" for suffix in OTHER_HANDLERS))]
     entries = ",".join(f"{name}={name}.mar" for name in names)
-    threads = str(settings.threads)
+    return start_torchserve(store, entries, settings.threads, work_dir / f"server-{settings.slug}")
+
+
+def start_torchserve(store: Path, models: str, threads: int, run_dir: Path) -> TorchServe:
+    """TorchServe on free ports serving `models` (name=archive,...) of `store`, `threads` torch threads per worker,
+    in a fresh `run_dir`; stopped again if it does not come up."""
+    shutil.rmtree(run_dir, ignore_errors=True)
+    run_dir.mkdir(parents=True)
     server = TorchServe.on_free_ports(
         run_dir=run_dir,
         config=ROOT / "config" / "dev.properties",
         model_store=store,
-        models=entries,
-        env={"OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads},
+        models=models,
+        env={"OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)},
     )
     try:
         server.start(timeout=600)
