@@ -1,6 +1,8 @@
-"""Check every manifest under deploy/: Kubernetes kinds strictly against the API schemas, KServe's against its CRDs.
+"""Check every manifest under deploy/: Kubernetes kinds strictly against the API schemas, KServe's against its CRDs,
+Ray Serve's config against Ray's schema, KubeRay's RayService as far as no KubeRay at hand allows.
 
     python -m camserve_tools.manifests deploy        # make check-manifests; tests/test_manifests.py runs the same
+    python -m camserve_tools.manifests deploy --crds ../shared/kuberay-crds   # and against CRDs' own schemas, strictly
 
 - Built-in kinds (Deployment, Service, HorizontalPodAutoscaler, ...) are validated by `kubernetes-validate` in
   strict mode (an unknown field is an error), against the oldest and the newest Kubernetes version we support.
@@ -16,6 +18,11 @@
 - A PrometheusRule (prometheus-operator's CRD, not shipped here) is checked against the fields of its rule groups;
   `promtool check rules` and `promtool test rules` run on its groups in tests/test_prometheus_rules.py.
 - kustomization.yaml is kustomize's input, not a cluster object: only its keys are checked.
+- A Ray Serve config (deploy/ray/serve-config.yaml: `applications`, no `kind`) and a RayService's serveConfigV2
+  load into Ray's ServeDeploySchema; a key it does not read is an error too (Ray's models ignore unknown keys).
+- A RayService's pod templates are validated strictly as Kubernetes PodTemplateSpecs; its own fields against the
+  field names of KubeRay v1.7.0's CRD (ray.io_rayservices.yaml), and with `--crds DIR` against that CRD's whole
+  schema, any field it does not declare refused.
 """
 
 from __future__ import annotations
@@ -169,6 +176,119 @@ def check_kserve(document: dict, model_name: str) -> list[str]:
     return problems
 
 
+def check_serve_config(config: Any, where: str) -> list[str]:
+    """Problems of a Ray Serve config (the `serve deploy` / `serve run` file, a RayService's serveConfigV2)."""
+    from pydantic import ValidationError
+    from ray.serve.schema import ServeDeploySchema
+
+    if not isinstance(config, dict):
+        return [f"{where}: a Ray Serve config is a mapping"]
+    try:
+        schema = ServeDeploySchema.model_validate(config)
+    except ValidationError as error:
+        return [f"{where}.{'.'.join(str(part) for part in problem['loc'])}: {problem['msg']}" for problem in error.errors()]
+    return [f"{where}.{path}: Ray Serve's config has no such field" for path in unread_keys(config, schema.model_dump(exclude_unset=True))]
+
+
+def unread_keys(given: Any, read: Any, path: str = "") -> list[str]:
+    """Keys of `given` that a schema's dump of it (`read`) lacks: what the schema dropped without a word."""
+    if isinstance(given, dict) and isinstance(read, dict):
+        keys = []
+        for key, value in given.items():
+            where = f"{path}.{key}" if path else str(key)
+            keys += [where] if key not in read else unread_keys(value, read[key], where)
+        return keys
+    if isinstance(given, list) and isinstance(read, list):
+        return [key for index, (g, r) in enumerate(zip(given, read)) for key in unread_keys(g, r, f"{path}[{index}]")]
+    return []
+
+
+RAY_SERVICE = ("ray.io/v1", "RayService")
+# The RayService's own fields, from KubeRay v1.7.0's CRD: (where, the fields it declares, those it requires).
+RAY_SERVICE_FIELDS = (
+    (
+        "spec",
+        {
+            "deploymentUnhealthySecondThreshold", "excludeHeadPodFromServeSvc", "managedBy", "rayClusterConfig",
+            "rayClusterDeletionDelaySeconds", "serveConfigV2", "serveService", "serviceUnhealthySecondThreshold", "suspend",
+            "upgradeStrategy",
+        },
+        {"rayClusterConfig"},
+    ),
+    (
+        "spec.rayClusterConfig",
+        {
+            "authOptions", "autoscalerOptions", "enableInTreeAutoscaling", "gcsFaultToleranceOptions", "headGroupSpec",
+            "headServiceAnnotations", "historyServerOptions", "managedBy", "networkPolicy", "rayVersion", "suspend",
+            "tlsOptions", "upgradeStrategy", "workerGroupSpecs",
+        },
+        {"headGroupSpec"},
+    ),
+    (
+        "spec.rayClusterConfig.headGroupSpec",
+        {"enableIngress", "headService", "ingressOptions", "labels", "rayStartParams", "resources", "serviceType", "template"},
+        {"template"},
+    ),
+    (
+        "spec.rayClusterConfig.workerGroupSpecs[]",
+        {
+            "groupName", "idleTimeoutSeconds", "labels", "maxReplicas", "minReplicas", "numOfHosts", "priority",
+            "rayStartParams", "replicas", "resources", "scaleStrategy", "suspend", "template",
+        },
+        {"groupName", "maxReplicas", "minReplicas", "template"},
+    ),
+)  # fmt: skip
+
+
+def _at(document: dict, where: str) -> list[tuple[str, Any]]:
+    """The values at a dotted path, `[]` standing for every item of a list: (their path, value)."""
+    found: list[tuple[str, Any]] = [("", document)]
+    for part in where.split("."):
+        many = part.endswith("[]")
+        name = part.removesuffix("[]")
+        step = []
+        for path, value in found:
+            child = value.get(name) if isinstance(value, dict) else None
+            path = f"{path}.{name}" if path else name
+            if many and isinstance(child, list):
+                step += [(f"{path}[{index}]", item) for index, item in enumerate(child)]
+            elif child is not None and not many:
+                step.append((path, child))
+        found = step
+    return found
+
+
+def check_ray_service(document: dict) -> list[str]:
+    """A RayService: its own fields by name, each group's rayStartParams as strings, each pod template strictly as a
+    Kubernetes PodTemplateSpec, and serveConfigV2 as a Ray Serve config."""
+    problems = []
+    for where, known, required in RAY_SERVICE_FIELDS:
+        for path, value in _at(document, where):
+            if not isinstance(value, dict):
+                problems.append(f"{path}: an object")
+                continue
+            problems += [f"{path}.{key}: unknown field of KubeRay's RayService" for key in sorted(set(value) - known)]
+            problems += [f"{path}.{key}: required" for key in sorted(required - set(value))]
+    for path, params in _at(document, "spec.rayClusterConfig.headGroupSpec.rayStartParams") + _at(
+        document, "spec.rayClusterConfig.workerGroupSpecs[].rayStartParams"
+    ):
+        problems += [
+            f"{path}.{key}: a string (KubeRay passes it to `ray start` as text)" for key, v in params.items() if not isinstance(v, str)
+        ]
+    templates = _at(document, "spec.rayClusterConfig.headGroupSpec.template") + _at(
+        document, "spec.rayClusterConfig.workerGroupSpecs[].template"
+    )
+    for path, template in templates:
+        pod_template = {"apiVersion": "v1", "kind": "PodTemplate", "metadata": {"name": "template"}, "template": template}
+        problems += [f"{path}: {problem}" for problem in check_document(pod_template)]
+    serve_config = document.get("spec", {}).get("serveConfigV2")
+    if not isinstance(serve_config, str):
+        problems.append("spec.serveConfigV2: a YAML string holding the Serve config")
+    else:
+        problems += check_serve_config(yaml.safe_load(serve_config), "spec.serveConfigV2")
+    return problems
+
+
 def strict(schema: Any) -> Any:
     """`schema` with unknown fields refused: every object schema that lists properties, and neither preserves unknown
     fields nor sets additionalProperties itself, gets additionalProperties: false (recursively)."""
@@ -215,10 +335,26 @@ def check_against_crd(document: dict, folder: Path | None = None) -> list[str]:
     ]
 
 
+def check_against_crds(document: dict, crd_dirs: list[Path]) -> list[str]:
+    """`document` against the strict schema of its kind's CRD in `crd_dirs` (none found there: no problem)."""
+    for folder in crd_dirs:
+        validator = crd_validators(folder).get((document.get("apiVersion"), document.get("kind")))
+        if validator is not None:
+            return [
+                f"CRD {'.'.join(str(part) for part in error.absolute_path) or '(root)'}: {error.message[:300]}"
+                for error in validator.iter_errors(document)
+            ]
+    return []
+
+
 def check_document(document: dict, skipped: list[str] | None = None) -> list[str]:
     """Problems of one manifest; a check that cannot run here (no CRDs) is named in `skipped`."""
     key = (document.get("apiVersion"), document.get("kind"))
     problems: list[str] = []
+    if key == RAY_SERVICE:
+        return check_ray_service(document)
+    if key == (None, None) and "applications" in document:
+        return check_serve_config(document, "serve config")
     if document.get("kind") in CRD_KINDS and str(document.get("apiVersion", "")).startswith("serving.kserve.io/"):
         try:
             problems += check_against_crd(document)
@@ -244,9 +380,9 @@ def check_document(document: dict, skipped: list[str] | None = None) -> list[str
     return problems
 
 
-def check_tree(root: Path, skipped: list[str] | None = None) -> dict[str, list[str]]:
-    """Problems per `file#document`, for every YAML document under `root`; an empty dict when all pass. Checks that
-    cannot run here go into `skipped` (once each)."""
+def check_tree(root: Path, skipped: list[str] | None = None, crd_dirs: list[Path] | None = None) -> dict[str, list[str]]:
+    """Problems per `file#document`, for every YAML document under `root` (and against the CRDs in `crd_dirs`); an
+    empty dict when all pass. Checks that cannot run here go into `skipped` (once each)."""
     report: dict[str, list[str]] = {}
     files = sorted(root.rglob("*.yaml")) + sorted(root.rglob("*.yml"))
     if not files:
@@ -259,7 +395,7 @@ def check_tree(root: Path, skipped: list[str] | None = None) -> dict[str, list[s
             if not isinstance(document, dict):
                 report[f"{path}#{index}"] = ["not a mapping"]
                 continue
-            if problems := check_document(document, not_run):
+            if problems := check_document(document, not_run) + check_against_crds(document, crd_dirs or []):
                 report[f"{path}#{index}"] = problems
     if skipped is not None:
         skipped.extend(dict.fromkeys(not_run))
@@ -269,9 +405,10 @@ def check_tree(root: Path, skipped: list[str] | None = None) -> dict[str, list[s
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("root", type=Path, nargs="?", default=Path("deploy"))
+    parser.add_argument("--crds", type=Path, action="append", default=[], help="a folder of CRDs to validate custom resources against")
     args = parser.parse_args()
     skipped: list[str] = []
-    report = check_tree(args.root, skipped)
+    report = check_tree(args.root, skipped, args.crds)
     count = sum(1 for path in args.root.rglob("*.y*ml") for document in yaml.safe_load_all(path.read_text()) if document)
     for where, problems in report.items():
         for problem in problems:
@@ -282,7 +419,9 @@ def main() -> None:
         sys.exit(1)
     print(
         f"{count} manifests under {args.root}: valid (Kubernetes {', '.join(KUBERNETES_VERSIONS)} strict; KServe kinds "
-        f"{'against kserve models only' if skipped else 'against KServe CRDs ' + str(KSERVE_CRDS) + ' strict and kserve models'})"
+        f"{'against kserve models only' if skipped else 'against KServe CRDs ' + str(KSERVE_CRDS) + ' strict and kserve models'}; "
+        f"Ray Serve configs against Ray's schema; RayService by KubeRay's fields"
+        f"{', and against the CRDs in ' + ', '.join(map(str, args.crds)) if args.crds else ''})"
     )
 
 

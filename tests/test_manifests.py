@@ -23,7 +23,7 @@ def documents(path: Path) -> list[dict]:
 
 
 def by_kind(kind: str) -> list[dict]:
-    return [document for path in sorted(DEPLOY.rglob("*.yaml")) for document in documents(path) if document["kind"] == kind]
+    return [document for path in sorted(DEPLOY.rglob("*.yaml")) for document in documents(path) if document.get("kind") == kind]
 
 
 def one(kind: str) -> dict:

@@ -227,6 +227,17 @@ def start_server(models: list[BenchModel], settings: Settings, work_dir: Path) -
 
 def run_cell(server: TorchServe, model: BenchModel, variant: Variant, users: int, seconds: float, work_dir: Path) -> dict:
     """One headless Locust run; its summary (throughput, percentiles, failures, response size, histogram)."""
+    path = f"/{variant.route}/{served_name(model, variant)}"
+    figures = locust_run(server.inference_url, path, variant.answer, variant.headers(), users, seconds, work_dir)
+    drain(server, served_name(model, variant), variant.handler == "ours")
+    return figures
+
+
+def locust_run(
+    url: str, path: str, answer: str, headers: list[str], users: int, seconds: float, work_dir: Path, extra: tuple[str, ...] = ()
+) -> dict:
+    """One headless run of benchmark_locustfile.py against `url` + `path` (`extra`: more of Locust's arguments);
+    its summary."""
     summary = work_dir / "cell.json"
     summary.unlink(missing_ok=True)
     command = [
@@ -240,7 +251,7 @@ def run_cell(server: TorchServe, model: BenchModel, variant: Variant, users: int
         "--loglevel",
         "WARNING",
         "--host",
-        server.inference_url,
+        url,
         "-u",
         str(users),
         "-r",
@@ -249,19 +260,19 @@ def run_cell(server: TorchServe, model: BenchModel, variant: Variant, users: int
         f"{max(1, round(seconds))}s",
         "--reset-stats",
         "--path",
-        f"/{variant.route}/{served_name(model, variant)}",
+        path,
         "--answer",
-        variant.answer,
+        answer,
         "--summary",
         str(summary),
+        *extra,
     ]
-    for header in variant.headers():
+    for header in headers:
         command += ["--header", header]
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     completed = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True)
     if not summary.exists():
         raise RuntimeError(f"Locust wrote no summary (exit {completed.returncode}):\n{completed.stderr[-3000:]}")
-    drain(server, served_name(model, variant), variant.handler == "ours")
     return json.loads(summary.read_text())
 
 
