@@ -14,10 +14,15 @@ CONFIG ?= config/dev.properties
 # local Ray cluster of RAY_NODES nodes on loopback
 ENGINE ?= torchserve
 RAY_NODES ?= 1
-comma := ,
-space := $(empty) $(empty)
+# The settings a user may give the targets below reach their recipes the way the archive rule's do: unexpanded,
+# through the environment as MAKE_<NAME>, read by the shell only inside double quotes (or, for argument lists, split
+# into words with globbing off): no value is ever make or shell code. Not exported under their own names, where
+# make would expand them on the way.
+USER_SETTINGS := CONFIG ENGINE RAY_NODES INFERENCE_PORT MANAGEMENT_PORT METRICS_PORT BENCH_ARGS LOADTEST_ARGS MODELS PROTOCOL BUNDLE_DIR KSERVE_PORT
+unexport $(USER_SETTINGS)
+$(foreach setting,$(USER_SETTINGS),$(eval export MAKE_$(setting) = $$(value $(setting))))
 
-.PHONY: help venv serve stop test lint archive train evaluate bench bench-maps loadtest clean kserve-bundle kserve-local kserve-local-stop check-manifests
+.PHONY: help venv serve stop test lint archive train evaluate bench bench-maps loadtest clean kserve-bundle kserve-local kserve-local-stop check-manifests image image-test prometheus-tools
 
 help:
 	@echo "make serve     start TorchServe with the default models (shapes, imagenet) on 127.0.0.1:$(INFERENCE_PORT) (background; ENGINE=kserve: KServe's own model server; ENGINE=ray RAY_NODES=2: Ray Serve on a local 2-node cluster)"
@@ -33,7 +38,9 @@ help:
 	@echo "make kserve-bundle   KServe storage tree: config/config.properties + model-store/ (CONFIG=, MODELS=, PROTOCOL=v1|v2, BUNDLE_DIR=)"
 	@echo "make kserve-local    the KServe pod on loopback: KServe's model server on 127.0.0.1:$(KSERVE_PORT), TorchServe on 8085 (PROTOCOL=)"
 	@echo "make kserve-local-stop  stop both"
-	@echo "make check-manifests validate deploy/ against the Kubernetes schemas and KServe's typed models (docs/deploy.md)"
+	@echo "make check-manifests validate deploy/ against the Kubernetes schemas and KServe's CRDs (docs/deploy.md)"
+	@echo "make image     build camserve:<version> with podman from deploy/image/Containerfile, no registry needed (TORCH_INDEX_URL=)"
+	@echo "make image-test run the image for real: smoke, tokens, Locust, SIGTERM, restart, Prometheus, kube play (docs/deploy.md)"
 
 # The venv is rebuilt when pyproject.toml changes; the stamp records the last successful install. The project is
 # installed editable, so .venv/bin/camserve and every script run from this checkout without PYTHONPATH.
@@ -85,12 +92,9 @@ endif
 
 # ENGINE and RAY_NODES reach the recipe as the archive rule's variables do: unexpanded, through the environment, read
 # by the shell only inside double quotes.
-unexport ENGINE RAY_NODES
-serve: export SERVE_ENGINE = $(value ENGINE)
-serve: export SERVE_RAY_NODES = $(value RAY_NODES)
 serve: $(ARCHIVES)
-	$(BIN)/camserve serve --engine "$$SERVE_ENGINE" --ray-nodes "$$SERVE_RAY_NODES" --run-dir $(RUN_DIR) --config $(CONFIG) \
-		--inference-port $(INFERENCE_PORT) --management-port $(MANAGEMENT_PORT) --metrics-port $(METRICS_PORT)
+	$(BIN)/camserve serve --engine "$$MAKE_ENGINE" --ray-nodes "$$MAKE_RAY_NODES" --run-dir $(RUN_DIR) --config "$$MAKE_CONFIG" \
+		--inference-port "$$MAKE_INFERENCE_PORT" --management-port "$$MAKE_MANAGEMENT_PORT" --metrics-port "$$MAKE_METRICS_PORT"
 
 stop:
 	@test -x $(BIN)/camserve && $(BIN)/camserve stop --run-dir $(RUN_DIR) || true
@@ -101,8 +105,16 @@ lint: $(VENV)/.installed
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy
 
-test: lint $(ARCHIVES)
+test: lint $(ARCHIVES) prometheus-tools
 	$(PY) -m pytest
+
+# promtool (Debian's prometheus package) for tests/test_prometheus_rules.py and Prometheus for make image-test:
+# installed with apt as root when missing; elsewhere those tests skip and say why.
+prometheus-tools:
+	@command -v promtool >/dev/null || { if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+		echo "installing promtool and prometheus (apt-get install prometheus): they were missing"; \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq prometheus >/dev/null; \
+	else echo "promtool is missing and this is not root: tests/test_prometheus_rules.py will skip"; fi; }
 
 train: $(VENV)/.installed
 	$(PY) scripts/train_shapes.py
@@ -113,20 +125,20 @@ evaluate: $(VENV)/.installed
 # About an hour (estimated: BENCH_ARGS="--concurrency 1,16" took 37 min with seven variants): three models x
 # eight variants (pytorch-grad-cam's among them) x three concurrencies x two batch sizes, each in Locust runs.
 bench: $(VENV)/.installed
-	$(PY) -m camserve_tools.benchmarks.serving_benchmark $(BENCH_ARGS)
+	set -f; $(PY) -m camserve_tools.benchmarks.serving_benchmark $$MAKE_BENCH_ARGS
 
 # About 40 minutes on 2 cores: default model + resnet50, cam and gradcam, batch 1 and 8, time and peak memory (each
 # variant in three fresh processes), against pytorch-grad-cam, torchcam and Captum.
 bench-maps: $(VENV)/.installed model_store/imagenet.mar
-	$(PY) scripts/bench_overhead.py --references --memory $(BENCH_ARGS)
+	set -f; $(PY) scripts/bench_overhead.py --references --memory $$MAKE_BENCH_ARGS
 
 loadtest: $(ARCHIVES)
-	$(PY) -m camserve_tools.benchmarks.run_loadtest $(LOADTEST_ARGS)
+	set -f; $(PY) -m camserve_tools.benchmarks.run_loadtest $$MAKE_LOADTEST_ARGS
 
 # --- deployment (docs/deploy.md) ---
 # The bundle carries CONFIG's settings (token authorization, sizes, metrics); make's default CONFIG is the
 # development one, so unless CONFIG is given on the command line or in the environment the production one is used.
-BUNDLE_CONFIG := $(if $(filter command line environment,$(origin CONFIG)),$(CONFIG),config/production.properties)
+export MAKE_BUNDLE_CONFIG = $(if $(filter command line environment,$(origin CONFIG)),$(value CONFIG),config/production.properties)
 MODELS ?= model_store/shapes.mar
 PROTOCOL ?= v1
 BUNDLE_DIR ?= .run/kserve-bundle
@@ -134,17 +146,30 @@ KSERVE_PORT ?= 8080
 KSERVE_RUN_DIR := .run/kserve-local
 
 kserve-bundle: $(VENV)/.installed $(MODELS)
-	@$(PY) -m camserve_tools.kserve.bundle --out $(BUNDLE_DIR) --config $(BUNDLE_CONFIG) --protocol $(PROTOCOL) $(MODELS)
+	@set -f; $(PY) -m camserve_tools.kserve.bundle --out "$$MAKE_BUNDLE_DIR" --config "$$MAKE_BUNDLE_CONFIG" --protocol "$$MAKE_PROTOCOL" $$MAKE_MODELS
 
 kserve-local: $(VENV)/.installed $(MODELS)
-	$(PY) -m camserve_tools.kserve.local start --run-dir $(KSERVE_RUN_DIR) --api $(PROTOCOL) --port $(KSERVE_PORT) \
-		--config $(BUNDLE_CONFIG) --archives "$(subst $(space),$(comma),$(strip $(MODELS)))"
+	set -f; archives=$$(echo $$MAKE_MODELS | tr ' ' ','); \
+	$(PY) -m camserve_tools.kserve.local start --run-dir $(KSERVE_RUN_DIR) --api "$$MAKE_PROTOCOL" --port "$$MAKE_KSERVE_PORT" \
+		--config "$$MAKE_BUNDLE_CONFIG" --archives "$$archives"
 
 kserve-local-stop:
 	@test -x $(PY) && $(PY) -m camserve_tools.kserve.local stop --run-dir $(KSERVE_RUN_DIR) || true
 
 check-manifests: $(VENV)/.installed
 	$(PY) -m camserve_tools.manifests deploy
+
+# --- the container image (docs/deploy.md, "The image"); podman & co are installed with apt when missing ---
+# TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu builds a CPU-only image (torch and torchvision from there).
+TORCH_INDEX_URL ?=
+
+image: $(VENV)/.installed $(ARCHIVES)
+	$(PY) -m camserve_tools.container.build --torch-index-url "$(TORCH_INDEX_URL)"
+
+# Runs make image first (seconds with its layers cached); SKIPPED (exit 0, loudly) where podman cannot be installed or run,
+# a failure instead with CAMSERVE_IMAGE_TEST_REQUIRED=1.
+image-test: $(VENV)/.installed $(ARCHIVES)
+	$(PY) -m camserve_tools.container.image_test
 
 clean:
 	rm -rf .run model_store/*.mar

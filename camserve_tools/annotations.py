@@ -33,6 +33,10 @@ class AnnotationError(ValueError):
     """A boxes file that cannot be read as COCO JSON or VOC XML at all."""
 
 
+class UnusableEntry(ValueError):
+    """One entry of a readable boxes file that cannot be used; the message says why."""
+
+
 @dataclass(frozen=True)
 class DataError:
     """One annotation entry that was dropped: where it is (file and entry) and what is wrong with it."""
@@ -157,14 +161,16 @@ def checked_box(x0: Any, y0: Any, x1: Any, y1: Any) -> Box:
     """[x0, y0, x1, y1) as floats; ValueError naming what is wrong when it is not a box with an area."""
     box = tuple(float(v) for v in (x0, y0, x1, y1))
     if not all(math.isfinite(v) for v in box):
-        raise ValueError(f"box {list(box)} is not four finite numbers")
+        raise UnusableEntry(f"box {list(box)} is not four finite numbers")
     if box[2] <= box[0] or box[3] <= box[1]:
-        raise ValueError(f"box [x0, y0, x1, y1) = {list(box)} has no area (width {box[2] - box[0]:g}, height {box[3] - box[1]:g})")
+        raise UnusableEntry(f"box [x0, y0, x1, y1) = {list(box)} has no area (width {box[2] - box[0]:g}, height {box[3] - box[1]:g})")
     return box  # type: ignore[return-value]
 
 
 def _entry_problem(error: BaseException) -> str:
     """An exception from reading one entry, as a short problem description."""
+    if isinstance(error, UnusableEntry):
+        return str(error)
     if isinstance(error, KeyError):
         return f"lacks the key {error}"
     return f"{type(error).__name__}: {str(error)[:200]}"
@@ -200,12 +206,12 @@ def _coco_file(path: Path, errors: list[DataError]) -> list[RawImage]:
             image = images.get(_key(annotation["image_id"]))
             category = categories.get(_key(annotation["category_id"]))
             if image is None:
-                raise ValueError(f"image_id {annotation['image_id']!r} names no image")
+                raise UnusableEntry(f"image_id {annotation['image_id']!r} names no image")
             if category is None:
-                raise ValueError(f"category_id {annotation['category_id']!r} names no category")
+                raise UnusableEntry(f"category_id {annotation['category_id']!r} names no category")
             bbox = annotation["bbox"]
             if not isinstance(bbox, list) or len(bbox) != 4:
-                raise ValueError(f"bbox {bbox!r} is not [x, y, width, height]")
+                raise UnusableEntry(f"bbox {bbox!r} is not [x, y, width, height]")
             x, y, width, height = (float(v) for v in bbox)
             image.objects.append((category, checked_box(x, y, x + width, y + height)))
         except (KeyError, TypeError, ValueError) as error:
@@ -217,7 +223,7 @@ def _coco_file(path: Path, errors: list[DataError]) -> list[RawImage]:
 def _key(value: Any) -> Any:
     """An id as a dict key: ids are numbers or strings in COCO files; anything else is refused."""
     if isinstance(value, bool) or not isinstance(value, (int, str)):
-        raise ValueError(f"id {value!r} is not a number or a string")
+        raise UnusableEntry(f"id {value!r} is not a number or a string")
     return value
 
 
@@ -237,10 +243,10 @@ def _voc_file(path: Path, errors: list[DataError]) -> RawImage | None:
         try:
             box = obj.find("bndbox")
             if box is None:
-                raise ValueError("no <bndbox>")
+                raise UnusableEntry("no <bndbox>")
             texts = {key: box.findtext(key) for key in ("xmin", "ymin", "xmax", "ymax")}
             if missing := [key for key, text in texts.items() if text is None]:
-                raise ValueError(f"<bndbox> lacks {', '.join(missing)}")
+                raise UnusableEntry(f"<bndbox> lacks {', '.join(missing)}")
             xmin, ymin, xmax, ymax = (float(text) for text in texts.values())  # type: ignore[arg-type]
             image.objects.append(((obj.findtext("name") or "").strip(), checked_box(xmin - 1, ymin - 1, xmax, ymax)))
         except ValueError as error:

@@ -1,4 +1,4 @@
-"""Check every manifest under deploy/: Kubernetes kinds strictly against the API schemas, KServe's against its SDK,
+"""Check every manifest under deploy/: Kubernetes kinds strictly against the API schemas, KServe's against its CRDs,
 Ray Serve's config against Ray's schema, KubeRay's RayService as far as no KubeRay at hand allows.
 
     python -m camserve_tools.manifests deploy        # make check-manifests; tests/test_manifests.py runs the same
@@ -6,11 +6,18 @@ Ray Serve's config against Ray's schema, KubeRay's RayService as far as no KubeR
 
 - Built-in kinds (Deployment, Service, HorizontalPodAutoscaler, ...) are validated by `kubernetes-validate` in
   strict mode (an unknown field is an error), against the oldest and the newest Kubernetes version we support.
-- CRDs are not in those schemas. An InferenceService is walked against the kserve SDK's typed models
-  (V1beta1InferenceService and down, through their `attribute_map` / `openapi_types`, into the kubernetes
-  client's models for pod fields): any key a model does not declare, or a value of the wrong kind, is an error.
-  The document is built into those model objects as it is walked. (The SDK's own ApiClient.deserialize cannot:
+- KServe's kinds (InferenceService, ServingRuntime, ClusterServingRuntime) are validated against the
+  openAPIV3Schema of KServe's own CRDs (../shared/kserve-crds, KServe v0.20.0; CAMSERVE_KSERVE_CRDS names another
+  folder) with jsonschema, strictly: every object schema that lists its properties and does not preserve unknown
+  fields refuses any other key, as `kubectl apply --validate=strict` would. Without that folder the CRD check is
+  skipped, and says so.
+- An InferenceService is also walked against the kserve SDK's typed models (V1beta1InferenceService and down,
+  through their `attribute_map` / `openapi_types`, into the kubernetes client's models for pod fields): any key a
+  model does not declare, or a value of the wrong kind, is an error. (The SDK's own ApiClient.deserialize cannot:
   it looks every type up in kserve.models, which lacks the kubernetes client's V1ObjectMeta, V1EnvVar, ...)
+- A PrometheusRule (prometheus-operator's CRD, not shipped here) is checked against the fields of its rule groups;
+  `promtool check rules` and `promtool test rules` run on its groups in tests/test_prometheus_rules.py.
+- kustomization.yaml is kustomize's input, not a cluster object: only its keys are checked.
 - A Ray Serve config (deploy/ray/serve-config.yaml: `applications`, no `kind`) and a RayService's serveConfigV2
   load into Ray's ServeDeploySchema; a key it does not read is an error too (Ray's models ignore unknown keys).
 - A RayService's pod templates are validated strictly as Kubernetes PodTemplateSpecs; its own fields against the
@@ -21,11 +28,15 @@ Ray Serve's config against Ray's schema, KubeRay's RayService as far as no KubeR
 from __future__ import annotations
 
 import argparse
+import copy
+import functools
+import os
 import re
 import sys
 from pathlib import Path
 from typing import Any
 
+import jsonschema
 import kserve.models as kserve_models
 import kubernetes.client.models as kubernetes_models
 import kubernetes_validate
@@ -36,6 +47,62 @@ KUBERNETES_VERSIONS = ("1.29.0", kubernetes_validate.latest_version())
 KSERVE_KINDS = {
     ("serving.kserve.io/v1beta1", "InferenceService"): "V1beta1InferenceService",
     ("serving.kserve.io/v1alpha1", "ClusterServingRuntime"): "V1alpha1ClusterServingRuntime",
+}
+# KServe's CRDs: ../shared/kserve-crds beside the repository, unless CAMSERVE_KSERVE_CRDS names another folder.
+KSERVE_CRDS = Path(os.environ.get("CAMSERVE_KSERVE_CRDS", Path(__file__).resolve().parents[1].parent / "shared" / "kserve-crds"))
+CRD_KINDS = {"InferenceService", "ServingRuntime", "ClusterServingRuntime"}
+KUSTOMIZATION_KEYS = {
+    "apiVersion", "kind", "resources", "images", "namespace", "namePrefix", "nameSuffix", "labels", "commonLabels",
+    "commonAnnotations", "patches", "configMapGenerator", "secretGenerator", "generatorOptions", "replicas", "components",
+}  # fmt: skip
+# prometheus-operator's PrometheusRule (monitoring.coreos.com/v1): the fields of its spec, strictly.
+_RULE = {
+    "type": "object",
+    "additionalProperties": False,
+    "properties": {
+        "alert": {"type": "string"},
+        "record": {"type": "string"},
+        "expr": {"type": ["string", "integer"]},
+        "for": {"type": "string"},
+        "keep_firing_for": {"type": "string"},
+        "labels": {"type": "object", "additionalProperties": {"type": "string"}},
+        "annotations": {"type": "object", "additionalProperties": {"type": "string"}},
+    },
+    "required": ["expr"],
+    "oneOf": [{"required": ["alert"]}, {"required": ["record"]}],
+}
+PROMETHEUS_RULE_SCHEMA = {
+    "type": "object",
+    "required": ["apiVersion", "kind", "metadata", "spec"],
+    "additionalProperties": False,
+    "properties": {
+        "apiVersion": {"const": "monitoring.coreos.com/v1"},
+        "kind": {"const": "PrometheusRule"},
+        "metadata": {"type": "object"},
+        "spec": {
+            "type": "object",
+            "additionalProperties": False,
+            "properties": {
+                "groups": {
+                    "type": "array",
+                    "items": {
+                        "type": "object",
+                        "additionalProperties": False,
+                        "required": ["name", "rules"],
+                        "properties": {
+                            "name": {"type": "string"},
+                            "interval": {"type": "string"},
+                            "query_offset": {"type": "string"},
+                            "limit": {"type": "integer"},
+                            "partial_response_strategy": {"type": "string"},
+                            "labels": {"type": "object", "additionalProperties": {"type": "string"}},
+                            "rules": {"type": "array", "items": _RULE},
+                        },
+                    },
+                }
+            },
+        },
+    },
 }
 # Types the kserve SDK names but does not define: what they stand for.
 TYPE_ALIASES = {
@@ -222,46 +289,86 @@ def check_ray_service(document: dict) -> list[str]:
     return problems
 
 
-def check_against_crds(document: dict, crd_dirs: list[Path]) -> list[str]:
-    """`document` against the openAPIV3Schema of its kind's CRD in `crd_dirs` (none found: no problem), any field
-    the schema does not declare refused, as a Kubernetes API server's strict field validation does."""
-    import jsonschema
+def strict(schema: Any) -> Any:
+    """`schema` with unknown fields refused: every object schema that lists properties, and neither preserves unknown
+    fields nor sets additionalProperties itself, gets additionalProperties: false (recursively)."""
+    if isinstance(schema, list):
+        return [strict(item) for item in schema]
+    if not isinstance(schema, dict):
+        return schema
+    result = {key: strict(value) for key, value in schema.items()}
+    if "properties" in schema and "additionalProperties" not in schema and not schema.get("x-kubernetes-preserve-unknown-fields"):
+        result["additionalProperties"] = False
+    return result
 
-    group, _, version = str(document.get("apiVersion", "")).rpartition("/")
-    for crd in (yaml.safe_load(path.read_text()) for directory in crd_dirs for path in sorted(directory.glob("*.yaml"))):
-        if not isinstance(crd, dict) or crd.get("kind") != "CustomResourceDefinition":
-            continue
-        if crd["spec"]["group"] != group or crd["spec"]["names"]["kind"] != document.get("kind"):
-            continue
-        schema = next((v["schema"]["openAPIV3Schema"] for v in crd["spec"]["versions"] if v["name"] == version), None)
-        if schema is None:
-            return [f"{document.get('kind')}: its CRD serves no version {version!r}"]
-        validator = jsonschema.Draft7Validator(_closed(schema))
-        return [f"CRD {'.'.join(str(p) for p in error.absolute_path)}: {error.message[:300]}" for error in validator.iter_errors(document)]
+
+@functools.cache
+def crd_validators(folder: Path) -> dict[tuple[str, str], jsonschema.protocols.Validator]:
+    """(apiVersion, kind) -> a strict validator of that CRD version's openAPIV3Schema, for every CRD in `folder`."""
+    validators = {}
+    for path in sorted(folder.glob("*.yaml")):
+        for crd in yaml.safe_load_all(path.read_text()):
+            if not crd or crd.get("kind") != "CustomResourceDefinition":
+                continue
+            group, kind = crd["spec"]["group"], crd["spec"]["names"]["kind"]
+            for version in crd["spec"]["versions"]:
+                schema = strict(copy.deepcopy(version["schema"]["openAPIV3Schema"]))
+                validators[(f"{group}/{version['name']}", kind)] = jsonschema.Draft7Validator(schema)
+    return validators
+
+
+class CrdsMissing(Exception):
+    """KServe's CRDs are not where KSERVE_CRDS says: the strict schema check cannot run."""
+
+
+def check_against_crd(document: dict, folder: Path | None = None) -> list[str]:
+    """Problems of a KServe document against its CRD's schema (unknown fields included); CrdsMissing without CRDs."""
+    folder = folder or KSERVE_CRDS
+    if not folder.is_dir():
+        raise CrdsMissing(f"{folder} is absent: KServe manifests not checked against KServe's CRDs")
+    validator = crd_validators(folder).get((document.get("apiVersion"), document.get("kind")))
+    if validator is None:
+        return [f"no CRD in {folder} defines {document.get('apiVersion')} {document.get('kind')}"]
+    return [
+        f"CRD schema: {'.'.join(str(part) for part in error.absolute_path) or '(root)'}: {error.message}"
+        for error in sorted(validator.iter_errors(document), key=lambda error: list(map(str, error.absolute_path)))
+    ]
+
+
+def check_against_crds(document: dict, crd_dirs: list[Path]) -> list[str]:
+    """`document` against the strict schema of its kind's CRD in `crd_dirs` (none found there: no problem)."""
+    for folder in crd_dirs:
+        validator = crd_validators(folder).get((document.get("apiVersion"), document.get("kind")))
+        if validator is not None:
+            return [
+                f"CRD {'.'.join(str(part) for part in error.absolute_path) or '(root)'}: {error.message[:300]}"
+                for error in validator.iter_errors(document)
+            ]
     return []
 
 
-def _closed(schema: Any) -> Any:
-    """An openAPI schema where every object with declared properties refuses any other (unless it keeps unknown fields)."""
-    if isinstance(schema, list):
-        return [_closed(item) for item in schema]
-    if not isinstance(schema, dict):
-        return schema
-    closed = {key: _closed(value) for key, value in schema.items()}
-    if "properties" in schema and "additionalProperties" not in schema and not schema.get("x-kubernetes-preserve-unknown-fields"):
-        closed["additionalProperties"] = False
-    return closed
-
-
-def check_document(document: dict) -> list[str]:
+def check_document(document: dict, skipped: list[str] | None = None) -> list[str]:
+    """Problems of one manifest; a check that cannot run here (no CRDs) is named in `skipped`."""
     key = (document.get("apiVersion"), document.get("kind"))
-    if key in KSERVE_KINDS:
-        return check_kserve(document, KSERVE_KINDS[key])
+    problems: list[str] = []
     if key == RAY_SERVICE:
         return check_ray_service(document)
     if key == (None, None) and "applications" in document:
         return check_serve_config(document, "serve config")
-    problems = []
+    if document.get("kind") in CRD_KINDS and str(document.get("apiVersion", "")).startswith("serving.kserve.io/"):
+        try:
+            problems += check_against_crd(document)
+        except CrdsMissing as missing:
+            if skipped is not None:
+                skipped.append(str(missing))
+        if key in KSERVE_KINDS:
+            problems += check_kserve(document, KSERVE_KINDS[key])
+        return problems
+    if key == ("monitoring.coreos.com/v1", "PrometheusRule"):
+        validator = jsonschema.Draft7Validator(PROMETHEUS_RULE_SCHEMA)
+        return [f"{'.'.join(map(str, error.absolute_path)) or '(root)'}: {error.message}" for error in validator.iter_errors(document)]
+    if document.get("kind") == "Kustomization":
+        return [f"unknown kustomization key {name!r}" for name in sorted(set(document) - KUSTOMIZATION_KEYS)]
     for version in KUBERNETES_VERSIONS:
         try:
             kubernetes_validate.validate(document, version, strict=True)
@@ -273,13 +380,14 @@ def check_document(document: dict) -> list[str]:
     return problems
 
 
-def check_tree(root: Path, crd_dirs: list[Path] | None = None) -> dict[str, list[str]]:
-    """Problems per `file#document`, for every YAML document under `root` (and against the CRDs in `crd_dirs`);
-    an empty dict when all pass."""
+def check_tree(root: Path, skipped: list[str] | None = None, crd_dirs: list[Path] | None = None) -> dict[str, list[str]]:
+    """Problems per `file#document`, for every YAML document under `root` (and against the CRDs in `crd_dirs`); an
+    empty dict when all pass. Checks that cannot run here go into `skipped` (once each)."""
     report: dict[str, list[str]] = {}
     files = sorted(root.rglob("*.yaml")) + sorted(root.rglob("*.yml"))
     if not files:
         report[str(root)] = ["no manifest found"]
+    not_run: list[str] = []
     for path in files:
         for index, document in enumerate(yaml.safe_load_all(path.read_text())):
             if document is None:
@@ -287,8 +395,10 @@ def check_tree(root: Path, crd_dirs: list[Path] | None = None) -> dict[str, list
             if not isinstance(document, dict):
                 report[f"{path}#{index}"] = ["not a mapping"]
                 continue
-            if problems := check_document(document) + check_against_crds(document, crd_dirs or []):
+            if problems := check_document(document, not_run) + check_against_crds(document, crd_dirs or []):
                 report[f"{path}#{index}"] = problems
+    if skipped is not None:
+        skipped.extend(dict.fromkeys(not_run))
     return report
 
 
@@ -297,16 +407,20 @@ def main() -> None:
     parser.add_argument("root", type=Path, nargs="?", default=Path("deploy"))
     parser.add_argument("--crds", type=Path, action="append", default=[], help="a folder of CRDs to validate custom resources against")
     args = parser.parse_args()
-    report = check_tree(args.root, args.crds)
+    skipped: list[str] = []
+    report = check_tree(args.root, skipped, args.crds)
     count = sum(1 for path in args.root.rglob("*.y*ml") for document in yaml.safe_load_all(path.read_text()) if document)
     for where, problems in report.items():
         for problem in problems:
             print(f"{where}: {problem}")
+    for reason in skipped:
+        print(f"SKIPPED: {reason}")
     if report:
         sys.exit(1)
     print(
-        f"{count} manifests under {args.root}: valid (Kubernetes {', '.join(KUBERNETES_VERSIONS)} strict; InferenceService "
-        f"against kserve's models; Ray Serve configs against Ray's schema; RayService by KubeRay's fields"
+        f"{count} manifests under {args.root}: valid (Kubernetes {', '.join(KUBERNETES_VERSIONS)} strict; KServe kinds "
+        f"{'against kserve models only' if skipped else 'against KServe CRDs ' + str(KSERVE_CRDS) + ' strict and kserve models'}; "
+        f"Ray Serve configs against Ray's schema; RayService by KubeRay's fields"
         f"{', and against the CRDs in ' + ', '.join(map(str, args.crds)) if args.crds else ''})"
     )
 

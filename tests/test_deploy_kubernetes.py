@@ -1,5 +1,6 @@
-"""deploy/kubernetes/ on a real TorchServe: its ConfigMap's config.properties serves our archive, its readiness probe
-passes only on a real answer, and TorchServe's own gRPC inference API (no envelope) is answered by our handler.
+"""deploy/kubernetes/ on a real TorchServe: its ConfigMap's config.properties serves our archive, the image's readiness
+probe (camserve_tools.container.probe, the Deployment's exec command) passes only on a real answer, and TorchServe's
+own gRPC inference API (no envelope) is answered by our handler.
 
 The server runs with token authorization on (the ConfigMap turns it off, docs/deploy.md "Keys"), so that the probe's
 use of the pod's key file and gRPC's token check are exercised too; every other setting is the ConfigMap's."""
@@ -26,7 +27,7 @@ CONFIG_MAP = next(doc for doc in yaml.safe_load_all((ROOT / "deploy" / "kubernet
 
 @pytest.fixture(scope="module")
 def pod_files(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The ConfigMap's files, as the Deployment mounts them at /etc/camserve."""
+    """The ConfigMap's file, as the Deployment mounts it at /etc/camserve."""
     directory = tmp_path_factory.mktemp("etc-camserve")
     for name, text in CONFIG_MAP["data"].items():
         (directory / name).write_text(text)
@@ -52,7 +53,7 @@ def server(pod_files: Path, tmp_path_factory: pytest.TempPathFactory):
 def probe(pod_files: Path, server, *models: str, key_file: Path | None = None) -> subprocess.CompletedProcess:
     env = {**os.environ, "CAMSERVE_PROBE_URL": server.inference_url, "CAMSERVE_KEY_FILE": str(key_file or pod_files / "absent.json")}
     return subprocess.run(
-        [sys.executable, str(pod_files / "readiness_probe.py"), *models], env=env, capture_output=True, text=True, timeout=60
+        [sys.executable, "-m", "camserve_tools.container.probe", *models], env=env, capture_output=True, text=True, timeout=60, cwd=ROOT
     )
 
 
@@ -109,21 +110,20 @@ def test_grpc_predictions_answer_with_a_map(stub, scenes) -> None:
     assert answer["cam"]["size"] == [scene.image.width, scene.image.height]
 
 
-def test_grpc_errors_come_back_in_the_answer(stub) -> None:
-    """TorchServe 0.12's gRPC job ignores a prediction's status code: our 4xx arrives as an OK reply holding the error."""
+def test_grpc_an_unknown_model_is_a_grpc_error(stub) -> None:
     stubs, inference = stub
-    answer = json.loads(
-        inference.Predictions(
-            stubs.inference_pb2.PredictionsRequest(model_name="shapes", input={"data": b"\x89PNG truncated"}), timeout=60
-        ).prediction
-    )
-    assert answer["code"] == 400 and answer["type"] == "invalid_image"
-    unknown = json.loads(
-        inference.Predictions(
-            stubs.inference_pb2.PredictionsRequest(model_name="shapes", input={"data": b"x", "mehtod": b"cam"}), timeout=60
-        ).prediction
-    )
-    assert unknown["code"] == 400 and unknown["type"] in ("unknown_option", "invalid_image")
     with pytest.raises(grpc.RpcError) as raised:
         inference.Predictions(stubs.inference_pb2.PredictionsRequest(model_name="nope", input={"data": b"x"}), timeout=60)
     assert raised.value.code() in (grpc.StatusCode.NOT_FOUND, grpc.StatusCode.INTERNAL)
+
+
+@pytest.mark.parametrize("inputs", [{"data": b"\x89PNG truncated"}, {"data": b"x", "mehtod": b"cam"}], ids=["truncated", "unknown option"])
+def test_grpc_client_mistakes_are_invalid_argument(stub, inputs: dict) -> None:
+    """TorchServe 0.12's gRPC job drops a prediction's own status: only an error of the whole batch (a single request
+    here) reaches the client as a gRPC code, INVALID_ARGUMENT, with our JSON error as its details."""
+    stubs, inference = stub
+    with pytest.raises(grpc.RpcError) as raised:
+        inference.Predictions(stubs.inference_pb2.PredictionsRequest(model_name="shapes", input=inputs), timeout=60)
+    assert raised.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    error = json.loads(raised.value.details().split("\n")[0])
+    assert error["code"] == 400 and error["type"] in ("unknown_option", "invalid_image")

@@ -128,12 +128,13 @@ def test_a_server_starts_and_answers_from_a_run_dir_too_deep_for_a_unix_socket(t
     try:
         server.start(timeout=180)
         socket_dir = server.socket_dir
-        assert socket_dir is not None and any(socket_dir.glob(".ts.sock.*"))
+        assert socket_dir is not None and len(str(socket_dir / ".ts.sock.65535")) <= UNIX_SOCKET_PATH_MAX
+        assert any((deep / "tmp").glob(".ts.sock.*"))  # the sockets themselves live in the run dir
         response = requests.post(f"{server.inference_url}/predictions/shapes", data=sample_image_png(), timeout=60)
         assert response.status_code == 200 and response.json()["predictions"][0]["label"]
     finally:
         server.stop()
-    assert not socket_dir.exists() and server.socket_dir is None  # cleaned on stop
+    assert not socket_dir.parent.exists() and server.socket_dir is None  # the short path is removed on stop
 
 
 # -- evaluate: bad annotations are data errors, DATA is a boundary, the results are always written -------------------
@@ -401,5 +402,40 @@ def test_make_archive_never_runs_a_variables_value(tmp_path: Path) -> None:
     )
     assert result.returncode != 0  # refused by the builder: MEAN is not three numbers
     assert "$(shell touch BY_MAKE)" in result.stderr  # the value arrived as text
+    created = [path for path in copy.rglob("BY_*")] + [path for path in ROOT.glob("BY_*")]
+    assert not created, result.stdout + result.stderr
+
+
+@pytest.mark.parametrize(
+    ("target", "hostile"),
+    [
+        ("serve", {"ENGINE": 'x"; touch BY_ENGINE; echo "', "CONFIG": "$(shell touch BY_CONFIG)"}),
+        ("bench", {"BENCH_ARGS": "--rounds 1; touch BY_BENCH_ARGS `touch BY_BACKQUOTE` *"}),
+        ("loadtest", {"LOADTEST_ARGS": "$$(touch BY_SUBSHELL)"}),
+        ("kserve-bundle", {"PROTOCOL": "v1; touch BY_PROTOCOL", "BUNDLE_DIR": '"; touch BY_DIR; "'}),
+    ],
+)
+def test_make_targets_never_run_a_variables_value(tmp_path: Path, target: str, hostile: dict[str, str]) -> None:
+    """Every rule that takes a setting passes it as text: the command refuses it, nothing it names runs."""
+    copy = tmp_path / "checkout"
+    copy.mkdir()
+    for name in ("Makefile", "pyproject.toml"):
+        shutil.copy2(ROOT / name, copy / name)
+    (copy / ".venv").mkdir()
+    (copy / ".venv" / "bin").symlink_to((ROOT / ".venv" / "bin").resolve())
+    (copy / ".venv" / ".installed").touch()
+    (copy / "model_store").mkdir()
+    for archive in ("shapes.mar", "imagenet.mar"):
+        (copy / "model_store" / archive).touch()  # prerequisites only: every command here is refused before reading them
+    result = subprocess.run(
+        ["make", "-o", ".venv/.installed", "-o", "model_store/shapes.mar", "-o", "model_store/imagenet.mar", target]
+        + [f"{key}={value}" for key, value in hostile.items()],
+        cwd=copy,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode != 0, result.stdout[-500:]
     created = [path for path in copy.rglob("BY_*")] + [path for path in ROOT.glob("BY_*")]
     assert not created, result.stdout + result.stderr

@@ -10,6 +10,7 @@ import json
 from pathlib import Path
 
 import numpy as np
+import orjson
 import pytest
 from conftest import encoded, png_bytes, png_declaring
 from PIL import Image
@@ -146,3 +147,22 @@ def test_worker_never_restarted_and_its_peak_memory_is_bounded(engine_server, wo
     assert peak_mb < PEAK_RSS_BOUND_MB
     torchserve_log = engine_server.log_dir / "model_log.log"  # KServe's engine has no separate worker to die
     assert not torchserve_log.exists() or "Backend worker process died" not in torchserve_log.read_text()
+
+
+LONE_SURROGATES = {
+    # Python's JSON parser reads "\ud800" into a lone surrogate; echoed back, it is JSON that strict parsers refuse.
+    "unknown option named by a lone surrogate": (b'"\\ud800": "x"', "unknown_option"),
+    "option value of the wrong kind, named by a lone surrogate": (b'"\\udfffm": {"a": 1}', "invalid_option"),
+}
+
+
+@pytest.mark.parametrize("name", list(LONE_SURROGATES))
+def test_an_error_echoing_a_lone_surrogate_is_still_strict_json(engine_server, predict, scenes, worker, name: str) -> None:
+    field, kind = LONE_SURROGATES[name]
+    body = b'{"data": "' + base64.b64encode(small_png()) + b'", ' + field + b"}"
+    response = predict(body, headers=JSON)
+    assert response.status_code == 400
+    error = orjson.loads(response.content)  # strict, as browsers' and most languages' parsers are
+    assert error["type"] == kind and error["option"], error
+    assert predict(png_bytes(scenes[0].image), timeout=10).status_code == 200
+    assert engine_server.worker_pids() == [worker]

@@ -66,3 +66,16 @@ def test_metrics_and_every_port_listen_on_loopback_only(production_server) -> No
     config = (production_server.run_dir / "config.properties").read_text()
     addresses = [line.split("=", 1)[1] for line in config.splitlines() if line.split("=", 1)[0].endswith("_address")]
     assert addresses and all("127.0.0.1" in address for address in addresses), addresses
+
+
+def test_api_description_is_open_but_names_no_model_and_no_key(production_server) -> None:
+    """TorchServe 0.12 answers /api-description (and OPTIONS /) before its token check, and no setting turns it off:
+    docs/deploy.md says to block it where clients enter. It lists TorchServe's generic routes only."""
+    keys = json.loads((production_server.run_dir / "key_file.json").read_text())
+    for response in (
+        requests.get(f"{production_server.inference_url}/api-description", timeout=30),
+        requests.options(f"{production_server.inference_url}/", timeout=30),
+    ):
+        assert response.status_code == 200 and "openapi" in response.json()
+        assert "shapes" not in response.text
+        assert not any(entry["key"] in response.text for entry in keys.values() if isinstance(entry, dict) and "key" in entry)

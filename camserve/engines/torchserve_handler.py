@@ -23,6 +23,7 @@ from typing import Any
 
 import torch
 from ts.torch_handler.base_handler import BaseHandler
+from ts.utils.util import PredictionException
 
 from camserve.engines.torchserve_parts import ReceivedRequest, TorchServeMetrics
 from camserve.model_spec import ModelSpec
@@ -74,7 +75,8 @@ class CamHandler(BaseHandler):
         received = []
         for index, row in enumerate(data):
             headers = self._headers(index)
-            item = ReceivedRequest(explain=str(headers.get("explain", "")).lower() == "true")
+            # TorchServe hands a gRPC request to the worker with no headers at all; every HTTP request has some.
+            item = ReceivedRequest(explain=str(headers.get("explain", "")).lower() == "true", grpc=not headers)
             try:
                 rows = self._rows(row, headers, item)
             except RequestError as error:
@@ -95,6 +97,15 @@ class CamHandler(BaseHandler):
         responses = []
         for index, item in enumerate(received):
             answer = self._answer(item, index)
+            if item.grpc:
+                # The answer is whole: TorchServe's gRPC StreamPredictions reads this header and drops the worker
+                # without it. Never on HTTP, where it would make TorchServe send the answer as a chunked stream.
+                self.context.set_response_header(index, "ts_stream_next", "false")
+                if answer.status != 200 and len(received) == 1:
+                    # TorchServe drops a per-request status on gRPC, answering OK; an exception's code it maps to
+                    # the call's status (400: INVALID_ARGUMENT, 413: RESOURCE_EXHAUSTED; 422 would read as
+                    # FAILED_PRECONDITION). Only for a batch of one: the exception fails the whole batch.
+                    raise PredictionException(answer.to_bytes().decode("utf-8"), 400 if answer.status == 422 else answer.status)
             if answer.status != 200:
                 # A fixed ASCII reason: TorchServe frames the phrase by its length in characters but writes UTF-8
                 # bytes, so user text there (any non-ASCII character) would corrupt the frame and kill the worker.

@@ -33,4 +33,5 @@ class ReceivedRequest:
     refusal: RequestError | None = None  # the whole request, when its envelope cannot be read
     v2: V2Request | None = None
     explain: bool = False
+    grpc: bool = False  # a gRPC call: its refusal is raised, for TorchServe to turn into the call's status
     predictions: list[Prediction | RequestError] = field(default_factory=list)

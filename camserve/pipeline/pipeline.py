@@ -76,16 +76,29 @@ class CamPipeline:
         compile_peak_and_box()
 
     @classmethod
-    def from_model_dir(cls, model_dir: Path | str, device: torch.device | str = "cpu", **settings: object) -> CamPipeline:
+    def from_model_dir(
+        cls,
+        model_dir: Path | str,
+        device: torch.device | str = "cpu",
+        max_answer_bytes: int = DEFAULT_MAX_ANSWER_BYTES,
+        metrics: Metrics | None = None,
+    ) -> CamPipeline:
         """The model described by `model_dir/model-config.yaml`, as an archive unpacks it."""
         model_dir = Path(model_dir)
-        spec = ModelSpec.from_model_dir(model_dir)
-        return cls.from_spec(spec, model_dir, device, **settings)
+        return cls.from_spec(ModelSpec.from_model_dir(model_dir), model_dir, device, max_answer_bytes, metrics)
 
     @classmethod
-    def from_spec(cls, spec: ModelSpec, model_dir: Path, device: torch.device | str = "cpu", **settings: object) -> CamPipeline:
+    def from_spec(
+        cls,
+        spec: ModelSpec,
+        model_dir: Path,
+        device: torch.device | str = "cpu",
+        max_answer_bytes: int = DEFAULT_MAX_ANSWER_BYTES,
+        metrics: Metrics | None = None,
+    ) -> CamPipeline:
+        """The model `spec` describes, its weights and labels read from `model_dir`."""
         model = load_model(spec, model_dir, device)
-        return cls(spec, model, load_labels(spec, model_dir), device, **settings)  # type: ignore[arg-type]
+        return cls(spec, model, load_labels(spec, model_dir), device, max_answer_bytes, metrics)
 
     def describe(self) -> str:
         return f"{self.spec.architecture}, default method {self.spec.method} at layer(s) {self.extractor.default_layers}"
@@ -125,7 +138,7 @@ class CamPipeline:
 
     def predict(self, requests: Sequence[Request]) -> list[Prediction | RequestError]:
         """Predictions and maps, one forward pass per (method, layers) group of the batch; plain ones share one."""
-        results: list[Prediction | RequestError] = [RequestError("not predicted", status=500, kind="internal_error")] * len(requests)
+        results: dict[int, Prediction | RequestError] = {}
         groups: dict[tuple[str | None, tuple[str, ...]], list[int]] = {}
         for position, request in enumerate(requests):
             key = (request.options.method, request.options.layers) if request.options.wants_map else (None, ())
@@ -147,9 +160,8 @@ class CamPipeline:
             else:
                 # Map time per method (forward included): what a method costs.
                 self.metrics.add_time("CamMapTime", _ms_since(started), {"Method": method or "none"})
-            for position, prediction in zip(positions, predictions, strict=True):
-                results[position] = prediction
-        return results
+            results.update(zip(positions, predictions, strict=True))
+        return [results[position] for position in range(len(requests))]
 
     def encode(self, request: Request, prediction: Prediction) -> Answer:
         """One request's answer; over the byte limit it becomes a 413 naming the limit."""

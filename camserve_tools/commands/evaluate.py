@@ -228,8 +228,8 @@ def run(args: argparse.Namespace) -> int:
             print(f"threshold breached: {threshold.describe(verdict['actual'])}", file=sys.stderr)
     if annotated.data_errors:
         print(
-            f"{len(annotated.data_errors)} annotation entries dropped as data errors{describe_data_errors(annotated.data_errors, 3)}; "
-            f"all are counted in metrics.json (data_errors)",
+            f"{len(annotated.data_errors)} annotation {'entry' if len(annotated.data_errors) == 1 else 'entries'} dropped as data "
+            f"errors{describe_data_errors(annotated.data_errors, 3)}; all are counted in metrics.json (data_errors)",
             file=sys.stderr,
         )
     emit(metrics, args.json, people_table(metrics))

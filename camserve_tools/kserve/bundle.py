@@ -1,4 +1,5 @@
-"""The storage tree KServe's TorchServe runtime (kserve-torchserve) reads: config/config.properties + model-store/*.mar.
+"""The storage tree KServe's TorchServe runtime (kserve-torchserve) reads: config/config.properties + model-store/*.mar,
+and config/model_probe.py for the InferenceServices' liveness probe.
 
     python -m camserve_tools.kserve.bundle --out .run/kserve-bundle [--config config/production.properties]
         [--protocol v1|v2] model_store/shapes.mar [more.mar ...]
@@ -19,6 +20,8 @@ from pathlib import Path
 
 import yaml
 
+from camserve_tools import model_probe
+
 ROOT = Path(__file__).resolve().parents[2]
 
 # The pod's layout, fixed by the runtime (ClusterServingRuntime kserve-torchserve and its image's kserve_wrapper).
@@ -30,7 +33,9 @@ METRICS_PORT = 8082  # the runtime's prometheus.kserve.io/port annotation
 MANAGEMENT_PORT = 8086
 GRPC_INFERENCE_PORT = 7070  # what the wrapper's grpc-v2 mode dials (it reads grpc_inference_port from this file)
 GRPC_MANAGEMENT_PORT = 7071
+FRONT_GRPC_PORT = 8081  # KServe's own gRPC server (the wrapper's ModelServer), in the runtime's grpc-v2 mode
 ENVELOPES = {"v1": "kserve", "v2": "kservev2"}
+PROBE_NAME = "model_probe.py"  # config/model_probe.py: does each model really answer (camserve_tools.model_probe)
 
 # Written by this module whatever the base config says: addresses, store, snapshot, envelope.
 OWNED_KEYS = {
@@ -135,7 +140,7 @@ def config_properties(base_config: Path, archives: list[ArchiveInfo], protocol: 
 
 
 def write_bundle(out: Path, archives: list[Path], base_config: Path, protocol: str = "v1") -> Path:
-    """Write `out/config/config.properties` and `out/model-store/<name>.mar`; returns `out`."""
+    """Write `out/config/config.properties`, `out/config/model_probe.py` and `out/model-store/<name>.mar`; returns `out`."""
     if protocol not in ENVELOPES:
         raise ValueError(f"protocol must be one of {sorted(ENVELOPES)}, not {protocol!r}")
     if not archives:
@@ -150,6 +155,8 @@ def write_bundle(out: Path, archives: list[Path], base_config: Path, protocol: s
     for info in infos:
         shutil.copy2(info.path, out / "model-store" / f"{info.name}.mar")
     (out / "config" / "config.properties").write_text(config_properties(base_config, infos, protocol))
+    # The InferenceServices' liveness probe runs it from the mounted bundle (deploy/kserve/).
+    shutil.copyfile(model_probe.__file__, out / "config" / PROBE_NAME)
     return out
 
 

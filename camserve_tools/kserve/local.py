@@ -26,6 +26,7 @@ import requests
 
 from camserve_tools.kserve.bundle import (
     ENVELOPES,
+    FRONT_GRPC_PORT,
     GRPC_INFERENCE_PORT,
     GRPC_MANAGEMENT_PORT,
     INFERENCE_PORT,
@@ -56,6 +57,8 @@ class KServeLocal:
     metrics_port: int = METRICS_PORT
     grpc_inference_port: int = GRPC_INFERENCE_PORT
     grpc_management_port: int = GRPC_MANAGEMENT_PORT
+    # KServe's gRPC (v2 only), where the runtime's wrapper serves it.
+    front_grpc_port: int = FRONT_GRPC_PORT
     torchserve: TorchServe = field(init=False)
 
     def __post_init__(self) -> None:
@@ -115,6 +118,8 @@ class KServeLocal:
             "--management",
             self.torchserve.management_url,
         ]
+        if self.api == "v2":
+            command += ["--grpc-port", str(self.front_grpc_port)]
         env = {**os.environ, "PYTHONPATH": str(ROOT)}
         with open(self.run_dir / "front.log", "ab") as log:
             self.front = subprocess.Popen(command, env=env, cwd=self.run_dir, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
@@ -154,26 +159,7 @@ class KServeLocal:
             except ProcessLookupError:
                 pass
             self.front_pid_file.unlink(missing_ok=True)
-        process = getattr(self.torchserve, "process", None)
-        pid_file = self.torchserve.run_dir / "torchserve.pid"
-        group = process.pid if process is not None else int(pid_file.read_text()) if pid_file.exists() else None
-        self.torchserve.stop()
-        if group is not None:
-            # TorchServe.stop waits for its launcher; the JVM and the Python workers of its session may still be
-            # winding down. Stopped means all of them are gone.
-            wait_for_group_exit(group, timeout=30.0)
-
-
-def wait_for_group_exit(group: int, timeout: float) -> None:
-    deadline = time.monotonic() + timeout
-    try:
-        while time.monotonic() < deadline:
-            os.killpg(group, 0)
-            time.sleep(0.25)
-        os.killpg(group, signal.SIGKILL)
-        time.sleep(0.5)
-    except ProcessLookupError:
-        pass
+        self.torchserve.stop()  # returns once the frontend and its workers are all gone
 
 
 def main() -> None:
@@ -190,11 +176,20 @@ def main() -> None:
     parser.add_argument("--metrics-port", type=int, default=METRICS_PORT)
     parser.add_argument("--grpc-inference-port", type=int, default=GRPC_INFERENCE_PORT)
     parser.add_argument("--grpc-management-port", type=int, default=GRPC_MANAGEMENT_PORT)
+    parser.add_argument("--front-grpc-port", type=int, default=FRONT_GRPC_PORT, help="KServe's gRPC (v2 only)")
     parser.add_argument("--free-ports", action="store_true", help="any free ports instead of the pod's")
     args = parser.parse_args()
     run_dir = args.run_dir.resolve()
     if args.free_ports:
-        for name in ("port", "inference_port", "management_port", "metrics_port", "grpc_inference_port", "grpc_management_port"):
+        for name in (
+            "port",
+            "inference_port",
+            "management_port",
+            "metrics_port",
+            "grpc_inference_port",
+            "grpc_management_port",
+            "front_grpc_port",
+        ):
             setattr(args, name, free_port())
     bundle = args.bundle.resolve() if args.bundle else run_dir / "bundle"
     if args.action == "start":
@@ -215,6 +210,7 @@ def main() -> None:
         metrics_port=args.metrics_port,
         grpc_inference_port=args.grpc_inference_port,
         grpc_management_port=args.grpc_management_port,
+        front_grpc_port=args.front_grpc_port,
     )
     if args.action == "stop":
         local.stop()
