@@ -2,7 +2,6 @@
 Ray Serve's config against Ray's schema, KubeRay's RayService as far as no KubeRay at hand allows.
 
     python -m camserve_tools.manifests deploy        # make check-manifests; tests/test_manifests.py runs the same
-    python -m camserve_tools.manifests deploy --crds ../shared/kuberay-crds   # and against CRDs' own schemas, strictly
 
 - Built-in kinds (Deployment, Service, HorizontalPodAutoscaler, ...) are validated by `kubernetes-validate` in
   strict mode (an unknown field is an error), against the oldest and the newest Kubernetes version we support.
@@ -20,9 +19,9 @@ Ray Serve's config against Ray's schema, KubeRay's RayService as far as no KubeR
 - kustomization.yaml is kustomize's input, not a cluster object: only its keys are checked.
 - A Ray Serve config (deploy/ray/serve-config.yaml: `applications`, no `kind`) and a RayService's serveConfigV2
   load into Ray's ServeDeploySchema; a key it does not read is an error too (Ray's models ignore unknown keys).
-- A RayService's pod templates are validated strictly as Kubernetes PodTemplateSpecs; its own fields against the
-  field names of KubeRay v1.7.0's CRD (ray.io_rayservices.yaml), and with `--crds DIR` against that CRD's whole
-  schema, any field it does not declare refused.
+- A RayService (KubeRay) is checked against the field names of KubeRay v1.7.0's CRD, its rayStartParams as strings,
+  each pod template strictly as a Kubernetes PodTemplateSpec; and strictly against KubeRay's CRD itself where
+  ../shared/kuberay-crds (or CAMSERVE_KUBERAY_CRDS) holds it, skipped and said so otherwise.
 """
 
 from __future__ import annotations
@@ -51,6 +50,8 @@ KSERVE_KINDS = {
 # KServe's CRDs: ../shared/kserve-crds beside the repository, unless CAMSERVE_KSERVE_CRDS names another folder.
 KSERVE_CRDS = Path(os.environ.get("CAMSERVE_KSERVE_CRDS", Path(__file__).resolve().parents[1].parent / "shared" / "kserve-crds"))
 CRD_KINDS = {"InferenceService", "ServingRuntime", "ClusterServingRuntime"}
+# KubeRay's CRDs (ray.io_rayservices.yaml): ../shared/kuberay-crds, unless CAMSERVE_KUBERAY_CRDS names another folder.
+KUBERAY_CRDS = Path(os.environ.get("CAMSERVE_KUBERAY_CRDS", Path(__file__).resolve().parents[1].parent / "shared" / "kuberay-crds"))
 KUSTOMIZATION_KEYS = {
     "apiVersion", "kind", "resources", "images", "namespace", "namePrefix", "nameSuffix", "labels", "commonLabels",
     "commonAnnotations", "patches", "configMapGenerator", "secretGenerator", "generatorOptions", "replicas", "components",
@@ -258,10 +259,15 @@ def _at(document: dict, where: str) -> list[tuple[str, Any]]:
     return found
 
 
-def check_ray_service(document: dict) -> list[str]:
+def check_ray_service(document: dict, skipped: list[str] | None = None) -> list[str]:
     """A RayService: its own fields by name, each group's rayStartParams as strings, each pod template strictly as a
-    Kubernetes PodTemplateSpec, and serveConfigV2 as a Ray Serve config."""
+    Kubernetes PodTemplateSpec, serveConfigV2 as a Ray Serve config; and KubeRay's CRD where it is at hand."""
     problems = []
+    try:
+        problems += check_against_crd(document, KUBERAY_CRDS)
+    except CrdsMissing:
+        if skipped is not None:
+            skipped.append(f"{KUBERAY_CRDS} is absent: the RayService checked by KubeRay's field names, not against its CRD")
     for where, known, required in RAY_SERVICE_FIELDS:
         for path, value in _at(document, where):
             if not isinstance(value, dict):
@@ -318,11 +324,12 @@ def crd_validators(folder: Path) -> dict[tuple[str, str], jsonschema.protocols.V
 
 
 class CrdsMissing(Exception):
-    """KServe's CRDs are not where KSERVE_CRDS says: the strict schema check cannot run."""
+    """A folder of CRDs (KServe's, KubeRay's) is not there: the strict schema check cannot run."""
 
 
 def check_against_crd(document: dict, folder: Path | None = None) -> list[str]:
-    """Problems of a KServe document against its CRD's schema (unknown fields included); CrdsMissing without CRDs."""
+    """Problems of a document against its CRD's schema in `folder` (KServe's by default; unknown fields included);
+    CrdsMissing without CRDs."""
     folder = folder or KSERVE_CRDS
     if not folder.is_dir():
         raise CrdsMissing(f"{folder} is absent: KServe manifests not checked against KServe's CRDs")
@@ -335,24 +342,12 @@ def check_against_crd(document: dict, folder: Path | None = None) -> list[str]:
     ]
 
 
-def check_against_crds(document: dict, crd_dirs: list[Path]) -> list[str]:
-    """`document` against the strict schema of its kind's CRD in `crd_dirs` (none found there: no problem)."""
-    for folder in crd_dirs:
-        validator = crd_validators(folder).get((document.get("apiVersion"), document.get("kind")))
-        if validator is not None:
-            return [
-                f"CRD {'.'.join(str(part) for part in error.absolute_path) or '(root)'}: {error.message[:300]}"
-                for error in validator.iter_errors(document)
-            ]
-    return []
-
-
 def check_document(document: dict, skipped: list[str] | None = None) -> list[str]:
     """Problems of one manifest; a check that cannot run here (no CRDs) is named in `skipped`."""
     key = (document.get("apiVersion"), document.get("kind"))
     problems: list[str] = []
     if key == RAY_SERVICE:
-        return check_ray_service(document)
+        return check_ray_service(document, skipped)
     if key == (None, None) and "applications" in document:
         return check_serve_config(document, "serve config")
     if document.get("kind") in CRD_KINDS and str(document.get("apiVersion", "")).startswith("serving.kserve.io/"):
@@ -380,9 +375,9 @@ def check_document(document: dict, skipped: list[str] | None = None) -> list[str
     return problems
 
 
-def check_tree(root: Path, skipped: list[str] | None = None, crd_dirs: list[Path] | None = None) -> dict[str, list[str]]:
-    """Problems per `file#document`, for every YAML document under `root` (and against the CRDs in `crd_dirs`); an
-    empty dict when all pass. Checks that cannot run here go into `skipped` (once each)."""
+def check_tree(root: Path, skipped: list[str] | None = None) -> dict[str, list[str]]:
+    """Problems per `file#document`, for every YAML document under `root`; an empty dict when all pass. Checks that
+    cannot run here go into `skipped` (once each)."""
     report: dict[str, list[str]] = {}
     files = sorted(root.rglob("*.yaml")) + sorted(root.rglob("*.yml"))
     if not files:
@@ -395,7 +390,7 @@ def check_tree(root: Path, skipped: list[str] | None = None, crd_dirs: list[Path
             if not isinstance(document, dict):
                 report[f"{path}#{index}"] = ["not a mapping"]
                 continue
-            if problems := check_document(document, not_run) + check_against_crds(document, crd_dirs or []):
+            if problems := check_document(document, not_run):
                 report[f"{path}#{index}"] = problems
     if skipped is not None:
         skipped.extend(dict.fromkeys(not_run))
@@ -405,10 +400,9 @@ def check_tree(root: Path, skipped: list[str] | None = None, crd_dirs: list[Path
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("root", type=Path, nargs="?", default=Path("deploy"))
-    parser.add_argument("--crds", type=Path, action="append", default=[], help="a folder of CRDs to validate custom resources against")
     args = parser.parse_args()
     skipped: list[str] = []
-    report = check_tree(args.root, skipped, args.crds)
+    report = check_tree(args.root, skipped)
     count = sum(1 for path in args.root.rglob("*.y*ml") for document in yaml.safe_load_all(path.read_text()) if document)
     for where, problems in report.items():
         for problem in problems:
@@ -417,11 +411,11 @@ def main() -> None:
         print(f"SKIPPED: {reason}")
     if report:
         sys.exit(1)
+    kserve = f"against KServe CRDs {KSERVE_CRDS} strict and kserve models" if KSERVE_CRDS.is_dir() else "against kserve models only"
+    ray_service = f"against KubeRay's CRDs {KUBERAY_CRDS} strict" if KUBERAY_CRDS.is_dir() else "by KubeRay's field names"
     print(
-        f"{count} manifests under {args.root}: valid (Kubernetes {', '.join(KUBERNETES_VERSIONS)} strict; KServe kinds "
-        f"{'against kserve models only' if skipped else 'against KServe CRDs ' + str(KSERVE_CRDS) + ' strict and kserve models'}; "
-        f"Ray Serve configs against Ray's schema; RayService by KubeRay's fields"
-        f"{', and against the CRDs in ' + ', '.join(map(str, args.crds)) if args.crds else ''})"
+        f"{count} manifests under {args.root}: valid (Kubernetes {', '.join(KUBERNETES_VERSIONS)} strict; KServe kinds {kserve}; "
+        f"Ray Serve configs against Ray's schema; the RayService {ray_service})"
     )
 
 
