@@ -10,8 +10,8 @@ MAP_BOX_COLOUR = (255, 255, 255)
 
 
 def heatmap_overlay(body: bytes, heatmap_png: bytes) -> bytes:
-    """The endpoint's overlay (camserve.protocol.responses.overlay_image), drawn from the answer's full-size map,
-    so an offline run gets the JSON *and* the picture from one pass through the handler."""
+    """The endpoint's overlay (camserve.protocol.responses.overlay_image), drawn from the answer's heat map (scaled
+    to the image), so an offline run gets the JSON *and* the picture from one pass through the handler."""
     import numpy as np
     import torch
     from PIL import Image
@@ -25,9 +25,15 @@ def heatmap_overlay(body: bytes, heatmap_png: bytes) -> bytes:
 
 
 def annotated_overlay(
-    body: bytes, heatmap_png: bytes, truth: Sequence[Sequence[float]], map_box: Sequence[int], peak: Sequence[int], caption: str
+    body: bytes,
+    heatmap_png: bytes,
+    truth: Sequence[Sequence[float]],
+    map_box: Sequence[int] | None,
+    peak: Sequence[int] | None,
+    caption: str,
 ) -> bytes:
-    """The overlay with the ground-truth boxes (green), the map's box (white), its peak (a cross) and a caption."""
+    """The overlay with the ground-truth boxes (green), the map's box (white), its peak (a cross) and a caption; an
+    empty map has neither box nor peak to draw."""
     from PIL import Image, ImageDraw
 
     image = Image.open(io.BytesIO(heatmap_overlay(body, heatmap_png))).convert("RGB")
@@ -35,12 +41,14 @@ def annotated_overlay(
     width = max(2, min(image.size) // 150)
     for x0, y0, x1, y1 in truth:
         draw.rectangle([x0, y0, x1 - 1, y1 - 1], outline=GROUND_TRUTH_COLOUR, width=width)
-    x0, y0, x1, y1 = map_box
-    draw.rectangle([x0, y0, x1 - 1, y1 - 1], outline=MAP_BOX_COLOUR, width=width)
-    x, y = peak
-    arm = 4 * width
-    draw.line([x - arm, y, x + arm, y], fill=MAP_BOX_COLOUR, width=width)
-    draw.line([x, y - arm, x, y + arm], fill=MAP_BOX_COLOUR, width=width)
+    if map_box is not None:
+        x0, y0, x1, y1 = map_box
+        draw.rectangle([x0, y0, x1 - 1, y1 - 1], outline=MAP_BOX_COLOUR, width=width)
+    if peak is not None:
+        x, y = peak
+        arm = 4 * width
+        draw.line([x - arm, y, x + arm, y], fill=MAP_BOX_COLOUR, width=width)
+        draw.line([x, y - arm, x, y + arm], fill=MAP_BOX_COLOUR, width=width)
     draw.rectangle([0, 0, min(image.width, 8 + 7 * len(caption)), 14], fill=(0, 0, 0))
     draw.text((4, 2), caption, fill=(255, 255, 255))
     buffer = io.BytesIO()

@@ -67,11 +67,12 @@ def evaluate(
         predicted = result.logits.argmax(dim=1)
         for scene, grid, guess in zip(batch, result.maps[:, 0], predicted):
             heatmap = upsample_map(grid, scene.image.size)
+            box = bounding_box(heatmap)  # None for an empty map: a miss on both counts, as camserve evaluate counts it
             x, y = peak(heatmap)
             x0, y0, x1, y1 = scene.box
             correct += int(guess) == scene.label
-            hits += x0 <= x < x1 and y0 <= y < y1
-            iou = box_iou(bounding_box(heatmap), scene.box)
+            hits += box is not None and x0 <= x < x1 and y0 <= y < y1
+            iou = box_iou(box, scene.box) if box is not None else 0.0
             ious.append(iou)
             good_boxes += iou >= 0.5
     return Quality(scenes=scenes, top1=correct / scenes, pointing=hits / scenes, iou_050=good_boxes / scenes, mean_iou=sum(ious) / scenes)

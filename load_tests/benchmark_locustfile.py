@@ -4,13 +4,18 @@ Run by camserve_tools/benchmarks/serving_benchmark.py, once per cell (variant x 
 
     PYTHONPATH=. locust -f load_tests/benchmark_locustfile.py --headless -u 4 -r 4 -t 20s --reset-stats \
         --host http://127.0.0.1:8080 --path /predictions/shapes --answer map --header X-CAM-Method=gradcam \
-        --summary out.json
+        --server-pid 12345 --summary out.json
 
 Unlike locustfile.py (the load test), users never wait: concurrency is exactly the number of users (a closed
 loop), so throughput at 16 users is the server's saturated throughput. The checks are structural (status, JSON
 shape, label present, heat map is base64 PNG) and cost the client microseconds: on a 2-core machine every client
 cycle is taken from the server, and a full image decode per answer would tax map variants more than plain ones.
-The full decode-and-compare checks live in the load test. At the end the run's figures go to --summary as JSON.
+The full decode-and-compare checks live in the load test. Per answer the client does what any client does
+(receive it, parse its JSON) and nothing more: no image is decoded. With --server-pid, the CPU time of the
+server's process tree (frontend and workers) and of this client is read from /proc when the measured window
+opens (users all started, statistics reset) and when it closes (the run's time is up), so that each answer's
+server cost can be told from the client's (camserve_tools/benchmarks/cpu_accounting.py). At the end the run's
+figures go to --summary as JSON.
 """
 
 from __future__ import annotations
@@ -28,6 +33,7 @@ from locust.contrib.fasthttp import FastHttpUser, FastResponse
 from locust.env import Environment
 from locust.runners import WorkerRunner
 
+from camserve_tools.benchmarks.cpu_accounting import CpuWindow
 from camserve_tools.benchmarks.image_pool import image_pool
 
 PNG_BASE64_SIGNATURE = "iVBORw0KGgo"  # base64 of the 8-byte PNG signature
@@ -41,6 +47,7 @@ def add_arguments(parser: LocustArgumentParser) -> None:
     parser.add_argument("--answer", default="map", choices=sorted(CHECKS), help="what a correct answer looks like")
     parser.add_argument("--pool-size", type=int, default=32, help="generated images (default: 32)")
     parser.add_argument("--summary", default="", help="write the run's figures here as JSON")
+    parser.add_argument("--server-pid", type=int, default=0, help="the server's root process: its tree's CPU time goes to --summary")
 
 
 class WrongAnswer(ValueError):
@@ -123,11 +130,30 @@ def extra_headers(pairs: tuple[str, ...]) -> dict[str, str]:
     return headers
 
 
+CPU_WINDOW: list[CpuWindow] = []  # the run's window, once --server-pid names a server
+
+
 @events.init.add_listener
 def prepare(environment: Environment, **_kwargs: Any) -> None:
     # Before any user starts: no request pays for them, and a malformed --header stops the run here.
     image_pool(environment.parsed_options.pool_size)
     extra_headers(tuple(environment.parsed_options.header))
+    if environment.parsed_options.server_pid:
+        CPU_WINDOW.append(CpuWindow(environment.parsed_options.server_pid))
+
+
+@events.spawning_complete.add_listener
+def open_cpu_window(**_kwargs: Any) -> None:
+    """When every user runs: where --reset-stats starts the statistics (registered before Locust's own reset)."""
+    for window in CPU_WINDOW:
+        window.open()
+
+
+@events.test_stopping.add_listener
+def close_cpu_window(**_kwargs: Any) -> None:
+    """When the run's time is up, before the users are stopped: the statistics' window ends here too."""
+    for window in CPU_WINDOW:
+        window.close()
 
 
 class BenchmarkUser(FastHttpUser):
@@ -171,6 +197,8 @@ def write_summary(environment: Environment, **_kwargs: Any) -> None:
         "response_bytes_total": total.total_content_length,
         "response_times_ms": {str(ms): count for ms, count in total.response_times.items()},
         **{f"p{round(q * 100)}_ms": total.get_response_time_percentile(q) for q in PERCENTILES},
+        # CPU seconds over the window: server_{frontend,workers,other,total,jit}_s, client_s, window_s; {} without --server-pid.
+        "cpu": (CPU_WINDOW[0].spent or {}) if CPU_WINDOW else {},
     }
     Path(environment.parsed_options.summary).write_text(json.dumps(summary, indent=1) + "\n")
     environment.process_exit_code = 0  # failures are figures here, not a verdict: the driver reports them

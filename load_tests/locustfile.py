@@ -148,8 +148,13 @@ def check_cam(body: dict[str, Any], sample: Sample) -> dict[str, Any]:
     cam = body.get("cam")
     expect(isinstance(cam, dict), f"no single map in 'cam' ({type(cam).__name__})")
     expect(cam.get("size") == list(sample.size), f"map size {cam.get('size')}, image {list(sample.size)}")
+    width, height = cam["heatmap_size"]
+    expect(0 < width <= sample.size[0] and 0 < height <= sample.size[1], f"heatmap_size {cam['heatmap_size']}, image {sample.size}")
     size, mode = decoded_size(base64.b64decode(cam["heatmap"], validate=True))
-    expect(size == sample.size and mode == "L", f"heat map {size} {mode}, expected {sample.size} L")
+    expect(size == (width, height) and mode == "L", f"heat map {size} {mode}, expected {(width, height)} L")
+    if cam.get("empty") is True:  # an empty map: no box, no peak
+        expect(cam["bbox"] is None and cam["peak"] is None, f"an empty map with bbox {cam['bbox']}, peak {cam['peak']}")
+        return cam
     x0, y0, x1, y1 = cam["bbox"]
     expect(0 <= x0 < x1 <= sample.size[0] and 0 <= y0 < y1 <= sample.size[1], f"bbox {cam['bbox']} outside the image")
     x, y = cam["peak"]

@@ -8,7 +8,9 @@ The old answer is the implementation before issue 12, kept below as the referenc
 to a float map at full size, the PNG quantised from it (Sub filter, stdlib zlib level 1), numpy's argmax and the
 run-based box of that map. The new one is camserve.protocol.responses.cam_json: peak and box from the grid
 (camserve.cam.localization.peak_and_box, compiled loops; outputs of width + height <= 128 from the full-size map), the
-PNG from OpenCV's resize of the grid and zlib-ng.
+PNG from OpenCV's resize of the grid and zlib-ng. Both make the heat map at the image's size, today's
+`heatmap_size=original` answer; the default answer's heat map is the model input's longest side whatever the
+image (camserve.protocol.responses.heatmap_png_size), so its PNG costs what this table's smaller sizes cost.
 
 Maps: three smooth Gaussian blobs on a 16x16 and on a 7x7 grid, a 16x16 torch.rand grid (noise, the worst case
 for bytes), and the default model's Grad-CAM of a generated scene (its layer's grid, 24x24 at 192 px). Rounds

@@ -33,6 +33,14 @@ def png_bytes(image) -> bytes:
     return encoded(image, "PNG")
 
 
+def default_heatmap_size(size: tuple[int, int], input_side: int) -> tuple[int, int]:
+    """(width, height) of the default heat map for an image of `size` (width, height): the image's aspect ratio,
+    its longest side the model input's longest side (`input_side`), never larger than the image."""
+    width, height = size
+    scale = min(1.0, input_side / max(width, height))
+    return max(1, round(width * scale)), max(1, round(height * scale))
+
+
 def png_declaring(width: int, height: int) -> bytes:
     """A tiny PNG whose header declares width x height (a decompression bomb's calling card), with almost no pixels."""
 

@@ -1,18 +1,21 @@
-"""What TorchServe sends back: compact JSON bytes, and the default answer for a 640x480 photo within 16 KB."""
+"""What TorchServe sends back: compact JSON bytes, and every default answer of the photo pool within 8 KB."""
 
 from __future__ import annotations
 
 import json
 
 import pytest
-from conftest import png_bytes
+import requests
+from conftest import ROOT, SHAPES_MAR, default_heatmap_size, png_bytes, start_server
 
 from camserve.protocol.responses import decode_heatmap
 from camserve_tools.answer_pool import photo_pool
 
 pytestmark = pytest.mark.serving
 
-ANSWER_BUDGET = 16_000  # bytes of the default JSON answer for a 640x480 image
+# Bytes of any default JSON answer of the pool, shapes and imagenet, 640x480 and 1280x960 (scripts/answer_size.py).
+ANSWER_BUDGET = 8_000
+IMAGENET_MAR = ROOT / "model_store" / "imagenet.mar"
 
 
 def test_answers_are_compact_json_bytes(predict, scenes) -> None:
@@ -27,23 +30,42 @@ def test_answers_are_compact_json_bytes(predict, scenes) -> None:
 
 def test_heatmap_size_through_torchserve(predict, scenes) -> None:
     scene = scenes[2]
-    full = predict(png_bytes(scene.image)).json()["cam"]
+    default = predict(png_bytes(scene.image)).json()["cam"]
+    full = predict(png_bytes(scene.image), headers={"X-CAM-Heatmap-Size": "original"}).json()["cam"]
     small = predict(png_bytes(scene.image), headers={"X-CAM-Heatmap-Size": "64"}).json()["cam"]
-    assert small["size"] == full["size"] == full["heatmap_size"] == [scene.image.width, scene.image.height]
+    assert small["size"] == full["size"] == full["heatmap_size"] == default["size"] == [scene.image.width, scene.image.height]
+    assert default["heatmap_size"] == list(default_heatmap_size(scene.image.size, 192))
     width, height = small["heatmap_size"]
     assert max(width, height) == 64 and decode_heatmap(small["heatmap"]).shape == (height, width)
-    assert (small["peak"], small["bbox"]) == (full["peak"], full["bbox"])
+    assert (small["peak"], small["bbox"]) == (full["peak"], full["bbox"]) == (default["peak"], default["bbox"])
     from_input = predict(png_bytes(scene.image), headers={"X-CAM-Heatmap-Size": "input"}).json()["cam"]
     assert from_input["heatmap_size"] == [192, 192]  # the default model's input
+    assert predict(png_bytes(scene.image), headers={"X-CAM-Heatmap-Size": "auto"}).content == predict(png_bytes(scene.image)).content
     bad = predict(png_bytes(scene.image), headers={"X-CAM-Heatmap-Size": "2"})
     assert bad.status_code == 400 and bad.json()["option"] == "heatmap_size"
 
 
-def test_default_answer_for_a_640x480_photo_fits_the_budget(predict) -> None:
+@pytest.fixture(scope="module")
+def both_models(tmp_path_factory: pytest.TempPathFactory):
+    if not IMAGENET_MAR.exists():
+        pytest.fail(f"{IMAGENET_MAR} is missing: run `make model_store/imagenet.mar` (make test builds it)")
+    server = start_server(tmp_path_factory.mktemp("answer-size-server"), {"shapes": SHAPES_MAR, "imagenet": IMAGENET_MAR})
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.mark.parametrize("size", [(640, 480), (1280, 960)], ids=["640x480", "1280x960"])
+@pytest.mark.parametrize("model", ["shapes", "imagenet"])
+def test_every_default_answer_of_the_pool_fits_the_budget(both_models, model: str, size: tuple[int, int]) -> None:
     sizes = {}
-    for name, body in photo_pool((640, 480)).items():
-        response = predict(body)
+    for name, body in photo_pool(size).items():
+        response = requests.post(
+            f"{both_models.inference_url}/predictions/{model}", data=body, headers={"Content-Type": "image/png"}, timeout=120
+        )
         assert response.status_code == 200, (name, response.text)
-        assert response.json()["cam"]["size"] == [640, 480]
+        cam = response.json()["cam"]
+        assert cam["size"] == list(size) and cam["heatmap_size"] == list(default_heatmap_size(size, 192 if model == "shapes" else 224))
         sizes[name] = len(response.content)
     assert max(sizes.values()) <= ANSWER_BUDGET, sorted(sizes.items(), key=lambda item: -item[1])[:5]

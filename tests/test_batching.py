@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import requests
 import yaml
-from conftest import ROOT, TEST_SEED_START, png_bytes, start_server
+from conftest import ROOT, TEST_SEED_START, default_heatmap_size, png_bytes, start_server
 from PIL import Image
 
 from camserve.cam import CamExtractor
@@ -98,7 +98,8 @@ def check(response: requests.Response, kind: str, scene) -> None:
         assert cam["method"] == "layercam" and cam["shape"] == [24, 24]
         return
     assert cam["layer"] == ("features.4" if kind == "layer" else "features")
-    assert decode_heatmap(cam["heatmap"]).shape == (scene.image.height, scene.image.width)
+    width, height = cam["heatmap_size"]
+    assert (width, height) == default_heatmap_size(scene.image.size, 192) and decode_heatmap(cam["heatmap"]).shape == (height, width)
     if kind == "png":  # the default layer's map points at this request's object, not a batch neighbour's
         x, y = cam["peak"]
         x0, y0, x1, y1 = scene.box

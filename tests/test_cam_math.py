@@ -182,8 +182,8 @@ def test_bounding_box_regions_are_4_connected_and_ties_go_to_the_first() -> None
     twins = torch.zeros(5, 9)
     twins[3:5, 0:2] = twins[0:2, 6:8] = 1.0  # equal sizes: the one met first in reading order (top right) wins
     assert bounding_box(twins) == (6, 0, 8, 2)
-    assert bounding_box(torch.zeros(3, 5)) == (0, 0, 5, 3)
-    assert bounding_box(torch.full((3, 5), float("nan"))) == (0, 0, 5, 3)
+    assert bounding_box(torch.zeros(3, 5)) is None  # no region, no box: never the whole image
+    assert bounding_box(torch.full((3, 5), float("nan"))) is None
 
 
 def test_peak_is_the_first_maximum_in_reading_order() -> None:

@@ -6,7 +6,7 @@ import base64
 
 import pytest
 import requests
-from conftest import ROOT, SHAPES_MAR, png_bytes, start_server
+from conftest import ROOT, SHAPES_MAR, default_heatmap_size, png_bytes, start_server
 
 from camserve.protocol.responses import decode_heatmap
 
@@ -32,7 +32,8 @@ def test_kserve_predict_and_explain(kserve_server, scenes) -> None:
         answers = requests.post(f"{server.inference_url}/predictions/shapes", json=body, timeout=60).json()["predictions"]
         assert answers[0]["cam"]["method"] == "gradcam" and answers[1]["cam"]["method"] == "cam"
         for answer, scene in zip(answers[:2], scenes):
-            assert decode_heatmap(answer["cam"]["heatmap"]).shape == (scene.image.height, scene.image.width)
+            width, height = default_heatmap_size(scene.image.size, 192)
+            assert answer["cam"]["heatmap_size"] == [width, height] and decode_heatmap(answer["cam"]["heatmap"]).shape == (height, width)
         assert answers[2]["type"] == "invalid_base64"  # a bad instance fails alone, inside the answer
         # A bad *first* instance does not set the status of a request whose other instances succeed.
         bad_first = requests.post(

@@ -22,7 +22,7 @@ import orjson
 import psutil
 import pytest
 import requests
-from conftest import ROOT, SHAPES_MAR, png_bytes
+from conftest import ROOT, SHAPES_MAR, default_heatmap_size, png_bytes
 from kserve import InferenceRESTClient, RESTConfig
 from kserve.protocol.grpc import grpc_predict_v2_pb2 as kserve_pb
 from kserve.protocol.grpc import grpc_predict_v2_pb2_grpc as kserve_grpc
@@ -129,7 +129,8 @@ def test_predict_returns_label_and_map(pod: KServeLocal, scenes) -> None:
     assert answer["predictions"][0]["label"] in CLASSES
     assert answer["cam"]["label"] == answer["predictions"][0]["label"]
     assert answer["cam"]["method"] == ("cam" if pod.api == "v1" else "gradcam")
-    assert decode_heatmap(answer["cam"]["heatmap"]).shape == (scene.image.height, scene.image.width)
+    width, height = default_heatmap_size(scene.image.size, 192)
+    assert answer["cam"]["heatmap_size"] == [width, height] and decode_heatmap(answer["cam"]["heatmap"]).shape == (height, width)
 
 
 def test_not_an_image_is_a_400_through_both_layers(pod: KServeLocal) -> None:

@@ -15,7 +15,7 @@ import pytest
 import torch
 from PIL import Image
 
-from camserve.cam.localization import bounding_box, peak, peak_and_box, upsample_map
+from camserve.cam.localization import bounding_box, map_is_empty, peak, peak_and_box, upsample_map
 from camserve.protocol.responses import HEATMAP_LEVELS, HEATMAP_STEP, heatmap_png_of_grid
 
 # Output sizes: camera and web sizes, odd ones, down-sampling, one-pixel sides, and the small outputs (height +
@@ -48,11 +48,17 @@ def grid_cases(count: int, seed: int) -> list[tuple[str, torch.Tensor]]:
     return cases
 
 
+def full_size_peak_and_box(grid: torch.Tensor, size: tuple[int, int]) -> tuple | None:
+    """The reference: peak and box of the map upsampled to `size`, None where it has no box (an empty map)."""
+    heatmap = upsample_map(grid, size)
+    box = bounding_box(heatmap)
+    return None if box is None else (peak(heatmap), box)
+
+
 @pytest.mark.parametrize("size", SIZES, ids=[f"{w}x{h}" for w, h in SIZES])
 def test_peak_and_box_are_those_of_the_upsampled_map(size: tuple[int, int]) -> None:
     for name, grid in grid_cases(60, seed=size[0] * 7 + size[1]):
-        heatmap = upsample_map(grid, size)
-        assert peak_and_box(grid, size) == (peak(heatmap), bounding_box(heatmap)), name
+        assert peak_and_box(grid, size) == full_size_peak_and_box(grid, size), name
 
 
 def test_peak_and_box_of_named_maps() -> None:
@@ -64,17 +70,24 @@ def test_peak_and_box_of_named_maps() -> None:
     saturated[4:7, 4:7] = 1.0  # a flat top: many pixels tie at the maximum
     for grid in (two_blobs, corner, saturated, torch.ones(4, 4)):
         for size in [(640, 480), (1280, 960), (301, 199)]:
-            heatmap = upsample_map(grid, size)
-            assert peak_and_box(grid, size) == (peak(heatmap), bounding_box(heatmap))
-    assert peak_and_box(torch.zeros(16, 16), (640, 480)) == ((0, 0), (0, 0, 640, 480))
+            assert peak_and_box(grid, size) == full_size_peak_and_box(grid, size) is not None
+
+
+@pytest.mark.parametrize("size", [(640, 480), (12, 9)], ids=["grid way", "full-size way"])
+def test_an_empty_map_has_no_peak_and_no_box(size: tuple[int, int]) -> None:
+    nan, infinite = torch.rand(16, 16), torch.rand(16, 16)
+    nan[3, 5], infinite[7, 1] = float("nan"), float("inf")
+    for grid in (torch.zeros(16, 16), torch.full((4, 4), float("nan")), nan, infinite, torch.full((5, 5), -0.5), torch.zeros(0, 3)):
+        assert map_is_empty(grid) and map_is_empty(grid.numpy())
+        assert peak_and_box(grid, size) is None
+    assert bounding_box(torch.zeros(16, 16)) is None and bounding_box(torch.full((4, 4), float("nan"))) is None
+    assert not map_is_empty(torch.eye(4) * 1e-6) and peak_and_box(torch.eye(4) * 1e-6, size) is not None
 
 
 def test_grids_outside_the_unit_range_take_the_full_size_way() -> None:
     grid = torch.rand(9, 9, generator=torch.Generator().manual_seed(3)) * 1.6 - 0.3
     heatmap = upsample_map(grid, (640, 480))
     assert peak_and_box(grid, (640, 480)) == (peak(heatmap), bounding_box(heatmap))
-    nan = torch.full((4, 4), float("nan"))
-    assert peak_and_box(nan, (640, 480))[1] == (0, 0, 640, 480)
 
 
 def old_pixels(grid: torch.Tensor, size: tuple[int, int]) -> np.ndarray:

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import ROOT, png_bytes
+from conftest import ROOT, default_heatmap_size, png_bytes
 from PIL import Image
 
 from camserve.models.shapes_net import ShapesNet
@@ -48,10 +48,11 @@ def test_the_pipeline_reads_its_model_config(pipeline: CamPipeline) -> None:
 
 
 def test_a_batch_answers_each_request_with_its_own_map(pipeline: CamPipeline, scenes) -> None:
-    rows = [{"body": png_bytes(scene.image)} for scene in scenes[:3]]
+    # The heat map at the default size, and at the image's (where the peak indexes it) in the same batch.
+    rows = [{"body": png_bytes(scene.image)} for scene in scenes[:3]] + [{"body": png_bytes(scenes[3].image), "heatmap_size": "original"}]
     answers = run(pipeline, rows)
-    assert len(answers) == 3
-    for answer, scene in zip(answers, scenes, strict=False):
+    assert len(answers) == 4
+    for index, (answer, scene) in enumerate(zip(answers, scenes, strict=False)):
         assert answer.status == 200 and isinstance(answer.body, dict)
         response = answer.body
         assert [p["index"] for p in response["predictions"]] and len(response["predictions"]) == 3
@@ -60,10 +61,12 @@ def test_a_batch_answers_each_request_with_its_own_map(pipeline: CamPipeline, sc
         assert cam["index"] == response["predictions"][0]["index"]
         assert cam["size"] == list(scene.image.size)
         heatmap = decode_heatmap(cam["heatmap"])
-        assert heatmap.shape == (scene.image.height, scene.image.width) and heatmap.dtype.name == "uint8"
+        width, height = scene.image.size if index == 3 else default_heatmap_size(scene.image.size, 192)
+        assert cam["heatmap_size"] == [width, height] and heatmap.shape == (height, width) and heatmap.dtype.name == "uint8"
         x0, y0, x1, y1 = cam["bbox"]
         assert 0 <= x0 < x1 <= scene.image.width and 0 <= y0 < y1 <= scene.image.height
-        assert heatmap[cam["peak"][1], cam["peak"][0]] == heatmap.max()
+        if index == 3:
+            assert heatmap[cam["peak"][1], cam["peak"][0]] == heatmap.max()
 
 
 def test_a_bad_request_fails_alone(pipeline: CamPipeline, scenes) -> None:
@@ -88,11 +91,12 @@ def test_a_photo_decoded_at_reduced_scale_still_gets_full_size_answers(pipeline:
     photo = scenes[0].image.resize((1280, 960))
     buffer = io.BytesIO()
     photo.save(buffer, format="JPEG", quality=90)
-    rows = [{"body": buffer.getvalue(), "heatmap_size": "original"}, {"body": buffer.getvalue()}]
-    answers = run(pipeline, rows, headers=[{}, {"accept": "image/png"}])
+    rows = [{"body": buffer.getvalue(), "heatmap_size": "original"}, {"body": buffer.getvalue()}, {"body": buffer.getvalue()}]
+    answers = run(pipeline, rows, headers=[{}, {"accept": "image/png"}, {}])
     responses = [answer.body for answer in answers]
-    assert responses[0]["cam"]["size"] == [1280, 960]
+    assert responses[0]["cam"]["size"] == responses[2]["cam"]["size"] == [1280, 960]
     assert decode_heatmap(responses[0]["cam"]["heatmap"]).shape == (960, 1280)
+    assert decode_heatmap(responses[2]["cam"]["heatmap"]).shape == (144, 192)  # the default: the model input's side
     assert answers[1].content_type == "image/png"
     with Image.open(io.BytesIO(responses[1])) as overlay:
         assert overlay.size == (1280, 960)

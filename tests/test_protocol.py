@@ -144,7 +144,8 @@ def test_cam_json_box_and_peak_are_those_of_the_full_size_map() -> None:
 
 
 def test_heatmap_size_option_and_the_size_it_gives() -> None:
-    assert parse_options({}, RULES).heatmap_size == "original"
+    assert parse_options({}, RULES).heatmap_size == "auto"
+    assert parse_options({"heatmap_size": "Original"}, RULES).heatmap_size == "original"
     assert parse_options({"heatmap_size": " Input "}, RULES).heatmap_size == "input"
     assert parse_options({"heatmap_size": "8"}, RULES).heatmap_size == 8
     assert parse_options({"heatmap_size": "4096"}, RULES).heatmap_size == 4096
@@ -157,19 +158,91 @@ def test_heatmap_size_option_and_the_size_it_gives() -> None:
     assert heatmap_png_size(320, (960, 1280), None) == (240, 320)
     assert heatmap_png_size(320, (200, 100), None) == (200, 100)  # never enlarged
     assert heatmap_png_size(8, (4000, 10), None) == (8, 1)
+    # auto: the model input's longest side, the image's aspect ratio, never enlarged.
+    assert heatmap_png_size("auto", (640, 480), (224, 224)) == heatmap_png_size("auto", (1280, 960), (224, 224)) == (224, 168)
+    assert heatmap_png_size("auto", (4000, 3000), (192, 192)) == (192, 144)
+    assert heatmap_png_size("auto", (480, 640), (224, 200)) == (168, 224)
+    assert heatmap_png_size("auto", (1, 20), (224, 224)) == (1, 20)  # a strip smaller than the input stays as it is
+    assert heatmap_png_size("auto", (12, 240), (192, 192)) == (10, 192)
+    assert heatmap_png_size("auto", (4000, 200), (224, 224)) == (224, 11)
+    with pytest.raises(ValueError, match="input_size"):
+        heatmap_png_size("auto", (640, 480), None)
 
 
 def test_a_smaller_heatmap_keeps_size_peak_and_box_of_the_original() -> None:
     grid = torch.zeros(7, 7)
     grid[2, 4], grid[5, 1] = 1.0, 0.6
-    options = parse_options({"heatmap_size": "160"}, RULES)
-    body, content_type = encode_answer(options, torch.tensor([0.1, 0.9]), grid[None], [1], (640, 480), ("features",), ["a", "b"])
-    full, _ = encode_answer(parse_options({}, RULES), torch.tensor([0.1, 0.9]), grid[None], [1], (640, 480), ("features",), ["a", "b"])
+    probabilities = torch.tensor([0.1, 0.9])
+
+    def answer(raw: dict[str, str]) -> dict:
+        body, content_type = encode_answer(
+            parse_options(raw, RULES), probabilities, grid[None], [1], (640, 480), ("features",), ["a", "b"], input_size=(224, 224)
+        )
+        assert content_type == "application/json"
+        return body["cam"]
+
+    cam, default, full = answer({"heatmap_size": "160"}), answer({}), answer({"heatmap_size": "original"})
+    assert cam["size"] == default["size"] == full["size"] == [640, 480]
+    assert cam["heatmap_size"] == [160, 120] and decode_heatmap(cam["heatmap"]).shape == (120, 160)
+    assert default["heatmap_size"] == [224, 168] and decode_heatmap(default["heatmap"]).shape == (168, 224)
+    assert full["heatmap_size"] == [640, 480] and decode_heatmap(full["heatmap"]).shape == (480, 640)
+    assert (cam["peak"], cam["bbox"]) == (default["peak"], default["bbox"]) == (full["peak"], full["bbox"])
+    assert "empty" not in cam and "empty" not in default and "empty" not in full
+
+
+EMPTY_MAPS = {
+    "zero": torch.zeros(7, 7),
+    "nan": torch.full((7, 7), float("nan")),
+    "one nan": torch.where(torch.eye(7) > 0, torch.tensor(float("nan")), torch.rand(7, 7, generator=torch.Generator().manual_seed(0))),
+    "infinite": torch.where(torch.eye(7) > 0, torch.tensor(float("inf")), torch.zeros(7, 7)),
+    "negative": torch.full((7, 7), -0.25),
+}
+
+
+@pytest.mark.parametrize("name", list(EMPTY_MAPS))
+@pytest.mark.parametrize("heatmap_size", ["auto", "original", "64"])
+def test_an_empty_map_has_no_box_and_no_peak_and_says_so(name: str, heatmap_size: str) -> None:
+    """A box around the whole image and a peak in its corner would claim what an empty map does not say."""
+    grid = EMPTY_MAPS[name]
+    options = parse_options({"heatmap_size": heatmap_size}, RULES)
+    body, _ = encode_answer(
+        options, torch.tensor([0.5, 0.5]), grid[None], [0], (640, 480), ("features",), ["a", "b"], input_size=(224, 224)
+    )
     cam = body["cam"]
-    assert content_type == "application/json" and cam["size"] == [640, 480] and cam["heatmap_size"] == [160, 120]
-    assert decode_heatmap(cam["heatmap"]).shape == (120, 160)
-    assert (cam["peak"], cam["bbox"]) == (full["cam"]["peak"], full["cam"]["bbox"])
-    assert full["cam"]["heatmap_size"] == [640, 480] and decode_heatmap(full["cam"]["heatmap"]).shape == (480, 640)
+    assert (cam["bbox"], cam["peak"], cam["empty"]) == (None, None, True)
+    assert list(cam)[-3:] == ["bbox", "peak", "empty"]
+    width, height = cam["heatmap_size"]
+    assert (
+        cam["size"] == [640, 480]
+        and (decode_heatmap(cam["heatmap"]) == 0).all()
+        and decode_heatmap(cam["heatmap"]).shape == (height, width)
+    )
+    assert b"NaN" not in json_bytes(body) and b"Infinity" not in json_bytes(body)
+
+    grid_body, _ = encode_answer(
+        parse_options({"output": "grid"}, RULES), torch.tensor([0.5, 0.5]), grid[None], [0], (640, 480), ("features",), ["a", "b"]
+    )
+    assert grid_body["cam"]["empty"] is True and grid_body["cam"]["grid"] == [[0.0] * 7] * 7
+    assert json.loads(json_bytes(grid_body)) == grid_body
+
+    overlay, content_type = encode_answer(
+        parse_options({}, RULES, accept="image/png"), torch.tensor([0.5, 0.5]), grid[None], [0], (64, 48), ("features",), ["a", "b"],
+        image=Image.new("RGB", (64, 48), "green"),
+    )  # fmt: skip
+    assert content_type == "image/png"
+    with Image.open(io.BytesIO(overlay)) as drawn:  # nothing drawn over the image
+        assert ImageChops.difference(drawn.convert("RGB"), Image.new("RGB", (64, 48), "green")).getbbox() is None
+
+
+def test_a_map_that_points_somewhere_is_not_empty() -> None:
+    grid = torch.zeros(7, 7)
+    grid[3, 3] = 1e-6  # faint, but a peak
+    body, _ = encode_answer(
+        parse_options({"output": "grid"}, RULES), torch.tensor([0.5, 0.5]), grid[None], [0], (640, 480), ("features",), ["a", "b"]
+    )
+    assert "empty" not in body["cam"]
+    cam = cam_json(grid, (640, 480), "gradcam", ("features",), 0, ["a", "b"])
+    assert "empty" not in cam and cam["bbox"] is not None and cam["peak"] is not None
 
 
 def test_json_bytes_are_compact_json() -> None:

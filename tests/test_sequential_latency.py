@@ -6,6 +6,7 @@ table), never the figures: the timing goals live in docs/benchmarks.md.
 
 from __future__ import annotations
 
+import base64
 import io
 import json
 
@@ -46,7 +47,7 @@ def test_every_method_is_measured_on_every_photo_at_both_sizes(shapes_server) ->
         for method in METHODS:
             assert len(cell.latencies_ms[method]) == len(cell.answer_bytes[method]) == 2 * len(names)
             assert 0 < min(cell.latencies_ms[method]) <= cell.median_ms(method) <= cell.p90_ms(method) <= max(cell.latencies_ms[method])
-        # A map answer carries a heat map PNG at the image's size; the plain one only labels.
+        # A map answer carries a heat map PNG (the model input's side); the plain one only labels.
         assert min(cell.answer_bytes["gradcam"]) > max(cell.answer_bytes["none"])
         assert cell.ratio("gradcam") == cell.median_ms("gradcam") / cell.median_ms("none")
 
@@ -73,3 +74,22 @@ def test_a_wrong_answer_stops_the_run() -> None:
         check_answer(200, plain, "gradcam", sample)
     with pytest.raises(WrongAnswer, match="HTTP 503"):
         check_answer(503, b"busy", "none", sample)
+
+    def mapped(heatmap_size: list[int], **fields: object) -> bytes:
+        png = io.BytesIO()
+        Image.new("L", tuple(heatmap_size)).save(png, format="PNG")
+        cam = {
+            "method": "gradcam",
+            "index": 0,
+            "size": [640, 480],
+            "heatmap_size": heatmap_size,
+            "heatmap": base64.b64encode(png.getvalue()).decode(),
+        }
+        return json.dumps({"predictions": [{"index": 0, "label": "a", "probability": 1.0}], "cam": {**cam, **fields}}).encode()
+
+    check_answer(200, mapped([224, 168], bbox=[1, 2, 3, 4], peak=[1, 2]), "gradcam", sample)
+    check_answer(200, mapped([224, 168], bbox=None, peak=None, empty=True), "gradcam", sample)  # an empty map says so
+    with pytest.raises(WrongAnswer, match="no bbox"):
+        check_answer(200, mapped([224, 168], bbox=None, peak=None), "gradcam", sample)
+    with pytest.raises(WrongAnswer, match="heatmap_size"):
+        check_answer(200, mapped([1280, 960], bbox=[1, 2, 3, 4], peak=[1, 2]), "gradcam", sample)

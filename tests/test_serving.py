@@ -7,7 +7,7 @@ import io
 
 import pytest
 import requests
-from conftest import png_bytes
+from conftest import default_heatmap_size, png_bytes
 from PIL import Image
 
 from camserve.protocol.responses import decode_heatmap
@@ -28,8 +28,8 @@ def test_prediction_with_map_points_at_the_object(predict, scenes) -> None:
         cam = body["cam"]
         assert cam["method"] == "gradcam" and cam["layer"] == "features"
         assert cam["size"] == [scene.image.width, scene.image.height]
-        heatmap = decode_heatmap(cam["heatmap"])
-        assert heatmap.shape == (scene.image.height, scene.image.width)
+        width, height = cam["heatmap_size"]
+        assert (width, height) == default_heatmap_size(scene.image.size, 192) and decode_heatmap(cam["heatmap"]).shape == (height, width)
         x, y = cam["peak"]
         x0, y0, x1, y1 = scene.box
         correct += top["label"] == scene.name

@@ -59,6 +59,12 @@ def test_benchmark_serves_every_variant_and_writes_its_report(tmp_path: Path) ->
     for variant, figures in cells.items():
         assert figures["requests"] > 0 and figures["failures"] == 0, (variant, figures["errors"])
         assert figures["rounds"] == 2 and figures["p50_ms"] <= figures["p95_ms"] <= figures["p99_ms"]
+        # The server's CPU per answer, from /proc over the measured windows: workers and frontend both spend some.
+        assert figures["server_workers_cpu_ms"] > 0 and figures["server_frontend_cpu_ms"] > 0 and figures["client_cpu_ms"] > 0, variant
+        parts = figures["server_frontend_cpu_ms"] + figures["server_workers_cpu_ms"] + figures["server_other_cpu_ms"]
+        assert figures["server_total_cpu_ms"] == pytest.approx(parts)
+        # No more CPU than the machine's cores give over the window.
+        assert figures["cpu_seconds"]["server_total"] <= (os.cpu_count() or 1) * figures["cpu_seconds"]["window"] * 1.05, variant
     # A map makes the answer larger; Integrated Gradients answers with a float per input value (3 x 128 x 128).
     assert cells["gradcam"]["response_bytes"] > cells["none"]["response_bytes"]
     assert cells["built-in IG"]["response_bytes"] > 3 * 128 * 128
@@ -68,6 +74,9 @@ def test_benchmark_serves_every_variant_and_writes_its_report(tmp_path: Path) ->
     for variant in VARIANTS:
         assert f"| shapes | 2×1, b1 | {variant} | 2 |" in report
     assert "gradcam throughput ≥ 0.95× built-in plain" in report
+    assert "| shapes | 2×1, b1 | gradcam server CPU per request ≤ 1.00× built-in plain |" in report
+    assert "| shapes | 2×1, b1 | gradcam server CPU per request ≤ 1.08× our none |" in report
+    assert "## Throughput against CPU at saturation" in report and "server CPU ms/req" in report
     assert "| shapes | 2×1, b1 | reference: pytorch-grad-cam throughput ÷ built-in plain |" in report
     assert "| shapes | 2×1, b1 | reference: gradcam throughput ÷ pytorch-grad-cam |" in report
     for plot in ("serving-benchmark-throughput.png", "serving-benchmark-latency.png"):

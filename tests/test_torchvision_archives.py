@@ -14,7 +14,7 @@ import sys
 import pytest
 import requests
 import torch
-from conftest import ROOT, png_bytes, start_server
+from conftest import ROOT, default_heatmap_size, png_bytes, start_server
 from torchvision import models
 
 from camserve.protocol.responses import decode_heatmap
@@ -75,7 +75,11 @@ def test_archived_torchvision_model_answers_with_a_map(torchvision_server, scene
     body = response.json()
     assert body["predictions"][0]["label"] in LABELS and len(body["predictions"]) == 5
     assert body["cam"]["layer"] == layer
-    assert decode_heatmap(body["cam"]["heatmap"]).shape == (scene.image.height, scene.image.width)
+    width, height = body["cam"]["heatmap_size"]
+    assert (width, height) == default_heatmap_size(scene.image.size, 224) and decode_heatmap(body["cam"]["heatmap"]).shape == (
+        height,
+        width,
+    )
 
     cam = requests.post(url, data=png_bytes(scene.image), headers={"X-CAM-Method": "cam"}, timeout=120)
     if cam_applies:

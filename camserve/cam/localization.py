@@ -30,13 +30,21 @@ def peak(heatmap: Tensor) -> tuple[int, int]:
     return index % width, index // width
 
 
-def bounding_box(heatmap: Tensor, threshold: float = BBOX_THRESHOLD) -> tuple[int, int, int, int]:
+def map_is_empty(grid: Tensor | np.ndarray) -> bool:
+    """Whether a map points nowhere: all zero (a constant map normalises to zero), or not finite anywhere (a NaN
+    or an infinity: nothing in it can be trusted). Such a map has no peak and no box; a box around the whole
+    image would claim what the map does not say."""
+    values = grid.detach().cpu().numpy() if isinstance(grid, Tensor) else np.asarray(grid)
+    return values.size == 0 or not (np.isfinite(values).all() and values.max() > 0)
+
+
+def bounding_box(heatmap: Tensor, threshold: float = BBOX_THRESHOLD) -> tuple[int, int, int, int] | None:
     """[x0, y0, x1, y1) of the largest connected region where the map exceeds `threshold` x its maximum.
 
     x1 and y1 are exclusive (pixel edges), so the box of a single pixel (x, y) is (x, y, x + 1, y + 1).
     Regions are 4-connected (pixels sharing an edge), as scipy.ndimage.label's default; of regions of equal
-    size, the one whose first pixel comes first in reading order wins. An all-zero map has no region: the box
-    is then the whole image (as for a map of NaN).
+    size, the one whose first pixel comes first in reading order wins. A map with no positive maximum (all
+    zero, or NaN) has no region, hence no box: None.
 
     Labelling every pixel (scipy.ndimage.label) took 3 ms at 640x480 and 8-15 ms at 1280x960, more than the map
     itself. The mask is read as runs of pixels per row instead, in a few numpy passes, and the runs are joined
@@ -46,7 +54,7 @@ def bounding_box(heatmap: Tensor, threshold: float = BBOX_THRESHOLD) -> tuple[in
     values = heatmap.detach().cpu().numpy()
     maximum = float(values.max())
     if not maximum > 0:  # all zero, or NaN
-        return 0, 0, width, height
+        return None
     # The limit in the map's own dtype, as torch compares a tensor with a Python float.
     above = values >= values.dtype.type(threshold * maximum)
     # A False column on each side: in the flattened rows every run then starts and ends inside its own row.
@@ -57,7 +65,7 @@ def bounding_box(heatmap: Tensor, threshold: float = BBOX_THRESHOLD) -> tuple[in
     stride = width + 2
     starts, ends = changes[0::2], changes[1::2]  # run i covers flat[starts[i]:ends[i]]
     if not len(starts):
-        return 0, 0, width, height
+        return None
     rows = starts // stride
     x0, x1 = starts - rows * stride - 1, ends - rows * stride - 1  # image columns, x1 exclusive
     return _largest_region(rows, x0, x1)
@@ -171,31 +179,42 @@ def _torch_fuses() -> bool | None:
 
 def peak_and_box(
     grid: Tensor | np.ndarray, size: tuple[int, int], threshold: float = BBOX_THRESHOLD
-) -> tuple[tuple[int, int], tuple[int, int, int, int]]:
-    """peak(m) and bounding_box(m, threshold) of m = upsample_map(grid, size), without computing m.
+) -> tuple[tuple[int, int], tuple[int, int, int, int]] | None:
+    """peak(m) and bounding_box(m, threshold) of m = upsample_map(grid, size), without computing m; None where m
+    has neither: an empty grid (map_is_empty: all zero, or not finite), or m zero everywhere (a grid that is
+    positive only between the pixels sampled, as a 1-pixel-wide image samples one column).
 
-    The same answer at a fraction of the cost. A grid with values outside [0, 1] or NaN (never a normalised
-    map), an output that torch upsamples with its other kernel, and a torch whose rounding this does not
-    reproduce take the full-size way.
+    The same answer at a fraction of the cost. A grid with values outside [0, 1] (never a normalised map), an
+    output that torch upsamples with its other kernel, and a torch whose rounding this does not reproduce take
+    the full-size way.
     """
     values = np.ascontiguousarray(grid.detach().cpu().float().numpy() if isinstance(grid, Tensor) else np.asarray(grid, dtype=np.float32))
+    if map_is_empty(values):
+        return None
     width, height = size
     fused = _torch_fuses()
     if width + height <= _SMALL_OUTPUT or fused is None or not (values.min() >= 0 and values.max() <= 1):
-        heatmap = upsample_map(torch.from_numpy(values), size)
-        return peak(heatmap), bounding_box(heatmap, threshold)
-    if not values.max() > 0:
-        return (0, 0), (0, 0, width, height)  # all zero: peak() and bounding_box() of a zero map
+        return _full_size_peak_and_box(values, size, threshold)
     x, y = _axis(values.shape[1], width, fused), _axis(values.shape[0], height, fused)
     found = _grid_peak_and_box(
         values, x.low, x.high, x.weight_low, x.weight_high, x.first, x.last,
         y.low, y.high, y.weight_low, y.weight_high, y.first, y.last, y.segment, fused, threshold,
     )  # fmt: skip
+    if found[0] == -2:
+        return None
     if found[0] < 0:  # more runs than room (a mask no map draws): the full-size way has no such limit
-        heatmap = upsample_map(torch.from_numpy(values), size)
-        return peak(heatmap), bounding_box(heatmap, threshold)
+        return _full_size_peak_and_box(values, size, threshold)
     peak_x, peak_y, x0, y0, x1, y1 = found
     return (peak_x, peak_y), (x0, y0, x1, y1)
+
+
+def _full_size_peak_and_box(
+    values: np.ndarray, size: tuple[int, int], threshold: float
+) -> tuple[tuple[int, int], tuple[int, int, int, int]] | None:
+    """peak and bounding_box of the map upsampled to `size`: None where nothing is left above zero once clamped."""
+    heatmap = upsample_map(torch.from_numpy(values), size)
+    box = bounding_box(heatmap, threshold)
+    return None if box is None else (peak(heatmap), box)
 
 
 def compile_peak_and_box() -> None:
@@ -260,7 +279,8 @@ def _grid_peak_and_box(
     x_first: np.ndarray, x_last: np.ndarray, y_low: np.ndarray, y_high: np.ndarray, y_weight_low: np.ndarray,
     y_weight_high: np.ndarray, y_first: np.ndarray, y_last: np.ndarray, y_segment: np.ndarray, fused: bool, threshold: float,
 ) -> tuple[int, int, int, int, int, int]:  # fmt: skip
-    """(peak x, peak y, x0, y0, x1, y1) of the upsampled map; all -1 if the box's runs overflow their room.
+    """(peak x, peak y, x0, y0, x1, y1) of the upsampled map; all -1 if the box's runs overflow their room, all -2
+    if the map is zero everywhere (a grid whose positive knots fall between the pixels sampled).
 
     Peak: in exact arithmetic the maximum sits on a segment's first or last row and column, so the largest value
     there is a lower bound of the true maximum. A pixel can reach it only where its two knot rows, interpolated
@@ -294,6 +314,8 @@ def _grid_peak_and_box(
                     index = y * width + x
                     if value > best or (value == best and index < best_index):
                         best, best_index = value, index
+    if not best > 0:  # the grid's positive knots carry no weight at this size: the upsampled map is zero
+        return -2, -2, -2, -2, -2, -2
     limit = np.float32(threshold * np.float64(best))
 
     # Bounds of each cell between knots (the last knot repeated past the edge), per segment of rows and columns.

@@ -23,7 +23,8 @@ MAX_OPTION_LENGTH = 1024  # characters of one raw option value
 # Parameters that TorchServe or KServe envelopes may add to a request row; not ours to judge.
 _PASSTHROUGH = frozenset({"explain", "content-type", "accept", "id", "datatype", "shape", "name", "parameters", "b64"})
 OPTION_NAMES = ("method", "layer", "target", "maps", "topk", "output", "format", "heatmap_size")
-HEATMAP_SIZES = ("original", "input")  # or a maximum side in pixels, from MIN_HEATMAP_SIDE to MAX_HEATMAP_SIDE
+HEATMAP_SIZES = ("auto", "original", "input")  # or a maximum side in pixels, from MIN_HEATMAP_SIDE to MAX_HEATMAP_SIDE
+DEFAULT_HEATMAP_SIZE = "auto"
 MIN_HEATMAP_SIDE, MAX_HEATMAP_SIDE = 8, 4096
 _CLASS_INDEX = re.compile(r"[0-9]{1,9}")  # ASCII digits only: str.isdigit() also accepts '²', which int() refuses
 
@@ -37,7 +38,7 @@ class Options:
     topk: int
     output: str
     image_format: str
-    heatmap_size: str | int = "original"  # see parse_heatmap_size
+    heatmap_size: str | int = DEFAULT_HEATMAP_SIZE  # see parse_heatmap_size
 
     @property
     def wants_map(self) -> bool:
@@ -190,7 +191,7 @@ def parse_options(raw: dict[str, str], rules: OptionRules, accept: str | None = 
     if output == "overlay" and method_or_none is None:
         raise RequestError("option 'output': 'overlay' needs a map; method 'none' gives none", kind="invalid_option", option="output")
     options = Options(
-        method_or_none, layers, targets, maps, topk, output, image_format, parse_heatmap_size(raw.get("heatmap_size", "original"))
+        method_or_none, layers, targets, maps, topk, output, image_format, parse_heatmap_size(raw.get("heatmap_size", DEFAULT_HEATMAP_SIZE))
     )
     if (cost := request_cost(options, rules)) > rules.max_request_cost:
         raise RequestError(
@@ -204,10 +205,14 @@ def parse_options(raw: dict[str, str], rules: OptionRules, accept: str | None = 
 
 
 def parse_heatmap_size(raw: str) -> str | int:
-    """`original` (the image's size), `input` (the model input's size), or the heat map's longest side in pixels.
+    """`auto` (the default: the image's aspect ratio, its longest side the model input's longest side, never
+    larger than the image), `original` (the image's size), `input` (the model input's size), or the heat map's
+    longest side in pixels.
 
-    For clients that scale the heat map themselves: a smaller PNG is cheaper to make, send and decode. The
-    bounds keep a side at least 8 pixels and the PNG no larger than 4096 x 4096.
+    A map upsampled from the layer's grid (7x7 for a 224-pixel ResNet) holds no more at the image's size than at
+    the model input's: `auto` keeps the PNG, and the answer, small, and `original` serves clients that want the
+    map pixel for pixel over the image. The bounds keep a side at least 8 pixels and the PNG no larger than
+    4096 x 4096. Sizes come out of camserve.protocol.responses.heatmap_png_size.
     """
     value = raw.strip().lower()
     if value in HEATMAP_SIZES:

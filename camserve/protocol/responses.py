@@ -5,7 +5,10 @@
              "size": [width, height], "heatmap_size": [width, height],
              "heatmap": "<base64 8-bit grayscale PNG, heatmap_size>", "bbox": [x0, y0, x1, y1], "peak": [x, y]}}
 
-Coordinates are original-image pixels; bbox's x1, y1 are exclusive.
+Coordinates are original-image pixels; bbox's x1, y1 are exclusive. The heat map is as large as the model input's
+longest side by default (heatmap_png_size): a map upsampled from a 7x7 grid holds nothing more at 640x480. An
+empty map (camserve.cam.localization.map_is_empty) answers "bbox": null, "peak": null and "empty": true; other
+answers carry no "empty" key, so that they stay byte for byte what they were before empty maps were told apart.
 """
 
 from __future__ import annotations
@@ -24,7 +27,7 @@ from PIL import Image, ImageOps
 from torch import Tensor
 from zlib_ng import zlib_ng
 
-from camserve.cam.localization import peak_and_box, upsample_map
+from camserve.cam.localization import map_is_empty, peak_and_box, upsample_map
 from camserve.protocol.options import Options
 
 # A worker's answer is encoded on the core that runs its forward pass (one torch thread per worker; TorchServe
@@ -34,7 +37,7 @@ cv2.setNumThreads(1)
 HEATMAP_STEP = 4  # 64 grey levels: indistinguishable in a heat map, and about 40 % fewer PNG bytes than 256
 HEATMAP_LEVELS = 255 // HEATMAP_STEP
 # zlib-ng's level 2 (its fast strategy) takes a third to a half of level 4's time on these rows for 20-35 % more
-# bytes, and keeps every default 640x480 answer of the photo pool within 16 KB (docs/benchmarks.md).
+# bytes, and keeps every default answer of the photo pool within 8 KB (docs/benchmarks.md, "Answer size").
 HEATMAP_COMPRESS_LEVEL = 2
 
 _PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -100,42 +103,54 @@ def cam_json(
     """The map of one class for one image: PNG at `heatmap_size` (default: the original `size`), box and peak.
 
     Peak and box are those of the map upsampled to the original size (camserve.cam.localization.peak_and_box),
-    whatever the heat map's size. On the CPU whatever the grid's device: the grid is small.
+    whatever the heat map's size. An empty map has neither: "bbox" and "peak" are null, "empty" is true and the
+    PNG is blank. On the CPU whatever the grid's device: the grid is small.
     """
     grid = grid.detach().cpu()
     heatmap_size = heatmap_size or size
-    (x, y), box = peak_and_box(grid, size)
-    return {
+    found = peak_and_box(grid, size)
+    body: dict[str, Any] = {
         "method": method,
         "layer": layers[0] if len(layers) == 1 else list(layers),
         "index": index,
         "label": labels[index],
         "size": list(size),
         "heatmap_size": list(heatmap_size),
-        "heatmap": base64.b64encode(heatmap_png_of_grid(grid, heatmap_size)).decode("ascii"),
-        "bbox": list(box),
-        "peak": [x, y],
+        "heatmap": base64.b64encode(heatmap_png_of_grid(grid if found else torch.zeros_like(grid), heatmap_size)).decode("ascii"),
+        "bbox": list(found[1]) if found else None,
+        "peak": list(found[0]) if found else None,
     }
+    if found is None:
+        body["empty"] = True
+    return body
 
 
 def cam_grid_json(grid: Tensor, method: str, layers: tuple[str, ...], index: int, labels: list[str]) -> dict[str, Any]:
-    """The map at the layer's own resolution as floats in [0, 1] (output=grid): for clients that post-process."""
-    return {
+    """The map at the layer's own resolution as floats in [0, 1] (output=grid): for clients that post-process.
+
+    An empty map is all zeros (never NaN, which is not JSON) and says "empty": true.
+    """
+    empty = map_is_empty(grid)
+    body: dict[str, Any] = {
         "method": method,
         "layer": layers[0] if len(layers) == 1 else list(layers),
         "index": index,
         "label": labels[index],
         "shape": list(grid.shape),
-        "grid": [[round(float(v), 4) for v in row] for row in grid],
+        "grid": [[0.0] * grid.shape[1] for _ in range(grid.shape[0])] if empty else [[round(float(v), 4) for v in row] for row in grid],
     }
+    if empty:
+        body["empty"] = True
+    return body
 
 
 def overlay_image(image: Image.Image, grid: Tensor, image_format: str) -> bytes:
     """The heat map (blue -> yellow -> red) over the original image, encoded as PNG or JPEG.
 
-    Each pixel's opacity follows the map (at most 70 %), so cold regions show the image as it is.
+    Each pixel's opacity follows the map (at most 70 %), so cold regions show the image as it is, and an empty
+    map (map_is_empty) leaves all of it as it is.
     """
-    heatmap = upsample_map(grid, image.size)
+    heatmap = upsample_map(torch.zeros_like(grid) if map_is_empty(grid) else grid, image.size)
     gray = Image.fromarray((heatmap * 255).round().to(torch.uint8).cpu().numpy(), mode="L")
     coloured = ImageOps.colorize(gray, black="#0000ff", mid="#ffff00", white="#ff0000")
     blended = Image.composite(coloured, image.convert("RGB"), gray.point(lambda v: int(v * 0.7)))
@@ -147,15 +162,23 @@ def overlay_image(image: Image.Image, grid: Tensor, image_format: str) -> bytes:
 def heatmap_png_size(option: str | int, size: tuple[int, int], input_size: tuple[int, int] | None) -> tuple[int, int]:
     """(width, height) of the heat map PNG for Options.heatmap_size, given the image `size` (width, height).
 
-    `input`: the model input's size (`input_size` is (height, width), as in model-config.yaml). A side in pixels:
-    the image's size scaled so that its longest side is that many pixels (aspect ratio kept, never enlarged).
+    `auto` (the default): as a side in pixels equal to the model input's longest side (`input_size` is (height,
+    width), as in model-config.yaml), so a 640x480 photo gets a 224x168 map from a 224x224 model. `original`: the
+    image's size. `input`: the model input's size. A side in pixels: the image's size scaled so that its longest
+    side is that many pixels (aspect ratio kept, never enlarged).
     """
-    if option == "input":
-        return size if input_size is None else (input_size[1], input_size[0])
     if option == "original":
         return size
+    if option == "input":
+        return size if input_size is None else (input_size[1], input_size[0])
+    if option == "auto":
+        if input_size is None:
+            raise ValueError("heatmap_size 'auto' is sized by the model input: pass its input_size")
+        side = max(input_size)
+    else:
+        side = int(option)
     width, height = size
-    scale = min(1.0, int(option) / max(width, height))
+    scale = min(1.0, side / max(width, height))
     return max(1, round(width * scale)), max(1, round(height * scale))
 
 
@@ -175,7 +198,7 @@ def encode_answer(
 
     `maps` (T, h, w) and `targets` (T classes) are the maps of the requested classes (None for a plain prediction).
     `explain` (the /explanations route) answers the map payload alone, without predictions. `input_size` (the
-    model's, (height, width)) serves heatmap_size=input.
+    model's, (height, width)) sizes the heat map of heatmap_size=auto (the default) and input.
     """
     if options.output == "overlay" and image is not None and maps is not None and len(maps):
         return overlay_image(image, maps[0], options.image_format), f"image/{options.image_format}"

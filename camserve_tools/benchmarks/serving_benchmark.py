@@ -11,8 +11,8 @@ Variants, all on the same server and the same worker settings, one after the oth
 |---|---|
 | `built-in plain` | TorchServe's built-in `ImageClassifier`, `POST /predictions/<model>_builtin`: the baseline |
 | `none` | our handler with `X-CAM-Method: none`: labels only |
-| `cam`, `gradcam`, `eigencam` | our handler with that method: labels + map (heat map PNG, peak, box) |
-| `gradcam input-size` | gradcam with `X-CAM-Heatmap-Size: input`: the PNG at the model input's size, peak and box still in image pixels |
+| `cam`, `gradcam`, `eigencam` | our handler with that method: labels + map (heat map PNG at the model input's side, peak, box) |
+| `gradcam original` | gradcam with `X-CAM-Heatmap-Size: original`: the PNG at the image's size (the default before it was input-sized) |
 | `built-in IG` | the built-in `POST /explanations/<model>_builtin`: Integrated Gradients through captum |
 | `pytorch-grad-cam` | `POST /predictions/<model>_pytorch_grad_cam`: what a user would write instead (a reference, not a target) |
 
@@ -76,7 +76,7 @@ class Variant:
     route: str
     answer: str  # what benchmark_locustfile.py checks
     method: str = ""  # X-CAM-Method
-    heatmap_size: str = ""  # X-CAM-Heatmap-Size; our default (the image's own size) where empty
+    heatmap_size: str = ""  # X-CAM-Heatmap-Size; our default (the model input's longest side) where empty
 
     def headers(self) -> list[str]:
         options = {"Method": self.method, "Heatmap-Size": self.heatmap_size}
@@ -88,8 +88,8 @@ VARIANTS = (
     Variant("none", "ours", "predictions", "plain", "none"),
     Variant("cam", "ours", "predictions", "map", "cam"),
     Variant("gradcam", "ours", "predictions", "map", "gradcam"),
-    # For clients that lay the map over the image themselves: the PNG at the model input's size.
-    Variant("gradcam input-size", "ours", "predictions", "map", "gradcam", heatmap_size="input"),
+    # What a client that wants the map pixel for pixel over the image pays: the PNG at the image's size.
+    Variant("gradcam original", "ours", "predictions", "map", "gradcam", heatmap_size="original"),
     Variant("eigencam", "ours", "predictions", "map", "eigencam"),
     Variant("built-in IG", "builtin", "explanations", "integrated-gradients"),
     Variant(PEER, "pytorch_grad_cam", "predictions", "pytorch-grad-cam"),
@@ -232,7 +232,9 @@ def start_torchserve(store: Path, models: str, threads: int, run_dir: Path) -> T
 def run_cell(server: TorchServe, model: BenchModel, variant: Variant, users: int, seconds: float, work_dir: Path) -> dict:
     """One headless Locust run; its summary (throughput, percentiles, failures, response size, histogram)."""
     path = f"/{variant.route}/{served_name(model, variant)}"
-    figures = locust_run(server.inference_url, path, variant.answer, variant.headers(), users, seconds, work_dir)
+    figures = locust_run(
+        server.inference_url, path, variant.answer, variant.headers(), users, seconds, work_dir, ("--server-pid", str(server.process.pid))
+    )
     drain(server, served_name(model, variant), variant.handler == "ours")
     return figures
 
@@ -309,8 +311,12 @@ def drain(server: TorchServe, name: str, ours: bool) -> None:
         requests.post(f"{server.inference_url}/predictions/{name}", data=image, headers=headers, timeout=900).raise_for_status()
 
 
+FRONTEND_WARMUP_S = 10.0
+
+
 def merge(rounds: list[dict]) -> dict:
-    """One cell's figures from its rounds: requests and bytes add up, percentiles from the merged histogram."""
+    """One cell's figures from its rounds: requests, bytes and CPU seconds add up, percentiles from the merged
+    histogram; CPU per request is the rounds' CPU seconds over their requests."""
     histogram: dict[float, int] = {}
     for figures in rounds:
         for ms, count in figures["response_times_ms"].items():
@@ -326,6 +332,25 @@ def merge(rounds: list[dict]) -> dict:
         "errors": [error for f in rounds for error in f["errors"]][:5],
         "rounds": len(rounds),
         **{f"p{round(q * 100)}_ms": percentile(histogram, q) for q in (0.5, 0.95, 0.99)},
+        **cpu_per_request(rounds, requests_made),
+    }
+
+
+CPU_PARTS = ("server_frontend", "server_workers", "server_other", "server_total", "server_jit", "client")
+
+
+def cpu_per_request(rounds: list[dict], requests_made: int) -> dict:
+    """CPU ms per answered request over the rounds' measured windows, by part (server_total: frontend + workers +
+    other; server_jit, the frontend's JIT compilation, apart), and the seconds behind them; nothing where a round
+    has no CPU figures (a run without --server-pid)."""
+    if not requests_made or not all(f.get("cpu") for f in rounds):
+        return {}
+    seconds = {part: sum(f["cpu"][f"{part}_s"] for f in rounds) for part in CPU_PARTS}
+    return {
+        **{f"{part}_cpu_ms": 1000 * value / requests_made for part, value in seconds.items()},
+        "cpu_seconds": {**seconds, "window": sum(f["cpu"]["window_s"] for f in rounds)},
+        # Each round's own figure: how far rounds of one cell spread.
+        "server_total_cpu_ms_by_round": [1000 * f["cpu"]["server_total_s"] / f["requests"] if f["requests"] else None for f in rounds],
     }
 
 
@@ -359,8 +384,13 @@ def measure(
     server = start_server(models, settings, work_dir)
     try:
         for model in models:
+            # Warm-up. The frontend's request path (the same for every variant) runs interpreted, at a higher CPU
+            # cost per request, until its JIT has compiled it over the first thousands of requests: at full load
+            # first, so that the first variant measured does not pay for it. Then each variant once: first-call
+            # costs, caches.
+            run_cell(server, model, VARIANTS[0], max(concurrency), FRONTEND_WARMUP_S, work_dir)
             for variant in variants:
-                run_cell(server, model, variant, 1, 2.0, work_dir)  # warm-up: first-call costs, caches
+                run_cell(server, model, variant, 1, 2.0, work_dir)
             for users in concurrency:
                 results: dict[str, list[dict]] = {variant.name: [] for variant in variants}
                 for round_ in range(rounds):

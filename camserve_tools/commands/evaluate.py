@@ -10,6 +10,7 @@ evaluated; images are read only inside DATA.
 Figures - over images for top1, over (image, ground-truth class) maps for the rest:
   top1                  the top-1 prediction is one of the image's classes
   pointing_game         the map's peak lies inside a ground-truth box of its class
+  empty_maps            maps that point nowhere (all zero): no peak, no box; counted as misses (pointing and IoU 0)
   iou50                 the map's box has IoU >= 0.5 with a ground-truth box of its class (mean_iou: the mean)
   deletion_auc          RISE deletion (lower is better): the class probability as the most salient pixels turn
                         black, 1/STEPS of the pixels at a time; the area under that curve
@@ -98,13 +99,14 @@ class MapRecord:
     class_index: int
     predicted: str  # the image's top-1 label
     probability: float | None  # of this class, as the endpoint answered; None when outside its top-k
-    peak: list[int]
-    bbox: list[int]
+    peak: list[int] | None  # None: the map is empty
+    bbox: list[int] | None
     pointing: bool
     iou: float
     deletion_auc: float
     insertion_auc: float
     randomization_spearman: float | None = None
+    empty: bool = False  # the answer said the map points nowhere: a miss for the pointing game and IoU
 
     @property
     def badness(self) -> tuple:
@@ -335,7 +337,7 @@ def model_pixels(handler: Any, body: bytes) -> Any:
 
 
 def map_at_input_size(handler: Any, heatmap: Any) -> Any:
-    """A full-size uint8 heat map resized to the model's input, as floats in [0, 1]."""
+    """A uint8 heat map (any size: the answer's heatmap_size) resized to the model's input, as floats in [0, 1]."""
     import numpy as np
     import torch
     from PIL import Image
@@ -358,18 +360,20 @@ def score_map(handler: Any, image: Any, cam: dict[str, Any], pixels: Any, steps:
         return handler.extractor.predict(normalize(batch)).softmax(dim=1)[:, class_index]
 
     deletion, insertion = deletion_insertion_auc(class_probability, pixels, map_at_input_size(handler, heatmap), steps)
+    empty = cam.get("empty") is True or cam.get("bbox") is None or cam.get("peak") is None
     record = MapRecord(
         image=str(image.path),
         label=cam["label"],
         class_index=class_index,
         predicted="",
         probability=None,
-        peak=list(cam["peak"]),
-        bbox=list(cam["bbox"]),
-        pointing=pointing_hit(cam["peak"], boxes),
-        iou=round(best_iou(cam["bbox"], boxes), 4),
+        peak=None if empty else list(cam["peak"]),
+        bbox=None if empty else list(cam["bbox"]),
+        pointing=False if empty else pointing_hit(cam["peak"], boxes),
+        iou=0.0 if empty else round(best_iou(cam["bbox"], boxes), 4),
         deletion_auc=round(deletion, 4),
         insertion_auc=round(insertion, 4),
+        empty=empty,
     )
     return record, heatmap
 
@@ -406,6 +410,7 @@ def map_figures(records: list[MapRecord]) -> dict[str, Any]:
     spearmans = [r.randomization_spearman for r in records]
     return {
         "maps": len(records),
+        "empty_maps": sum(r.empty for r in records),
         "pointing_game": _mean([float(r.pointing) for r in records]),
         "iou50": _mean([float(r.iou >= 0.5) for r in records]),
         "mean_iou": _mean([r.iou for r in records]),
@@ -533,7 +538,8 @@ def write_worst(folder: Path, evaluation: Evaluation) -> list[tuple[str | None, 
     files: list[tuple[str | None, str | None]] = []
     for rank, (record, heatmap_b64, boxes, path) in enumerate(evaluation.worst, start=1):
         name = f"{rank:02d}_{safe_name_part(Path(record.image).stem)}_{safe_name_part(record.label)}.png"
-        caption = f"{record.label}: top-1 {record.predicted}, IoU {record.iou:.2f}, {'hit' if record.pointing else 'miss'}"
+        verdict = "empty map" if record.empty else "hit" if record.pointing else "miss"
+        caption = f"{record.label}: top-1 {record.predicted}, IoU {record.iou:.2f}, {verdict}"
         body = read_image(path)
         if isinstance(body, dict):
             files.append((None, body["message"]))
@@ -559,14 +565,15 @@ def _markdown_cell(text: str) -> str:
     return " ".join(str(text).replace("|", "\\|").split())
 
 
-FIGURE_COLUMNS = ("top1", "pointing_game", "iou50", "mean_iou", "deletion_auc", "insertion_auc", "randomization_spearman")
+FIGURE_COLUMNS = ("empty_maps", "top1", "pointing_game", "iou50", "mean_iou", "deletion_auc", "insertion_auc", "randomization_spearman")
 
 
 def summary_markdown(metrics: dict[str, Any]) -> str:
     lines = [
         f"# Evaluation of `{metrics['model']}` ({metrics['method']})",
         "",
-        f"{metrics['images']} images, {metrics['maps']} maps (one per image and ground-truth class); boxes from "
+        f"{metrics['images']} images, {metrics['maps']} maps (one per image and ground-truth class), "
+        f"{metrics['empty_maps']} of them empty (no peak, no box: counted as misses); boxes from "
         f"`{metrics['settings']['boxes']}`; {metrics['seconds']} s.",
         "",
         "| scope | images | maps | " + " | ".join(FIGURE_COLUMNS) + " |",
@@ -624,7 +631,7 @@ def summary_markdown(metrics: dict[str, Any]) -> str:
             lines.append(
                 f"| {rank} | {_markdown_cell(Path(entry['image']).name)} | {_markdown_cell(entry['label'])} | "
                 f"{_markdown_cell(entry['predicted'])} | "
-                f"{'yes' if entry['pointing'] else 'no'} | "
+                f"{'empty map' if entry['empty'] else 'yes' if entry['pointing'] else 'no'} | "
                 f"{entry['iou']:.2f} | {entry['deletion_auc']:.3f} | {entry['insertion_auc']:.3f} | "
                 + (f"[{entry['file']}]({entry['file']}) |" if entry.get("file") else "- |")
             )

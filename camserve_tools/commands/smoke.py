@@ -325,10 +325,15 @@ def check_cam(cam: dict[str, Any], size: tuple[int, int], labels: list[str]) -> 
         problems.append(f"cam size {cam.get('size')} is not the image's {[width, height]}")
     try:
         heatmap = decode_heatmap(cam["heatmap"])
-        if heatmap.shape != (height, width):
-            problems.append(f"heat map decodes to {heatmap.shape[1]}x{heatmap.shape[0]}, not {width}x{height}")
+        map_width, map_height = cam["heatmap_size"]
+        if heatmap.shape != (map_height, map_width) or not (map_width <= width and map_height <= height):
+            problems.append(
+                f"heat map decodes to {heatmap.shape[1]}x{heatmap.shape[0]}, heatmap_size {cam['heatmap_size']}, image {width}x{height}"
+            )
     except Exception as error:  # noqa: BLE001 - any way it fails to decode is the finding
         problems.append(f"heat map does not decode: {type(error).__name__}")
+    if cam.get("empty") is True:  # a map that points nowhere answers no peak and no box
+        return problems + ([] if cam.get("peak") is None and cam.get("bbox") is None else ["an empty map with a peak or a box"])
     x, y = (cam.get("peak") or [-1, -1])[:2]
     if not (0 <= x < width and 0 <= y < height):
         problems.append(f"peak {cam.get('peak')} is outside the {width}x{height} image")
