@@ -10,20 +10,22 @@ INFERENCE_PORT ?= 8080
 MANAGEMENT_PORT ?= 8081
 METRICS_PORT ?= 8082
 CONFIG ?= config/dev.properties
-# torchserve, or kserve: the same pipeline on KServe's own model server (no TorchServe, no Java)
+# torchserve; kserve: the same pipeline on KServe's own model server (no TorchServe, no Java); ray: on Ray Serve, in a
+# local Ray cluster of RAY_NODES nodes on loopback
 ENGINE ?= torchserve
+RAY_NODES ?= 1
 # The settings a user may give the targets below reach their recipes the way the archive rule's do: unexpanded,
 # through the environment as MAKE_<NAME>, read by the shell only inside double quotes (or, for argument lists, split
 # into words with globbing off): no value is ever make or shell code. Not exported under their own names, where
 # make would expand them on the way.
-USER_SETTINGS := CONFIG ENGINE INFERENCE_PORT MANAGEMENT_PORT METRICS_PORT BENCH_ARGS LOADTEST_ARGS MODELS PROTOCOL BUNDLE_DIR KSERVE_PORT
+USER_SETTINGS := CONFIG ENGINE RAY_NODES INFERENCE_PORT MANAGEMENT_PORT METRICS_PORT BENCH_ARGS LOADTEST_ARGS MODELS PROTOCOL BUNDLE_DIR KSERVE_PORT
 unexport $(USER_SETTINGS)
 $(foreach setting,$(USER_SETTINGS),$(eval export MAKE_$(setting) = $$(value $(setting))))
 
 .PHONY: help venv serve stop test lint archive train evaluate bench bench-maps loadtest clean kserve-bundle kserve-local kserve-local-stop check-manifests image image-test prometheus-tools
 
 help:
-	@echo "make serve     start TorchServe with the default models (shapes, imagenet) on 127.0.0.1:$(INFERENCE_PORT) (background; ENGINE=kserve: KServe's own model server)"
+	@echo "make serve     start TorchServe with the default models (shapes, imagenet) on 127.0.0.1:$(INFERENCE_PORT) (background; ENGINE=kserve: KServe's own model server; ENGINE=ray RAY_NODES=2: Ray Serve on a local 2-node cluster)"
 	@echo "make stop      stop that server"
 	@echo "make test      install what is missing, lint, and run the whole test suite"
 	@echo "make lint      ruff (lint, format check) and mypy"
@@ -88,8 +90,10 @@ archive: $(VENV)/.installed
 		$${ARCHIVE_STD:+--std "$$ARCHIVE_STD"} $${ARCHIVE_METHOD:+--method "$$ARCHIVE_METHOD"} $${ARCHIVE_LAYER:+--layer "$$ARCHIVE_LAYER"}
 endif
 
+# ENGINE and RAY_NODES reach the recipe as the archive rule's variables do: unexpanded, through the environment, read
+# by the shell only inside double quotes.
 serve: $(ARCHIVES)
-	$(BIN)/camserve serve --engine "$$MAKE_ENGINE" --run-dir $(RUN_DIR) --config "$$MAKE_CONFIG" \
+	$(BIN)/camserve serve --engine "$$MAKE_ENGINE" --ray-nodes "$$MAKE_RAY_NODES" --run-dir $(RUN_DIR) --config "$$MAKE_CONFIG" \
 		--inference-port "$$MAKE_INFERENCE_PORT" --management-port "$$MAKE_MANAGEMENT_PORT" --metrics-port "$$MAKE_METRICS_PORT"
 
 stop:

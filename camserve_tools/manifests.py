@@ -1,4 +1,5 @@
-"""Check every manifest under deploy/: Kubernetes kinds strictly against the API schemas, KServe's against its CRDs.
+"""Check every manifest under deploy/: Kubernetes kinds strictly against the API schemas, KServe's against its CRDs,
+Ray Serve's config against Ray's schema, KubeRay's RayService as far as no KubeRay at hand allows.
 
     python -m camserve_tools.manifests deploy        # make check-manifests; tests/test_manifests.py runs the same
 
@@ -16,6 +17,11 @@
 - A PrometheusRule (prometheus-operator's CRD, not shipped here) is checked against the fields of its rule groups;
   `promtool check rules` and `promtool test rules` run on its groups in tests/test_prometheus_rules.py.
 - kustomization.yaml is kustomize's input, not a cluster object: only its keys are checked.
+- A Ray Serve config (deploy/ray/serve-config.yaml: `applications`, no `kind`) and a RayService's serveConfigV2
+  load into Ray's ServeDeploySchema; a key it does not read is an error too (Ray's models ignore unknown keys).
+- A RayService (KubeRay) is checked against the field names of KubeRay v1.7.0's CRD, its rayStartParams as strings,
+  each pod template strictly as a Kubernetes PodTemplateSpec; and strictly against KubeRay's CRD itself where
+  ../shared/kuberay-crds (or CAMSERVE_KUBERAY_CRDS) holds it, skipped and said so otherwise.
 """
 
 from __future__ import annotations
@@ -44,6 +50,8 @@ KSERVE_KINDS = {
 # KServe's CRDs: ../shared/kserve-crds beside the repository, unless CAMSERVE_KSERVE_CRDS names another folder.
 KSERVE_CRDS = Path(os.environ.get("CAMSERVE_KSERVE_CRDS", Path(__file__).resolve().parents[1].parent / "shared" / "kserve-crds"))
 CRD_KINDS = {"InferenceService", "ServingRuntime", "ClusterServingRuntime"}
+# KubeRay's CRDs (ray.io_rayservices.yaml): ../shared/kuberay-crds, unless CAMSERVE_KUBERAY_CRDS names another folder.
+KUBERAY_CRDS = Path(os.environ.get("CAMSERVE_KUBERAY_CRDS", Path(__file__).resolve().parents[1].parent / "shared" / "kuberay-crds"))
 KUSTOMIZATION_KEYS = {
     "apiVersion", "kind", "resources", "images", "namespace", "namePrefix", "nameSuffix", "labels", "commonLabels",
     "commonAnnotations", "patches", "configMapGenerator", "secretGenerator", "generatorOptions", "replicas", "components",
@@ -169,6 +177,124 @@ def check_kserve(document: dict, model_name: str) -> list[str]:
     return problems
 
 
+def check_serve_config(config: Any, where: str) -> list[str]:
+    """Problems of a Ray Serve config (the `serve deploy` / `serve run` file, a RayService's serveConfigV2)."""
+    from pydantic import ValidationError
+    from ray.serve.schema import ServeDeploySchema
+
+    if not isinstance(config, dict):
+        return [f"{where}: a Ray Serve config is a mapping"]
+    try:
+        schema = ServeDeploySchema.model_validate(config)
+    except ValidationError as error:
+        return [f"{where}.{'.'.join(str(part) for part in problem['loc'])}: {problem['msg']}" for problem in error.errors()]
+    return [f"{where}.{path}: Ray Serve's config has no such field" for path in unread_keys(config, schema.model_dump(exclude_unset=True))]
+
+
+def unread_keys(given: Any, read: Any, path: str = "") -> list[str]:
+    """Keys of `given` that a schema's dump of it (`read`) lacks: what the schema dropped without a word."""
+    if isinstance(given, dict) and isinstance(read, dict):
+        keys = []
+        for key, value in given.items():
+            where = f"{path}.{key}" if path else str(key)
+            keys += [where] if key not in read else unread_keys(value, read[key], where)
+        return keys
+    if isinstance(given, list) and isinstance(read, list):
+        return [key for index, (g, r) in enumerate(zip(given, read)) for key in unread_keys(g, r, f"{path}[{index}]")]
+    return []
+
+
+RAY_SERVICE = ("ray.io/v1", "RayService")
+# The RayService's own fields, from KubeRay v1.7.0's CRD: (where, the fields it declares, those it requires).
+RAY_SERVICE_FIELDS = (
+    (
+        "spec",
+        {
+            "deploymentUnhealthySecondThreshold", "excludeHeadPodFromServeSvc", "managedBy", "rayClusterConfig",
+            "rayClusterDeletionDelaySeconds", "serveConfigV2", "serveService", "serviceUnhealthySecondThreshold", "suspend",
+            "upgradeStrategy",
+        },
+        {"rayClusterConfig"},
+    ),
+    (
+        "spec.rayClusterConfig",
+        {
+            "authOptions", "autoscalerOptions", "enableInTreeAutoscaling", "gcsFaultToleranceOptions", "headGroupSpec",
+            "headServiceAnnotations", "historyServerOptions", "managedBy", "networkPolicy", "rayVersion", "suspend",
+            "tlsOptions", "upgradeStrategy", "workerGroupSpecs",
+        },
+        {"headGroupSpec"},
+    ),
+    (
+        "spec.rayClusterConfig.headGroupSpec",
+        {"enableIngress", "headService", "ingressOptions", "labels", "rayStartParams", "resources", "serviceType", "template"},
+        {"template"},
+    ),
+    (
+        "spec.rayClusterConfig.workerGroupSpecs[]",
+        {
+            "groupName", "idleTimeoutSeconds", "labels", "maxReplicas", "minReplicas", "numOfHosts", "priority",
+            "rayStartParams", "replicas", "resources", "scaleStrategy", "suspend", "template",
+        },
+        {"groupName", "maxReplicas", "minReplicas", "template"},
+    ),
+)  # fmt: skip
+
+
+def _at(document: dict, where: str) -> list[tuple[str, Any]]:
+    """The values at a dotted path, `[]` standing for every item of a list: (their path, value)."""
+    found: list[tuple[str, Any]] = [("", document)]
+    for part in where.split("."):
+        many = part.endswith("[]")
+        name = part.removesuffix("[]")
+        step = []
+        for path, value in found:
+            child = value.get(name) if isinstance(value, dict) else None
+            path = f"{path}.{name}" if path else name
+            if many and isinstance(child, list):
+                step += [(f"{path}[{index}]", item) for index, item in enumerate(child)]
+            elif child is not None and not many:
+                step.append((path, child))
+        found = step
+    return found
+
+
+def check_ray_service(document: dict, skipped: list[str] | None = None) -> list[str]:
+    """A RayService: its own fields by name, each group's rayStartParams as strings, each pod template strictly as a
+    Kubernetes PodTemplateSpec, serveConfigV2 as a Ray Serve config; and KubeRay's CRD where it is at hand."""
+    problems = []
+    try:
+        problems += check_against_crd(document, KUBERAY_CRDS)
+    except CrdsMissing:
+        if skipped is not None:
+            skipped.append(f"{KUBERAY_CRDS} is absent: the RayService checked by KubeRay's field names, not against its CRD")
+    for where, known, required in RAY_SERVICE_FIELDS:
+        for path, value in _at(document, where):
+            if not isinstance(value, dict):
+                problems.append(f"{path}: an object")
+                continue
+            problems += [f"{path}.{key}: unknown field of KubeRay's RayService" for key in sorted(set(value) - known)]
+            problems += [f"{path}.{key}: required" for key in sorted(required - set(value))]
+    for path, params in _at(document, "spec.rayClusterConfig.headGroupSpec.rayStartParams") + _at(
+        document, "spec.rayClusterConfig.workerGroupSpecs[].rayStartParams"
+    ):
+        problems += [
+            f"{path}.{key}: a string (KubeRay passes it to `ray start` as text)" for key, v in params.items() if not isinstance(v, str)
+        ]
+    templates = _at(document, "spec.rayClusterConfig.headGroupSpec.template") + _at(
+        document, "spec.rayClusterConfig.workerGroupSpecs[].template"
+    )
+    for path, template in templates:
+        pod_template = {"apiVersion": "v1", "kind": "PodTemplate", "metadata": {"name": "template"}, "template": template}
+        problems += [f"{path}: {problem}" for problem in check_document(pod_template)]
+    serve_config = document.get("spec", {}).get("serveConfigV2")
+    if not isinstance(serve_config, str):
+        problems.append("spec.serveConfigV2: a YAML string holding the Serve config")
+    else:
+        problems += check_serve_config(yaml.safe_load(serve_config), "spec.serveConfigV2")
+    return problems
+
+
 def strict(schema: Any) -> Any:
     """`schema` with unknown fields refused: every object schema that lists properties, and neither preserves unknown
     fields nor sets additionalProperties itself, gets additionalProperties: false (recursively)."""
@@ -198,11 +324,12 @@ def crd_validators(folder: Path) -> dict[tuple[str, str], jsonschema.protocols.V
 
 
 class CrdsMissing(Exception):
-    """KServe's CRDs are not where KSERVE_CRDS says: the strict schema check cannot run."""
+    """A folder of CRDs (KServe's, KubeRay's) is not there: the strict schema check cannot run."""
 
 
 def check_against_crd(document: dict, folder: Path | None = None) -> list[str]:
-    """Problems of a KServe document against its CRD's schema (unknown fields included); CrdsMissing without CRDs."""
+    """Problems of a document against its CRD's schema in `folder` (KServe's by default; unknown fields included);
+    CrdsMissing without CRDs."""
     folder = folder or KSERVE_CRDS
     if not folder.is_dir():
         raise CrdsMissing(f"{folder} is absent: KServe manifests not checked against KServe's CRDs")
@@ -219,6 +346,10 @@ def check_document(document: dict, skipped: list[str] | None = None) -> list[str
     """Problems of one manifest; a check that cannot run here (no CRDs) is named in `skipped`."""
     key = (document.get("apiVersion"), document.get("kind"))
     problems: list[str] = []
+    if key == RAY_SERVICE:
+        return check_ray_service(document, skipped)
+    if key == (None, None) and "applications" in document:
+        return check_serve_config(document, "serve config")
     if document.get("kind") in CRD_KINDS and str(document.get("apiVersion", "")).startswith("serving.kserve.io/"):
         try:
             problems += check_against_crd(document)
@@ -280,9 +411,11 @@ def main() -> None:
         print(f"SKIPPED: {reason}")
     if report:
         sys.exit(1)
+    kserve = f"against KServe CRDs {KSERVE_CRDS} strict and kserve models" if KSERVE_CRDS.is_dir() else "against kserve models only"
+    ray_service = f"against KubeRay's CRDs {KUBERAY_CRDS} strict" if KUBERAY_CRDS.is_dir() else "by KubeRay's field names"
     print(
-        f"{count} manifests under {args.root}: valid (Kubernetes {', '.join(KUBERNETES_VERSIONS)} strict; KServe kinds "
-        f"{'against kserve models only' if skipped else 'against KServe CRDs ' + str(KSERVE_CRDS) + ' strict and kserve models'})"
+        f"{count} manifests under {args.root}: valid (Kubernetes {', '.join(KUBERNETES_VERSIONS)} strict; KServe kinds {kserve}; "
+        f"Ray Serve configs against Ray's schema; the RayService {ray_service})"
     )
 
 

@@ -191,6 +191,9 @@ def write_summary(environment: Environment, **_kwargs: Any) -> None:
         "errors": [f"{error.occurrences} x {error.error}" for error in environment.stats.errors.values()][:5],
         # What the driver needs to merge rounds: the window, and Locust's histogram of (rounded) response times.
         "window_s": (total.last_request_timestamp or 0) - total.start_time if total.num_requests else 0.0,
+        # The window in Unix time, for what the driver measures on the server meanwhile (its CPU time).
+        "window_start": total.start_time,
+        "window_end": total.last_request_timestamp or total.start_time,
         "response_bytes_total": total.total_content_length,
         "response_times_ms": {str(ms): count for ms, count in total.response_times.items()},
         **{f"p{round(q * 100)}_ms": total.get_response_time_percentile(q) for q in PERCENTILES},

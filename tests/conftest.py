@@ -13,6 +13,7 @@ import pytest
 import requests
 
 from camserve_tools.kserve.native import KServeEngine
+from camserve_tools.ray_cluster import RayCluster, body_limit
 from camserve_tools.scenes import EVAL_SEED_START, Scene, make_scene
 from camserve_tools.server import TorchServe
 
@@ -99,17 +100,41 @@ def kserve_engine(tmp_path_factory: pytest.TempPathFactory) -> Iterator[KServeEn
         engine.stop()
 
 
-ENGINES = ("torchserve", "kserve")
+def start_ray_engine(run_dir: Path, archives: dict[str, Path], **fields) -> RayCluster:
+    """A local Ray cluster in `run_dir` serving `archives` through Ray Serve on a free port, with the body limit of
+    config/dev.properties; skipped with a message where Ray cannot be imported."""
+    pytest.importorskip("ray", reason="Ray is not installed: pip install 'ray[serve]==2.60.0' (pinned in pyproject.toml)")
+    cluster = RayCluster.on_free_ports(
+        run_dir=run_dir, archives=archives, max_body_bytes=body_limit(ROOT / "config" / "dev.properties"), **fields
+    )
+    cluster.start()
+    return cluster
+
+
+@pytest.fixture(scope="session")
+def ray_engine(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RayCluster]:
+    """The shapes model on Ray Serve: a one-node cluster, one replica (the hostile suites check that one process)."""
+    cluster = start_ray_engine(
+        tmp_path_factory.mktemp("ray-engine"), {"shapes": SHAPES_MAR}, deployment_options={"shapes": {"num_replicas": 1}}
+    )
+    try:
+        yield cluster
+    finally:
+        cluster.stop()
+
+
+ENGINES = ("torchserve", "kserve", "ray")
+ENGINE_FIXTURES = {"torchserve": "shapes_server", "kserve": "kserve_engine", "ray": "ray_engine"}
 
 
 @pytest.fixture(scope="session", params=ENGINES)
-def engine_server(request: pytest.FixtureRequest) -> TorchServe | KServeEngine:
-    """The shapes model on each engine in turn: TorchServe, and KServe's own model server (the same pipeline)."""
-    return request.getfixturevalue("shapes_server" if request.param == "torchserve" else "kserve_engine")
+def engine_server(request: pytest.FixtureRequest) -> TorchServe | KServeEngine | RayCluster:
+    """The shapes model on each engine in turn: TorchServe, KServe's own model server and Ray Serve (the same pipeline)."""
+    return request.getfixturevalue(ENGINE_FIXTURES[request.param])
 
 
 @pytest.fixture()
-def predict(engine_server: TorchServe | KServeEngine):
+def predict(engine_server: TorchServe | KServeEngine | RayCluster):
     """POST to /predictions/shapes (or `path`) of the engine under test, with its authorization."""
     shapes_server = engine_server
 

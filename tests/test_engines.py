@@ -1,6 +1,7 @@
-"""One pipeline, two engines: the same request gets the same bytes from TorchServe and from KServe's own model server.
+"""One pipeline, three engines: the same request gets the same bytes from TorchServe, from KServe's own model server
+and from Ray Serve.
 
-Plain requests go to `/predictions/shapes` on both; KServe's envelopes go to TorchServe under the matching config
+Plain requests go to `/predictions/shapes` on all three; KServe's envelopes go to TorchServe under the matching config
 (config/kserve*.properties) and to KServe's own routes (`:predict`, `:explain`, `/infer`) on the native engine.
 """
 
@@ -54,21 +55,36 @@ PLAIN_CASES = {
 }
 
 
+@pytest.fixture(scope="module", params=["kserve", "ray"])
+def other_engine(request: pytest.FixtureRequest):
+    """An engine other than TorchServe hosting the same pipeline: KServe's model server, Ray Serve."""
+    return request.getfixturevalue(f"{request.param}_engine")
+
+
 @pytest.mark.parametrize("name", list(PLAIN_CASES))
-def test_plain_requests_get_identical_bytes(shapes_server, kserve_engine, scenes, name: str) -> None:
+def test_plain_requests_get_identical_bytes(shapes_server, other_engine, scenes, name: str) -> None:
     headers, body = PLAIN_CASES[name]
     payload = png_bytes(scenes[0].image) if body == "scene" else b"this is no image"
     same_answer(
         post(f"{shapes_server.inference_url}/predictions/shapes", payload, {**shapes_server.auth_headers(), **headers}),
-        post(f"{kserve_engine.inference_url}/predictions/shapes", payload, headers),
+        post(f"{other_engine.inference_url}/predictions/shapes", payload, headers),
     )
 
 
-def test_form_and_json_bodies_get_identical_bytes(shapes_server, kserve_engine, scenes) -> None:
+def test_explanations_get_identical_bytes(shapes_server, other_engine, scenes) -> None:
+    payload = png_bytes(scenes[2].image)
+    for headers in ({}, {"X-CAM-Method": "cam", "X-CAM-Output": "grid"}):
+        same_answer(
+            post(f"{shapes_server.inference_url}/explanations/shapes", payload, headers),
+            post(f"{other_engine.inference_url}/explanations/shapes", payload, headers),
+        )
+
+
+def test_form_and_json_bodies_get_identical_bytes(shapes_server, other_engine, scenes) -> None:
     image = png_bytes(scenes[1].image)
     body = json.dumps({"data": base64.b64encode(image).decode(), "maps": 2}).encode()
     forms, bodies = [], []
-    for engine in (shapes_server, kserve_engine):
+    for engine in (shapes_server, other_engine):
         url = f"{engine.inference_url}/predictions/shapes"
         forms.append(requests.post(url, files={"data": image}, data={"method": "cam"}, timeout=60))
         bodies.append(post(url, body, {"Content-Type": "application/json"}))

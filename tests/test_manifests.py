@@ -23,7 +23,7 @@ def documents(path: Path) -> list[dict]:
 
 
 def by_kind(kind: str) -> list[dict]:
-    return [document for path in sorted(DEPLOY.rglob("*.yaml")) for document in documents(path) if document["kind"] == kind]
+    return [document for path in sorted(DEPLOY.rglob("*.yaml")) for document in documents(path) if document.get("kind") == kind]
 
 
 def one(kind: str) -> dict:
@@ -82,9 +82,13 @@ def test_without_the_crds_the_check_says_it_skipped(tmp_path: Path, monkeypatch:
     import camserve_tools.manifests as manifests
 
     monkeypatch.setattr(manifests, "KSERVE_CRDS", tmp_path / "absent")
+    monkeypatch.setattr(manifests, "KUBERAY_CRDS", tmp_path / "absent-too")
     skipped: list[str] = []
     assert check_tree(DEPLOY, skipped) == {}
-    assert skipped == [f"{tmp_path / 'absent'} is absent: KServe manifests not checked against KServe's CRDs"]
+    assert skipped == [
+        f"{tmp_path / 'absent'} is absent: KServe manifests not checked against KServe's CRDs",
+        f"{tmp_path / 'absent-too'} is absent: the RayService checked by KubeRay's field names, not against its CRD",
+    ]
 
 
 def test_one_image_variable_names_the_version() -> None:

@@ -204,18 +204,22 @@ def start_server(models: list[BenchModel], settings: Settings, work_dir: Path) -
     with tempfile.TemporaryDirectory(prefix="camserve-bench-") as staging:
         for model in models:
             build_archives(model, settings, store, Path(staging))
-    run_dir = work_dir / f"server-{settings.slug}"
-    shutil.rmtree(run_dir, ignore_errors=True)
-    run_dir.mkdir(parents=True)
     names = [name for model in models for name in (model.name, *(f"{model.name}_{suffix}" for suffix in OTHER_HANDLERS))]
     entries = ",".join(f"{name}={name}.mar" for name in names)
-    threads = str(settings.threads)
+    return start_torchserve(store, entries, settings.threads, work_dir / f"server-{settings.slug}")
+
+
+def start_torchserve(store: Path, models: str, threads: int, run_dir: Path) -> TorchServe:
+    """TorchServe on free ports serving `models` (name=archive,...) of `store`, `threads` torch threads per worker,
+    in a fresh `run_dir`; stopped again if it does not come up."""
+    shutil.rmtree(run_dir, ignore_errors=True)
+    run_dir.mkdir(parents=True)
     server = TorchServe.on_free_ports(
         run_dir=run_dir,
         config=ROOT / "config" / "dev.properties",
         model_store=store,
-        models=entries,
-        env={"OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads},
+        models=models,
+        env={"OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)},
     )
     try:
         server.start(timeout=600)
@@ -227,6 +231,19 @@ def start_server(models: list[BenchModel], settings: Settings, work_dir: Path) -
 
 def run_cell(server: TorchServe, model: BenchModel, variant: Variant, users: int, seconds: float, work_dir: Path) -> dict:
     """One headless Locust run; its summary (throughput, percentiles, failures, response size, histogram)."""
+    path = f"/{variant.route}/{served_name(model, variant)}"
+    figures = locust_run(
+        server.inference_url, path, variant.answer, variant.headers(), users, seconds, work_dir, ("--server-pid", str(server.process.pid))
+    )
+    drain(server, served_name(model, variant), variant.handler == "ours")
+    return figures
+
+
+def locust_run(
+    url: str, path: str, answer: str, headers: list[str], users: int, seconds: float, work_dir: Path, extra: tuple[str, ...] = ()
+) -> dict:
+    """One headless run of benchmark_locustfile.py against `url` + `path` (`extra`: more of Locust's arguments);
+    its summary."""
     summary = work_dir / "cell.json"
     summary.unlink(missing_ok=True)
     command = [
@@ -240,7 +257,7 @@ def run_cell(server: TorchServe, model: BenchModel, variant: Variant, users: int
         "--loglevel",
         "WARNING",
         "--host",
-        server.inference_url,
+        url,
         "-u",
         str(users),
         "-r",
@@ -249,21 +266,19 @@ def run_cell(server: TorchServe, model: BenchModel, variant: Variant, users: int
         f"{max(1, round(seconds))}s",
         "--reset-stats",
         "--path",
-        f"/{variant.route}/{served_name(model, variant)}",
+        path,
         "--answer",
-        variant.answer,
+        answer,
         "--summary",
         str(summary),
-        "--server-pid",
-        str(server.process.pid),
+        *extra,
     ]
-    for header in variant.headers():
+    for header in headers:
         command += ["--header", header]
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     completed = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True)
     if not summary.exists():
         raise RuntimeError(f"Locust wrote no summary (exit {completed.returncode}):\n{completed.stderr[-3000:]}")
-    drain(server, served_name(model, variant), variant.handler == "ours")
     return json.loads(summary.read_text())
 
 

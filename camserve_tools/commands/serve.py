@@ -1,18 +1,21 @@
 """`camserve serve` / `camserve stop`: what `make serve` / `make stop` do.
 
 `serve` starts an engine in the background with its own run dir (TMPDIR, logs, pid file) and returns once every
-model answers a real prediction: TorchServe (`--engine torchserve`, the default) or KServe's own model server
-hosting the same pipeline (`--engine kserve`: no TorchServe, no Java). `stop` stops exactly the server of that run
-dir, whichever engine it is.
+model answers a real prediction: TorchServe (`--engine torchserve`, the default), KServe's own model server
+hosting the same pipeline (`--engine kserve`: no TorchServe, no Java), or Ray Serve hosting it on a local Ray
+cluster of `--ray-nodes` nodes on loopback (`--engine ray`). `stop` stops exactly the server of that run dir,
+whichever engine it is.
 """
 
 from __future__ import annotations
 
 import argparse
+import subprocess
 import sys
+from pathlib import Path
 from typing import Any
 
-from camserve_tools.commands.common import EXIT_OK, CommandFailed, add_output_arguments, emit, key_values
+from camserve_tools.commands.common import EXIT_OK, CommandFailed, UsageError, add_output_arguments, emit, key_values
 
 
 def register(subparsers: Any) -> None:
@@ -29,6 +32,7 @@ def register(subparsers: Any) -> None:
     add_server_arguments(serve)
     serve.add_argument("--engine", choices=ENGINES, default="torchserve", help="the serving engine (default: %(default)s)")
     serve.add_argument("--grpc-port", type=int, default=0, help="--engine kserve: its v2 gRPC port (default: off)")
+    serve.add_argument("--ray-nodes", type=int, default=1, help="--engine ray: nodes of the local Ray cluster (default: %(default)s)")
     add_output_arguments(serve)
     serve.set_defaults(run=run_serve)
     stop = subparsers.add_parser(
@@ -43,7 +47,8 @@ def register(subparsers: Any) -> None:
     stop.set_defaults(run=run_stop)
 
 
-ENGINES = ("torchserve", "kserve")
+ENGINES = ("torchserve", "kserve", "ray")
+RUN_DIR_RECORDS = ("torchserve.pid", "kserve.pid", "ray-cluster.json")  # a server of the run dir runs while one is there
 
 
 def run_serve(args: argparse.Namespace) -> int:
@@ -51,7 +56,10 @@ def run_serve(args: argparse.Namespace) -> int:
 
     if args.engine == "kserve":
         return _serve_on_kserve(args)
+    if args.engine == "ray":
+        return _serve_on_ray(args)
     server = server_from_args(args)
+    _check_free(server.run_dir)
     if not args.quiet:
         print(f"starting TorchServe ({args.models}) in {server.run_dir} ...", file=sys.stderr)
     try:
@@ -86,8 +94,7 @@ def _serve_on_kserve(args: argparse.Namespace) -> int:
         grpc_port=args.grpc_port,
         config=args.config.resolve(),
     )
-    if engine.pid_file.exists() or (run_dir / "torchserve.pid").exists():
-        raise CommandFailed(f"a server of {run_dir} seems to run already (pid file present); `camserve stop --run-dir {run_dir}` first")
+    _check_free(run_dir)
     if not args.quiet:
         print(f"starting KServe's model server ({args.models}) in {run_dir} ...", file=sys.stderr)
     try:
@@ -106,8 +113,48 @@ def _serve_on_kserve(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _serve_on_ray(args: argparse.Namespace) -> int:
+    from camserve_tools.ray_cluster import RayCluster, body_limit, parse_models
+    from camserve_tools.server import usage_example
+
+    if args.ray_nodes < 1:
+        raise UsageError("--ray-nodes must be 1 or more")
+    run_dir = args.run_dir.resolve()
+    cluster = RayCluster(
+        run_dir=run_dir,
+        archives=parse_models(args.models, args.model_store.resolve()),
+        nodes=args.ray_nodes,
+        host=args.host,
+        inference_port=args.inference_port,
+        max_body_bytes=body_limit(args.config.resolve()),
+    )
+    _check_free(run_dir)
+    if not args.quiet:
+        print(f"starting a Ray cluster of {args.ray_nodes} node(s) serving {args.models} in {run_dir} ...", file=sys.stderr)
+    try:
+        cluster.start()
+    except (RuntimeError, TimeoutError, OSError, subprocess.SubprocessError) as error:
+        raise CommandFailed(str(error)) from None
+    report = {
+        "engine": "ray",
+        "inference": cluster.inference_url,
+        "ray_address": cluster.address,
+        "nodes": args.ray_nodes,
+        "models": args.models,
+        "run_dir": str(run_dir),
+    }
+    emit(report, args.json, key_values(report) + "\nTry it:\n" + usage_example(cluster))
+    return EXIT_OK
+
+
+def _check_free(run_dir: Path) -> None:
+    if any((run_dir / record).exists() for record in RUN_DIR_RECORDS):
+        raise CommandFailed(f"a server of {run_dir} seems to run already (pid file present); `camserve stop --run-dir {run_dir}` first")
+
+
 def run_stop(args: argparse.Namespace) -> int:
     from camserve_tools.kserve.native import KServeEngine
+    from camserve_tools.ray_cluster import RayCluster
     from camserve_tools.server import server_from_args
 
     server = server_from_args(args)
@@ -119,6 +166,10 @@ def run_stop(args: argparse.Namespace) -> int:
     if engine.pid_file.exists():
         engine.stop()
         stopped.append("KServe model server")
+    cluster = RayCluster(run_dir=server.run_dir, archives={})
+    if cluster.record_file.exists():
+        cluster.stop()
+        stopped.append("Ray cluster")
     report = {"stopped": bool(stopped), "run_dir": str(server.run_dir)}
     emit(
         report,
