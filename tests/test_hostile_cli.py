@@ -381,16 +381,22 @@ def test_archive_probe_sends_real_pictures_through_the_served_preprocessing() ->
         assert low[channel] - 1e-4 <= batch[:, channel].min() and batch[:, channel].max() <= high[channel] + 1e-4
 
 
-def test_make_archive_never_runs_a_variables_value(tmp_path: Path) -> None:
-    """Quotes, `$(shell)`, and backquotes in make variables reach the archive builder as plain text."""
+def make_checkout(tmp_path: Path) -> Path:
+    """The Makefile and pyproject.toml in a scratch folder, with a .venv of the real bin/ and a fresh stamp: with
+    make's -o .venv/.installed, nothing is ever reinstalled into the shared venv."""
     copy = tmp_path / "checkout"
     copy.mkdir()
     for name in ("Makefile", "pyproject.toml"):
         shutil.copy2(ROOT / name, copy / name)
-    # The copy's own .venv (the real bin/) with a fresh stamp, and -o: make never reinstalls into the shared venv.
     (copy / ".venv").mkdir()
     (copy / ".venv" / "bin").symlink_to((ROOT / ".venv" / "bin").resolve())
     (copy / ".venv" / ".installed").touch()
+    return copy
+
+
+def test_make_archive_never_runs_a_variables_value(tmp_path: Path) -> None:
+    """Quotes, `$(shell)`, and backquotes in make variables reach the archive builder as plain text."""
+    copy = make_checkout(tmp_path)
     hostile = {"NAME": 'x"; touch BY_NAME; echo "', "MEAN": "$(shell touch BY_MAKE)", "LABELS": "`touch BY_BACKQUOTE`"}
     result = subprocess.run(
         ["make", "-o", ".venv/.installed", "archive", *(f"{key}={value}" for key, value in hostile.items())],
@@ -417,13 +423,7 @@ def test_make_archive_never_runs_a_variables_value(tmp_path: Path) -> None:
 )
 def test_make_targets_never_run_a_variables_value(tmp_path: Path, target: str, hostile: dict[str, str]) -> None:
     """Every rule that takes a setting passes it as text: the command refuses it, nothing it names runs."""
-    copy = tmp_path / "checkout"
-    copy.mkdir()
-    for name in ("Makefile", "pyproject.toml"):
-        shutil.copy2(ROOT / name, copy / name)
-    (copy / ".venv").mkdir()
-    (copy / ".venv" / "bin").symlink_to((ROOT / ".venv" / "bin").resolve())
-    (copy / ".venv" / ".installed").touch()
+    copy = make_checkout(tmp_path)
     (copy / "model_store").mkdir()
     for archive in ("shapes.mar", "imagenet.mar"):
         (copy / "model_store" / archive).touch()  # prerequisites only: every command here is refused before reading them
