@@ -51,7 +51,7 @@ $(VENV)/.installed: pyproject.toml
 
 venv: $(VENV)/.installed
 
-CAMSERVE_SOURCES := $(shell find camserve camserve_tools/archive.py camserve_tools/probe_model.py -name "*.py")
+CAMSERVE_SOURCES := $(shell find camserve camserve_tools/archive/build.py camserve_tools/archive/probe.py -name "*.py")
 
 model_store/shapes.mar: $(VENV)/.installed $(CAMSERVE_SOURCES) models/shapes/model-config.yaml models/shapes/shapes_net.pt models/shapes/index_to_name.json
 	$(BIN)/camserve archive --name shapes --model-dir models/shapes --export-path model_store
@@ -125,15 +125,15 @@ evaluate: $(VENV)/.installed
 # About an hour (estimated: BENCH_ARGS="--concurrency 1,16" took 37 min with seven variants): three models x
 # eight variants (pytorch-grad-cam's among them) x three concurrencies x two batch sizes, each in Locust runs.
 bench: $(VENV)/.installed
-	set -f; $(PY) -m camserve_tools.benchmarks.serving_benchmark $$MAKE_BENCH_ARGS
+	set -f; $(PY) -m camserve_tools.bench.serving_benchmark $$MAKE_BENCH_ARGS
 
 # About 40 minutes on 2 cores: default model + resnet50, cam and gradcam, batch 1 and 8, time and peak memory (each
 # variant in three fresh processes), against pytorch-grad-cam, torchcam and Captum.
 bench-maps: $(VENV)/.installed model_store/imagenet.mar
-	set -f; $(PY) scripts/bench_overhead.py --references --memory $$MAKE_BENCH_ARGS
+	set -f; $(PY) -m camserve_tools.bench.map_overhead --references --memory $$MAKE_BENCH_ARGS
 
 loadtest: $(ARCHIVES)
-	set -f; $(PY) -m camserve_tools.benchmarks.run_loadtest $$MAKE_LOADTEST_ARGS
+	set -f; $(PY) -m camserve_tools.bench.run_loadtest $$MAKE_LOADTEST_ARGS
 
 # --- deployment (docs/deploy.md) ---
 # The bundle carries CONFIG's settings (token authorization, sizes, metrics); make's default CONFIG is the
@@ -157,7 +157,7 @@ kserve-local-stop:
 	@test -x $(PY) && $(PY) -m camserve_tools.kserve.local stop --run-dir $(KSERVE_RUN_DIR) || true
 
 check-manifests: $(VENV)/.installed
-	$(PY) -m camserve_tools.manifests deploy
+	$(PY) -m camserve_tools.deploy.manifests deploy
 
 # --- the container image (docs/deploy.md, "The image"); podman & co are installed with apt when missing ---
 # TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu builds a CPU-only image (torch and torchvision from there).

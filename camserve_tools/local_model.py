@@ -71,7 +71,7 @@ def answer_cams(answer: Any) -> list[dict[str, Any]]:
 
 def answer_batch(pipeline: CamPipeline, bodies: list[Any], headers: list[dict[str, str]]) -> list[tuple[int, Any]]:
     """Each body's (status, answer): the bytes through the pipeline in one batch, as the server runs them; a
-    file that could not be read (camserve_tools.image_inputs.read_image's error) keeps its error."""
+    file that could not be read (camserve_tools.commands.inputs.read_image's error) keeps its error."""
     readable = [index for index, body in enumerate(bodies) if isinstance(body, bytes)]
     answered = answer_rows(pipeline, [bodies[i] for i in readable], [headers[i] for i in readable]) if readable else []
     results: list[tuple[int, Any]] = [(body["code"], body) if isinstance(body, dict) else (0, None) for body in bodies]

@@ -1,6 +1,6 @@
 """The serving benchmark's client: N users, each posting pool images back to back, checking every answer cheaply.
 
-Run by camserve_tools/benchmarks/serving_benchmark.py, once per cell (variant x concurrency), as a subprocess:
+Run by camserve_tools/bench/serving_benchmark.py, once per cell (variant x concurrency), as a subprocess:
 
     PYTHONPATH=. locust -f load_tests/benchmark_locustfile.py --headless -u 4 -r 4 -t 20s --reset-stats \
         --host http://127.0.0.1:8080 --path /predictions/shapes --answer map --header X-CAM-Method=gradcam \
@@ -14,7 +14,7 @@ The full decode-and-compare checks live in the load test. Per answer the client 
 (receive it, parse its JSON) and nothing more: no image is decoded. With --server-pid, the CPU time of the
 server's process tree (frontend and workers) and of this client is read from /proc when the measured window
 opens (users all started, statistics reset) and when it closes (the run's time is up), so that each answer's
-server cost can be told from the client's (camserve_tools/benchmarks/cpu_accounting.py). At the end the run's
+server cost can be told from the client's (camserve_tools/bench/cpu_accounting.py). At the end the run's
 figures go to --summary as JSON.
 """
 
@@ -33,8 +33,8 @@ from locust.contrib.fasthttp import FastHttpUser, FastResponse
 from locust.env import Environment
 from locust.runners import WorkerRunner
 
-from camserve_tools.benchmarks.cpu_accounting import CpuWindow
-from camserve_tools.benchmarks.image_pool import image_pool
+from camserve_tools.bench.cpu_accounting import CpuWindow
+from camserve_tools.data.image_pool import image_pool
 
 PNG_BASE64_SIGNATURE = "iVBORw0KGgo"  # base64 of the 8-byte PNG signature
 PERCENTILES = (0.5, 0.95, 0.99)
@@ -103,7 +103,7 @@ def check_map(response: FastResponse) -> None:
 
 
 def check_pytorch_grad_cam(response: FastResponse) -> None:
-    """The peer handler (camserve_tools/benchmarks/pytorch_grad_cam_handler.py): top-1 label and its heat map."""
+    """The peer handler (camserve_tools/bench/pytorch_grad_cam_handler.py): top-1 label and its heat map."""
     body = ok_json(response)
     expect(isinstance(body, dict) and isinstance(body.get("label"), str), "no label")
     expect(isinstance(body.get("heatmap"), str) and body["heatmap"].startswith(PNG_BASE64_SIGNATURE), "the heat map is not a base64 PNG")

@@ -1,6 +1,6 @@
 """Load test of a camserve model: four kinds of clients, every answer checked, SLO gates on the exit code.
 
-    python camserve_tools/benchmarks/run_loadtest.py                      # `make loadtest`: starts a server if none answers
+    python -m camserve_tools.bench.run_loadtest                      # `make loadtest`: starts a server if none answers
     PYTHONPATH=. locust -f load_tests/locustfile.py --config load_tests/locust.conf
     PYTHONPATH=. locust -f load_tests/locustfile.py --config load_tests/locust.conf MapUser OverlayUser
     PYTHONPATH=. locust -f load_tests/locustfile.py --config load_tests/locust.conf --shape spike --users 8
@@ -44,7 +44,7 @@ from locust.env import Environment
 from locust.runners import CPU_WARNING_THRESHOLD, WorkerRunner
 from PIL import Image
 
-from camserve_tools.benchmarks.image_pool import Sample, image_pool
+from camserve_tools.data.image_pool import Sample, image_pool
 
 logger = logging.getLogger("camserve.loadtest")
 
@@ -87,7 +87,7 @@ def auth_headers(token_file: str) -> dict[str, str]:
     return {"Authorization": f"Bearer {key}"}
 
 
-# --- the image pool (camserve_tools/benchmarks/image_pool.py) ---------------------------------------------------------------
+# --- the image pool (camserve_tools/data/image_pool.py) ---------------------------------------------------------------
 
 
 @events.init.add_listener

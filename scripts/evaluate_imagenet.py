@@ -4,7 +4,7 @@
 
 Candidates: three normalisations x five input sizes, the whole image resized without cropping (what the handler
 does), plus torchvision's usual Resize(256) + CenterCrop(224) for comparison. For each: top-1 accuracy and mean
-probability of the right class family over the labelled photos of camserve_tools/photos.py and their mirror images, and on
+probability of the right class family over the labelled photos of camserve_tools/data/photos.py and their mirror images, and on
 composites (a cat or an espresso pasted at a random place on another photo) top-1 accuracy and how often
 Grad-CAM's peak falls inside the pasted object. docs/imagenet-model.md records a run.
 """
@@ -23,7 +23,7 @@ from torchvision import transforms
 from camserve.cam import CamExtractor
 from camserve.cam.localization import peak, upsample_map
 from camserve.preprocessing import whole_image_transform
-from camserve_tools.photos import BACKGROUNDS, LABELLED, composite
+from camserve_tools.data.photos import BACKGROUNDS, LABELLED, composite
 
 ROOT = Path(__file__).resolve().parent.parent
 MODEL_DIR = ROOT / "models" / "imagenet"
@@ -69,7 +69,9 @@ def evaluate(model, names, transform, size, whole_image: bool = True) -> dict:
     for item in composites:
         members = torch.tensor([names.index(n) for n in item.subject.family])
         # The map of the family's most probable class: where the model sees the pasted object.
-        result = extractor(transform(item.image)[None], method="gradcam", targets=lambda logits: members[logits[:, members].argmax(dim=1)])
+        result = extractor(
+            transform(item.image)[None], method="gradcam", targets=lambda logits, members=members: members[logits[:, members].argmax(dim=1)]
+        )
         composite_right += names[int(result.logits.argmax())] in item.subject.family
         if not whole_image:
             continue  # a cropped input's map does not cover the image: no peak to compare

@@ -5,7 +5,7 @@
     python scripts/evaluate_shapes.py --generator other_scenes.py   # scenes from another file's make_scene(seed)
     python scripts/evaluate_shapes.py --input-sizes 160,176,192,208 --validation   # the size to serve at
 
-Figures and how they are measured: camserve_tools/shapes_quality.py.
+Figures and how they are measured: camserve_tools/quality/shapes_quality.py.
 """
 
 from __future__ import annotations
@@ -14,8 +14,8 @@ import argparse
 import json
 from pathlib import Path
 
-from camserve_tools.scenes import EVAL_SEED_START, VALIDATION_SEED_START, make_scene
-from camserve_tools.shapes_quality import MODEL_DIR, evaluate, load_generator
+from camserve_tools.data.scenes import EVAL_SEED_START, VALIDATION_SEED_START, make_scene
+from camserve_tools.quality.shapes_quality import MODEL_DIR, evaluate, load_generator
 
 
 def square_sizes(text: str) -> list[int]:
@@ -35,7 +35,7 @@ def main() -> None:
     parser.add_argument("--model-dir", type=Path, default=MODEL_DIR)
     parser.add_argument("--first-seed", type=int, default=EVAL_SEED_START)
     parser.add_argument("--validation", action="store_true", help="scenes from VALIDATION_SEED_START (for choosing a setting)")
-    parser.add_argument("--generator", type=Path, help="a Python file whose make_scene(seed) replaces camserve_tools.scenes'")
+    parser.add_argument("--generator", type=Path, help="a Python file whose make_scene(seed) replaces camserve_tools.data.scenes'")
     parser.add_argument(
         "--input-sizes", type=square_sizes, help="comma-separated square sizes to serve the model at instead of its config's (one row each)"
     )

@@ -14,9 +14,9 @@ from camserve.cam import CamExtractor
 from camserve.model_spec import ModelSpec, load_model
 from camserve.preprocessing import whole_image_transform
 from camserve.protocol.responses import overlay_image
-from camserve_tools.archive import load_archive
-from camserve_tools.photos import LABELLED
-from camserve_tools.scenes import EVAL_SEED_START, make_scene
+from camserve_tools.archive.build import load_archive
+from camserve_tools.data.photos import LABELLED
+from camserve_tools.data.scenes import EVAL_SEED_START, make_scene
 
 ROOT = Path(__file__).resolve().parent.parent
 FIGURES = {"overlay-gradcam.png": (EVAL_SEED_START + 3, "gradcam"), "overlay-layercam.png": (EVAL_SEED_START + 5, "layercam")}

@@ -2,7 +2,7 @@
 
     make train            # or: .venv/bin/python scripts/train_shapes.py
 
-Deterministic up to bfloat16 rounding (fixed seeds, scenes from camserve_tools.scenes.TRAIN_SEEDS); timings on
+Deterministic up to bfloat16 rounding (fixed seeds, scenes from camserve_tools.data.scenes.TRAIN_SEEDS); timings on
 2 CPU cores in docs/shapes-model.md.
 
 The recipe, and why (found by a sweep; see docs/shapes-model.md):
@@ -34,7 +34,7 @@ from torchvision import transforms
 from tqdm import tqdm
 
 from camserve.models.shapes_net import MEAN, STD, TRAINING_SIZE, ShapesNet
-from camserve_tools.scenes import CLASSES, TRAIN_SEEDS, make_scene
+from camserve_tools.data.scenes import CLASSES, TRAIN_SEEDS, make_scene
 
 OUTPUT_DIR = Path(__file__).resolve().parent.parent / "models" / "shapes"
 GRID = TRAINING_SIZE // 8  # the feature map's resolution (output stride 8)

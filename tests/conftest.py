@@ -12,10 +12,10 @@ from pathlib import Path
 import pytest
 import requests
 
-from camserve_tools.kserve.native import KServeEngine
-from camserve_tools.ray_cluster import RayCluster, body_limit
-from camserve_tools.scenes import EVAL_SEED_START, Scene, make_scene
-from camserve_tools.server import TorchServe
+from camserve_tools.data.scenes import EVAL_SEED_START, Scene, make_scene
+from camserve_tools.servers.kserve import KServeEngine
+from camserve_tools.servers.ray_cluster import RayCluster, body_limit
+from camserve_tools.servers.torchserve import TorchServe
 
 ROOT = Path(__file__).resolve().parent.parent
 SHAPES_MAR = ROOT / "model_store" / "shapes.mar"

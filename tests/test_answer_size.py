@@ -9,11 +9,11 @@ import requests
 from conftest import ROOT, SHAPES_MAR, default_heatmap_size, png_bytes, start_server
 
 from camserve.protocol.responses import decode_heatmap
-from camserve_tools.answer_pool import photo_pool
+from camserve_tools.data.answer_pool import photo_pool
 
 pytestmark = pytest.mark.serving
 
-# Bytes of any default JSON answer of the pool, shapes and imagenet, 640x480 and 1280x960 (scripts/answer_size.py).
+# Bytes of any default JSON answer of the pool, shapes and imagenet, 640x480 and 1280x960 (camserve_tools/bench/answer_size.py).
 ANSWER_BUDGET = 8_000
 IMAGENET_MAR = ROOT / "model_store" / "imagenet.mar"
 

@@ -13,8 +13,8 @@ import pytest
 from conftest import ROOT, SHAPES_MAR, TEST_SEED_START
 from PIL import Image
 
-from camserve_tools.scene_dataset import write_scene_dataset
-from camserve_tools.scenes import CLASSES
+from camserve_tools.data.scene_dataset import write_scene_dataset
+from camserve_tools.data.scenes import CLASSES
 
 PYTHON = ROOT / ".venv" / "bin" / "python"
 METRIC_KEYS = ("top1", "pointing_game", "iou50", "deletion_auc", "insertion_auc", "randomization_spearman")
@@ -205,8 +205,8 @@ def test_smoke_fails_a_truncated_archive_cleanly(tmp_path: Path) -> None:
 
 
 def test_coco_and_voc_boxes_read_back_as_the_scenes_drew_them(dataset: Path) -> None:
-    from camserve_tools.annotations import read_annotations
-    from camserve_tools.scenes import make_scene
+    from camserve_tools.data.annotations import read_annotations
+    from camserve_tools.data.scenes import make_scene
 
     for boxes in (dataset / "coco.json", dataset / "voc"):
         annotated = read_annotations(boxes, dataset / "images", list(CLASSES))
@@ -228,7 +228,7 @@ def test_coco_and_voc_boxes_read_back_as_the_scenes_drew_them(dataset: Path) -> 
     ],
 )
 def test_a_malformed_boxes_file_is_an_annotation_error(tmp_path: Path, content: bytes, suffix: str) -> None:
-    from camserve_tools.annotations import AnnotationError, read_annotations
+    from camserve_tools.data.annotations import AnnotationError, read_annotations
 
     boxes = tmp_path / f"boxes{suffix}"
     boxes.write_bytes(content)
@@ -239,7 +239,7 @@ def test_a_malformed_boxes_file_is_an_annotation_error(tmp_path: Path, content: 
 def test_deletion_and_insertion_reward_a_map_on_the_pixels_the_score_reads() -> None:
     import torch
 
-    from camserve_tools.saliency_metrics import deletion_insertion_auc
+    from camserve_tools.quality.saliency_metrics import deletion_insertion_auc
 
     pixels = torch.zeros(3, 16, 16)
     pixels[:, 4:8, 4:8] = 1.0  # the "object"; the score is its mean brightness

@@ -19,7 +19,7 @@ import requests
 from conftest import ROOT
 
 from camserve_tools.container.entrypoint import CONTAINER_DEFAULTS, ConfigConflict, effective_config, read_properties
-from camserve_tools.server import free_port, sample_image_png
+from camserve_tools.servers.torchserve import free_port, sample_image_png
 
 
 def entrypoint(env: dict[str, str], *args: str, **popen: object) -> subprocess.Popen:

@@ -9,9 +9,9 @@ import time
 
 import pytest
 
-from camserve_tools.benchmarks.benchmark_report import BASELINE, Cell, Settings, disagreement_lines, results_table, target_lines
-from camserve_tools.benchmarks.cpu_accounting import WORKER_MARK, CpuWindow, tree_cpu
-from camserve_tools.benchmarks.serving_benchmark import merge
+from camserve_tools.bench.benchmark_report import BASELINE, Cell, Settings, disagreement_lines, results_table, target_lines
+from camserve_tools.bench.cpu_accounting import WORKER_MARK, CpuWindow, tree_cpu
+from camserve_tools.bench.serving_benchmark import merge
 
 # A process that burns CPU when told to, and has a child burn some and end (reaped: its time moves to the parent's
 # children figures). It reports its own CPU time before and after, and its child's, as the kernel counts them.

@@ -18,7 +18,7 @@ import pytest
 import yaml
 from conftest import ROOT, SHAPES_MAR, png_bytes, start_server
 
-from camserve_tools.torchserve_grpc import compile_stubs
+from camserve_tools.servers.torchserve_grpc import compile_stubs
 
 pytestmark = [pytest.mark.serving]
 
@@ -36,7 +36,7 @@ def pod_files(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="module")
 def server(pod_files: Path, tmp_path_factory: pytest.TempPathFactory):
-    # camserve_tools.server puts the addresses on loopback and free ports.
+    # camserve_tools.servers.torchserve puts the addresses on loopback and free ports.
     server = start_server(
         tmp_path_factory.mktemp("kubernetes"),
         {"shapes": SHAPES_MAR},

@@ -1,10 +1,10 @@
-"""Short versions of camserve_tools/benchmarks/endurance.py (the full runs and their figures: docs/endurance.md)."""
+"""Short versions of camserve_tools/bench/endurance.py (the full runs and their figures: docs/endurance.md)."""
 
 from __future__ import annotations
 
 import pytest
 
-from camserve_tools.benchmarks.endurance import batch_integrity, serving, soak, worker_kill
+from camserve_tools.bench.endurance import batch_integrity, serving, soak, worker_kill
 
 pytestmark = [pytest.mark.slow, pytest.mark.serving]
 

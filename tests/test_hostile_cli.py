@@ -21,7 +21,7 @@ import yaml
 from conftest import ROOT, SHAPES_MAR, TEST_SEED_START
 
 from camserve_tools.cli import main as camserve_main
-from camserve_tools.scene_dataset import write_scene_dataset
+from camserve_tools.data.scene_dataset import write_scene_dataset
 
 PYTHON = ROOT / ".venv" / "bin" / "python"
 
@@ -115,7 +115,7 @@ def test_smoke_fails_fast_when_torchserve_refuses_the_archive(tmp_path: Path) ->
 
 @pytest.mark.serving
 def test_a_server_starts_and_answers_from_a_run_dir_too_deep_for_a_unix_socket(tmp_path: Path) -> None:
-    from camserve_tools.server import UNIX_SOCKET_PATH_MAX, TorchServe, sample_image_png
+    from camserve_tools.servers.torchserve import UNIX_SOCKET_PATH_MAX, TorchServe, sample_image_png
 
     deep = tmp_path / ("d" * 100) / ("e" * 50)
     assert len(str(deep / "tmp" / ".ts.sock.9000")) > UNIX_SOCKET_PATH_MAX
@@ -207,8 +207,8 @@ def test_evaluate_writes_metrics_whatever_the_annotations_hold(dataset: Path, tm
 
 
 def test_voc_boxes_without_area_or_bndbox_are_named_data_errors(dataset: Path, tmp_path: Path) -> None:
-    from camserve_tools.annotations import read_annotations
-    from camserve_tools.scenes import CLASSES
+    from camserve_tools.data.annotations import read_annotations
+    from camserve_tools.data.scenes import CLASSES
 
     voc = tmp_path / "voc"
     shutil.copytree(dataset / "voc", voc)
@@ -316,7 +316,7 @@ def test_explain_refuses_a_journal_that_is_not_a_regular_file(tmp_path: Path, da
 
 
 def test_the_journal_cuts_a_partial_last_line_reading_only_its_tail(tmp_path: Path) -> None:
-    from camserve_tools.journal import Journal
+    from camserve_tools.commands.journal import Journal
 
     path = tmp_path / "explanations.jsonl"
     long_line = json.dumps({"path": "/a.png", "status": 200, "answer": {"pad": "x" * 200_000}}) + "\n"
@@ -370,7 +370,7 @@ def test_archive_probe_sends_real_pictures_through_the_served_preprocessing() ->
     import torch
 
     from camserve.model_spec import ModelSpec
-    from camserve_tools.probe_model import model_inputs
+    from camserve_tools.archive.probe import model_inputs
 
     spec = ModelSpec.from_model_dir(ROOT / "models" / "shapes")
     batch = model_inputs(spec, 2)

@@ -1,7 +1,7 @@
 """Hostile gRPC calls against a real TorchServe (config/dev.properties), with stubs compiled from its own jar.
 
 After each call the same worker process answers a normal request, except where TorchServe 0.12's frontend itself
-loses the worker; there the liveness probe (camserve_tools/model_probe.py, what deploy/ runs) must see it.
+loses the worker; there the liveness probe (camserve_tools/servers/model_probe.py, what deploy/ runs) must see it.
 The last test leaves the model dead on purpose: it runs on this module's own server.
 """
 
@@ -19,7 +19,7 @@ import requests
 from conftest import ROOT, SHAPES_MAR, png_bytes, start_server
 from PIL import Image
 
-from camserve_tools.torchserve_grpc import compile_stubs
+from camserve_tools.servers.torchserve_grpc import compile_stubs
 
 pytestmark = [pytest.mark.serving]
 

@@ -1,6 +1,6 @@
 """The pretrained `imagenet` model (EfficientNet-Lite0) through a real TorchServe, on real photographs.
 
-The photos ship with scikit-image and scikit-learn (camserve_tools/photos.py): the right class family is the top-1, and
+The photos ship with scikit-image and scikit-learn (camserve_tools/data/photos.py): the right class family is the top-1, and
 the map's peak falls on the object, inside a box drawn by hand. On composites (the object pasted at a random
 place on another photo) the peak follows the object.
 """
@@ -14,7 +14,7 @@ import pytest
 import requests
 from conftest import ROOT, start_server
 
-from camserve_tools.photos import BACKGROUNDS, LABELLED, composite
+from camserve_tools.data.photos import BACKGROUNDS, LABELLED, composite
 
 pytestmark = pytest.mark.serving
 IMAGENET_MAR = ROOT / "model_store" / "imagenet.mar"

@@ -30,11 +30,11 @@ from kserve.protocol.infer_type import InferInput, InferRequest
 from PIL import Image
 
 from camserve.protocol.responses import decode_heatmap
+from camserve_tools.data.scenes import CLASSES
 from camserve_tools.kserve.bundle import PROBE_NAME, read_archive, read_properties, write_bundle
 from camserve_tools.kserve.local import KServeLocal
-from camserve_tools.scenes import CLASSES
-from camserve_tools.server import free_port
-from camserve_tools.torchserve_grpc import compile_stubs
+from camserve_tools.servers.torchserve import free_port
+from camserve_tools.servers.torchserve_grpc import compile_stubs
 
 pytestmark = [pytest.mark.serving]
 

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 from conftest import ROOT
 
-from camserve_tools.server import TorchServe
+from camserve_tools.servers.torchserve import TorchServe
 
 pytestmark = [pytest.mark.slow, pytest.mark.serving]
 

@@ -12,8 +12,8 @@ import pytest
 import yaml
 from conftest import ROOT
 
+from camserve_tools.deploy.manifests import KSERVE_CRDS, check_against_crd, check_document, check_tree
 from camserve_tools.kserve.bundle import read_properties
-from camserve_tools.manifests import KSERVE_CRDS, check_against_crd, check_document, check_tree
 
 DEPLOY = ROOT / "deploy"
 
@@ -79,7 +79,7 @@ def test_the_crd_check_refuses_unknown_fields_and_wrong_types(crds: Path) -> Non
 
 
 def test_without_the_crds_the_check_says_it_skipped(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    import camserve_tools.manifests as manifests
+    import camserve_tools.deploy.manifests as manifests
 
     monkeypatch.setattr(manifests, "KSERVE_CRDS", tmp_path / "absent")
     monkeypatch.setattr(manifests, "KUBERAY_CRDS", tmp_path / "absent-too")
@@ -146,7 +146,10 @@ def test_inference_services() -> None:
         # model for good while it still reports it ready.
         liveness = model["livenessProbe"]["exec"]["command"]
         envelope = {"v1": "kserve", "v2": "kservev2"}[model["protocolVersion"]]
-        assert liveness[:3] == ["python", "-m", "camserve_tools.model_probe"] and liveness[liveness.index("--envelope") + 1] == envelope
+        assert (
+            liveness[:3] == ["python", "-m", "camserve_tools.servers.model_probe"]
+            and liveness[liveness.index("--envelope") + 1] == envelope
+        )
         protocols.add(model["protocolVersion"])
     assert protocols == {"v1", "v2"}
     knative = [s for s in services if "serving.kserve.io/deploymentMode" not in s["metadata"].get("annotations", {})]
@@ -177,7 +180,7 @@ def test_kubernetes_deployment() -> None:
     assert container["image"].startswith("camserve:") and "command" not in container, "the image's entry point serves"
     assert {"name": "CAMSERVE_CONFIG", "value": "/etc/camserve/config.properties"} in container["env"]
     # Liveness proves a real answer too: TorchServe can lose a model while /ping stays healthy (model_probe).
-    assert container["livenessProbe"]["exec"]["command"][:3] == ["python", "-m", "camserve_tools.model_probe"]
+    assert container["livenessProbe"]["exec"]["command"][:3] == ["python", "-m", "camserve_tools.servers.model_probe"]
     assert container["livenessProbe"]["timeoutSeconds"] > 20 and container["livenessProbe"]["failureThreshold"] >= 3
     assert container["readinessProbe"]["exec"]["command"] == ["python", "-m", "camserve_tools.container.probe", "shapes", "imagenet"]
     assert container["securityContext"]["readOnlyRootFilesystem"] is True and pod["securityContext"]["runAsUser"] == 1000

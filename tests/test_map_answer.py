@@ -32,7 +32,7 @@ from PIL import Image
 from camserve.cam.localization import peak_and_box
 from camserve.protocol.options import OptionRules, parse_options
 from camserve.protocol.responses import decode_heatmap, encode_answer, heatmap_png_size, json_bytes
-from camserve_tools.scenes import CLASSES
+from camserve_tools.data.scenes import CLASSES
 
 # The known-map model's layer output, whatever the image: a large blob and a smaller, weaker one.
 PATTERN = [
@@ -87,7 +87,7 @@ def image_of_size(size: tuple[int, int], seed: int = 0) -> tuple[bytes, str]:
 @pytest.fixture(scope="module")
 def known_map(tmp_path_factory: pytest.TempPathFactory):
     """A TorchServe serving the known-map model, archived as `make archive MODEL_FILE=...` archives it."""
-    from camserve_tools.archive import ArchiveRequest, archive
+    from camserve_tools.archive.build import ArchiveRequest, archive
 
     work = tmp_path_factory.mktemp("known-map")
     (work / "known_map.py").write_text(textwrap.dedent(KNOWN_MAP_PY))
@@ -314,7 +314,7 @@ def shapeless_photos(tmp_path_factory: pytest.TempPathFactory) -> Path:
     of any class for the flat ones), and one scene; COCO boxes for the flat images and the scene."""
     import skimage.data
 
-    from camserve_tools.scenes import make_scene
+    from camserve_tools.data.scenes import make_scene
 
     root = tmp_path_factory.mktemp("shapeless")
     (root / "images").mkdir()

@@ -13,7 +13,7 @@ from scipy.stats import spearmanr
 from camserve.cam import METHODS, CamExtractor
 from camserve.model_spec import ModelSpec, build_architecture, load_model
 from camserve.preprocessing import whole_image_transform
-from camserve_tools.shapes_quality import Quality, evaluate
+from camserve_tools.quality.shapes_quality import Quality, evaluate
 
 MODEL_DIR = ROOT / "models" / "shapes"
 

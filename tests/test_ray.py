@@ -1,4 +1,4 @@
-"""Ray Serve hosting the pipeline on a real two-node Ray cluster on loopback (camserve_tools/ray_cluster.py), both
+"""Ray Serve hosting the pipeline on a real two-node Ray cluster on loopback (camserve_tools/servers/ray_cluster.py), both
 default models deployed from serve-config.yaml: replicas on both nodes and both answering right, no listener beyond
 loopback, autoscaling under load and back, a node lost under load, and a stop that leaves no process behind. One
 cluster for the module; the node is lost last. The request bounds of the Ray path are checked on the one-node
@@ -23,8 +23,8 @@ import pytest
 import requests
 from conftest import ROOT, SHAPES_MAR, png_bytes, start_ray_engine
 
-from camserve_tools.photos import LABELLED
-from camserve_tools.ray_cluster import RayCluster, processes_marked
+from camserve_tools.data.photos import LABELLED
+from camserve_tools.servers.ray_cluster import RayCluster, processes_marked
 
 pytest.importorskip("ray", reason="Ray is not installed: pip install 'ray[serve]==2.60.0' (pinned in pyproject.toml)")
 pytestmark = [pytest.mark.slow, pytest.mark.serving]

@@ -12,8 +12,8 @@ import pytest
 import yaml
 from conftest import ROOT
 
-from camserve_tools.manifests import KUBERAY_CRDS, check_against_crd, check_document, check_serve_config
-from camserve_tools.ray_cluster import RayCluster
+from camserve_tools.deploy.manifests import KUBERAY_CRDS, check_against_crd, check_document, check_serve_config
+from camserve_tools.servers.ray_cluster import RayCluster
 
 ray = pytest.importorskip("ray", reason="Ray is not installed: pip install 'ray[serve]==2.60.0' (pinned in pyproject.toml)")
 

@@ -13,7 +13,7 @@ import json
 import pytest
 from PIL import Image
 
-from camserve_tools.benchmarks.sequential_latency import (
+from camserve_tools.bench.sequential_latency import (
     METHODS,
     PHOTOS,
     SIZES,

@@ -20,7 +20,7 @@ import requests
 from conftest import ROOT, png_bytes, start_server
 from PIL import Image
 
-from camserve_tools.scenes import make_scene
+from camserve_tools.data.scenes import make_scene
 
 VARIANTS = ("built-in plain", "none", "gradcam", "built-in IG", "pytorch-grad-cam")
 
@@ -31,7 +31,7 @@ def test_benchmark_serves_every_variant_and_writes_its_report(tmp_path: Path) ->
     command = [
         sys.executable,
         "-m",
-        "camserve_tools.benchmarks.serving_benchmark",
+        "camserve_tools.bench.serving_benchmark",
         "--models",
         "shapes",
         "--variants",
@@ -88,9 +88,9 @@ def test_pytorch_grad_cam_peer_answers_each_request_of_a_batch_with_a_heat_map_o
     """The peer variant's archive, as the benchmark builds it, through a real TorchServe: two images of different
     sizes sent at once (batch size 2, so that they can share a batch), each answered with its label and a PNG of
     its own size."""
-    from camserve_tools.benchmarks.bench_models import prepare_models
-    from camserve_tools.benchmarks.benchmark_report import Settings
-    from camserve_tools.benchmarks.serving_benchmark import build_archives
+    from camserve_tools.bench.bench_models import prepare_models
+    from camserve_tools.bench.benchmark_report import Settings
+    from camserve_tools.bench.serving_benchmark import build_archives
 
     (model,) = prepare_models(["shapes"], tmp_path)
     store = tmp_path / "store"
@@ -120,7 +120,7 @@ def test_pytorch_grad_cam_peer_answers_each_request_of_a_batch_with_a_heat_map_o
 
 
 def test_rounds_merge_by_histogram_as_locust_computes_percentiles() -> None:
-    from camserve_tools.benchmarks.serving_benchmark import merge
+    from camserve_tools.bench.serving_benchmark import merge
 
     # 150 requests of 10 ms in 2 s, then 50 of 30 ms in 3 s: the merged p50 is 10 ms, p95 and p99 30 ms.
     rounds = [

@@ -1,7 +1,7 @@
 """Ray Serve's adapter: camserve.pipeline hosted in Ray Serve, one deployment per model, on one node or many.
 
     serve run --address <head>:6379 --non-blocking deploy/ray/serve-config.yaml
-    make serve ENGINE=ray RAY_NODES=2    # a local cluster on loopback, that config deployed (camserve_tools/ray_cluster.py)
+    make serve ENGINE=ray RAY_NODES=2    # a local cluster on loopback, that config deployed (camserve_tools/servers/ray_cluster.py)
 
 The Serve application (deploy/ray/serve-config.yaml) is one Serve application per model plus one router:
 - each model's application (`model_app`) is a single deployment named after the model, on route

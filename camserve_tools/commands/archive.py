@@ -17,7 +17,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from camserve_tools.archive import MAX_INPUT_SIDE, MIN_INPUT_SIDE, ROOT, ArchiveError, ArchiveRequest, archive, archive_model_dir
+from camserve_tools.archive.build import MAX_INPUT_SIDE, MIN_INPUT_SIDE, ROOT, ArchiveError, ArchiveRequest, archive, archive_model_dir
 from camserve_tools.commands.common import EXIT_FAILED, EXIT_OK
 
 BUILDER_DOC = """Build a checked, self-contained TorchServe archive (.mar) around camserve/serving/handler.py.
@@ -33,7 +33,7 @@ BUILDER_DOC = """Build a checked, self-contained TorchServe archive (.mar) aroun
     python scripts/build_archive.py --model timm:test_efficientnet --weights w.pth --labels labels.json
 
 The model is built and run (dummy forwards, one map) from the unpacked archive before the archive is kept; a
-request that cannot serve ends here with a one-line error and exit status 1 (camserve_tools/archive.py).
+request that cannot serve ends here with a one-line error and exit status 1 (camserve_tools/archive/build.py).
 """
 
 HELP = "build a .mar archive (make archive); `camserve archive --help` lists the builder's options"

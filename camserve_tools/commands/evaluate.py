@@ -177,7 +177,7 @@ def parse_thresholds(raw_min: list[str], raw_max: list[str]) -> list[Threshold]:
 
 def run(args: argparse.Namespace) -> int:
     from camserve.model_source import ModelSourceError
-    from camserve_tools.annotations import AnnotationError, read_annotations
+    from camserve_tools.data.annotations import AnnotationError, read_annotations
     from camserve_tools.local_model import open_model
 
     thresholds = parse_thresholds(args.min, args.max)
@@ -270,7 +270,7 @@ def randomise_weights(handler: Any, seed: int) -> None:
 
 
 def evaluate_images(handler: Any, random_handler: Any, images: list, settings: EvaluateSettings, quiet: bool) -> Evaluation:
-    from camserve_tools.image_inputs import read_image
+    from camserve_tools.commands.inputs import read_image
     from camserve_tools.local_model import answer_batch
 
     evaluation = Evaluation()
@@ -349,7 +349,7 @@ def map_at_input_size(handler: Any, heatmap: Any) -> Any:
 
 def score_map(handler: Any, image: Any, cam: dict[str, Any], pixels: Any, steps: int) -> tuple[MapRecord, Any]:
     from camserve.protocol.responses import decode_heatmap
-    from camserve_tools.saliency_metrics import best_iou, deletion_insertion_auc, pointing_hit
+    from camserve_tools.quality.saliency_metrics import best_iou, deletion_insertion_auc, pointing_hit
 
     class_index = int(cam["index"])
     boxes = image.boxes_of(class_index)
@@ -381,7 +381,7 @@ def score_map(handler: Any, image: Any, cam: dict[str, Any], pixels: Any, steps:
 def randomization_spearman(handler: Any, heatmap: Any, random_cam: dict[str, Any]) -> float | None:
     """Spearman between the trained and the re-initialised model's maps of the same class, at the input size."""
     from camserve.protocol.responses import decode_heatmap
-    from camserve_tools.saliency_metrics import spearman
+    from camserve_tools.quality.saliency_metrics import spearman
 
     trained = map_at_input_size(handler, heatmap).numpy()
     random = map_at_input_size(handler, decode_heatmap(random_cam["heatmap"])).numpy()
@@ -424,7 +424,7 @@ def map_figures(records: list[MapRecord]) -> dict[str, Any]:
 def metrics_report(
     evaluation: Evaluation, model_name: str, method: str, settings: EvaluateSettings, boxes: Path, annotated: Any
 ) -> dict[str, Any]:
-    from camserve_tools.saliency_metrics import BLUR_KERNEL, BLUR_SIGMA
+    from camserve_tools.quality.saliency_metrics import BLUR_KERNEL, BLUR_SIGMA
 
     top1 = _mean([float(predicted in classes) for classes, predicted in evaluation.top1_hits])
     per_class: dict[str, dict[str, Any]] = {}
@@ -532,8 +532,8 @@ def write_worst(folder: Path, evaluation: Evaluation) -> list[tuple[str | None, 
     and why it could not be drawn, or None)."""
     import base64
 
-    from camserve_tools.image_inputs import read_image
-    from camserve_tools.overlays import annotated_overlay
+    from camserve_tools.commands.inputs import read_image
+    from camserve_tools.commands.overlays import annotated_overlay
 
     files: list[tuple[str | None, str | None]] = []
     for rank, (record, heatmap_b64, boxes, path) in enumerate(evaluation.worst, start=1):

@@ -39,7 +39,7 @@ from camserve_tools.commands.common import (
 OUTPUTS = ("png", "overlay", "grid")
 JOURNAL_NAME = "explanations.jsonl"
 OUTPUT_FOLDERS = {"png": "maps", "overlay": "overlays"}
-# Threads by default (scripts/bench_explain.py, 2 cores): a heat map costs too little to write for a thread to pay
+# Threads by default (camserve_tools/bench/explain_throughput.py, 2 cores): a heat map costs too little to write for a thread to pay
 # (its handoffs slow the model's own threads: 0.93-0.96x the bare handler inline against 0.89-0.94x with 2 threads),
 # while drawing an overlay costs more than the model, and PIL draws and encodes outside the GIL.
 DEFAULT_JOBS = {"png": 0, "grid": 0, "overlay": 2}
@@ -59,7 +59,7 @@ class ExplainSettings:
         return DEFAULT_JOBS[self.output] if self.jobs is None else self.jobs
 
     def request_headers(self) -> dict[str, str]:
-        """The options as a client would send them: overlay is drawn here from the JSON's map (camserve_tools.overlays)."""
+        """The options as a client would send them: overlay is drawn here from the JSON's map (camserve_tools.commands.overlays)."""
         headers = {"X-CAM-Output": "grid" if self.output == "grid" else "png"}
         if self.method:
             headers["X-CAM-Method"] = self.method
@@ -133,8 +133,8 @@ def _not_negative(raw: str) -> int:
 
 def run(args: argparse.Namespace) -> int:
     from camserve.model_source import ModelSourceError
-    from camserve_tools.image_inputs import InputError, collect_images
-    from camserve_tools.journal import JournalError
+    from camserve_tools.commands.inputs import InputError, collect_images
+    from camserve_tools.commands.journal import JournalError
     from camserve_tools.local_model import open_model
 
     out = check_out_dir(args.out)
@@ -192,7 +192,7 @@ def explain_images(
     handler: Any, model_name: str, paths: list[Path], out_dir: Path, settings: ExplainSettings, quiet: bool = True
 ) -> ExplainSummary:
     """Explain every image of `paths` not yet in DIR's journal; lines are appended as their files are written."""
-    from camserve_tools.journal import Journal
+    from camserve_tools.commands.journal import Journal
     from camserve_tools.local_model import answer_batch
 
     journal = Journal(out_dir / JOURNAL_NAME)
@@ -222,7 +222,7 @@ def explain_images(
 def prefetched_batches(paths: list[Path], batch_size: int, pool: ThreadPoolExecutor) -> Iterator[tuple[list[Path], list[Any]]]:
     """Batches of (paths, bytes), the next batch read in the pool while the caller works on the current one."""
     batches = [paths[start : start + batch_size] for start in range(0, len(paths), batch_size)]
-    from camserve_tools.image_inputs import read_image
+    from camserve_tools.commands.inputs import read_image
 
     upcoming = [pool.submit(read_image, path) for path in batches[0]] if batches else []
     for index, batch in enumerate(batches):
@@ -260,7 +260,7 @@ def submit_output(pool: ThreadPoolExecutor, out_dir: Path, path: Path, body: Any
 
 def write_output(target: Path, name: Path, body: bytes, heatmap_b64: str, output: str) -> str:
     """The heat map PNG as the endpoint sent it, or the overlay drawn from it; returns the name for the line."""
-    from camserve_tools.overlays import heatmap_overlay
+    from camserve_tools.commands.overlays import heatmap_overlay
 
     png = base64.b64decode(heatmap_b64)
     data = png if output == "png" else heatmap_overlay(body, png)

@@ -19,7 +19,7 @@ from camserve_tools.commands.common import EXIT_OK, CommandFailed, UsageError, a
 
 
 def register(subparsers: Any) -> None:
-    from camserve_tools.server import add_server_arguments
+    from camserve_tools.servers.torchserve import add_server_arguments
 
     serve = subparsers.add_parser(
         "serve",
@@ -52,7 +52,7 @@ RUN_DIR_RECORDS = ("torchserve.pid", "kserve.pid", "ray-cluster.json")  # a serv
 
 
 def run_serve(args: argparse.Namespace) -> int:
-    from camserve_tools.server import AlreadyRunning, server_from_args, start_detached, usage_example
+    from camserve_tools.servers.torchserve import AlreadyRunning, server_from_args, start_detached, usage_example
 
     if args.engine == "kserve":
         return _serve_on_kserve(args)
@@ -81,8 +81,8 @@ def run_serve(args: argparse.Namespace) -> int:
 
 
 def _serve_on_kserve(args: argparse.Namespace) -> int:
-    from camserve_tools.kserve.native import KServeEngine
-    from camserve_tools.server import usage_example
+    from camserve_tools.servers.kserve import KServeEngine
+    from camserve_tools.servers.torchserve import usage_example
 
     run_dir = args.run_dir.resolve()
     archives = [args.model_store.resolve() / entry.split("=", 1)[-1] for entry in args.models.split(",") if entry]
@@ -114,8 +114,8 @@ def _serve_on_kserve(args: argparse.Namespace) -> int:
 
 
 def _serve_on_ray(args: argparse.Namespace) -> int:
-    from camserve_tools.ray_cluster import RayCluster, body_limit, parse_models
-    from camserve_tools.server import usage_example
+    from camserve_tools.servers.ray_cluster import RayCluster, body_limit, parse_models
+    from camserve_tools.servers.torchserve import usage_example
 
     if args.ray_nodes < 1:
         raise UsageError("--ray-nodes must be 1 or more")
@@ -153,9 +153,9 @@ def _check_free(run_dir: Path) -> None:
 
 
 def run_stop(args: argparse.Namespace) -> int:
-    from camserve_tools.kserve.native import KServeEngine
-    from camserve_tools.ray_cluster import RayCluster
-    from camserve_tools.server import server_from_args
+    from camserve_tools.servers.kserve import KServeEngine
+    from camserve_tools.servers.ray_cluster import RayCluster
+    from camserve_tools.servers.torchserve import server_from_args
 
     server = server_from_args(args)
     stopped = []

@@ -4,7 +4,7 @@
    with a manifest naming a valid model name (nothing outside the run dir is ever written: the name becomes a file
    name there), a model-config.yaml whose handler section describes a model, and its labels;
 2. start: TorchServe on free ports with this archive alone, in its own run dir and TMPDIR
-   (camserve_tools.server.TorchServe), until the model answers a real prediction - a worker that cannot load, or an
+   (camserve_tools.servers.torchserve.TorchServe), until the model answers a real prediction - a worker that cannot load, or an
    archive the server refuses, fails here as soon as the server's logs say so;
 3. probe: generated scenes (PNG and JPEG) must get 200 with labels of the archive's label set, a heat map that
    decodes to the image's size, a peak inside the image and a box within it; a body that is not an image must get
@@ -35,7 +35,7 @@ from camserve_tools.commands.common import (
     progress,
 )
 
-PROBE_SEEDS = (3, 11, 29)  # offsets from camserve_tools.scenes.EVAL_SEED_START: scenes of several sizes and classes
+PROBE_SEEDS = (3, 11, 29)  # offsets from camserve_tools.data.scenes.EVAL_SEED_START: scenes of several sizes and classes
 NOT_AN_IMAGE = b"this body is not an image\n"
 # Bounds of what an archive may unpack to, checked from its directory before any member is read: the largest
 # torchvision classifiers' weights are a few GB, and TorchServe unpacks the whole archive again.
@@ -70,7 +70,7 @@ class ArchiveFacts:
 
 
 def register(subparsers: Any) -> None:
-    from camserve_tools.server import ROOT
+    from camserve_tools.servers.torchserve import ROOT
 
     parser = subparsers.add_parser(
         "smoke",
@@ -163,7 +163,7 @@ def inspect_archive(archive: Path) -> ArchiveFacts:
 
     from camserve.model_source import MANIFEST, MODEL_CONFIG
     from camserve.model_spec import ModelSpec, SpecError, load_labels
-    from camserve_tools.archive import model_name_problem
+    from camserve_tools.archive.build import model_name_problem
 
     try:
         with zipfile.ZipFile(archive) as mar:
@@ -222,8 +222,8 @@ def read_member(mar: zipfile.ZipFile, name: str, directory: str) -> Path:
 
 def start_alone(archive: Path, name: str, config: Path, run_dir: Path, timeout: float, engine: str = "torchserve") -> Any:
     """`engine` serving only this archive, on free ports, with its own model store, TMPDIR and logs."""
-    from camserve_tools.kserve.native import KServeEngine
-    from camserve_tools.server import TorchServe
+    from camserve_tools.servers.kserve import KServeEngine
+    from camserve_tools.servers.torchserve import TorchServe
 
     store = run_dir / "model_store"
     store.mkdir(parents=True, exist_ok=True)
@@ -249,7 +249,7 @@ def start_alone(archive: Path, name: str, config: Path, run_dir: Path, timeout: 
 
 def probe_images() -> list[tuple[str, bytes, tuple[int, int], str]]:
     """(name, body, (width, height), content type) of each image probe: generated scenes, as PNG and as JPEG."""
-    from camserve_tools.scenes import EVAL_SEED_START, make_scene
+    from camserve_tools.data.scenes import EVAL_SEED_START, make_scene
 
     probes = []
     for number, offset in enumerate(PROBE_SEEDS):

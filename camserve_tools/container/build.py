@@ -187,7 +187,7 @@ class PipForBuild:
 def pip_for_build(work_dir: Path) -> PipForBuild:
     """The host pip's settings for the build: local files copied into the mounted folder, local folders and file://
     indexes as URLs of the loopback server, everything else as it is."""
-    from camserve_tools.server import free_port
+    from camserve_tools.servers.torchserve import free_port
 
     folder, served = work_dir / "pip", work_dir / "pip-served"
     for directory in (folder / "conf", served):

@@ -23,7 +23,7 @@ The effective config is CAMSERVE_CONFIG's lines, then the TS_* settings, then th
 still unset: inference and metrics on all addresses (8080, 8082), management and gRPC on loopback, the image's model
 store with every archive loaded, the JVM sized from the container's memory limit, logs on standard output. A
 `service_envelope` of the config goes to camserve's handler (TS_SERVICE_ENVELOPE), never to TorchServe's own
-envelopes, as camserve_tools.server does.
+envelopes, as camserve_tools.servers.torchserve does.
 
 Stopping: catatonit passes SIGTERM to this process. TorchServe's frontend, signalled at once, closes every
 connection, so the requests in flight would get no answer; and TorchServe's `torchserve` launcher would die on the

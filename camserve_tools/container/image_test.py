@@ -64,7 +64,7 @@ from camserve_tools.container.build import (
     ensure_host_tools,
     image_exists,
 )
-from camserve_tools.server import free_port
+from camserve_tools.servers.torchserve import free_port
 
 WORK_DIR = ROOT / ".run" / "image-test"
 MEMORY_LIMIT = "2560m"
@@ -142,7 +142,7 @@ class Container:
 
     def wait_for_answer(self, timeout: float = 300) -> float:
         """Seconds from run/start to the first answer with predictions and a map (the key read once it exists)."""
-        from camserve_tools.server import sample_image_png
+        from camserve_tools.servers.torchserve import sample_image_png
 
         deadline = self.started_at + timeout
         last = "no answer yet"
@@ -202,7 +202,7 @@ def check_smoke(container: Container) -> str:
 
 def check_token(container: Container) -> str:
     """Without the key, or with a wrong one, refused (TorchServe 0.12's token plugin: 400 InvalidKeyException)."""
-    from camserve_tools.server import sample_image_png
+    from camserve_tools.servers.torchserve import sample_image_png
 
     url = f"{container.url}/predictions/shapes"
     for headers in ({}, {"Authorization": "Bearer not-the-key"}):
@@ -287,7 +287,7 @@ def locust_figures(csv_prefix: Path) -> dict[str, float]:
 
 def run_locust(host: str, token_file: Path | None, csv_prefix: Path, run_time: str = "30s") -> tuple[int, str]:
     """run_loadtest.py against `host` (it starts nothing when the host answers); its exit code and output tail."""
-    command = [sys.executable, "-m", "camserve_tools.benchmarks.run_loadtest", "--host", host, "--run-time", run_time]
+    command = [sys.executable, "-m", "camserve_tools.bench.run_loadtest", "--host", host, "--run-time", run_time]
     if token_file is not None:
         command += ["--token-file", str(token_file)]
     command += ["--csv", str(csv_prefix), "--html", str(csv_prefix) + ".html"]
@@ -373,7 +373,7 @@ def check_prometheus(prometheus: str, report: Report) -> str:
 def check_sigterm(container: Container, report: Report, users: int = 6) -> str:
     """Clients send long requests (scorecam) back to back; at the signal they start no new one. Every request in
     flight at that moment must be answered, and the container must exit 0 within the grace period."""
-    from camserve_tools.server import sample_image_png
+    from camserve_tools.servers.torchserve import sample_image_png
 
     headers = {**container.headers(), "Content-Type": "image/png", "X-CAM-Method": "scorecam"}
     signalled = threading.Event()
@@ -479,7 +479,7 @@ def check_kube_play(image: str, report: Report) -> None:
         def ready() -> str:
             # First until the pod serves both models through its hostPort (the start-up period, which the startup
             # probe covers in a cluster): the readiness command's own 4 s timeout is meant for a warm pod.
-            from camserve_tools.server import sample_image_png
+            from camserve_tools.servers.torchserve import sample_image_png
 
             deadline = time.monotonic() + 420
             for model in ("shapes", "imagenet"):
@@ -516,7 +516,7 @@ def check_kube_play(image: str, report: Report) -> None:
             assert uid == str(spec["securityContext"]["runAsUser"]), f"runs as uid {uid}"
             writable = runner.exec("touch", "/opt/camserve/x")
             assert writable.returncode != 0, "the root filesystem is writable"
-            from camserve_tools.server import sample_image_png
+            from camserve_tools.servers.torchserve import sample_image_png
 
             answer = requests.post(f"http://127.0.0.1:{port}/predictions/shapes", data=sample_image_png(), timeout=60)
             assert answer.status_code == 200 and "cam" in answer.json(), f"through the hostPort: HTTP {answer.status_code}"

@@ -26,7 +26,7 @@ import requests
 
 from camserve_tools.kserve.bundle import write_bundle
 from camserve_tools.kserve.local import KServeLocal
-from camserve_tools.server import ROOT, free_port, sample_image_png
+from camserve_tools.servers.torchserve import ROOT, free_port, sample_image_png
 
 
 def percentile(values: list[float], fraction: float) -> float:

@@ -10,7 +10,7 @@ With `--api v2` and `--grpc-port`, KServe's gRPC server (the Open Inference Prot
 runtime's grpc-v2 mode) answers too, each answer a BYTES element holding our JSON answer.
 
 Readiness proves an answer: a model is ready while TorchServe lists a READY worker *and* it answered a prediction
-lately (a client's, or the probe of camserve_tools.model_probe, sent when none came). TorchServe 0.12 can lose a
+lately (a client's, or the probe of camserve_tools.servers.model_probe, sent when none came). TorchServe 0.12 can lose a
 worker for good while still listing it READY, and every request would then wait forever.
 
 The front checks only what the protocols themselves get wrong (shape of the JSON, body size, datatypes, header
@@ -54,8 +54,8 @@ from kserve.protocol.model_repository_extension import ModelRepositoryExtension
 from kserve.protocol.rest.server import RESTServer
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from camserve_tools import model_probe
 from camserve_tools.kserve.bundle import ENVELOPES
+from camserve_tools.servers import model_probe
 
 logger = logging.getLogger("camserve.kserve.front")
 

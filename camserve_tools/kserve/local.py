@@ -35,7 +35,7 @@ from camserve_tools.kserve.bundle import (
     read_properties,
     write_bundle,
 )
-from camserve_tools.server import TorchServe, free_port
+from camserve_tools.servers.torchserve import TorchServe, free_port
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -222,7 +222,7 @@ def main() -> None:
         f"KServe ({args.api}) on {local.url} -> TorchServe {local.torchserve.inference_url}; metrics {local.torchserve.metrics_url}/metrics"
     )
     print("Try it:")
-    print("  .venv/bin/python -c \"from camserve_tools.scenes import make_scene; make_scene(7).image.save('scene.png')\"")
+    print("  .venv/bin/python -c \"from camserve_tools.data.scenes import make_scene; make_scene(7).image.save('scene.png')\"")
     if args.api == "v1":
         print(f"  curl -s {local.url}/v1/models/{model}:predict -H 'Content-Type: application/json' \\")
         print('    -d "{\\"instances\\": [{\\"data\\": \\"$(base64 -w0 scene.png)\\"}]}" | head -c 400; echo')

@@ -1,10 +1,10 @@
-"""A labelled image set from camserve_tools.scenes, in the formats annotation tools export: COCO JSON and Pascal VOC XML.
+"""A labelled image set from camserve_tools.data.scenes, in the formats annotation tools export: COCO JSON and Pascal VOC XML.
 
-    python -m camserve_tools.scene_dataset OUT --count 40 [--first-seed N] [--format png|jpeg]
+    python -m camserve_tools.data.scene_dataset OUT --count 40 [--first-seed N] [--format png|jpeg]
 
 writes OUT/images/scene_<seed>.png, OUT/coco.json and OUT/voc/scene_<seed>.xml. Every scene knows its object's true
 box, so `camserve evaluate` can be tried, tested and documented on it without hand-drawn boxes. Seeds default to
-the evaluation range (camserve_tools.scenes.EVAL_SEED_START and up), never the training one.
+the evaluation range (camserve_tools.data.scenes.EVAL_SEED_START and up), never the training one.
 
 Box conventions, as the formats define them: COCO `bbox` is [x, y, width, height] in pixels from the image's
 top-left corner; VOC `bndbox` is 1-based and inclusive (xmin = x0 + 1, xmax = x1 for a box [x0, x1) ).
@@ -17,7 +17,7 @@ import json
 from pathlib import Path
 from xml.etree import ElementTree
 
-from camserve_tools.scenes import CLASSES, EVAL_SEED_START, Scene, make_scene
+from camserve_tools.data.scenes import CLASSES, EVAL_SEED_START, Scene, make_scene
 
 DEFAULT_FIRST_SEED = EVAL_SEED_START + 7_000_000  # evaluation range, apart from evaluate_shapes' and the tests'
 

@@ -10,7 +10,7 @@ import functools
 import io
 from dataclasses import dataclass
 
-from camserve_tools.scenes import EVAL_SEED_START, make_scene
+from camserve_tools.data.scenes import EVAL_SEED_START, make_scene
 
 # Load tests draw their own seed range (evaluation from EVAL_SEED_START, tests from + 5,000,000).
 LOAD_SEED_START = EVAL_SEED_START + 7_000_000

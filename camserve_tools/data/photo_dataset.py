@@ -1,7 +1,7 @@
 """Two real photographs with hand-drawn boxes, for `camserve evaluate` on an ImageNet model: scikit-image's
 `skimage.data.chelsea()` (a tabby cat) and `skimage.data.coffee()` (an espresso cup on a saucer).
 
-    python -m camserve_tools.photo_dataset OUT      # OUT/images/{chelsea,coffee}.png + OUT/coco.json
+    python -m camserve_tools.data.photo_dataset OUT      # OUT/images/{chelsea,coffee}.png + OUT/coco.json
 
 ImageNet's classes are fine-grained, so each photo carries every class a person would accept for its object (the
 cat is a tabby, a tiger cat or an Egyptian cat; the cup an espresso, a cup or a coffee mug), each with the same box:

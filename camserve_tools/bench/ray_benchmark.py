@@ -1,8 +1,8 @@
 """Ray Serve on one node and on two against TorchServe, side by side in one run on this machine: throughput and p95 at
 16 users, the server's CPU time per answered request, and the memory of each model process.
 
-    PYTHONPATH=. .venv/bin/python -m camserve_tools.benchmarks.ray_benchmark --duration 40 --rounds 2
-    PYTHONPATH=. .venv/bin/python -m camserve_tools.benchmarks.ray_benchmark --batching --duration 30   # Ray's batch settings
+    PYTHONPATH=. .venv/bin/python -m camserve_tools.bench.ray_benchmark --duration 40 --rounds 2
+    PYTHONPATH=. .venv/bin/python -m camserve_tools.bench.ray_benchmark --batching --duration 30   # Ray's batch settings
 
 Every engine serves the default `shapes` model (gradcam, the default request) with the same worker settings: two
 model processes of one torch thread each, batches of up to 8 requests that wait at most 5 ms for one another
@@ -34,12 +34,12 @@ from pathlib import Path
 import psutil
 import yaml
 
-from camserve_tools.archive import build_archive
-from camserve_tools.benchmarks.bench_models import prepare_models
-from camserve_tools.benchmarks.benchmark_report import Settings
-from camserve_tools.benchmarks.serving_benchmark import drain, locust_run, merge, model_config, start_torchserve
-from camserve_tools.ray_cluster import RayCluster, body_limit
-from camserve_tools.server import TorchServe
+from camserve_tools.archive.build import build_archive
+from camserve_tools.bench.bench_models import prepare_models
+from camserve_tools.bench.benchmark_report import Settings
+from camserve_tools.bench.serving_benchmark import drain, locust_run, merge, model_config, start_torchserve
+from camserve_tools.servers.ray_cluster import RayCluster, body_limit
+from camserve_tools.servers.torchserve import TorchServe
 
 ROOT = Path(__file__).resolve().parents[2]
 RUN_DIR = ROOT / ".run" / "ray-bench"

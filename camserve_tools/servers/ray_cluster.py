@@ -1,7 +1,7 @@
 """A local Ray cluster of N nodes on loopback serving camserve's Ray Serve application (camserve.engines.ray_deployment).
 
-    python -m camserve_tools.ray_cluster start --run-dir .run/serve --nodes 2 --models shapes=shapes.mar,imagenet=imagenet.mar
-    python -m camserve_tools.ray_cluster stop --run-dir .run/serve
+    python -m camserve_tools.servers.ray_cluster start --run-dir .run/serve --nodes 2 --models shapes=shapes.mar,imagenet=imagenet.mar
+    python -m camserve_tools.servers.ray_cluster stop --run-dir .run/serve
 
 Each node is one `ray start --block` in its own session, on 127.0.0.1, with explicit CPUs, memory and object store
 (a node would otherwise claim the whole machine), a free port for every listener, no dashboard and no Ray client
@@ -35,7 +35,7 @@ import psutil
 import requests
 import yaml
 
-from camserve_tools.server import DEFAULT_MODELS, ROOT, UNIX_SOCKET_PATH_MAX, free_port, sample_image_png
+from camserve_tools.servers.torchserve import DEFAULT_MODELS, ROOT, UNIX_SOCKET_PATH_MAX, free_port, sample_image_png
 
 SERVE_CONFIG = ROOT / "deploy" / "ray" / "serve-config.yaml"
 RECORD = "ray-cluster.json"  # in the run dir: the temp dir, the ports, each node's `ray start` pid
@@ -45,8 +45,8 @@ TEMP_PREFIX = "cs-ray-"
 RAY_SOCKET_EXAMPLE = "/session_2000-01-01_00-00-00_000000_4194304/sockets/plasma_store.99"
 GIB = 1024**3
 DEFAULT_MAX_BODY_BYTES = 6_553_500  # TorchServe's default max_request_size
-# Ray's own command lines, with a loopback address kept loopback (camserve_tools/ray_loopback.py).
-LOOPBACK_CLI = [sys.executable, "-m", "camserve_tools.ray_loopback"]
+# Ray's own command lines, with a loopback address kept loopback (camserve_tools/servers/ray_loopback.py).
+LOOPBACK_CLI = [sys.executable, "-m", "camserve_tools.servers.ray_loopback"]
 
 
 class AlreadyRunning(RuntimeError):
@@ -301,7 +301,7 @@ class RayCluster:
         return self._environment(f"{self.record()['temp_dir']}:driver")
 
     def _driver_command(self, *args: str) -> list[str]:
-        return [sys.executable, "-m", "camserve_tools.ray_cluster", *args, "--run-dir", str(self.run_dir)]
+        return [sys.executable, "-m", "camserve_tools.servers.ray_cluster", *args, "--run-dir", str(self.run_dir)]
 
     def _driver(self, *args: str, timeout: float) -> str:
         """One of this module's driver commands (`wait`, `status`) against this cluster, in a process of its own:
@@ -504,7 +504,7 @@ def main(argv: list[str] | None = None) -> None:
     elif args.action == "stop":
         cluster.stop()
     else:
-        from camserve_tools.ray_loopback import connect
+        from camserve_tools.servers.ray_loopback import connect
 
         connect(cluster.address)
         try:

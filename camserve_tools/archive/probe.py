@@ -1,6 +1,6 @@
 """Archive-time check, run on an unpacked archive exactly as a TorchServe worker would see it.
 
-    python camserve_tools/probe_model.py <unpacked archive dir>
+    python -m camserve_tools.archive.probe <unpacked archive dir>
 
 Only the archive's own files are importable (its directory first on sys.path, PYTHONPATH empty, cwd there),
 so a model file that imports something the archive lacks fails here and not in a worker. Builds the model from
@@ -108,7 +108,7 @@ def probe(root: Path) -> dict:
 def main() -> None:
     root = Path(sys.argv[1]).resolve()
     # As in a worker: the archive first, nothing of the repository (this script's own folder included).
-    sys.path[:] = [str(root)] + [p for p in sys.path[1:] if p and Path(p).resolve() != Path(__file__).resolve().parent.parent]
+    sys.path[:] = [str(root)] + [p for p in sys.path[1:] if p and Path(p).resolve() != Path(__file__).resolve().parents[2]]
     try:
         result = probe(root)
     except Exception as error:  # noqa: BLE001

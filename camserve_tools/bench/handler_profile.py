@@ -1,8 +1,8 @@
 """Where a served request's time goes: the built-in handler and our pipeline in-process, stage by stage, on the benchmark's images.
 
-    PYTHONPATH=. .venv/bin/python camserve_tools/benchmarks/handler_profile.py --models shapes,resnet18 --methods none,gradcam
+    PYTHONPATH=. .venv/bin/python -m camserve_tools.bench.handler_profile --models shapes,resnet18 --methods none,gradcam
 
-The serving benchmark (camserve_tools/benchmarks/serving_benchmark.py) appends this table to its report. Each request is a batch
+The serving benchmark (camserve_tools/bench/serving_benchmark.py) appends this table to its report. Each request is a batch
 of --batch-size requests (default 1); the figure is the mean over the image pool (a quarter camera-sized JPEGs), in ms per
 request, with torch on `--threads` threads. What the served latency at one user adds on top of a handler's total
 is TorchServe's (HTTP, frontend queue, socket to the worker, worker loop) and the client's.
@@ -23,8 +23,8 @@ import torch
 from ts.torch_handler.unit_tests.test_utils.mock_context import MockContext
 
 from camserve.pipeline import CamPipeline, Row
-from camserve_tools.benchmarks.bench_models import importable_model_dir, prepare_models
-from camserve_tools.benchmarks.image_pool import Sample, image_pool
+from camserve_tools.bench.bench_models import importable_model_dir, prepare_models
+from camserve_tools.data.image_pool import Sample, image_pool
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -77,7 +77,7 @@ def builtin_handler(model_dir: Path, model_file: Path) -> Any:
     import shutil
     import tempfile
 
-    from camserve_tools.benchmarks.builtin_image_classifier import BuiltinImageClassifier
+    from camserve_tools.bench.builtin_image_classifier import BuiltinImageClassifier
 
     staging = Path(tempfile.mkdtemp(prefix="camserve-profile-"))
     for path in (*model_dir.iterdir(), model_file):

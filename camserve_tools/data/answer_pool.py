@@ -1,5 +1,5 @@
 """The images whose default answers must stay small: every photograph that scikit-image and scikit-learn ship and
-that loads without a download, plus generated scenes (scripts/answer_size.py, tests/test_answer_size.py)."""
+that loads without a download, plus generated scenes (camserve_tools/bench/answer_size.py, tests/test_answer_size.py)."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from pathlib import Path
 
 from PIL import Image
 
-from camserve_tools.scenes import EVAL_SEED_START, make_scene
+from camserve_tools.data.scenes import EVAL_SEED_START, make_scene
 
 # skimage.data's photographs (not its drawings, masks and test patterns); none needs a download.
 SKIMAGE_PHOTOS = (

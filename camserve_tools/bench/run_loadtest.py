@@ -1,9 +1,9 @@
 """`make loadtest`: run the Locust load test against a server, starting one for the run if none answers.
 
     make loadtest                                                       # 60 s steady, defaults of locust.conf
-    PYTHONPATH=. .venv/bin/python camserve_tools/benchmarks/run_loadtest.py --shape step --users 8 --run-time 120s
-    PYTHONPATH=. .venv/bin/python camserve_tools/benchmarks/run_loadtest.py --host http://10.0.0.5:8080 --token-file key_file.json
-    PYTHONPATH=. .venv/bin/python camserve_tools/benchmarks/run_loadtest.py --max-p95-ms 500 MapUser   # anything else goes to Locust
+    PYTHONPATH=. .venv/bin/python -m camserve_tools.bench.run_loadtest --shape step --users 8 --run-time 120s
+    PYTHONPATH=. .venv/bin/python -m camserve_tools.bench.run_loadtest --host http://10.0.0.5:8080 --token-file key_file.json
+    PYTHONPATH=. .venv/bin/python -m camserve_tools.bench.run_loadtest --max-p95-ms 500 MapUser   # anything else goes to Locust
 
 A server already answering at --host (`make serve`) is used as it is. Otherwise a TorchServe serving
 model_store/shapes.mar starts in .run/loadtest on free ports, and is stopped when Locust is done, whatever
@@ -22,7 +22,7 @@ from pathlib import Path
 
 import requests
 
-from camserve_tools.server import TorchServe
+from camserve_tools.servers.torchserve import TorchServe
 
 ROOT = Path(__file__).resolve().parents[2]
 RUN_DIR = ROOT / ".run" / "loadtest"
@@ -47,7 +47,7 @@ def start_server() -> TorchServe:
     )
     if (RUN_DIR / "torchserve.pid").exists():
         sys.exit(
-            f"a server of {RUN_DIR} seems to run already (pid file present); stop it: python -m camserve_tools.server stop "
+            f"a server of {RUN_DIR} seems to run already (pid file present); stop it: python -m camserve_tools.servers.torchserve stop "
             f"--run-dir {RUN_DIR}"
         )
     shutil.rmtree(server.tmp_dir, ignore_errors=True)

@@ -1,7 +1,7 @@
 """Can one answer's encoding overlap the next forward pass in the same worker? Sequential vs a one-thread pipeline.
 
-    PYTHONPATH=. .venv/bin/python scripts/bench_overlap.py                  # on the cores this process may use
-    taskset -c 0 env PYTHONPATH=. .venv/bin/python scripts/bench_overlap.py # on one core, as each of 2 workers has
+    PYTHONPATH=. .venv/bin/python -m camserve_tools.bench.overlap                  # on the cores this process may use
+    taskset -c 0 env PYTHONPATH=. .venv/bin/python -m camserve_tools.bench.overlap # on one core, as each of 2 workers has
 
 A worker answers a stream of requests: forward pass (the default model's Grad-CAM, batch 1, one torch thread),
 then the map answer (cam_json at the given image size). Sequential does one after the other; pipelined hands
@@ -24,9 +24,9 @@ from camserve.cam import CamExtractor
 from camserve.model_spec import ModelSpec, load_model
 from camserve.preprocessing import whole_image_transform
 from camserve.protocol.responses import cam_json, json_bytes
-from camserve_tools.scenes import EVAL_SEED_START, make_scene
+from camserve_tools.data.scenes import EVAL_SEED_START, make_scene
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def main() -> None:

@@ -1,8 +1,8 @@
 """What a map costs over a plain prediction, in time and in peak memory, against the reference libraries (in-process).
 
-    make bench-maps     # = scripts/bench_overhead.py --references --memory: shapes, resnet50 and imagenet, cam and gradcam,
+    make bench-maps     # = camserve_tools/bench/map_overhead.py --references --memory: shapes, resnet50 and imagenet, cam and gradcam,
                         #   batch 1 and 8, against pytorch-grad-cam, torchcam and Captum (about 40 minutes on 2 cores)
-    python scripts/bench_overhead.py --models resnet18,resnet50,mobilenet_v3_large,efficientnet_b0,convnext_tiny,vit_b_16 \
+    python -m camserve_tools.bench.map_overhead --models resnet18,resnet50,mobilenet_v3_large,efficientnet_b0,convnext_tiny,vit_b_16 \
         --methods cam,gradcam,gradcampp,xgradcam,hirescam,layercam,eigencam,scorecam --references
 
 Time: for each model and batch size, rounds alternate between predict-only (forward under inference_mode) and
@@ -46,7 +46,7 @@ import torch
 from camserve.cam import CamExtractor, MethodError, to_grid
 from camserve.model_spec import ModelSpec, build_architecture, load_model
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 LIBRARIES = ("pytorch-grad-cam", "torchcam", "captum")
 
 
@@ -67,7 +67,7 @@ def torchvision_model(name: str) -> tuple[torch.nn.Module, tuple[int, int]]:
 
 def imagenet_model() -> tuple[torch.nn.Module, tuple[int, int]]:
     """The served pretrained EfficientNet-Lite0, loaded from model_store/imagenet.mar."""
-    from camserve_tools.archive import load_archive
+    from camserve_tools.archive.build import load_archive
 
     model, spec, _ = load_archive(ROOT / "model_store" / "imagenet.mar")
     return model.requires_grad_(True), spec.input_size  # as the torchvision models: the references back-propagate
@@ -242,7 +242,7 @@ def memory(model_name: str, methods: list[str], batch_sizes: list[int], referenc
         peaks = {}
         for name in ["predict", *names]:
             # Processes differ by up to a fifth (which kernels and buffers oneDNN picks): median of `processes`.
-            command = [sys.executable, __file__, "--memory-child", json.dumps([model_name, name, batch])]
+            command = [sys.executable, "-m", "camserve_tools.bench.map_overhead", "--memory-child", json.dumps([model_name, name, batch])]
             results = [
                 subprocess.run(command, capture_output=True, text=True, check=True, cwd=ROOT, env=MEMORY_CHILD_ENV)
                 for _ in range(processes)

@@ -7,7 +7,7 @@ Forms (`make archive` variables in brackets):
 - a torch.export program                                               [EXPORTED=model.pt2]
 Common: LABELS, NAME, INPUT_SIZE, MEAN, STD, METHOD, LAYER.
 
-Every archive is checked before it is kept: it is built, unpacked, and `camserve_tools/probe_model.py` builds the model
+Every archive is checked before it is kept: it is built, unpacked, and `camserve_tools/archive/probe.py` builds the model
 from the unpacked files alone (as a worker would), runs dummy forwards and a map. Anything wrong is an
 `ArchiveError` whose one-line message names the problem, and no archive is written.
 """
@@ -31,10 +31,10 @@ import yaml
 
 from camserve.model_spec import EXPORTED, ModelSpec, SpecError, without_auxiliary_heads
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 HANDLER = ROOT / "camserve" / "engines" / "torchserve_handler.py"
 PACKAGE = ROOT / "camserve"
-PROBE = Path(__file__).resolve().with_name("probe_model.py")
+PROBE = Path(__file__).resolve().with_name("probe.py")
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -146,7 +146,7 @@ def build_archive(
 
 
 def probe_archive(mar: Path) -> dict:
-    """Unpack `mar` and build, run and map its model there as a worker would (camserve_tools/probe_model.py)."""
+    """Unpack `mar` and build, run and map its model there as a worker would (camserve_tools/archive/probe.py)."""
     with tempfile.TemporaryDirectory(prefix="camserve-probe-") as unpacked:
         with zipfile.ZipFile(mar) as archive:
             archive.extractall(unpacked)
@@ -590,7 +590,7 @@ def torchvision_model_dir(
     builder: str, weights: str, directory: Path, labels: Path | None = None, method: str = "gradcam", layers: tuple[str, ...] = ()
 ) -> Path:
     """A model dir (state dict, labels, model-config.yaml) for a torchvision classifier, unchecked: for callers that
-    archive it themselves with other settings (camserve_tools/benchmarks/serving_benchmark.py)."""
+    archive it themselves with other settings (camserve_tools/bench/serving_benchmark.py)."""
     directory.mkdir(parents=True, exist_ok=True)
     _torchvision(ArchiveRequest(model=builder, weights=weights, labels=labels, method=method, layers=tuple(layers)), directory)
     return directory
@@ -607,7 +607,7 @@ def model_file_model_dir(
 ) -> Path:
     """A model dir for a model file's class (state dict, labels, model-config.yaml, and the model file, whose class
     the architecture names), unchecked: for callers that archive it themselves with other settings
-    (camserve_tools/benchmarks/serving_benchmark.py). The model file is copied in because a worker imports it from
+    (camserve_tools/bench/serving_benchmark.py). The model file is copied in because a worker imports it from
     its model dir; whoever loads the model from this dir in-process puts the dir on sys.path as a worker does."""
     directory.mkdir(parents=True, exist_ok=True)
     request = ArchiveRequest(model_file=model_file, weights=str(weights), labels=labels, input_size=input_size, mean=mean, std=std)

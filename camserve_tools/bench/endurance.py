@@ -1,7 +1,7 @@
 """Endurance and fault checks against a real TorchServe: soak (worker memory), batch integrity, worker kill.
 
-    python camserve_tools/benchmarks/endurance.py                                   # full: 10,000-request soak, 2,000 integrity
-    python camserve_tools/benchmarks/endurance.py --soak 1000 --integrity 200       # shorter
+    python -m camserve_tools.bench.endurance                                   # full: 10,000-request soak, 2,000 integrity
+    python -m camserve_tools.bench.endurance --soak 1000 --integrity 200       # shorter
 Writes docs/endurance.md and docs/endurance-rss.png. tests/test_endurance.py runs short versions in CI.
 
 - Soak: requests mixing methods and outputs; the worker's RSS is sampled as it goes. Growth is measured from the
@@ -34,8 +34,8 @@ import psutil
 import requests
 import yaml
 
-from camserve_tools.scenes import EVAL_SEED_START, make_scene
-from camserve_tools.server import TorchServe
+from camserve_tools.data.scenes import EVAL_SEED_START, make_scene
+from camserve_tools.servers.torchserve import TorchServe
 
 ROOT = Path(__file__).resolve().parents[2]
 SEED_START = EVAL_SEED_START + 8_000_000
@@ -60,7 +60,7 @@ def png(image) -> bytes:
 def serving(batch_size: int = 1, max_batch_delay: int = 20) -> Iterator[TorchServe]:
     """A private TorchServe of the default model with the given batching."""
     work = Path(tempfile.mkdtemp(prefix="camserve-endurance-"))
-    from camserve_tools.archive import build_archive
+    from camserve_tools.archive.build import build_archive
 
     model_dir = work / "model"
     shutil.copytree(ROOT / "models" / "shapes", model_dir)
@@ -216,7 +216,7 @@ def main() -> None:
     )
     report = f"""# Endurance and faults
 
-Reproduce: `.venv/bin/python camserve_tools/benchmarks/endurance.py --soak {args.soak} --integrity {args.integrity}` (this machine:
+Reproduce: `.venv/bin/python -m camserve_tools.bench.endurance --soak {args.soak} --integrity {args.integrity}` (this machine:
 2 CPU cores; one worker; short versions of each run in CI as tests/test_endurance.py).
 
 | check | result |

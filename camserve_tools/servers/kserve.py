@@ -1,9 +1,9 @@
 """Start, wait for and stop camserve on KServe's own model server (camserve.engines.kserve_model): no TorchServe, no Java.
 
-    python -m camserve_tools.kserve.native start --run-dir .run/serve --archives model_store/shapes.mar,model_store/imagenet.mar
-    python -m camserve_tools.kserve.native stop --run-dir .run/serve
+    python -m camserve_tools.servers.kserve start --run-dir .run/serve --archives model_store/shapes.mar,model_store/imagenet.mar
+    python -m camserve_tools.servers.kserve stop --run-dir .run/serve
 
-The same run-dir discipline as camserve_tools.server's TorchServe: own TMPDIR and logs, a pid file, the whole
+The same run-dir discipline as camserve_tools.servers.torchserve's TorchServe: own TMPDIR and logs, a pid file, the whole
 process session stopped by its pid, and ready only once every model answers a real prediction.
 """
 
@@ -21,7 +21,7 @@ from pathlib import Path
 import requests
 
 from camserve_tools.kserve.bundle import read_properties
-from camserve_tools.server import free_port, sample_image_png
+from camserve_tools.servers.torchserve import free_port, sample_image_png
 
 PID_FILE = "kserve.pid"
 

@@ -1,7 +1,7 @@
 """Check every manifest under deploy/: Kubernetes kinds strictly against the API schemas, KServe's against its CRDs,
 Ray Serve's config against Ray's schema, KubeRay's RayService as far as no KubeRay at hand allows.
 
-    python -m camserve_tools.manifests deploy        # make check-manifests; tests/test_manifests.py runs the same
+    python -m camserve_tools.deploy.manifests deploy        # make check-manifests; tests/test_manifests.py runs the same
 
 - Built-in kinds (Deployment, Service, HorizontalPodAutoscaler, ...) are validated by `kubernetes-validate` in
   strict mode (an unknown field is an error), against the oldest and the newest Kubernetes version we support.
@@ -48,10 +48,10 @@ KSERVE_KINDS = {
     ("serving.kserve.io/v1alpha1", "ClusterServingRuntime"): "V1alpha1ClusterServingRuntime",
 }
 # KServe's CRDs: ../shared/kserve-crds beside the repository, unless CAMSERVE_KSERVE_CRDS names another folder.
-KSERVE_CRDS = Path(os.environ.get("CAMSERVE_KSERVE_CRDS", Path(__file__).resolve().parents[1].parent / "shared" / "kserve-crds"))
+KSERVE_CRDS = Path(os.environ.get("CAMSERVE_KSERVE_CRDS", Path(__file__).resolve().parents[2].parent / "shared" / "kserve-crds"))
 CRD_KINDS = {"InferenceService", "ServingRuntime", "ClusterServingRuntime"}
 # KubeRay's CRDs (ray.io_rayservices.yaml): ../shared/kuberay-crds, unless CAMSERVE_KUBERAY_CRDS names another folder.
-KUBERAY_CRDS = Path(os.environ.get("CAMSERVE_KUBERAY_CRDS", Path(__file__).resolve().parents[1].parent / "shared" / "kuberay-crds"))
+KUBERAY_CRDS = Path(os.environ.get("CAMSERVE_KUBERAY_CRDS", Path(__file__).resolve().parents[2].parent / "shared" / "kuberay-crds"))
 KUSTOMIZATION_KEYS = {
     "apiVersion", "kind", "resources", "images", "namespace", "namePrefix", "nameSuffix", "labels", "commonLabels",
     "commonAnnotations", "patches", "configMapGenerator", "secretGenerator", "generatorOptions", "replicas", "components",

@@ -1,6 +1,6 @@
 """Throughput of `camserve explain` against the bare in-process pipeline, on the same images and batch size.
 
-    .venv/bin/python scripts/bench_explain.py [--images 32] [--batch-size 8] [--jobs N] [--output png] [--repeats 15]
+    .venv/bin/python -m camserve_tools.bench.explain_throughput [--images 32] [--batch-size 8] [--jobs N] [--output png] [--repeats 15]
 
 "handler" calls the pipeline (CamPipeline.answer) on batches of image bytes already in memory, asking for what an endpoint answers for
 that output (JSON for png and grid; the overlay image for overlay): the floor of any offline run.
@@ -16,17 +16,15 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import sys
 import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+from camserve_tools.commands.explain import ExplainSettings, explain_images
+from camserve_tools.data.scene_dataset import write_scene_dataset
+from camserve_tools.local_model import answer_rows, open_model
 
-from camserve_tools.commands.explain import ExplainSettings, explain_images  # noqa: E402
-from camserve_tools.local_model import answer_rows, open_model  # noqa: E402
-from camserve_tools.scene_dataset import write_scene_dataset  # noqa: E402
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def handler_rate(pipeline, bodies: list[bytes], headers: dict[str, str], batch_size: int) -> tuple[float, float]:

@@ -19,9 +19,9 @@ from camserve.cam import CamExtractor
 from camserve.cam.localization import bounding_box, box_iou, peak, upsample_map
 from camserve.model_spec import ModelSpec, load_model
 from camserve.preprocessing import whole_image_transform
-from camserve_tools.scenes import EVAL_SEED_START, Scene, make_scene
+from camserve_tools.data.scenes import EVAL_SEED_START, Scene, make_scene
 
-MODEL_DIR = Path(__file__).resolve().parent.parent / "models" / "shapes"
+MODEL_DIR = Path(__file__).resolve().parents[2] / "models" / "shapes"
 
 
 @dataclass
@@ -34,7 +34,7 @@ class Quality:
 
 
 def load_generator(path: Path) -> Callable[[int], Scene]:
-    """`make_scene` of a Python file: another generator (an earlier camserve_tools/scenes.py, say) with the same API."""
+    """`make_scene` of a Python file: another generator (an earlier camserve_tools/data/scenes.py, say) with the same API."""
     spec = importlib.util.spec_from_file_location(f"generator_{path.stem}", path)
     module = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = module  # dataclasses look their module up there

@@ -1,6 +1,6 @@
 """What the serving benchmark measured, and its report: tables, targets, plots (docs/serving-benchmark.md).
 
-camserve_tools/benchmarks/serving_benchmark.py measures and calls write_report; `serving_benchmark.py --report-from <json>`
+camserve_tools/bench/serving_benchmark.py measures and calls write_report; `serving_benchmark.py --report-from <json>`
 writes a report again from a run's data, without measuring.
 """
 
@@ -295,7 +295,7 @@ def write_report(
         [
             "## Where a request's time goes (in-process, ms per request)",
             "",
-            "Both handlers run in-process on the same images, one batch after another (camserve_tools/benchmarks/handler_profile.py), "
+            "Both handlers run in-process on the same images, one batch after another (camserve_tools/bench/handler_profile.py), "
             "stage by stage, torch on the workers' threads. At one user and batch 1, the served p50 minus the handler's "
             "total is what TorchServe (HTTP, frontend, worker socket) and the client add; at batch 8 and one user, the "
             "served p50 also holds the batch delay.",
@@ -320,14 +320,14 @@ def write_report(
         "- `÷ built-in`: the variant's figure over TorchServe's built-in ImageClassifier's, same model, batch and users.",
         "- Server CPU ms/req: the CPU time (user + system) of the server's whole process tree (Java frontend, every "
         "worker, anything the frontend runs) over each run's measured window, from /proc, divided by the requests "
-        "answered in it (camserve_tools/benchmarks/cpu_accounting.py); the frontend's JIT compiler threads are left "
+        "answered in it (camserve_tools/bench/cpu_accounting.py); the frontend's JIT compiler threads are left "
         "out (a warm-up cost, `server_jit_cpu_ms` in the JSON). Client CPU ms/req: the Locust process's own, over the "
         "same window. The client receives and parses each JSON answer and decodes no image. CPU time is charged to "
         "the process that spends it: unlike throughput, neither the client's share of the cores nor a neighbour's "
         "job moves it much.",
         *(
             [
-                f"- `{PEER}`: the handler a user would write instead of ours (camserve_tools/benchmarks/pytorch_grad_cam_handler.py): "
+                f"- `{PEER}`: the handler a user would write instead of ours (camserve_tools/bench/pytorch_grad_cam_handler.py): "
                 "pytorch-grad-cam's GradCAM at the same layer, top-1 label and heat map PNG at the image's size; a reference, "
                 "not a target."
             ]

@@ -1,12 +1,12 @@
 """What a map adds to one request's wait: sequential single-client latency through one real TorchServe.
 
-    PYTHONPATH=. .venv/bin/python -m camserve_tools.benchmarks.sequential_latency            # the full run (about 3 min)
-    PYTHONPATH=. .venv/bin/python -m camserve_tools.benchmarks.sequential_latency --models shapes --rounds 3
-    PYTHONPATH=. .venv/bin/python -m camserve_tools.benchmarks.sequential_latency --rounds 10 --profile  # + the handler's stages
+    PYTHONPATH=. .venv/bin/python -m camserve_tools.bench.sequential_latency            # the full run (about 3 min)
+    PYTHONPATH=. .venv/bin/python -m camserve_tools.bench.sequential_latency --models shapes --rounds 3
+    PYTHONPATH=. .venv/bin/python -m camserve_tools.bench.sequential_latency --rounds 10 --profile  # + the handler's stages
 
 One TorchServe (own TMPDIR, free ports, stopped at the end) serves the built archives model_store/shapes.mar and
 model_store/imagenet.mar with their own settings, as `make serve` does. The pool: the photographs of
-camserve_tools/photos.py (scikit-image's and scikit-learn's sample images), each resized to every --sizes entry and
+camserve_tools/data/photos.py (scikit-image's and scikit-learn's sample images), each resized to every --sizes entry and
 encoded as JPEG (quality 90). One client posts them one at a time over one keep-alive connection, each image with
 every method in turn (`X-CAM-Method`), the methods' order rotated from one image to the next, so drifting load on
 this shared machine falls on all methods alike. A warm-up pass over the pool precedes each model × size.
@@ -40,9 +40,9 @@ from urllib.parse import urlsplit
 
 from PIL import Image
 
-from camserve_tools.benchmarks.image_pool import Sample
-from camserve_tools.photos import BACKGROUNDS, LABELLED, load
-from camserve_tools.server import TorchServe
+from camserve_tools.data.image_pool import Sample
+from camserve_tools.data.photos import BACKGROUNDS, LABELLED, load
+from camserve_tools.servers.torchserve import TorchServe
 
 ROOT = Path(__file__).resolve().parents[2]
 MODELS = ("shapes", "imagenet")
@@ -219,8 +219,8 @@ def stage_profile(models: Sequence[str], sizes: Sequence[tuple[int, int]], metho
     """Where the time goes: our handler in-process on the same photos, stage by stage (handler_profile.py), in mean
     ms per request; what the served median adds on top is TorchServe's (HTTP, frontend, worker socket) and the
     client's."""
-    from camserve_tools.benchmarks.bench_models import prepare_models
-    from camserve_tools.benchmarks.handler_profile import ours_handler, profile_ours, profile_table
+    from camserve_tools.bench.bench_models import prepare_models
+    from camserve_tools.bench.handler_profile import ours_handler, profile_ours, profile_table
 
     work_dir.mkdir(parents=True, exist_ok=True)
     lines = []

@@ -1,8 +1,8 @@
 """What one map's answer costs (cam_json: upsample, PNG, peak, box, base64), old and new side by side in one run.
 
-    PYTHONPATH=. .venv/bin/python scripts/bench_encoding.py                 # the table (about a minute)
-    PYTHONPATH=. .venv/bin/python scripts/bench_encoding.py --steps         # adds the new answer step by step
-    PYTHONPATH=. .venv/bin/python scripts/bench_encoding.py --alternatives  # adds the candidates measured for it
+    PYTHONPATH=. .venv/bin/python -m camserve_tools.bench.encoding                 # the table (about a minute)
+    PYTHONPATH=. .venv/bin/python -m camserve_tools.bench.encoding --steps         # adds the new answer step by step
+    PYTHONPATH=. .venv/bin/python -m camserve_tools.bench.encoding --alternatives  # adds the candidates measured for it
 
 The old answer is the implementation before issue 12, kept below as the reference: torch's bilinear upsampling
 to a float map at full size, the PNG quantised from it (Sub filter, stdlib zlib level 1), numpy's argmax and the
@@ -45,9 +45,9 @@ from camserve.cam.localization import bounding_box, peak, peak_and_box, upsample
 from camserve.model_spec import ModelSpec, load_model
 from camserve.preprocessing import whole_image_transform
 from camserve.protocol.responses import HEATMAP_LEVELS, HEATMAP_STEP, cam_json, decode_heatmap, heatmap_png_of_grid
-from camserve_tools.scenes import EVAL_SEED_START, make_scene
+from camserve_tools.data.scenes import EVAL_SEED_START, make_scene
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 SIZES = [(320, 240), (640, 480), (1280, 960)]  # (width, height) of the original image
 LABELS = ["a"]
 

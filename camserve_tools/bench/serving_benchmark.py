@@ -2,7 +2,7 @@
 
     make bench                                     # the full run (about 70 min): docs/serving-benchmark.md + plots
     make bench BENCH_ARGS="--tune"                 # worker settings sweep: docs/serving-tuning.md
-    PYTHONPATH=. .venv/bin/python camserve_tools/benchmarks/serving_benchmark.py --models shapes --concurrency 1,4 --duration 5 \
+    PYTHONPATH=. .venv/bin/python -m camserve_tools.bench.serving_benchmark --models shapes --concurrency 1,4 --duration 5 \
         --batch-sizes 1 --out /tmp/bench          # a quick look
 
 Variants, all on the same server and the same worker settings, one after the other:
@@ -53,10 +53,10 @@ import torch
 import yaml
 
 from camserve.model_spec import ModelSpec, load_model
-from camserve_tools.archive import build_archive
-from camserve_tools.benchmarks.bench_models import MODELS, BenchModel, importable_model_dir, mapped_layer, prepare_models
-from camserve_tools.benchmarks.benchmark_report import BASELINE, PEER, Cell, Settings, rewrite_report, write_report
-from camserve_tools.server import TorchServe, sample_image_png
+from camserve_tools.archive.build import build_archive
+from camserve_tools.bench.bench_models import MODELS, BenchModel, importable_model_dir, mapped_layer, prepare_models
+from camserve_tools.bench.benchmark_report import BASELINE, PEER, Cell, Settings, rewrite_report, write_report
+from camserve_tools.servers.torchserve import TorchServe, sample_image_png
 
 ROOT = Path(__file__).resolve().parents[2]
 RUN_DIR = ROOT / ".run" / "bench"
@@ -414,7 +414,7 @@ def profile_sections(
     models: list[BenchModel], cells: list[Cell], variants: list[Variant], threads: int, batch_sizes: list[int]
 ) -> list[str]:
     """Per model and batch size: each handler's stages in ms per request, and the served p50 at one user beside them."""
-    from camserve_tools.benchmarks.handler_profile import profile, profile_table
+    from camserve_tools.bench.handler_profile import profile, profile_table
 
     methods = [v.method for v in variants if v.method]
     lines: list[str] = []

@@ -1,7 +1,7 @@
 """Ray's command lines (`ray`, `serve`) and driver connections that keep a loopback address loopback.
 
-    python -m camserve_tools.ray_loopback ray start --head --node-ip-address=127.0.0.1 ...
-    python -m camserve_tools.ray_loopback serve run --address 127.0.0.1:<port> --non-blocking config.yaml
+    python -m camserve_tools.servers.ray_loopback ray start --head --node-ip-address=127.0.0.1 ...
+    python -m camserve_tools.servers.ray_loopback serve run --address 127.0.0.1:<port> --non-blocking config.yaml
 
 Ray's CLI and `ray.init` turn `127.0.0.1` (as a node address or in `--address`) into the machine's routable address,
 so that other machines could join; a node whose address is routable then listens on every interface (GCS, raylet,
@@ -43,7 +43,7 @@ def connect(address: str) -> None:
 def main(argv: list[str] | None = None) -> None:
     args = sys.argv[1:] if argv is None else argv
     if not args or args[0] not in ("ray", "serve"):
-        sys.exit("usage: python -m camserve_tools.ray_loopback ray|serve ARGS...")
+        sys.exit("usage: python -m camserve_tools.servers.ray_loopback ray|serve ARGS...")
     keep_loopback()
     sys.argv = args
     if args[0] == "ray":

@@ -1,10 +1,10 @@
 """How large the default JSON answer is: the maximum over a pool of real photographs and scenes, per model and size.
 
-    PYTHONPATH=. .venv/bin/python scripts/answer_size.py                          # shapes and imagenet, 640x480 and 1280x960
-    PYTHONPATH=. .venv/bin/python scripts/answer_size.py --models shapes --sizes 640x480 --each
-    PYTHONPATH=. .venv/bin/python scripts/answer_size.py --heatmap-size original                   # the heat map at the image's size
+    PYTHONPATH=. .venv/bin/python -m camserve_tools.bench.answer_size  # shapes and imagenet, 640x480 and 1280x960
+    PYTHONPATH=. .venv/bin/python -m camserve_tools.bench.answer_size --models shapes --sizes 640x480 --each
+    PYTHONPATH=. .venv/bin/python -m camserve_tools.bench.answer_size --heatmap-size original  # the heat map at the image's size
 
-The pool (camserve_tools/answer_pool.py): every photograph that scikit-image (`skimage.data`) and scikit-learn
+The pool (camserve_tools/data/answer_pool.py): every photograph that scikit-image (`skimage.data`) and scikit-learn
 (`china.jpg`, `flower.jpg`) ship and that loads without a download, in colour or grey, plus generated scenes (the
 default model's own domain), each resized to the given size and sent as PNG. The answer is the default one (the
 model's method, top-k and heat map size), as compact JSON bytes: what every engine sends, from the archive's pipeline
@@ -20,9 +20,9 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from camserve_tools.answer_pool import photo_pool
+from camserve_tools.data.answer_pool import photo_pool
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 ANSWER_BUDGET = 8_000  # bytes of any default JSON answer of the pool, at 640x480 and at 1280x960
 MODELS = ("shapes", "imagenet")
 SIZES = ((640, 480), (1280, 960))
