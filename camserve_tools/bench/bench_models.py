@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import multiprocessing
 import sys
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -13,6 +15,7 @@ import torch
 from camserve.cam import CamExtractor
 from camserve.model_spec import ModelSpec, load_model
 from camserve_tools.archive.build import model_file_model_dir, torchvision_model_dir
+from camserve_tools.bench.benchmark_report import Settings
 
 ROOT = Path(__file__).resolve().parents[2]
 MODELS = ("shapes", "resnet18", "imagenet")
@@ -94,3 +97,36 @@ def prepare_models(names: list[str], work_dir: Path) -> list[BenchModel]:
         else:
             sys.exit(f"unknown benchmark model {name!r}: one of {', '.join(MODELS)}")
     return models
+
+
+def _forward_throughput(model_dir: str, batch_size: int, threads: int, seconds: float, queue: multiprocessing.Queue) -> None:
+    torch.set_num_threads(threads)
+    spec = ModelSpec.from_model_dir(Path(model_dir))
+    with importable_model_dir(Path(model_dir)):
+        model = load_model(spec, Path(model_dir))
+    batch = torch.randn(batch_size, 3, *spec.input_size)
+    with torch.inference_mode():
+        for _ in range(3):
+            model(batch)
+        count, start = 0, time.perf_counter()
+        while time.perf_counter() - start < seconds:
+            model(batch)
+            count += 1
+        queue.put(count * batch_size / (time.perf_counter() - start))
+
+
+def forward_throughput(model: BenchModel, settings: Settings, seconds: float) -> float:
+    """Images/s of the bare model forward (inference_mode, random input) in `workers` processes of `threads`
+    threads each, as the server's workers run: the ceiling of what any handler can serve."""
+    context = multiprocessing.get_context("spawn")
+    queue = context.Queue()
+    processes = [
+        context.Process(target=_forward_throughput, args=(str(model.model_dir), settings.batch_size, settings.threads, seconds, queue))
+        for _ in range(settings.workers)
+    ]
+    for process in processes:
+        process.start()
+    rates = [queue.get(timeout=seconds + 300) for _ in processes]
+    for process in processes:
+        process.join()
+    return sum(rates)

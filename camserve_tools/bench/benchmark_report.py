@@ -224,54 +224,6 @@ def disagreement_lines(cells: list[Cell]) -> list[str]:
     return lines if len(lines) > 2 else []
 
 
-def plot(cells: list[Cell], out_dir: Path, stem: str) -> list[Path]:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    from matplotlib import pyplot as plt
-
-    panels = list(dict.fromkeys((cell.model, cell.settings) for cell in cells))
-    variants = list(dict.fromkeys(cell.variant for cell in cells))
-    saturation = max(cell.users for cell in cells)
-    throughput_png, latency_png = out_dir / f"{stem}-throughput.png", out_dir / f"{stem}-latency.png"
-
-    figure, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.8), squeeze=False)
-    for axis, (model, batch) in zip(axes[0], panels):
-        for variant in variants:
-            points = sorted(
-                (c.users, c.figures["throughput_rps"]) for c in cells if (c.model, c.settings, c.variant) == (model, batch, variant)
-            )
-            axis.plot(*zip(*points), marker="o", label=variant)
-        axis.set(title=f"{model}, {batch.short}", xlabel="concurrent users", ylabel="requests / s", xscale="log", yscale="log")
-        axis.set_xticks(sorted({c.users for c in cells}), labels=[str(u) for u in sorted({c.users for c in cells})])
-        axis.grid(True, which="both", alpha=0.3)
-    axes[0][0].legend(fontsize=7)
-    figure.suptitle("Served throughput vs concurrency (same server, same worker settings)")
-    figure.tight_layout()
-    figure.savefig(throughput_png, dpi=110)
-    plt.close(figure)
-
-    figure, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.8), squeeze=False)
-    width = 0.27
-    for axis, (model, batch) in zip(axes[0], panels):
-        shown = [v for v in variants if any((c.model, c.settings, c.variant, c.users) == (model, batch, v, saturation) for c in cells)]
-        for offset, key in enumerate(("p50_ms", "p95_ms", "p99_ms")):
-            values = [
-                next(c.figures[key] for c in cells if (c.model, c.settings, c.variant, c.users) == (model, batch, v, saturation))
-                for v in shown
-            ]
-            axis.bar([i + (offset - 1) * width for i in range(len(shown))], values, width, label=key.removesuffix("_ms"))
-        axis.set_xticks(range(len(shown)), labels=shown, rotation=35, ha="right", fontsize=7)
-        axis.set(title=f"{model}, {batch.short}, {saturation} users", ylabel="latency, ms", yscale="log")
-        axis.grid(True, axis="y", which="both", alpha=0.3)
-    axes[0][0].legend(fontsize=7)
-    figure.suptitle("Latency percentiles at saturation")
-    figure.tight_layout()
-    figure.savefig(latency_png, dpi=110)
-    plt.close(figure)
-    return [throughput_png, latency_png]
-
-
 def machine() -> str:
     processor = platform.processor() or platform.machine()
     return f"{os.cpu_count()} CPU cores ({processor}), torch {torch.__version__}, Python {platform.python_version()}"
@@ -286,10 +238,14 @@ def write_report(
     seconds: float,
     profile_lines: list[str],
     measured_at: str | None = None,
+    engine_cells: list[Cell] | None = None,
+    engine_lines: list[str] | None = None,
 ) -> None:
     """`path` (Markdown), its plots beside it (not for a sweep of settings), and `path` with .json: every figure,
     from which --report-from writes the same report again."""
     measured_at = measured_at or time.strftime("%Y-%m-%d %H:%M")
+    from camserve_tools.bench.report_plots import plot
+
     plots = plot(cells, path.parent, path.stem) if len({cell.settings.workers for cell in cells}) == 1 else []
     profile_block = (
         [
@@ -351,6 +307,7 @@ def write_report(
         *[f"| {model} | {s.short} | {rate:.1f} |" for (model, s), rate in forward.items()],
         "",
         *profile_block,
+        *(engine_lines or []),
         "## All cells",
         "",
         *results_table(cells),
@@ -369,6 +326,8 @@ def write_report(
                 "profile_lines": profile_lines,
                 "forward": [{"model": m, "settings": asdict(s), "images_per_s": r} for (m, s), r in forward.items()],
                 "cells": [asdict(c) for c in cells],
+                "engine_cells": [asdict(c) for c in engine_cells or []],
+                "engine_lines": engine_lines or [],
             },
             indent=1,
         )
@@ -380,7 +339,10 @@ def rewrite_report(data_file: Path) -> None:
     """The report and plots again from a run's JSON, without measuring (after a change of layout)."""
     data = json.loads(data_file.read_text())
     forward = {(entry["model"], Settings(**entry["settings"])): entry["images_per_s"] for entry in data["forward"]}
-    cells = [Cell(c["model"], Settings(**c["settings"]), c["variant"], c["users"], c["figures"]) for c in data["cells"]]
+    cells = [cell_of(c) for c in data["cells"]]
+    engine_cells = [
+        Cell(c["model"], Settings(**c["settings"]), c["variant"], c["users"], c["figures"]) for c in data.get("engine_cells", [])
+    ]
     write_report(
         data_file.with_suffix(".md"),
         data["title"],
@@ -390,4 +352,11 @@ def rewrite_report(data_file: Path) -> None:
         data["seconds"],
         data["profile_lines"],
         data["measured_at"],
+        engine_cells,
+        data.get("engine_lines", []),
     )
+
+
+def cell_of(data: dict) -> Cell:
+    """A Cell from its JSON form."""
+    return Cell(data["model"], Settings(**data["settings"]), data["variant"], data["users"], data["figures"])

@@ -220,18 +220,19 @@ def stage_profile(models: Sequence[str], sizes: Sequence[tuple[int, int]], metho
     ms per request; what the served median adds on top is TorchServe's (HTTP, frontend, worker socket) and the
     client's."""
     from camserve_tools.bench.bench_models import prepare_models
-    from camserve_tools.bench.handler_profile import ours_handler, profile_ours, profile_table
+    from camserve_tools.bench.handler_profile import StageTimes, ours_pipeline, profile_ours, profile_table
 
     work_dir.mkdir(parents=True, exist_ok=True)
     lines = []
     for model in prepare_models(list(models), work_dir):
-        handler = ours_handler(model.model_dir)
+        stages = StageTimes()
+        pipeline = ours_pipeline(model.model_dir, stages)
         for size in sizes:
             samples = tuple(jpeg_photo_pool(size).values())
             results = {}
             for method in methods:
-                profile_ours(handler, method, samples, 1)  # warm-up: first calls allocate
-                results[method] = profile_ours(handler, method, samples, rounds)
+                profile_ours(pipeline, stages, method, samples, 1)  # warm-up: first calls allocate
+                results[method] = profile_ours(pipeline, stages, method, samples, rounds)
             lines += [*profile_table(f"{model.name} {size[0]}×{size[1]}", results), ""]
     return "\n".join(lines)
 

@@ -37,30 +37,26 @@ TorchServe and the handler cost.
 from __future__ import annotations
 
 import argparse
-import json
-import multiprocessing
 import os
 import shutil
 import subprocess
 import sys
 import tempfile
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import requests
-import torch
 import yaml
 
-from camserve.model_spec import ModelSpec, load_model
 from camserve_tools.archive.build import build_archive
-from camserve_tools.bench.bench_models import MODELS, BenchModel, importable_model_dir, mapped_layer, prepare_models
+from camserve_tools.bench.bench_models import MODELS, BenchModel, forward_throughput, mapped_layer, prepare_models
 from camserve_tools.bench.benchmark_report import BASELINE, PEER, Cell, Settings, rewrite_report, write_report
+from camserve_tools.bench.engine_benchmark import ENGINES, engine_section, measure_engines
+from camserve_tools.bench.load_runs import FRONTEND_WARMUP_S, locust_run, merge, start_torchserve
 from camserve_tools.servers.torchserve import TorchServe, sample_image_png
 
 ROOT = Path(__file__).resolve().parents[2]
 RUN_DIR = ROOT / ".run" / "bench"
-LOCUSTFILE = ROOT / "load_tests" / "benchmark_locustfile.py"
 HANDLER_FILES = Path(__file__).resolve().parent
 # The archives of each model besides ours (`<model>.mar`): `<model>_<suffix>.mar`, served by that handler file.
 OTHER_HANDLERS = {
@@ -160,42 +156,6 @@ def build_handler_archive(model: BenchModel, suffix: str, config_file: Path, sto
     return store / f"{model.name}_{suffix}.mar"
 
 
-# --- in-process forward throughput -----------------------------------------------------------------------------
-
-
-def _forward_throughput(model_dir: str, batch_size: int, threads: int, seconds: float, queue: multiprocessing.Queue) -> None:
-    torch.set_num_threads(threads)
-    spec = ModelSpec.from_model_dir(Path(model_dir))
-    with importable_model_dir(Path(model_dir)):
-        model = load_model(spec, Path(model_dir))
-    batch = torch.randn(batch_size, 3, *spec.input_size)
-    with torch.inference_mode():
-        for _ in range(3):
-            model(batch)
-        count, start = 0, time.perf_counter()
-        while time.perf_counter() - start < seconds:
-            model(batch)
-            count += 1
-        queue.put(count * batch_size / (time.perf_counter() - start))
-
-
-def forward_throughput(model: BenchModel, settings: Settings, seconds: float) -> float:
-    """Images/s of the bare model forward (inference_mode, random input) in `workers` processes of `threads`
-    threads each, as the server's workers run: the ceiling of what any handler can serve."""
-    context = multiprocessing.get_context("spawn")
-    queue = context.Queue()
-    processes = [
-        context.Process(target=_forward_throughput, args=(str(model.model_dir), settings.batch_size, settings.threads, seconds, queue))
-        for _ in range(settings.workers)
-    ]
-    for process in processes:
-        process.start()
-    rates = [queue.get(timeout=seconds + 300) for _ in processes]
-    for process in processes:
-        process.join()
-    return sum(rates)
-
-
 # --- serving ---------------------------------------------------------------------------------------------------
 
 
@@ -209,26 +169,6 @@ def start_server(models: list[BenchModel], settings: Settings, work_dir: Path) -
     return start_torchserve(store, entries, settings.threads, work_dir / f"server-{settings.slug}")
 
 
-def start_torchserve(store: Path, models: str, threads: int, run_dir: Path) -> TorchServe:
-    """TorchServe on free ports serving `models` (name=archive,...) of `store`, `threads` torch threads per worker,
-    in a fresh `run_dir`; stopped again if it does not come up."""
-    shutil.rmtree(run_dir, ignore_errors=True)
-    run_dir.mkdir(parents=True)
-    server = TorchServe.on_free_ports(
-        run_dir=run_dir,
-        config=ROOT / "config" / "dev.properties",
-        model_store=store,
-        models=models,
-        env={"OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)},
-    )
-    try:
-        server.start(timeout=600)
-    except BaseException:
-        server.stop()
-        raise
-    return server
-
-
 def run_cell(server: TorchServe, model: BenchModel, variant: Variant, users: int, seconds: float, work_dir: Path) -> dict:
     """One headless Locust run; its summary (throughput, percentiles, failures, response size, histogram)."""
     path = f"/{variant.route}/{served_name(model, variant)}"
@@ -237,49 +177,6 @@ def run_cell(server: TorchServe, model: BenchModel, variant: Variant, users: int
     )
     drain(server, served_name(model, variant), variant.handler == "ours")
     return figures
-
-
-def locust_run(
-    url: str, path: str, answer: str, headers: list[str], users: int, seconds: float, work_dir: Path, extra: tuple[str, ...] = ()
-) -> dict:
-    """One headless run of benchmark_locustfile.py against `url` + `path` (`extra`: more of Locust's arguments);
-    its summary."""
-    summary = work_dir / "cell.json"
-    summary.unlink(missing_ok=True)
-    command = [
-        sys.executable,
-        "-m",
-        "locust",
-        "-f",
-        str(LOCUSTFILE),
-        "--headless",
-        "--only-summary",
-        "--loglevel",
-        "WARNING",
-        "--host",
-        url,
-        "-u",
-        str(users),
-        "-r",
-        str(4 * users),
-        "-t",
-        f"{max(1, round(seconds))}s",
-        "--reset-stats",
-        "--path",
-        path,
-        "--answer",
-        answer,
-        "--summary",
-        str(summary),
-        *extra,
-    ]
-    for header in headers:
-        command += ["--header", header]
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    completed = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True)
-    if not summary.exists():
-        raise RuntimeError(f"Locust wrote no summary (exit {completed.returncode}):\n{completed.stderr[-3000:]}")
-    return json.loads(summary.read_text())
 
 
 def run_until_answered(server: TorchServe, model: BenchModel, variant: Variant, users: int, seconds: float, work_dir: Path) -> dict:
@@ -309,61 +206,6 @@ def drain(server: TorchServe, name: str, ours: bool) -> None:
     headers = {"X-CAM-Method": "none"} if ours else {}
     for _ in range(2):  # one per worker at most still busy after the first comes back
         requests.post(f"{server.inference_url}/predictions/{name}", data=image, headers=headers, timeout=900).raise_for_status()
-
-
-FRONTEND_WARMUP_S = 10.0
-
-
-def merge(rounds: list[dict]) -> dict:
-    """One cell's figures from its rounds: requests, bytes and CPU seconds add up, percentiles from the merged
-    histogram; CPU per request is the rounds' CPU seconds over their requests."""
-    histogram: dict[float, int] = {}
-    for figures in rounds:
-        for ms, count in figures["response_times_ms"].items():
-            histogram[float(ms)] = histogram.get(float(ms), 0) + count
-    requests_made = sum(f["requests"] for f in rounds)
-    window = sum(f["window_s"] for f in rounds)
-    return {
-        "requests": requests_made,
-        "failures": sum(f["failures"] for f in rounds),
-        "throughput_rps": requests_made / window if window > 0 else 0.0,
-        "response_bytes": sum(f["response_bytes_total"] for f in rounds) / requests_made if requests_made else 0.0,
-        "client_cpu_saturated": any(f["client_cpu_saturated"] for f in rounds),
-        "errors": [error for f in rounds for error in f["errors"]][:5],
-        "rounds": len(rounds),
-        **{f"p{round(q * 100)}_ms": percentile(histogram, q) for q in (0.5, 0.95, 0.99)},
-        **cpu_per_request(rounds, requests_made),
-    }
-
-
-CPU_PARTS = ("server_frontend", "server_workers", "server_other", "server_total", "server_jit", "client")
-
-
-def cpu_per_request(rounds: list[dict], requests_made: int) -> dict:
-    """CPU ms per answered request over the rounds' measured windows, by part (server_total: frontend + workers +
-    other; server_jit, the frontend's JIT compilation, apart), and the seconds behind them; nothing where a round
-    has no CPU figures (a run without --server-pid)."""
-    if not requests_made or not all(f.get("cpu") for f in rounds):
-        return {}
-    seconds = {part: sum(f["cpu"][f"{part}_s"] for f in rounds) for part in CPU_PARTS}
-    return {
-        **{f"{part}_cpu_ms": 1000 * value / requests_made for part, value in seconds.items()},
-        "cpu_seconds": {**seconds, "window": sum(f["cpu"]["window_s"] for f in rounds)},
-        # Each round's own figure: how far rounds of one cell spread.
-        "server_total_cpu_ms_by_round": [1000 * f["cpu"]["server_total_s"] / f["requests"] if f["requests"] else None for f in rounds],
-    }
-
-
-def percentile(histogram: dict[float, int], fraction: float) -> float:
-    """Locust's rule (locust.stats.calculate_response_time_percentile): the smallest recorded time with at most
-    (1 - fraction) of all requests slower. Locust is not imported here: it monkey-patches the interpreter."""
-    total = sum(histogram.values())
-    allowed_slower, slower = total - int(total * fraction), 0
-    for ms in sorted(histogram, reverse=True):
-        slower += histogram[ms]
-        if slower >= allowed_slower:
-            return ms
-    return 0
 
 
 def measure(
@@ -467,6 +309,11 @@ def main() -> None:
     parser.add_argument("--duration", type=float, default=16.0, help="seconds of Locust runs per cell, all rounds together (default: 16)")
     parser.add_argument("--rounds", type=int, default=2, help="interleaved rounds per cell (default: 2)")
     parser.add_argument(
+        "--engines", default=",".join(ENGINES), help="torchserve,kserve: the engine section too, at batch 1 (torchserve: without it)"
+    )
+    parser.add_argument("--engine-models", default="shapes,imagenet", help="the engine section's models (default: shapes,imagenet)")
+    parser.add_argument("--engine-concurrency", type=int_list, default=[1, 16], help="the engine section's users (default: 1,16)")
+    parser.add_argument(
         "--tune", action="store_true", help="sweep worker settings instead (built-in plain and gradcam at the highest concurrency)"
     )
     parser.add_argument("--out", type=Path, default=ROOT / "docs", help="where the report and plots go (default: docs/)")
@@ -506,11 +353,20 @@ def main() -> None:
         print(f"serving with {settings.label}", flush=True)
         cells += measure(models, settings, variants, concurrency, args.duration, args.rounds, run_dir)
 
+    engine_cells: list[Cell] = []
+    if "kserve" in args.engines.split(",") and not args.tune:
+        settings = next((s for s in grid if s.batch_size == 1), Settings(args.workers, args.threads, 1, 0))
+        print(f"engines: TorchServe and KServe's model server with {settings.label}", flush=True)
+        engine_models = [m for m in models if m.name in args.engine_models.split(",")]
+        engine_cells = measure_engines(
+            engine_models, settings, args.engine_concurrency, args.duration, args.rounds, run_dir / f"store-{settings.slug}", run_dir
+        )
     profile_lines = [] if args.tune else profile_sections(models, cells, variants, args.threads, args.batch_sizes)
     command = f'make bench BENCH_ARGS="{" ".join(sys.argv[1:])}"' if len(sys.argv) > 1 else "make bench"
     report = args.out / ("serving-tuning.md" if args.tune else "serving-benchmark.md")
     title = "Serving benchmark: worker settings sweep" if args.tune else "Serving benchmark: what a map costs through TorchServe"
-    write_report(report, title, command, cells, forward, args.duration, profile_lines)
+    engine_lines = engine_section(engine_cells) if engine_cells else []
+    write_report(report, title, command, cells, forward, args.duration, profile_lines, None, engine_cells, engine_lines)
     print(f"wrote {report} and its plots")
 
 
