@@ -2,7 +2,7 @@
 
     python -m camserve_tools.bench.endurance                                   # full: 10,000-request soak, 2,000 integrity
     python -m camserve_tools.bench.endurance --soak 1000 --integrity 200       # shorter
-Writes docs/endurance.md and docs/endurance-rss.png. tests/test_endurance.py runs short versions in CI.
+Writes docs/lab/endurance.md and docs/lab/endurance-rss.png. tests/test_endurance.py runs short versions in CI.
 
 - Soak: requests mixing methods and outputs; the worker's RSS is sampled as it goes. Growth is measured from the
   end of warm-up (the first 10 %) to the end.
@@ -201,7 +201,7 @@ def main() -> None:
     axis.set_ylabel("worker RSS (MiB)")
     axis.set_title(f"soak: {soaked.requests} mixed requests, RSS growth after warm-up {soaked.growth:+.1%}")
     figure.tight_layout()
-    figure.savefig(ROOT / "docs" / "endurance-rss.png", dpi=100)
+    figure.savefig(ROOT / "docs" / "lab" / "endurance-rss.png", dpi=100)
     rows = "\n".join(
         [
             f"| soak: {soaked.requests} requests mixing methods and outputs, 4 clients | {soaked.failures} failures, "
@@ -226,7 +226,7 @@ Reproduce: `.venv/bin/python -m camserve_tools.bench.endurance --soak {args.soak
 ![worker RSS during the soak](endurance-rss.png)
 """
     # Later sections (the hostile-request suite's figures) are other runs': keep them.
-    doc = ROOT / "docs" / "endurance.md"
+    doc = ROOT / "docs" / "lab" / "endurance.md"
     existing = doc.read_text() if doc.exists() else ""
     kept = existing[existing.index("\n## ") :] if "\n## " in existing else ""
     doc.write_text(report + kept)
