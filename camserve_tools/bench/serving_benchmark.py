@@ -1,7 +1,7 @@
 """`make bench`: what a map costs in production, measured side by side through real TorchServe servers.
 
     make bench                                     # the full run (about 70 min): docs/serving-benchmark.md + plots
-    make bench BENCH_ARGS="--tune"                 # worker settings sweep: docs/serving-tuning.md
+    make bench BENCH_ARGS="--tune"                 # worker settings sweep: docs/lab/serving-tuning.md
     PYTHONPATH=. .venv/bin/python -m camserve_tools.bench.serving_benchmark --models shapes --concurrency 1,4 --duration 5 \
         --batch-sizes 1 --out /tmp/bench          # a quick look
 
@@ -302,7 +302,7 @@ def main() -> None:
     )
     parser.add_argument("--concurrency", type=int_list, default=[1, 4, 16])
     parser.add_argument("--batch-sizes", type=int_list, default=[1, 8])
-    parser.add_argument("--workers", type=int, default=2, help="workers per model (default: 2; see docs/serving-tuning.md)")
+    parser.add_argument("--workers", type=int, default=2, help="workers per model (default: 2; see docs/lab/serving-tuning.md)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads per worker (default: 1)")
     parser.add_argument("--max-batch-delay", type=int, default=5, help="ms a batch waits to fill, batch sizes > 1 (default: 5)")
     # A Locust run loses about 2 s to its own start before the measured window opens: 8 s runs measure about 6.
