@@ -99,7 +99,8 @@ serve: $(ARCHIVES)
 stop:
 	@test -x $(BIN)/camserve && $(BIN)/camserve stop --run-dir $(RUN_DIR) || true
 
-# ruff (lint and format check) over the whole tree, mypy over the runtime package; make test runs it first.
+# ruff (lint and format check) over the whole tree, mypy over the paths pyproject's [tool.mypy] names; make test runs
+# it first, and .pre-commit-config.yaml runs the same three before each commit.
 lint: $(VENV)/.installed
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
