@@ -75,6 +75,6 @@ def answer_batch(pipeline: CamPipeline, bodies: list[Any], headers: list[dict[st
     readable = [index for index, body in enumerate(bodies) if isinstance(body, bytes)]
     answered = answer_rows(pipeline, [bodies[i] for i in readable], [headers[i] for i in readable]) if readable else []
     results: list[tuple[int, Any]] = [(body["code"], body) if isinstance(body, dict) else (0, None) for body in bodies]
-    for index, result in zip(readable, answered):
+    for index, result in zip(readable, answered, strict=True):
         results[index] = result
     return results

@@ -188,7 +188,9 @@ class CamExtractor:
         gradients: dict[str, list[Tensor]] = {name: [] for name in names}
         if cam_method.needs_gradients:
             for t in range(targets.shape[1]):
-                for name, grad in zip(names, self._gradients(forward, names, targets[:, t], head, retain=t + 1 < targets.shape[1])):
+                for name, grad in zip(
+                    names, self._gradients(forward, names, targets[:, t], head, retain=t + 1 < targets.shape[1]), strict=True
+                ):
                     gradients[name].append(grad)
         maps = []
         for name in names:
@@ -217,7 +219,7 @@ class CamExtractor:
             score = forward.logits.gather(1, target[:, None]).sum()
         # Each sample's score depends only on its own activations, so one backward serves the batch.
         grads = torch.autograd.grad(score, [forward.outputs[name] for name in names], retain_graph=retain, allow_unused=True)
-        unused = [name for name, grad in zip(names, grads) if grad is None]
+        unused = [name for name, grad in zip(names, grads, strict=True) if grad is None]
         if unused:
             raise LayerError(f"the class score does not depend on layer(s) {unused}; choose a layer the prediction uses")
         return [to_grid(grad) for grad in grads]

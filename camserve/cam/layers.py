@@ -86,7 +86,7 @@ def find_target_layer(model: nn.Module, input_size: tuple[int, int]) -> str:
         for handle in handles:
             handle.remove()
         model.train(was_training)
-    for name, grad in zip(newest, grads):
+    for name, grad in zip(newest, grads, strict=True):
         if grad is not None and to_grid(grad).abs().sum() > 0:
             return name
     raise LayerError(

@@ -65,7 +65,7 @@ def evaluate(
         # The map of the true class: localization is judged apart from classification.
         result = extractor(inputs, method=method, targets=torch.tensor([scene.label for scene in batch]))
         predicted = result.logits.argmax(dim=1)
-        for scene, grid, guess in zip(batch, result.maps[:, 0], predicted):
+        for scene, grid, guess in zip(batch, result.maps[:, 0], predicted, strict=True):
             heatmap = upsample_map(grid, scene.image.size)
             box = bounding_box(heatmap)  # None for an empty map: a miss on both counts, as camserve evaluate counts it
             x, y = peak(heatmap)
