@@ -28,6 +28,7 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Protocol
 
 import requests
 
@@ -429,7 +430,21 @@ def start_detached(server: TorchServe) -> None:
     server.start()
 
 
-def usage_example(server: TorchServe) -> str:
+class ServingEngine(Protocol):
+    """What usage_example reads of a running engine: TorchServe, KServe's model server, a Ray cluster."""
+
+    run_dir: Path
+
+    @property
+    def inference_url(self) -> str: ...
+
+    @property
+    def models(self) -> str: ...
+
+    def inference_key(self) -> str | None: ...
+
+
+def usage_example(server: ServingEngine) -> str:
     """A ready-to-paste request. The token itself stays out of it (terminals and CI logs are kept): the example
     reads it from the key file."""
     key_file = server.run_dir / "key_file.json"
