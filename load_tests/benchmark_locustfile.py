@@ -20,6 +20,7 @@ figures go to --summary as JSON.
 
 from __future__ import annotations
 
+import argparse
 import functools
 import json
 import random
@@ -48,6 +49,13 @@ def add_arguments(parser: LocustArgumentParser) -> None:
     parser.add_argument("--pool-size", type=int, default=32, help="generated images (default: 32)")
     parser.add_argument("--summary", default="", help="write the run's figures here as JSON")
     parser.add_argument("--server-pid", type=int, default=0, help="the server's root process: its tree's CPU time goes to --summary")
+
+
+def run_options(environment: Environment) -> argparse.Namespace:
+    """The command line's options: Locust parses them before it fires any event or starts any user."""
+    if environment.parsed_options is None:
+        raise RuntimeError("no parsed options: run this file with the locust command")
+    return environment.parsed_options
 
 
 class WrongAnswer(ValueError):
@@ -136,10 +144,11 @@ CPU_WINDOW: list[CpuWindow] = []  # the run's window, once --server-pid names a 
 @events.init.add_listener
 def prepare(environment: Environment, **_kwargs: Any) -> None:
     # Before any user starts: no request pays for them, and a malformed --header stops the run here.
-    image_pool(environment.parsed_options.pool_size)
-    extra_headers(tuple(environment.parsed_options.header))
-    if environment.parsed_options.server_pid:
-        CPU_WINDOW.append(CpuWindow(environment.parsed_options.server_pid))
+    options = run_options(environment)
+    image_pool(options.pool_size)
+    extra_headers(tuple(options.header))
+    if options.server_pid:
+        CPU_WINDOW.append(CpuWindow(options.server_pid))
 
 
 @events.spawning_complete.add_listener
@@ -161,10 +170,17 @@ class BenchmarkUser(FastHttpUser):
 
     @task
     def post_image(self) -> None:
-        options = self.environment.parsed_options
+        options = run_options(self.environment)
         sample = random.choice(image_pool(options.pool_size))
         headers = {"Content-Type": sample.content_type, **extra_headers(tuple(options.header))}
-        with self.client.post(options.path, data=sample.body, headers=headers, name=options.path, catch_response=True) as response:
+        # Locust annotates `data` as str or dict, but sends bytes as they are: an image body must not be re-encoded.
+        with self.client.post(
+            options.path,
+            data=sample.body,  # type: ignore[arg-type]
+            headers=headers,
+            name=options.path,
+            catch_response=True,
+        ) as response:
             try:
                 CHECKS[options.answer](response)
             except (ValueError, KeyError, TypeError, AttributeError, IndexError) as error:
@@ -177,9 +193,9 @@ class BenchmarkUser(FastHttpUser):
 def write_summary(environment: Environment, **_kwargs: Any) -> None:
     """Figures of the measured window (--reset-stats drops the ramp-up): what serving_benchmark.py merges over
     rounds and tabulates."""
-    runner = environment.runner
-    if isinstance(runner, WorkerRunner) or not environment.parsed_options.summary:
-        return
+    runner, options = environment.runner, run_options(environment)
+    if runner is None or isinstance(runner, WorkerRunner) or not options.summary:
+        return  # no run, a worker (the master writes the whole run's figures), or no --summary
     total = environment.stats.total
     summary = {
         "requests": total.num_requests,
@@ -200,5 +216,5 @@ def write_summary(environment: Environment, **_kwargs: Any) -> None:
         # CPU seconds over the window: server_{frontend,workers,other,total,jit}_s, client_s, window_s; {} without --server-pid.
         "cpu": (CPU_WINDOW[0].spent or {}) if CPU_WINDOW else {},
     }
-    Path(environment.parsed_options.summary).write_text(json.dumps(summary, indent=1) + "\n")
+    Path(options.summary).write_text(json.dumps(summary, indent=1) + "\n")
     environment.process_exit_code = 0  # failures are figures here, not a verdict: the driver reports them

@@ -26,6 +26,7 @@ run, then back: does the queue drain?).
 
 from __future__ import annotations
 
+import argparse
 import base64
 import functools
 import io
@@ -78,6 +79,13 @@ def add_arguments(parser: LocustArgumentParser) -> None:
     )
 
 
+def run_options(environment: Environment) -> argparse.Namespace:
+    """The command line's options: Locust parses them before it fires any event or starts any user."""
+    if environment.parsed_options is None:
+        raise RuntimeError("no parsed options: run this file with the locust command")
+    return environment.parsed_options
+
+
 @functools.lru_cache(maxsize=1)
 def auth_headers(token_file: str) -> dict[str, str]:
     """With token authorization on, every inference call needs the key TorchServe wrote at start."""
@@ -94,7 +102,7 @@ def auth_headers(token_file: str) -> dict[str, str]:
 def prepare(environment: Environment, **_kwargs: Any) -> None:
     """Before any user starts: refuse a shape without a duration, build the pool, read the token (a bad file
     stops the run here, not as a failure on every request)."""
-    options = environment.parsed_options
+    options = run_options(environment)
     if options.shape != "steady" and not options.run_time:
         raise SystemExit(f"--shape {options.shape} is laid out over the run: give --run-time")
     image_pool(options.pool_size)
@@ -118,18 +126,26 @@ def excerpt(response: FastResponse) -> str:
     return " ".join((response.text or "").split())[:200]
 
 
+def content_type(response: FastResponse) -> str:
+    """The Content-Type header ("" without one; a repeated header's values joined, which no check accepts)."""
+    value = response.headers.get("content-type", "") if response.headers is not None else ""
+    return value if isinstance(value, str) else ", ".join(value)
+
+
 def json_body(response: FastResponse) -> dict[str, Any]:
     expect(response.status_code == 200, f"HTTP {response.status_code}: {excerpt(response)}")
-    content_type = response.headers.get("content-type", "")
-    expect(content_type.startswith("application/json"), f"content type {content_type!r}, not JSON")
+    kind = content_type(response)
+    expect(kind.startswith("application/json"), f"content type {kind!r}, not JSON")
     body = response.json()
-    expect(isinstance(body, dict), "the body is not a JSON object")
+    if not isinstance(body, dict):
+        raise WrongAnswer("the body is not a JSON object")
     return body
 
 
 def check_predictions(body: dict[str, Any]) -> list[dict[str, Any]]:
     predictions = body.get("predictions")
-    expect(isinstance(predictions, list) and len(predictions) > 0, "no predictions list")
+    if not isinstance(predictions, list) or not predictions:
+        raise WrongAnswer("no predictions list")
     for prediction in predictions:
         expect(isinstance(prediction, dict), f"malformed prediction {prediction!r}")
         expect(isinstance(prediction.get("label"), str) and isinstance(prediction.get("index"), int), f"malformed prediction {prediction}")
@@ -146,7 +162,8 @@ def decoded_size(data: bytes) -> tuple[tuple[int, int], str]:
 
 def check_cam(body: dict[str, Any], sample: Sample) -> dict[str, Any]:
     cam = body.get("cam")
-    expect(isinstance(cam, dict), f"no single map in 'cam' ({type(cam).__name__})")
+    if not isinstance(cam, dict):
+        raise WrongAnswer(f"no single map in 'cam' ({type(cam).__name__})")
     expect(cam.get("size") == list(sample.size), f"map size {cam.get('size')}, image {list(sample.size)}")
     width, height = cam["heatmap_size"]
     expect(0 < width <= sample.size[0] and 0 < height <= sample.size[1], f"heatmap_size {cam['heatmap_size']}, image {sample.size}")
@@ -164,8 +181,8 @@ def check_cam(body: dict[str, Any], sample: Sample) -> dict[str, Any]:
 
 def check_overlay(response: FastResponse, sample: Sample) -> None:
     expect(response.status_code == 200, f"HTTP {response.status_code}: {excerpt(response)}")
-    content_type = response.headers.get("content-type", "")
-    expect(content_type == "image/png", f"content type {content_type!r}, not image/png")
+    kind = content_type(response)
+    expect(kind == "image/png", f"content type {kind!r}, not image/png")
     size, _mode = decoded_size(response.content or b"")
     expect(size == sample.size, f"overlay {size}, image {sample.size}")
 
@@ -187,11 +204,18 @@ class CamUser(FastHttpUser):
 
     @task
     def post_image(self) -> None:
-        options = self.environment.parsed_options
+        options = run_options(self.environment)
         sample = random.choice(image_pool(options.pool_size))
         headers = {"Content-Type": sample.content_type, **auth_headers(options.token_file), **self.extra_headers}
         path = f"/{self.route}/{options.model}"
-        with self.client.post(path, data=sample.body, headers=headers, name=self.request_name, catch_response=True) as response:
+        # Locust annotates `data` as str or dict, but sends bytes as they are: an image body must not be re-encoded.
+        with self.client.post(
+            path,
+            data=sample.body,  # type: ignore[arg-type]
+            headers=headers,
+            name=self.request_name,
+            catch_response=True,
+        ) as response:
             try:
                 self.check(response, sample)
             except (ValueError, KeyError, TypeError, OSError) as error:
@@ -273,7 +297,9 @@ class CamLoadShape(LoadTestShape):
     use_common_options = True
 
     def tick(self) -> Stage | None:
-        options = self.runner.environment.parsed_options
+        if self.runner is None:
+            raise RuntimeError("a load shape ticks only once Locust has given it its runner")
+        options = run_options(self.runner.environment)
         elapsed = self.get_run_time()
         if options.run_time and elapsed >= options.run_time:
             return None
@@ -285,7 +311,7 @@ class CamLoadShape(LoadTestShape):
 
 
 def latency_breaches(environment: Environment) -> list[str]:
-    options, total = environment.parsed_options, environment.stats.total
+    options, total = run_options(environment), environment.stats.total
     gates = ((0.95, options.max_p95_ms), (0.99, options.max_p99_ms))
     return [
         f"p{round(q * 100)} {total.get_response_time_percentile(q):.0f} ms > {limit:.0f} ms"
@@ -295,7 +321,7 @@ def latency_breaches(environment: Environment) -> list[str]:
 
 
 def answer_breaches(environment: Environment) -> list[str]:
-    options, total = environment.parsed_options, environment.stats.total
+    options, total = run_options(environment), environment.stats.total
     if total.num_requests == 0:
         return ["no request was made"]
     if total.fail_ratio > options.max_fail_ratio:
@@ -312,9 +338,9 @@ def apply_gates(environment: Environment, **_kwargs: Any) -> None:
     --max-fail-ratio do not trip Locust's own exit-on-any-error; exceptions in this file still do.
     """
     runner = environment.runner
-    if isinstance(runner, WorkerRunner):
-        return  # the master (or the local runner) holds the whole run's stats
-    options, total = environment.parsed_options, environment.stats.total
+    if runner is None or isinstance(runner, WorkerRunner):
+        return  # no run, or a worker: the master (or the local runner) holds the whole run's stats
+    options, total = run_options(environment), environment.stats.total
     logger.info(
         "gates: %d requests, failure ratio %.4f (max %s), p50 %.0f ms, p95 %.0f ms (max %.0f), p99 %.0f ms (max %.0f)",
         total.num_requests,

@@ -12,6 +12,7 @@ Grad-CAM's peak falls inside the pasted object. docs/imagenet-model.md records a
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import sys
 from pathlib import Path
@@ -52,6 +53,11 @@ def labels() -> list[str]:
     return [mapping[str(i)] for i in range(len(mapping))]
 
 
+def most_probable_member(family: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+    """Each sample's most probable class among the class indices of `family`."""
+    return family[logits[:, family].argmax(dim=1)]
+
+
 def evaluate(model, names, transform, size, whole_image: bool = True) -> dict:
     photos = [(photo, image) for photo in LABELLED for image in (photo.image(), ImageOps.mirror(photo.image()))]
     right, mass = 0, 0.0
@@ -67,11 +73,9 @@ def evaluate(model, names, transform, size, whole_image: bool = True) -> dict:
     ]
     composite_right, on_object = 0, 0
     for item in composites:
-        members = torch.tensor([names.index(n) for n in item.subject.family])
+        family = torch.tensor([names.index(n) for n in item.subject.family])
         # The map of the family's most probable class: where the model sees the pasted object.
-        result = extractor(
-            transform(item.image)[None], method="gradcam", targets=lambda logits, members=members: members[logits[:, members].argmax(dim=1)]
-        )
+        result = extractor(transform(item.image)[None], method="gradcam", targets=functools.partial(most_probable_member, family))
         composite_right += names[int(result.logits.argmax())] in item.subject.family
         if not whole_image:
             continue  # a cropped input's map does not cover the image: no peak to compare

@@ -42,7 +42,10 @@ def main() -> None:
     parser.add_argument("--json", action="store_true", help="print JSON instead of a Markdown table")
     args = parser.parse_args()
     first_seed = VALIDATION_SEED_START if args.validation else args.first_seed
-    scene_maker = load_generator(args.generator) if args.generator else make_scene
+    try:
+        scene_maker = load_generator(args.generator) if args.generator else make_scene
+    except ValueError as error:
+        parser.error(str(error))
     sizes: list[int | None] = list(args.input_sizes) if args.input_sizes else [None]
     results = {
         f"{method} at {size} px" if size else method: evaluate(

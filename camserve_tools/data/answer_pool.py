@@ -53,6 +53,6 @@ def photo_pool(size: tuple[int, int] = (640, 480)) -> dict[str, bytes]:
     pool = {}
     for name, image in images.items():
         buffer = io.BytesIO()
-        image.resize(size, Image.BILINEAR).save(buffer, format="PNG")
+        image.resize(size, Image.Resampling.BILINEAR).save(buffer, format="PNG")
         pool[name] = buffer.getvalue()
     return pool

@@ -32,7 +32,10 @@ def write_scene_dataset(out: Path, count: int, first_seed: int = DEFAULT_FIRST_S
     for number, seed in enumerate(range(first_seed, first_seed + count), start=1):
         scene = make_scene(seed)
         file_name = f"scene_{seed}{suffix}"
-        scene.image.save(images_dir / file_name, **({"quality": 92} if image_format == "jpeg" else {}))
+        if image_format == "jpeg":
+            scene.image.save(images_dir / file_name, quality=92)
+        else:
+            scene.image.save(images_dir / file_name)
         written.append(images_dir / file_name)
         coco_images.append({"id": number, "file_name": file_name, "width": scene.image.width, "height": scene.image.height})
         coco_annotations.append(coco_annotation(number, number, scene))

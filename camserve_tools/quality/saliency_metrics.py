@@ -18,9 +18,8 @@ from collections.abc import Callable, Sequence
 
 import numpy as np
 import torch
+import torchvision
 from torch import Tensor
-
-from camserve.cam.localization import box_iou
 
 Box = Sequence[float]
 DEFAULT_STEPS = 16
@@ -34,7 +33,12 @@ def pointing_hit(peak: Sequence[int], boxes: Sequence[Box]) -> bool:
 
 
 def best_iou(box: Box, boxes: Sequence[Box]) -> float:
-    return max((box_iou(box, other) for other in boxes), default=0.0)
+    """IoU of `box` with the best-matching of `boxes`, all [x0, y0, x1, y1); 0 without boxes. Float boxes (annotation
+    files give fractional pixels), in float64: the same figure as Python floats give."""
+    if not boxes:
+        return 0.0
+    ious = torchvision.ops.box_iou(torch.tensor([box], dtype=torch.float64), torch.tensor(boxes, dtype=torch.float64))
+    return float(ious.nan_to_num(0.0).max())  # two boxes without area have no union: 0, not NaN
 
 
 def saliency_order(saliency: Tensor) -> Tensor:

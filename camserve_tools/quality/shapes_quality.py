@@ -36,6 +36,8 @@ class Quality:
 def load_generator(path: Path) -> Callable[[int], Scene]:
     """`make_scene` of a Python file: another generator (an earlier camserve_tools/data/scenes.py, say) with the same API."""
     spec = importlib.util.spec_from_file_location(f"generator_{path.stem}", path)
+    if spec is None or spec.loader is None:
+        raise ValueError(f"{path} cannot be loaded as a Python module (give a .py file)")
     module = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = module  # dataclasses look their module up there
     spec.loader.exec_module(module)
