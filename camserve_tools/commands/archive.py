@@ -1,7 +1,7 @@
 """`camserve archive ARGS`: build a .mar - the archive builder's command line, also behind scripts/build_archive.py.
 
-Every argument goes to the builder's own parser, so the command takes whatever the builder takes, now and after it
-learns more model forms. `--json` (taken out before the builder sees the rest) prints {"archive": path}.
+Every argument goes to the builder's own parser, so the command takes whatever the builder takes and no second list
+of options can drift from it. `--json` (taken out before the builder sees the rest) prints {"archive": path}.
 """
 
 from __future__ import annotations

@@ -39,9 +39,9 @@ EVAL_SEED_START = 1_000_000_000
 VALIDATION_SEED_START = EVAL_SEED_START + 3_000_000
 
 # (package, path inside it) of photographs that pinned packages ship. Training scenes use the first set only;
-# the held-out set (a kitchen, an outdoor scene, a street, a texture and a grey motion-blurred photo, none of
-# which any earlier model saw either) is what evaluation and tests see. motorcycle_right.png is left out of
-# both: it is motorcycle_left.png from a few centimetres away.
+# the held-out set (a kitchen, an outdoor scene, a street, a texture and a grey motion-blurred photo) is what
+# evaluation and tests see, so their figures come from photographs no training scene contains. motorcycle_right.png
+# is left out of both: it is motorcycle_left.png from a few centimetres away.
 TRAIN_PHOTOS: tuple[tuple[str, str], ...] = (
     ("skimage", "data/astronaut.png"),
     ("skimage", "data/chelsea.png"),
