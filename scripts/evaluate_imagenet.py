@@ -6,7 +6,7 @@ Candidates: three normalisations x five input sizes, the whole image resized wit
 does), plus torchvision's usual Resize(256) + CenterCrop(224) for comparison. For each: top-1 accuracy and mean
 probability of the right class family over the labelled photos of camserve_tools/data/photos.py and their mirror images, and on
 composites (a cat or an espresso pasted at a random place on another photo) top-1 accuracy and how often
-Grad-CAM's peak falls inside the pasted object. docs/imagenet-model.md records a run.
+Grad-CAM's peak falls inside the pasted object. docs/lab/imagenet-model.md records a run.
 """
 
 from __future__ import annotations

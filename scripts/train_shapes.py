@@ -3,9 +3,9 @@
     make train            # or: .venv/bin/python scripts/train_shapes.py
 
 Deterministic up to bfloat16 rounding (fixed seeds, scenes from camserve_tools.data.scenes.TRAIN_SEEDS); timings on
-2 CPU cores in docs/shapes-model.md.
+2 CPU cores in docs/lab/shapes-model.md.
 
-The recipe, and why (found by a sweep; see docs/shapes-model.md):
+The recipe, and why (found by a sweep; see docs/lab/shapes-model.md):
 - Plain cross-entropy on the class alone sits at chance for ~2,500 steps before the network finds the shapes;
   on 2 CPU cores that plateau alone would eat the budget.
 - A dense loss gives every location of the 20x20 feature grid a label (the object's class inside its true box,
