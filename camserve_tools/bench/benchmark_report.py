@@ -63,6 +63,11 @@ def baseline_of(cells: list[Cell], cell: Cell) -> dict | None:
     return figures_of(cells, cell, BASELINE)
 
 
+def figure(figures: dict | None, key: str) -> float | None:
+    """`figures[key]`, or None where there are no figures or no such key."""
+    return figures.get(key) if figures else None
+
+
 def ratio(value: float | None, reference: float | None) -> str:
     return f"{value / reference:.2f}" if reference and value is not None else "-"
 
@@ -96,9 +101,9 @@ def results_table(cells: list[Cell]) -> list[str]:
         split = f"{cpu_text(f, 'server_frontend')} / {cpu_text(f, 'server_workers')}"
         lines.append(
             f"| {cell.model} | {cell.settings.short} | {cell.variant} | {cell.users} | {f['throughput_rps']:.2f} | "
-            f"{ratio(f['throughput_rps'], base and base['throughput_rps'])} | {f['p50_ms']:.0f} | {f['p95_ms']:.0f} | {f['p99_ms']:.0f} | "
-            f"{ratio(f['p95_ms'], base and base['p95_ms'])} | {cpu_text(f)} | {ratio(server, base and base.get('server_total_cpu_ms'))} | "
-            f"{ratio(server, none and none.get('server_total_cpu_ms'))} | {split} | "
+            f"{ratio(f['throughput_rps'], figure(base, 'throughput_rps'))} | {f['p50_ms']:.0f} | {f['p95_ms']:.0f} | {f['p99_ms']:.0f} | "
+            f"{ratio(f['p95_ms'], figure(base, 'p95_ms'))} | {cpu_text(f)} | {ratio(server, figure(base, 'server_total_cpu_ms'))} | "
+            f"{ratio(server, figure(none, 'server_total_cpu_ms'))} | {split} | "
             f"{cpu_text(f, 'client')} | {error_rate:.1%} ({f['failures']}/{f['requests']}){flag} | {size_text(f['response_bytes'])} |"
         )
     return lines
@@ -119,9 +124,9 @@ def saturation_table(cells: list[Cell]) -> list[str]:
                 continue
             f, base = cell.figures, baseline_of(cells, cell)
             row.append(
-                f"{f['throughput_rps']:.1f}/s (×{ratio(f['throughput_rps'], base and base['throughput_rps'])}), "
-                f"p95 {f['p95_ms']:.0f} ms (×{ratio(f['p95_ms'], base and base['p95_ms'])}), "
-                f"CPU {cpu_text(f)} ms (×{ratio(f.get('server_total_cpu_ms'), base and base.get('server_total_cpu_ms'))})"
+                f"{f['throughput_rps']:.1f}/s (×{ratio(f['throughput_rps'], figure(base, 'throughput_rps'))}), "
+                f"p95 {f['p95_ms']:.0f} ms (×{ratio(f['p95_ms'], figure(base, 'p95_ms'))}), "
+                f"CPU {cpu_text(f)} ms (×{ratio(f.get('server_total_cpu_ms'), figure(base, 'server_total_cpu_ms'))})"
             )
         lines.append(f"| {model} | {settings.short} | " + " | ".join(row) + " |")
     return lines

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import base64
+import functools
 import io
 import json
 import statistics
@@ -62,7 +63,15 @@ def old_heatmap_png(heatmap: torch.Tensor) -> bytes:
     rows[:, 0] = 1
     rows[:, 1] = levels[:, 0]
     np.subtract(levels[:, 1:], levels[:, :-1], out=rows[:, 2:])
-    return png_file(rows, zlib.compress(rows, 1))
+    return png_file(rows, zlib.compress(rows.tobytes(), 1))
+
+
+def _zlib(rows: np.ndarray, level: int) -> bytes:
+    return zlib.compress(rows.tobytes(), level)
+
+
+def _zlib_ng(rows: np.ndarray, level: int) -> bytes:
+    return bytes(zlib_ng.compress(rows.tobytes(), level))
 
 
 def png_file(rows: np.ndarray, idat: bytes) -> bytes:
@@ -78,7 +87,7 @@ def old_cam_json(grid: torch.Tensor, size: tuple[int, int]) -> dict:
     return {
         "size": list(size),
         "heatmap": base64.b64encode(old_heatmap_png(heatmap)).decode("ascii"),
-        "bbox": list(bounding_box(heatmap)),
+        "bbox": list(bounding_box(heatmap) or ()),
         "peak": list(peak(heatmap)),
     }
 
@@ -202,9 +211,9 @@ def alternatives_table(rounds: int) -> None:
                     * (HEATMAP_LEVELS / 255)
                 ),
                 "PIL L": lambda: np.rint(
-                    np.asarray(Image.fromarray(small8, "L").resize((width, height), Image.BILINEAR)) * (HEATMAP_LEVELS / 255)
+                    np.asarray(Image.fromarray(small8, "L").resize((width, height), Image.Resampling.BILINEAR)) * (HEATMAP_LEVELS / 255)
                 ),
-                "PIL F": lambda: np.rint(np.asarray(Image.fromarray(small, "F").resize((width, height), Image.BILINEAR))),
+                "PIL F": lambda: np.rint(np.asarray(Image.fromarray(small, "F").resize((width, height), Image.Resampling.BILINEAR))),
                 "OpenCV": lambda: cv2.convertScaleAbs(cv2.resize(small, (width, height), interpolation=cv2.INTER_LINEAR)),
             }
             cells = []
@@ -213,10 +222,10 @@ def alternatives_table(rounds: int) -> None:
                 cells.append(f"{timed(candidate, rounds):.2f} ({off:,} off)")
             print(f"| {name} | {width}x{height} | " + " | ".join(cells) + " |")
     print("\n### Candidates: compressing the same filtered rows (KB / median ms)\n")
-    compressors = {
-        "zlib 1 (old)": lambda rows: zlib.compress(rows, 1),
-        "zlib 6": lambda rows: zlib.compress(rows, 6),
-        **{f"zlib-ng {level}": (lambda rows, level=level: zlib_ng.compress(rows, level)) for level in (1, 2, 3, 4, 5, 6)},
+    compressors: dict[str, Callable[[np.ndarray], bytes]] = {
+        "zlib 1 (old)": functools.partial(_zlib, level=1),
+        "zlib 6": functools.partial(_zlib, level=6),
+        **{f"zlib-ng {level}": functools.partial(_zlib_ng, level=level) for level in (1, 2, 3, 4, 5, 6)},
     }
     print("| map | size | PIL PNG level 6 | " + " | ".join(compressors) + " |")
     print("|---|---|---|" + "---|" * len(compressors))

@@ -45,7 +45,8 @@ def explain_rate(pipeline, name: str, paths: list[Path], settings: ExplainSettin
         started, cpu = time.perf_counter(), time.process_time()
         summary = explain_images(pipeline, name, paths, Path(out), settings)
         seconds, cpu_seconds = time.perf_counter() - started, time.process_time() - cpu
-    assert summary.explained == len(paths) and summary.failed == 0, summary
+    if summary.explained != len(paths) or summary.failed:
+        raise RuntimeError(f"explain did not answer every image: {summary}")
     return len(paths) / seconds, len(paths) / cpu_seconds
 
 
@@ -79,7 +80,7 @@ def main() -> None:
     wall = {key: statistics.median(v[0] for v in values) for key, values in rates.items()}
     best = {key: max(v[0] for v in values) for key, values in rates.items()}  # the least disturbed run of each
     cpu = {key: statistics.median(v[1] for v in values) for key, values in rates.items()}
-    paired = statistics.median(e[0] / h[0] for h, e in zip(rates["handler"], rates["explain"]))
+    paired = statistics.median(e[0] / h[0] for h, e in zip(rates["handler"], rates["explain"], strict=True))
     result = {
         "paired_ratio": round(paired, 3),
         "images": args.images,

@@ -30,6 +30,7 @@ from __future__ import annotations
 import argparse
 import copy
 import ctypes
+import functools
 import json
 import os
 import re
@@ -146,7 +147,7 @@ def variants(
             extractor(sample, method=method)
         except MethodError:
             continue  # e.g. cam on a head that is not GAP + Linear
-        found[f"camserve {method}"] = lambda x, m=method: extractor(x, method=m)
+        found[f"camserve {method}"] = functools.partial(extractor, method=method)
         for library in LIBRARIES if references else ():
             # Each on its own copy of the model: pytorch-grad-cam's hooks stay registered while its object lives,
             # and would otherwise run (and store activations) in every other variant's forward pass.
@@ -199,7 +200,10 @@ MEMORY_CHILD_ENV = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "0", "OMP_NUM_THREAD
 
 
 def _status_kib(field: str) -> int:
-    return int(re.search(rf"^{field}:\s+(\d+) kB", Path("/proc/self/status").read_text(), re.MULTILINE).group(1))
+    found = re.search(rf"^{field}:\s+(\d+) kB", Path("/proc/self/status").read_text(), re.MULTILINE)
+    if found is None:
+        raise RuntimeError(f"/proc/self/status has no {field}")
+    return int(found.group(1))
 
 
 def _peak_of_call(call: Callable[[], object]) -> int:
@@ -222,9 +226,12 @@ def memory_child(model_name: str, variant: str, batch: int) -> None:
     if variant == "predict":
         call: Callable[[torch.Tensor], object] = extractor.predict
     elif library == "camserve":
-        call = lambda x: extractor(x, method=method)  # noqa: E731
+        call = functools.partial(extractor, method=method)
     else:  # only this variant's hooks on the model
-        call = _reference(library, method, model, extractor.default_layers[0])
+        reference = _reference(library, method, model, extractor.default_layers[0])
+        if reference is None:
+            raise ValueError(f"{library} has no {method}")
+        call = reference
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         call(inputs)  # lazy initialisations happen here, not in the measured calls

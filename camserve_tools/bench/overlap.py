@@ -15,7 +15,7 @@ from __future__ import annotations
 import argparse
 import statistics
 import time
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 import torch
@@ -36,7 +36,8 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=7)
     args = parser.parse_args()
     torch.set_num_threads(1)
-    size = tuple(int(v) for v in args.size.split("x"))
+    width, height = (int(v) for v in args.size.split("x"))
+    size = (width, height)
     spec = ModelSpec.from_model_dir(ROOT / "models" / "shapes")
     extractor = CamExtractor(load_model(spec, ROOT / "models" / "shapes"), spec.input_size)
     transform = whole_image_transform(spec.input_size, spec.mean, spec.std)
@@ -53,13 +54,14 @@ def main() -> None:
             answer(forward(index))
 
     def pipelined(pool: ThreadPoolExecutor) -> None:
-        pending = None
+        pending: Future[bytes] | None = None
         for index in range(args.requests):
             grid = forward(index)
             if pending is not None:
                 pending.result()
             pending = pool.submit(answer, grid)
-        pending.result()
+        if pending is not None:
+            pending.result()
 
     first_grid = forward(0)
     forward_only = lambda: [forward(i) for i in range(args.requests)]  # noqa: E731

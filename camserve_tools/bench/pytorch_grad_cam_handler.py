@@ -49,9 +49,9 @@ class PytorchGradCamHandler(BaseHandler):
 
     def postprocess(self, data):
         answers = []
-        for size, grayscale, probabilities in zip(*data):
+        for size, grayscale, probabilities in zip(*data, strict=True):
             index = int(probabilities.argmax())
-            heatmap = Image.fromarray(np.uint8(255 * grayscale)).resize(size, Image.BILINEAR)
+            heatmap = Image.fromarray((255 * grayscale).astype(np.uint8)).resize(size, Image.Resampling.BILINEAR)
             png = io.BytesIO()
             heatmap.save(png, format="PNG")
             answers.append(

@@ -132,6 +132,8 @@ def build_handler_archive(model: BenchModel, suffix: str, config_file: Path, sto
     """`<model>_<suffix>.mar`: the model as TorchServe's own handlers load it (model file, state dict,
     index_to_name.json) with the handler file OTHER_HANDLERS[suffix]."""
     spec = model.spec()
+    if spec.labels is None:
+        raise ValueError(f"{model.name}: the built-in handlers need a labels file")
     command = [
         str(Path(sys.executable).with_name("torch-model-archiver")),
         "--model-name",
