@@ -17,7 +17,7 @@ from pathlib import Path
 
 import requests
 
-from camserve_tools.kserve.bundle import read_properties
+from camserve_tools.kserve.bundle import DEFAULT_MAX_BODY_BYTES, body_limit
 from camserve_tools.servers.process_group import start_in_own_session, stop_recorded
 from camserve_tools.servers.readiness import wait_for_answers
 from camserve_tools.servers.torchserve import free_port, sample_image_png
@@ -41,8 +41,7 @@ class KServeEngine:
 
     @property
     def max_body_bytes(self) -> int:
-        properties = read_properties(self.config) if self.config is not None else []
-        return int(dict(properties).get("max_request_size", 6_553_500))
+        return body_limit(self.config) if self.config is not None else DEFAULT_MAX_BODY_BYTES
 
     @classmethod
     def on_free_ports(cls, **fields: object) -> KServeEngine:

@@ -54,15 +54,15 @@ DEFAULT_URL = "http://127.0.0.1:8080"
 DEFAULT_KEY_FILE = "/home/model-server/key_file.json"
 
 
-def probe_request(envelope: str) -> tuple[bytes, dict[str, str]]:
-    """The probe's body and content type, in the protocol TorchServe speaks under `envelope`."""
-    encoded = base64.b64encode(IMAGE).decode("ascii")
+def probe_request(envelope: str, image: bytes = IMAGE) -> tuple[bytes, dict[str, str]]:
+    """A prediction of `image`: its body and content type, in the protocol TorchServe speaks under `envelope`."""
+    encoded = base64.b64encode(image).decode("ascii")
     if envelope == "kserve":
         body: dict[str, Any] = {"instances": [{"data": encoded}]}
     elif envelope == "kservev2":
         body = {"inputs": [{"name": "image", "shape": [1], "datatype": "BYTES", "data": [encoded]}]}
     else:
-        return IMAGE, {"Content-Type": "application/octet-stream"}
+        return image, {"Content-Type": "application/octet-stream"}
     return json.dumps(body).encode("ascii"), {"Content-Type": "application/json"}
 
 

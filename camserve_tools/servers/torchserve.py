@@ -14,7 +14,6 @@ system Java is needed.
 from __future__ import annotations
 
 import argparse
-import base64
 import functools
 import io
 import json
@@ -24,11 +23,10 @@ import socket
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import requests
 
-from camserve_tools.servers import torchserve_logs
+from camserve_tools.servers import model_probe, torchserve_logs
 from camserve_tools.servers.process_group import start_in_own_session, stop_recorded
 from camserve_tools.servers.readiness import wait_for_answers
 from camserve_tools.servers.short_paths import UNIX_SOCKET_PATH_MAX as UNIX_SOCKET_PATH_MAX  # the tests check short paths by it
@@ -232,11 +230,12 @@ class TorchServe:
 
     def wait_until_ready(self, timeout: float) -> None:
         """Until every model answers a real prediction (a healthy /ping alone proves nothing); stopped if it cannot."""
-        probe = self._probe_request()
+        # A real prediction in the protocol the config speaks (plain, or a KServe envelope).
+        body, content_type = model_probe.probe_request(self.envelope or "", sample_image_png())
 
         def send(name: str) -> requests.Response:
-            headers = {**self.auth_headers(), **probe["headers"]}
-            return requests.post(f"{self.inference_url}/predictions/{name}", data=probe["data"], headers=headers, timeout=30)
+            headers = {**self.auth_headers(), **content_type}
+            return requests.post(f"{self.inference_url}/predictions/{name}", data=body, headers=headers, timeout=30)
 
         names = [entry.split("=", 1)[0] for entry in self.models.split(",") if entry]
         try:
@@ -255,19 +254,6 @@ class TorchServe:
             raise RuntimeError(f"a model worker died while loading: {failure}; full log in {self._model_log}")
         if (failure := torchserve_logs.registration_failure(self._frontend_log, getattr(self, "_frontend_log_offset", 0))) is not None:
             raise RuntimeError(f"TorchServe could not load a model: {failure}; full log in {self._frontend_log}")
-
-    def _probe_request(self) -> dict[str, Any]:
-        """A real prediction request in the protocol the config speaks (plain, or a KServe envelope)."""
-        image = sample_image_png()
-        envelope = self.envelope
-        encoded = base64.b64encode(image).decode("ascii")
-        if envelope == "kserve":
-            body: dict[str, Any] = {"instances": [{"data": encoded}]}
-        elif envelope == "kservev2":
-            body = {"inputs": [{"name": "image", "shape": [1], "datatype": "BYTES", "data": [encoded]}]}
-        else:
-            return {"data": image, "headers": {}}
-        return {"data": json.dumps(body), "headers": {"Content-Type": "application/json"}}
 
     @property
     def _model_log(self) -> Path:
