@@ -54,12 +54,15 @@ def signal_group(group: int, signum: int) -> bool:
 
 
 def _wait_for_exit(group: int, process: subprocess.Popen | None, timeout: float) -> bool:
-    """Until no process of `group` is left, at most `timeout` s; whether it is gone. `process`, when this process
+    """Until no process of `group` is left, at most `timeout` s; whether it is gone. Its leader, when this process
     started it, is reaped on the way: a zombie leader would still count as a member of its group."""
     deadline = time.monotonic() + timeout
     while True:
         if process is not None:
             process.poll()
+        else:
+            with contextlib.suppress(ChildProcessError):  # the leader is not a child of this process
+                os.waitpid(group, os.WNOHANG)
         if not signal_group(group, 0):
             return True
         if time.monotonic() >= deadline:
