@@ -44,6 +44,7 @@ from kserve.protocol.rest.server import RESTServer
 from prometheus_client import Counter, Histogram
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from camserve.engines.body_limit import BodyLimit, Scope
 from camserve.model_source import ModelSource, open_model_source
 from camserve.pipeline import Answer, CamPipeline, RequestError, Row
 from camserve.pipeline.envelopes import v1_answer, v1_rows, v2_answer, v2_request
@@ -124,7 +125,7 @@ class Batcher:
             requests = [rows for waiting in batch for rows in waiting.requests]
             try:
                 answers = await loop.run_in_executor(self.executor, self.pipeline.answer, requests)
-            except Exception as error:  # noqa: BLE001 - the pipeline contains its own faults; this is the last guard
+            except Exception as error:  # the pipeline contains its own faults; this is the last guard, and it logs
                 logger.exception("camserve: a batch failed")
                 for waiting in batch:
                     waiting.done.set_exception(error)
@@ -279,41 +280,13 @@ async def _http_error(_request: Any, error: StarletteHTTPException) -> Response:
     return _response(refusal)
 
 
-class BodyLimit:
-    """ASGI middleware: refuse a body over `limit` bytes with 413 before any of it is parsed (KServe sets no limit)."""
-
-    def __init__(self, app: Any, limit: int) -> None:
-        self.app = app
-        self.limit = limit
-
-    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
-        declared = dict(scope.get("headers") or []).get(b"content-length")
-        if declared is not None and (not declared.isdigit() or int(declared) > self.limit):
-            await self._refuse(scope, receive, send)
-            return
-        received = 0
-
-        async def bounded() -> dict:
-            nonlocal received
-            message = await receive()
-            received += len(message.get("body", b""))
-            if received > self.limit:
-                raise AnswerError(Answer.refusal(_too_large(self.limit)))
-            return message
-
-        await self.app(scope, bounded, send)
-
-    async def _refuse(self, scope: dict, receive: Any, send: Any) -> None:
-        response = _response(Answer.refusal(_too_large(self.limit)))
-        response.headers["connection"] = "close"
-        await response(scope, receive, send)
-
-
-def _too_large(limit: int) -> RequestError:
-    return RequestError(f"the body is over this server's limit of {limit} bytes", status=413, kind="request_too_large")
+def _body_too_large(_scope: Scope, limit: int) -> Response:
+    """A body over this server's limit, in camserve's error body; the client may still be sending, so the
+    connection closes."""
+    error = RequestError(f"the body is over this server's limit of {limit} bytes", status=413, kind="request_too_large")
+    response = _response(Answer.refusal(error))
+    response.headers["connection"] = "close"
+    return response
 
 
 class JsonByDefault:
@@ -348,7 +321,7 @@ class _CamRESTServer(RESTServer):
     def _add_middlewares(self, app: Any) -> None:
         super()._add_middlewares(app)
         app.add_middleware(JsonByDefault)
-        app.add_middleware(BodyLimit, limit=self.max_body_bytes)
+        app.add_middleware(BodyLimit, limit=self.max_body_bytes, refusal=_body_too_large)
 
     def _add_exception_handlers(self, app: Any) -> None:
         super()._add_exception_handlers(app)

@@ -148,7 +148,8 @@ def stage_context(archives: list[Path]) -> Path:
 def host_pip_settings() -> list[tuple[str, str]]:
     """(key, value) of the host pip's effective settings, lowest precedence first (config files, then PIP_* variables)."""
     listed = subprocess.run([sys.executable, "-m", "pip", "config", "list"], capture_output=True, text=True, check=True).stdout
-    files, variables = [], []
+    files: list[tuple[str, str]] = []
+    variables: list[tuple[str, str]] = []
     for line in listed.splitlines():
         match = re.fullmatch(r"(:env:|[\w-]+)\.([\w-]+)='(.*)'", line.strip())
         if match:

@@ -37,6 +37,7 @@ SIGTERM at once: its server finishes what it has (uvicorn's graceful shutdown).
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import signal
@@ -247,10 +248,8 @@ def drain(answers: AnswerCounter, url: str | None, timeout: float) -> None:
 def stop_frontend(launcher: subprocess.Popen, timeout: float) -> None:
     """SIGTERM to the Java frontend alone (its shutdown hook stops the workers); killed after `timeout` seconds."""
     for pid in frontend_pids(launcher.pid) or [launcher.pid]:
-        try:
+        with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signal.SIGTERM)
-        except ProcessLookupError:
-            pass
     try:
         launcher.wait(timeout)
     except subprocess.TimeoutExpired:

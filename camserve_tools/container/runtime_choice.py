@@ -26,7 +26,7 @@ import requests
 
 from camserve_tools.kserve.bundle import write_bundle
 from camserve_tools.kserve.local import KServeLocal
-from camserve_tools.servers.torchserve import ROOT, free_port, sample_image_png
+from camserve_tools.servers.torchserve import ROOT, sample_image_png
 
 
 def percentile(values: list[float], fraction: float) -> float:
@@ -40,17 +40,7 @@ def main() -> None:
     args = parser.parse_args()
     run_dir = ROOT / ".run" / "runtime-choice"
     write_bundle(run_dir / "bundle", [ROOT / "model_store" / "shapes.mar"], ROOT / "config" / "production.properties", "v1")
-    local = KServeLocal(
-        run_dir=run_dir,
-        bundle=run_dir / "bundle",
-        api="v1",
-        port=free_port(),
-        inference_port=free_port(),
-        management_port=free_port(),
-        metrics_port=free_port(),
-        grpc_inference_port=free_port(),
-        grpc_management_port=free_port(),
-    )
+    local = KServeLocal.on_free_ports(run_dir=run_dir, bundle=run_dir / "bundle", api="v1")
     body = json.dumps({"instances": [{"data": base64.b64encode(sample_image_png()).decode()}]})
     json_body = {"Content-Type": "application/json"}
     paths = {"KServe model server -> TorchServe": local.url, "TorchServe alone": local.torchserve.inference_url}
@@ -65,11 +55,10 @@ def main() -> None:
         for _ in range(args.requests):
             for name, url in paths.items():
                 started = time.perf_counter()
-                response = session.post(
-                    f"{url}/v1/models/shapes:predict", data=body, headers={"Content-Type": "application/json"}, timeout=60
-                )
+                response = session.post(f"{url}/v1/models/shapes:predict", data=body, headers=json_body, timeout=60)
                 times[name].append((time.perf_counter() - started) * 1000)
-                assert response.status_code == 200 and "cam" in json.dumps(response.json()), response.text[:300]
+                if response.status_code != 200 or "cam" not in json.dumps(response.json()):
+                    raise RuntimeError(f"{name}: no answer with a map: HTTP {response.status_code} {response.text[:300]}")
         front_rss = front.memory_info().rss / 2**20
     finally:
         local.stop()

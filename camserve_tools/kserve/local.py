@@ -15,12 +15,11 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import signal
-import subprocess
 import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import requests
 
@@ -32,12 +31,26 @@ from camserve_tools.kserve.bundle import (
     INFERENCE_PORT,
     MANAGEMENT_PORT,
     METRICS_PORT,
+    body_limit,
     read_properties,
     write_bundle,
 )
+from camserve_tools.servers.process_group import start_in_own_session, stop_recorded
 from camserve_tools.servers.torchserve import TorchServe, free_port
 
 ROOT = Path(__file__).resolve().parents[2]
+# Seconds the front gets to finish what it holds after SIGTERM, before it is killed.
+FRONT_STOP_GRACE_S = 10.0
+# The listeners of a KServeLocal: the front's and TorchServe's.
+PORT_FIELDS = (
+    "port",
+    "inference_port",
+    "management_port",
+    "metrics_port",
+    "grpc_inference_port",
+    "grpc_management_port",
+    "front_grpc_port",
+)
 
 
 def pod_environment(api: str) -> dict[str, str]:
@@ -65,7 +78,7 @@ class KServeLocal:
         config = self.bundle / "config" / "config.properties"
         properties = dict(read_properties(config))
         self.models = list(json.loads(properties["model_snapshot"])["models"])
-        self.max_body_bytes = int(properties.get("max_request_size", 6553500))
+        self.max_body_bytes = body_limit(config)
         self.torchserve = TorchServe(
             run_dir=self.run_dir / "torchserve",
             config=config,
@@ -80,6 +93,12 @@ class KServeLocal:
             grpc_management_port=self.grpc_management_port,
             env=pod_environment(self.api),
         )
+
+    @classmethod
+    def on_free_ports(cls, **settings: Any) -> KServeLocal:
+        """A pod on ports nobody else uses (tests, measurements): never in the way of `make kserve-local`."""
+        ports: dict[str, Any] = {name: free_port() for name in PORT_FIELDS}
+        return cls(**ports, **settings)
 
     @property
     def url(self) -> str:
@@ -121,9 +140,7 @@ class KServeLocal:
         if self.api == "v2":
             command += ["--grpc-port", str(self.front_grpc_port)]
         env = {**os.environ, "PYTHONPATH": str(ROOT)}
-        with open(self.run_dir / "front.log", "ab") as log:
-            self.front = subprocess.Popen(command, env=env, cwd=self.run_dir, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-        self.front_pid_file.write_text(str(self.front.pid))
+        self.front = start_in_own_session(command, env=env, cwd=self.run_dir, log=self.run_dir / "front.log", pid_file=self.front_pid_file)
         deadline = time.monotonic() + timeout
         ready_path = f"/v2/models/{self.models[0]}/ready" if self.api == "v2" else f"/v1/models/{self.models[0]}"
         while time.monotonic() < deadline:
@@ -140,25 +157,7 @@ class KServeLocal:
         )
 
     def stop(self) -> None:
-        front = getattr(self, "front", None)
-        if front is not None or self.front_pid_file.exists():
-            pid = front.pid if front is not None else int(self.front_pid_file.read_text())
-            try:
-                os.killpg(pid, signal.SIGTERM)
-                if front is not None:  # our child: wait() reaps it (a zombie would still answer kill 0)
-                    try:
-                        front.wait(timeout=10)
-                    except subprocess.TimeoutExpired:
-                        os.killpg(pid, signal.SIGKILL)
-                        front.wait()
-                else:
-                    for _ in range(40):
-                        os.killpg(pid, 0)
-                        time.sleep(0.25)
-                    os.killpg(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-            self.front_pid_file.unlink(missing_ok=True)
+        stop_recorded(getattr(self, "front", None), self.front_pid_file, grace=FRONT_STOP_GRACE_S)
         self.torchserve.stop()  # returns once the frontend and its workers are all gone
 
 
@@ -181,15 +180,7 @@ def main() -> None:
     args = parser.parse_args()
     run_dir = args.run_dir.resolve()
     if args.free_ports:
-        for name in (
-            "port",
-            "inference_port",
-            "management_port",
-            "metrics_port",
-            "grpc_inference_port",
-            "grpc_management_port",
-            "front_grpc_port",
-        ):
+        for name in PORT_FIELDS:
             setattr(args, name, free_port())
     bundle = args.bundle.resolve() if args.bundle else run_dir / "bundle"
     if args.action == "start":

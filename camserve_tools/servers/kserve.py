@@ -11,19 +11,20 @@ from __future__ import annotations
 
 import argparse
 import os
-import signal
-import subprocess
 import sys
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import requests
 
-from camserve_tools.kserve.bundle import read_properties
+from camserve_tools.kserve.bundle import DEFAULT_MAX_BODY_BYTES, body_limit
+from camserve_tools.servers.process_group import start_in_own_session, stop_recorded
+from camserve_tools.servers.readiness import wait_for_answers
 from camserve_tools.servers.torchserve import free_port, sample_image_png
 
 PID_FILE = "kserve.pid"
+# Seconds the model server gets to answer what it holds after SIGTERM, before it is killed.
+STOP_GRACE_S = 30.0
 
 
 @dataclass
@@ -40,8 +41,7 @@ class KServeEngine:
 
     @property
     def max_body_bytes(self) -> int:
-        properties = read_properties(self.config) if self.config is not None else []
-        return int(dict(properties).get("max_request_size", 6_553_500))
+        return body_limit(self.config) if self.config is not None else DEFAULT_MAX_BODY_BYTES
 
     @classmethod
     def on_free_ports(cls, **fields: object) -> KServeEngine:
@@ -82,43 +82,28 @@ class KServeEngine:
             "--max-body-bytes",
             str(self.max_body_bytes),
         ]
-        with open(self.log_dir / "kserve.log", "ab") as out:
-            # cwd and TMPDIR in the run dir: nothing of the repository importable by accident, temp files its own.
-            self.process = subprocess.Popen(
-                command,
-                env={**os.environ, "TMPDIR": str(tmp_dir)},
-                cwd=self.run_dir,
-                stdout=out,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,
-            )
-        self.pid_file.write_text(str(self.process.pid))
+        # cwd and TMPDIR in the run dir: nothing of the repository importable by accident, temp files its own.
+        self.process = start_in_own_session(
+            command, env={**os.environ, "TMPDIR": str(tmp_dir)}, cwd=self.run_dir, log=self.log_dir / "kserve.log", pid_file=self.pid_file
+        )
         self.wait_until_ready(timeout)
 
     def wait_until_ready(self, timeout: float) -> None:
-        """Until every model answers a real prediction."""
-        deadline = time.monotonic() + timeout
-        pending = set(self.model_names)
-        last_error = "no answer yet"
+        """Until every model answers a real prediction; stopped if it cannot."""
         image = sample_image_png()
-        while pending and time.monotonic() < deadline:
+
+        def send(name: str) -> requests.Response:
+            return requests.post(f"{self.inference_url}/predictions/{name}", data=image, timeout=30)
+
+        def check_alive() -> None:
             if self.process.poll() is not None:
-                self.pid_file.unlink(missing_ok=True)
                 raise RuntimeError(f"the KServe model server exited with code {self.process.returncode}; see {self.log_dir}")
-            for name in list(pending):
-                try:
-                    response = requests.post(f"{self.inference_url}/predictions/{name}", data=image, timeout=30)
-                    if response.status_code == 200:
-                        pending.discard(name)
-                    else:
-                        last_error = f"{name}: HTTP {response.status_code} {response.text[:200]}"
-                except requests.RequestException as error:
-                    last_error = f"{name}: {type(error).__name__}"
-            if pending:
-                time.sleep(1.0)
-        if pending:
+
+        try:
+            wait_for_answers(send, self.model_names, timeout, self.log_dir, check_alive)
+        except (RuntimeError, TimeoutError):
             self.stop()
-            raise TimeoutError(f"model(s) {sorted(pending)} did not answer within {timeout:.0f} s ({last_error}); logs in {self.log_dir}")
+            raise
 
     def worker_pids(self) -> list[int]:
         """The one process that runs every model's pipeline."""
@@ -136,27 +121,7 @@ class KServeEngine:
         return ",".join(f"{name}={Path(archive).name}" for name, archive in zip(self.model_names, self.archives, strict=True))
 
     def stop(self) -> None:
-        process = getattr(self, "process", None)
-        pid = process.pid if process is not None else int(self.pid_file.read_text()) if self.pid_file.exists() else None
-        if pid is None:
-            return
-        try:
-            os.killpg(pid, signal.SIGTERM)
-        except ProcessLookupError:
-            pass
-        for _ in range(60):
-            if process is not None and process.poll() is not None:
-                break
-            try:
-                os.killpg(pid, 0)
-            except ProcessLookupError:
-                break
-            time.sleep(0.5)
-        else:
-            os.killpg(pid, signal.SIGKILL)
-        if process is not None:
-            process.wait()
-        self.pid_file.unlink(missing_ok=True)
+        stop_recorded(getattr(self, "process", None), self.pid_file, grace=STOP_GRACE_S)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -18,14 +18,12 @@ prediction.
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import os
 import shutil
 import signal
 import subprocess
 import sys
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -35,16 +33,19 @@ import psutil
 import requests
 import yaml
 
-from camserve_tools.servers.torchserve import DEFAULT_MODELS, ROOT, UNIX_SOCKET_PATH_MAX, free_port, sample_image_png
+from camserve_tools.kserve.bundle import DEFAULT_MAX_BODY_BYTES, body_limit
+from camserve_tools.servers.process_group import signal_processes, start_in_own_session
+from camserve_tools.servers.ray_application import SERVE_CONFIG, ApplicationSettings, application_config, parse_models
+from camserve_tools.servers.readiness import wait_for_answers
+from camserve_tools.servers.short_paths import is_private_dir, short_private_dir
+from camserve_tools.servers.torchserve import DEFAULT_MODELS, ROOT, free_port, sample_image_png
 
-SERVE_CONFIG = ROOT / "deploy" / "ray" / "serve-config.yaml"
 RECORD = "ray-cluster.json"  # in the run dir: the temp dir, the ports, each node's `ray start` pid
 NODE_MARKER = "CAMSERVE_RAY_NODE"
 TEMP_PREFIX = "cs-ray-"
 # The longest socket path Ray makes under its temp dir (a session dir named by date and pid, then sockets/...).
 RAY_SOCKET_EXAMPLE = "/session_2000-01-01_00-00-00_000000_4194304/sockets/plasma_store.99"
 GIB = 1024**3
-DEFAULT_MAX_BODY_BYTES = 6_553_500  # TorchServe's default max_request_size
 # Ray's own command lines, with a loopback address kept loopback (camserve_tools/servers/ray_loopback.py).
 LOOPBACK_CLI = [sys.executable, "-m", "camserve_tools.servers.ray_loopback"]
 
@@ -55,11 +56,7 @@ class AlreadyRunning(RuntimeError):
 
 def short_temp_dir() -> Path:
     """A fresh private dir for Ray's sessions, short enough for the Unix sockets Ray makes inside it."""
-    directory = tempfile.mkdtemp(prefix=TEMP_PREFIX, dir="/tmp" if os.access("/tmp", os.W_OK | os.X_OK) else None)
-    if len(os.fsencode(directory + RAY_SOCKET_EXAMPLE)) > UNIX_SOCKET_PATH_MAX:
-        os.rmdir(directory)
-        raise RuntimeError(f"no short temp dir for Ray's sockets: {directory}{RAY_SOCKET_EXAMPLE} is over {UNIX_SOCKET_PATH_MAX} bytes")
-    return Path(directory)
+    return short_private_dir(TEMP_PREFIX, RAY_SOCKET_EXAMPLE)
 
 
 def processes_marked(cluster: str, node: str | None = None) -> list[psutil.Process]:
@@ -77,14 +74,6 @@ def processes_marked(cluster: str, node: str | None = None) -> list[psutil.Proce
         if any(entry == wanted or (node is None and entry.startswith(wanted)) for entry in entries):
             found.append(process)
     return found
-
-
-def merged(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
-    """`base` with `override`'s keys, nested dicts merged key by key."""
-    result = copy.deepcopy(base)
-    for key, value in override.items():
-        result[key] = merged(result[key], value) if isinstance(value, dict) and isinstance(result.get(key), dict) else value
-    return result
 
 
 @dataclass
@@ -221,15 +210,7 @@ class RayCluster:
         metrics_port = free_port()
         # Ray's dashboard process (started even without the dashboard) takes a fixed port for its own metrics.
         env = {**self._environment(f"{temp_dir}:{name}"), "DASHBOARD_METRIC_PORT": str(free_port())}
-        with open(log, "ab") as out:
-            process = subprocess.Popen(
-                self._node_command(name, temp_dir, gcs_port, metrics_port),
-                env=env,
-                cwd=self.run_dir,
-                stdout=out,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,
-            )
+        process = start_in_own_session(self._node_command(name, temp_dir, gcs_port, metrics_port), env=env, cwd=self.run_dir, log=log)
         record = self.record()
         record["nodes"][name] = {"pid": process.pid, "metrics_port": metrics_port}
         self._write_record(record)
@@ -247,39 +228,16 @@ class RayCluster:
     # -- the application --------------------------------------------------------------------------------------------
 
     def application_config(self) -> dict[str, Any]:
-        """serve-config.yaml for this run: its port and host, the run's models and body limit, and at least one
-        replica per node for every model, so that losing a node never leaves a model without one."""
-        config = yaml.safe_load(self.serve_config.read_text())
-        config["proxy_location"] = "HeadOnly"
-        config["http_options"] = {**config.get("http_options", {}), "host": self.host, "port": self.inference_port}
-        templates = {app["name"]: app for app in config["applications"]}
-        router = next(app for app in config["applications"] if app["import_path"].endswith(":router_app"))
-        model_template = next(app for app in config["applications"] if app["import_path"].endswith(":model_app"))
-        router["args"].update(models=self.model_names, max_body_bytes=self.max_body_bytes)
-        router["deployments"] = [self._deployment(deployment) for deployment in router.get("deployments", [])]
-        applications = [router]
-        for name, source in self.archives.items():
-            app = copy.deepcopy(templates.get(name, model_template))
-            source = Path(source).resolve()
-            app.update(name=name, route_prefix=f"/predictions/{name}")
-            app["args"].update(name=name, model_store=str(source.parent), source=source.name, max_body_bytes=self.max_body_bytes)
-            (deployment,) = app["deployments"]
-            deployment["name"] = name
-            scaling = deployment.get("autoscaling_config")
-            if scaling is not None:
-                scaling["min_replicas"] = max(scaling.get("min_replicas", 1), self.nodes)
-                scaling["max_replicas"] = max(scaling.get("max_replicas", 1), scaling["min_replicas"])
-            app["deployments"] = [self._deployment(deployment)]
-            applications.append(app)
-        config["applications"] = applications
-        return config
-
-    def _deployment(self, deployment: dict[str, Any]) -> dict[str, Any]:
-        options = self.deployment_options.get(deployment["name"], {})
-        result = merged(deployment, options)
-        if "num_replicas" in options:
-            result.pop("autoscaling_config", None)
-        return result
+        """serve-config.yaml made this run's (camserve_tools/servers/ray_application.py)."""
+        settings = ApplicationSettings(
+            host=self.host,
+            port=self.inference_port,
+            archives=self.archives,
+            nodes=self.nodes,
+            max_body_bytes=self.max_body_bytes,
+            deployment_options=self.deployment_options,
+        )
+        return application_config(self.serve_config, settings)
 
     def deploy(self, timeout: float) -> None:
         """The application through Ray's own `serve run` (as a user deploys the config), then until it runs."""
@@ -324,24 +282,9 @@ class RayCluster:
 
     def wait_until_ready(self, timeout: float) -> None:
         """Until every model answers a real prediction on its route, and the router an explanation."""
-        deadline = time.monotonic() + timeout
         image = sample_image_png()
-        pending = {f"predictions/{name}" for name in self.model_names} | {f"explanations/{self.model_names[0]}"}
-        last_error = "no answer yet"
-        while pending and time.monotonic() < deadline:
-            for path in sorted(pending):
-                try:
-                    response = requests.post(f"{self.inference_url}/{path}", data=image, timeout=60)
-                    if response.status_code == 200:
-                        pending.discard(path)
-                    else:
-                        last_error = f"{path}: HTTP {response.status_code} {response.text[:200]}"
-                except requests.RequestException as error:
-                    last_error = f"{path}: {type(error).__name__}"
-            if pending:
-                time.sleep(1.0)
-        if pending:
-            raise TimeoutError(f"{sorted(pending)} did not answer within {timeout:.0f} s ({last_error}); logs in {self.log_dir}")
+        paths = [f"predictions/{name}" for name in self.model_names] + [f"explanations/{self.model_names[0]}"]
+        wait_for_answers(lambda path: requests.post(f"{self.inference_url}/{path}", data=image, timeout=60), paths, timeout, self.log_dir)
 
     # -- processes --------------------------------------------------------------------------------------------------
 
@@ -381,7 +324,7 @@ class RayCluster:
         if node == "head":
             raise ValueError("losing the head loses the cluster: kill a worker node")
         processes = self.processes(node)
-        _signal_and_wait(processes, signal.SIGKILL, 10)
+        signal_processes(processes, signal.SIGKILL, 10)
         return [process.pid for process in processes]
 
     def stop(self, grace: float = 10.0) -> None:
@@ -390,16 +333,16 @@ class RayCluster:
         record = self.record()
         if not record:
             return
-        _signal_and_wait(self.processes(), signal.SIGTERM, grace)
+        signal_processes(self.processes(), signal.SIGTERM, grace)
         # Twice: a process a node was starting while we signalled carries the marker too.
         for _ in range(2):
-            _signal_and_wait(self.processes(), signal.SIGKILL, 10)
+            signal_processes(self.processes(), signal.SIGKILL, 10)
         self._keep_logs_and_remove(Path(record["temp_dir"]))
         self.record_file.unlink(missing_ok=True)
 
     def _keep_logs_and_remove(self, temp_dir: Path) -> None:
         """Ray's logs into the run dir; then the temp dir, only if it is one that short_temp_dir made."""
-        if not (temp_dir.is_dir() and not temp_dir.is_symlink() and temp_dir.name.startswith(TEMP_PREFIX)):
+        if not is_private_dir(temp_dir, TEMP_PREFIX):
             return
         kept = self.log_dir / "ray"
         shutil.rmtree(kept, ignore_errors=True)
@@ -407,75 +350,6 @@ class RayCluster:
             if (session / "logs").is_dir():
                 shutil.copytree(session / "logs", kept, dirs_exist_ok=True, ignore=shutil.ignore_patterns("*.sock"))
         shutil.rmtree(temp_dir, ignore_errors=True)
-
-
-def _signal_and_wait(processes: list[psutil.Process], signum: int, timeout: float) -> list[psutil.Process]:
-    """`signum` to each process, by pid; then wait up to `timeout` s (reaping those that are ours). Those alive."""
-    for process in processes:
-        try:
-            process.send_signal(signum)
-        except psutil.NoSuchProcess:
-            continue
-    _, alive = psutil.wait_procs(processes, timeout=timeout)
-    return alive
-
-
-def body_limit(config: Path) -> int:
-    """A TorchServe config's max_request_size (its default when unset): the same bound on the body as TorchServe's."""
-    from camserve_tools.kserve.bundle import read_properties
-
-    return int(dict(read_properties(config)).get("max_request_size", DEFAULT_MAX_BODY_BYTES))
-
-
-def parse_models(models: str, model_store: Path) -> dict[str, Path]:
-    """TorchServe's `name=archive.mar,...` -> {name: path}, archives relative to `model_store`."""
-    pairs = [entry.split("=", 1) if "=" in entry else [Path(entry).stem, entry] for entry in models.split(",") if entry]
-    return {name: (model_store / archive).resolve() for name, archive in pairs}
-
-
-# -- driver commands: this process connects to the cluster -------------------------------------------------------------
-
-
-def replica_counts() -> dict[str, dict[str, int]]:
-    """Each deployment's replicas by state, over every application of the connected cluster."""
-    from ray import serve
-
-    counts: dict[str, dict[str, int]] = {}
-    for application in serve.status().applications.values():
-        for name, deployment in application.deployments.items():
-            counts[name] = {getattr(state, "value", state): count for state, count in deployment.replica_states.items()}
-    return counts
-
-
-def wait_until_running(timeout: float) -> None:
-    """Until every application of the connected cluster runs (each deployment at its target replica count)."""
-    from ray import serve
-    from ray.serve.schema import ApplicationStatus
-
-    deadline = time.monotonic() + timeout
-    while True:
-        applications = serve.status().applications
-        waiting = {name: app for name, app in applications.items() if app.status != ApplicationStatus.RUNNING}
-        if applications and not waiting:
-            return
-        failed = {name: app.message for name, app in waiting.items() if app.status == ApplicationStatus.DEPLOY_FAILED}
-        if failed:
-            raise RuntimeError(f"Serve application(s) failed to deploy: {failed}")
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"Serve application(s) {sorted(waiting)} not running after {timeout:.0f} s")
-        time.sleep(1.0)
-
-
-def watch(interval: float, duration: float) -> None:
-    """One JSON line per `interval` seconds, for `duration` seconds (0: until killed): time and replica counts."""
-    started = time.monotonic()
-    while duration <= 0 or time.monotonic() - started < duration:
-        try:
-            line: dict[str, Any] = {"t": round(time.monotonic() - started, 2), "replicas": replica_counts()}
-        except Exception as error:  # noqa: BLE001 - a controller that restarts (a lost node) must not end the watch
-            line = {"t": round(time.monotonic() - started, 2), "error": type(error).__name__}
-        print(json.dumps(line), flush=True)
-        time.sleep(interval)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -504,16 +378,17 @@ def main(argv: list[str] | None = None) -> None:
     elif args.action == "stop":
         cluster.stop()
     else:
+        from camserve_tools.servers import ray_driver
         from camserve_tools.servers.ray_loopback import connect
 
         connect(cluster.address)
         try:
             if args.action == "wait":
-                wait_until_running(args.timeout)
+                ray_driver.wait_until_running(args.timeout)
             elif args.action == "status":
-                print(json.dumps(replica_counts()))
+                print(json.dumps(ray_driver.replica_counts()))
             else:
-                watch(args.interval, args.duration)
+                ray_driver.watch(args.interval, args.duration)
         except (RuntimeError, TimeoutError) as error:
             sys.exit(f"camserve: {error}")
         except KeyboardInterrupt:

@@ -14,49 +14,43 @@ system Java is needed.
 from __future__ import annotations
 
 import argparse
-import base64
 import functools
 import io
 import json
 import os
 import shutil
 import socket
-import stat
-import subprocess
 import sys
-import tempfile
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
 
 import requests
 
+from camserve_tools.servers import model_probe, torchserve_logs
+from camserve_tools.servers.process_group import start_in_own_session, stop_recorded
+from camserve_tools.servers.readiness import wait_for_answers
+from camserve_tools.servers.short_paths import UNIX_SOCKET_PATH_MAX as UNIX_SOCKET_PATH_MAX  # the tests check short paths by it
+from camserve_tools.servers.short_paths import remove_private_dir, short_private_dir
+
 ROOT = Path(__file__).resolve().parents[2]
 # What `make serve` serves: the synthetic-scene model and the pretrained ImageNet one (EfficientNet-Lite0).
 DEFAULT_MODELS = "shapes=shapes.mar,imagenet=imagenet.mar"
 
-# A Unix socket's path holds at most 107 bytes (sun_path is 108 with its NUL). The frontend names each worker's
-# socket `<java.io.tmpdir>/.ts.sock.<port>`, so that dir's path must be short whatever TMPDIR or the run dir is.
-UNIX_SOCKET_PATH_MAX = 107
+# The frontend names each worker's socket `<java.io.tmpdir>/.ts.sock.<port>`, so that dir's path must be short
+# whatever TMPDIR or the run dir is (camserve_tools/servers/short_paths.py).
 SOCKET_NAME_EXAMPLE = "/.ts.sock.65535"  # the longest name the frontend gives a worker socket
 SHORT_PATH_PREFIX = "camserve-ts-"
 SHORT_PATH_RECORD = "socket_dir"  # in the run dir: the short path of this instance, which `stop` removes
+PID_FILE = "torchserve.pid"
+# Seconds TorchServe gets to stop after SIGTERM (workers finish their batch) before the rest is killed.
+STOP_GRACE_S = 30.0
 
 
 def short_path_to(target: Path) -> Path:
-    """A short path that leads to the folder `target`: a symlink inside a fresh private folder of /tmp where /tmp
-    is writable (TMPDIR may be long: CI runners, macOS), else of the temp dir. The files stay in `target`; only
-    the path the frontend and its workers use is short. An error names the limit if even that path is too long."""
-    base = "/tmp" if os.path.isdir("/tmp") and os.access("/tmp", os.W_OK | os.X_OK) else tempfile.gettempdir()
-    holder = Path(tempfile.mkdtemp(prefix=SHORT_PATH_PREFIX, dir=base))
-    link = holder / "t"
-    if len(os.fsencode(f"{link}{SOCKET_NAME_EXAMPLE}")) > UNIX_SOCKET_PATH_MAX:
-        holder.rmdir()
-        raise RuntimeError(
-            f"no short path for TorchServe's worker sockets: {link}{SOCKET_NAME_EXAMPLE} is over the "
-            f"{UNIX_SOCKET_PATH_MAX} bytes a Unix socket path may have; make /tmp writable or set a shorter TMPDIR"
-        )
+    """A short path that leads to the folder `target`: a symlink inside a fresh private folder of /tmp. The files
+    stay in `target`; only the path the frontend and its workers use is short."""
+    link = short_private_dir(SHORT_PATH_PREFIX, "/t" + SOCKET_NAME_EXAMPLE) / "t"
     link.symlink_to(target.resolve(), target_is_directory=True)
     return link
 
@@ -138,13 +132,7 @@ class TorchServe:
         folder that short_path_to made (a plain directory named with its prefix), whatever the record says."""
         link = self.socket_dir
         if link is not None:
-            holder = link.parent
-            try:
-                mode = os.lstat(holder).st_mode
-            except OSError:
-                mode = 0
-            if stat.S_ISDIR(mode) and holder.name.startswith(SHORT_PATH_PREFIX):
-                shutil.rmtree(holder, ignore_errors=True)  # unlinks the symlink, never follows it
+            remove_private_dir(link.parent, SHORT_PATH_PREFIX)
         (self.run_dir / SHORT_PATH_RECORD).unlink(missing_ok=True)
 
     def _environment(self) -> dict[str, str]:
@@ -209,15 +197,19 @@ class TorchServe:
         path.write_text("\n".join(lines) + "\n")
         return path
 
+    @property
+    def pid_file(self) -> Path:
+        return self.run_dir / PID_FILE
+
     def start(self, timeout: float = 180.0) -> None:
         for directory in (self.tmp_dir, self.log_dir):
             directory.mkdir(parents=True, exist_ok=True)
-        if not (self.run_dir / "torchserve.pid").exists():
+        if not self.pid_file.exists():
             self._remove_socket_dir()  # one that a killed run left behind
         (self.run_dir / SHORT_PATH_RECORD).write_text(f"{short_path_to(self.tmp_dir)}\n")
         # TorchServe appends to its logs: only what this start writes can tell whether this start failed.
-        self._model_log_offset = self._model_log.stat().st_size if self._model_log.exists() else 0
-        self._frontend_log_offset = self._frontend_log.stat().st_size if self._frontend_log.exists() else 0
+        self._model_log_offset = torchserve_logs.size_of(self._model_log)
+        self._frontend_log_offset = torchserve_logs.size_of(self._frontend_log)
         command = [
             str(Path(sys.executable).with_name("torchserve")),
             "--start",
@@ -231,64 +223,38 @@ class TorchServe:
             self.models,
         ]
         # --foreground keeps the Java process our child, so we can always reap it; its output goes to a file.
-        with open(self.log_dir / "torchserve.out", "ab") as out:
-            # cwd: the run dir, so that nothing of the repository is importable by accident.
-            self.process = subprocess.Popen(
-                command, env=self._environment(), cwd=self.run_dir, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
-            )
-        (self.run_dir / "torchserve.pid").write_text(str(self.process.pid))
+        # cwd: the run dir, so that nothing of the repository is importable by accident.
+        self.process = start_in_own_session(
+            command, env=self._environment(), cwd=self.run_dir, log=self.log_dir / "torchserve.out", pid_file=self.pid_file
+        )
         self.wait_until_ready(timeout)
 
     def wait_until_ready(self, timeout: float) -> None:
-        """Until every model answers a real prediction (a healthy /ping alone proves nothing)."""
-        deadline = time.monotonic() + timeout
-        names = [entry.split("=", 1)[0] for entry in self.models.split(",") if entry]
-        probe = self._probe_request()
-        pending = set(names)
-        last_error = "no answer yet"
-        while pending and time.monotonic() < deadline:
-            if getattr(self, "process", None) is not None and self.process.poll() is not None:
-                raise RuntimeError(f"TorchServe exited with code {self.process.returncode}; see {self.log_dir}")
-            if (failure := self.worker_failure()) is not None:
-                # A worker that cannot load its handler leaves /ping healthy and requests hanging: fail loudly now.
-                self.stop()
-                raise RuntimeError(f"a model worker died while loading: {failure}; full log in {self.log_dir / 'model_log.log'}")
-            if (failure := self.registration_failure()) is not None:
-                # The frontend gave up on an archive at start-up and serves on without it: it will never answer.
-                self.stop()
-                raise RuntimeError(f"TorchServe could not load a model: {failure}; full log in {self._frontend_log}")
-            for name in list(pending):
-                try:
-                    response = requests.post(
-                        f"{self.inference_url}/predictions/{name}",
-                        data=probe["data"],
-                        headers={**self.auth_headers(), **probe["headers"]},
-                        timeout=30,
-                    )
-                    if response.status_code == 200:
-                        pending.discard(name)
-                    else:
-                        last_error = f"{name}: HTTP {response.status_code} {response.text[:200]}"
-                except requests.RequestException as error:
-                    last_error = f"{name}: {type(error).__name__}"
-            if pending:
-                time.sleep(1.0)
-        if pending:
-            self.stop()
-            raise TimeoutError(f"model(s) {sorted(pending)} did not answer within {timeout:.0f} s ({last_error}); logs in {self.log_dir}")
+        """Until every model answers a real prediction (a healthy /ping alone proves nothing); stopped if it cannot."""
+        # A real prediction in the protocol the config speaks (plain, or a KServe envelope).
+        body, content_type = model_probe.probe_request(self.envelope or "", sample_image_png())
 
-    def _probe_request(self) -> dict:
-        """A real prediction request in the protocol the config speaks (plain, or a KServe envelope)."""
-        image = sample_image_png()
-        envelope = self.envelope
-        encoded = base64.b64encode(image).decode("ascii")
-        if envelope == "kserve":
-            body = {"instances": [{"data": encoded}]}
-        elif envelope == "kservev2":
-            body = {"inputs": [{"name": "image", "shape": [1], "datatype": "BYTES", "data": [encoded]}]}
-        else:
-            return {"data": image, "headers": {}}
-        return {"data": json.dumps(body), "headers": {"Content-Type": "application/json"}}
+        def send(name: str) -> requests.Response:
+            headers = {**self.auth_headers(), **content_type}
+            return requests.post(f"{self.inference_url}/predictions/{name}", data=body, headers=headers, timeout=30)
+
+        names = [entry.split("=", 1)[0] for entry in self.models.split(",") if entry]
+        try:
+            wait_for_answers(send, names, timeout, self.log_dir, check_alive=self._check_start)
+        except (RuntimeError, TimeoutError):
+            self.stop()
+            raise
+
+    def _check_start(self) -> None:
+        """Raise when this start cannot succeed any more: TorchServe exited, a worker died loading its handler (which
+        leaves /ping healthy and requests hanging), or the frontend gave up on an archive and serves on without it."""
+        process = getattr(self, "process", None)
+        if process is not None and process.poll() is not None:
+            raise RuntimeError(f"TorchServe exited with code {process.returncode}; see {self.log_dir}")
+        if (failure := torchserve_logs.worker_failure(self._model_log, getattr(self, "_model_log_offset", 0))) is not None:
+            raise RuntimeError(f"a model worker died while loading: {failure}; full log in {self._model_log}")
+        if (failure := torchserve_logs.registration_failure(self._frontend_log, getattr(self, "_frontend_log_offset", 0))) is not None:
+            raise RuntimeError(f"TorchServe could not load a model: {failure}; full log in {self._frontend_log}")
 
     @property
     def _model_log(self) -> Path:
@@ -297,36 +263,6 @@ class TorchServe:
     @property
     def _frontend_log(self) -> Path:
         return self.log_dir / "ts_log.log"
-
-    def registration_failure(self) -> str | None:
-        """What the frontend said when it failed to load an archive of --models during this start, if it did: it
-        logs `Failed to load model: <archive>` and the exception on the next line, then serves without that model."""
-        if not self._frontend_log.exists():
-            return None
-        with self._frontend_log.open("rb") as log:
-            log.seek(getattr(self, "_frontend_log_offset", 0))
-            lines = log.read().decode(errors="replace").splitlines()
-        for number, line in enumerate(lines):
-            if "Failed to load model:" in line:
-                archive = line.split("Failed to load model:", 1)[1].strip()
-                cause = lines[number + 1].strip() if number + 1 < len(lines) else ""
-                return f"{archive}: {cause[:300]}" if cause else archive
-        return None
-
-    def worker_failure(self) -> str | None:
-        """The error line of the first worker traceback that this start wrote to the model log, if a worker died."""
-        if not self._model_log.exists():
-            return None
-        with self._model_log.open("rb") as log:
-            log.seek(getattr(self, "_model_log_offset", 0))
-            lines = log.read().decode(errors="replace").splitlines()
-        died = next((i for i, line in enumerate(lines) if "Backend worker process died" in line), None)
-        if died is None:
-            return None
-        # TorchServe prefixes each traceback line with its logger's header; the message follows "MODEL_LOG - ".
-        trace = [line.split("MODEL_LOG - ", 1)[-1] for line in lines[died + 1 : died + 80] if "MODEL_LOG - " in line]
-        errors = [line for line in trace if line and not line.startswith((" ", "Traceback")) and ("Error" in line or "Exception" in line)]
-        return errors[0] if errors else "see the traceback"
 
     def worker_pids(self) -> list[int]:
         """The process ids of this server's model workers (children of the frontend)."""
@@ -350,40 +286,10 @@ class TorchServe:
             return None
 
     def stop(self) -> None:
-        process = getattr(self, "process", None)
-        pid_file = self.run_dir / "torchserve.pid"
-        pid = process.pid if process is not None else int(pid_file.read_text()) if pid_file.exists() else None
-        if pid is None:
-            self._remove_socket_dir()
-            return
-        try:
-            os.killpg(pid, 15)  # the whole session: frontend and its Python workers
-        except ProcessLookupError:
-            pass
-        if process is not None:
-            try:
-                process.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                os.killpg(pid, 9)
-                process.wait()
-        # The launcher has gone; the frontend and its workers (its process group) may still be winding down, and a
-        # frontend still up makes its temp dir again. Stopped means all of them are gone.
-        wait_for_group_exit(pid, timeout=30.0)
-        pid_file.unlink(missing_ok=True)
+        """The whole session (the launcher, the frontend and its Python workers) by its pid; returns once all of
+        them are gone, since a frontend still up makes its temp dir again. Then the short path goes."""
+        stop_recorded(getattr(self, "process", None), self.pid_file, grace=STOP_GRACE_S)
         self._remove_socket_dir()
-
-
-def wait_for_group_exit(group: int, timeout: float) -> None:
-    """Until no process of the process group `group` is left; SIGKILL to what remains after `timeout` seconds."""
-    deadline = time.monotonic() + timeout
-    try:
-        while time.monotonic() < deadline:
-            os.killpg(group, 0)
-            time.sleep(0.25)
-        os.killpg(group, 9)
-        time.sleep(0.5)
-    except ProcessLookupError:
-        pass
 
 
 def add_server_arguments(parser: argparse.ArgumentParser) -> None:
@@ -424,7 +330,7 @@ class AlreadyRunning(RuntimeError):
 
 def start_detached(server: TorchServe) -> None:
     """Start `server` and leave it running after this process exits (what `make serve` does); its run dir must be free."""
-    if (server.run_dir / "torchserve.pid").exists():
+    if server.pid_file.exists():
         raise AlreadyRunning(f"a server of {server.run_dir} seems to run already (pid file present)")
     shutil.rmtree(server.tmp_dir, ignore_errors=True)
     server.start()
