@@ -53,7 +53,7 @@ import torch
 import yaml
 
 from camserve.model_spec import ModelSpec, load_model
-from camserve_tools.archive.build import build_archive
+from camserve_tools.archive.packing import build_archive
 from camserve_tools.bench.bench_models import MODELS, BenchModel, importable_model_dir, mapped_layer, prepare_models
 from camserve_tools.bench.benchmark_report import BASELINE, PEER, Cell, Settings, rewrite_report, write_report
 from camserve_tools.servers.torchserve import TorchServe, sample_image_png

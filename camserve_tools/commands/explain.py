@@ -204,7 +204,7 @@ def explain_images(
         writer = OrderedWriter(journal, out, line_executor)
         try:
             for batch, bodies in prefetched_batches(pending, settings.batch_size, pool):
-                for path, body, (status, answer) in zip(batch, bodies, answer_batch(handler, bodies, [headers] * len(bodies))):
+                for path, body, (status, answer) in zip(batch, bodies, answer_batch(handler, bodies, [headers] * len(bodies)), strict=True):
                     line = {"path": str(path), "status": status, "answer": answer, "file": None}
                     writer.add(line, submit_output(pool, out_dir, path, body, status, answer, settings.output))
                 writer.flush()

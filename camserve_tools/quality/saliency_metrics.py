@@ -15,6 +15,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -34,7 +35,11 @@ def pointing_hit(peak: Sequence[int], boxes: Sequence[Box]) -> bool:
 
 
 def best_iou(box: Box, boxes: Sequence[Box]) -> float:
-    return max((box_iou(box, other) for other in boxes), default=0.0)
+    """The IoU of `box` with the ground-truth box it overlaps best (0 where there is none)."""
+    # box_iou computes with any numbers; its annotation names the integer map boxes it was written for, and
+    # ground-truth boxes are floats (COCO's).
+    iou = cast(Any, box_iou)
+    return max((float(iou(box, other)) for other in boxes), default=0.0)
 
 
 def saliency_order(saliency: Tensor) -> Tensor:

@@ -36,6 +36,8 @@ class Quality:
 def load_generator(path: Path) -> Callable[[int], Scene]:
     """`make_scene` of a Python file: another generator (an earlier camserve_tools/data/scenes.py, say) with the same API."""
     spec = importlib.util.spec_from_file_location(f"generator_{path.stem}", path)
+    if spec is None or spec.loader is None:  # not a file Python's import machinery can load as source
+        raise ImportError(f"{path} cannot be imported as a Python module")
     module = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = module  # dataclasses look their module up there
     spec.loader.exec_module(module)
@@ -65,7 +67,7 @@ def evaluate(
         # The map of the true class: localization is judged apart from classification.
         result = extractor(inputs, method=method, targets=torch.tensor([scene.label for scene in batch]))
         predicted = result.logits.argmax(dim=1)
-        for scene, grid, guess in zip(batch, result.maps[:, 0], predicted):
+        for scene, grid, guess in zip(batch, result.maps[:, 0], predicted, strict=True):
             heatmap = upsample_map(grid, scene.image.size)
             box = bounding_box(heatmap)  # None for an empty map: a miss on both counts, as camserve evaluate counts it
             x, y = peak(heatmap)
