@@ -196,9 +196,9 @@ def run(args: argparse.Namespace) -> int:
     return EXIT_OK if metrics["passed"] else EXIT_FAILED
 
 
-def describe_data_errors(errors: list, shown: int) -> str:
-    """': where: problem; ...' for the first `shown` data errors, for a message; empty for none."""
-    return (": " + "; ".join(f"{error.where}: {error.problem}" for error in errors[:shown])) if errors else ""
+def describe_data_errors(errors: list, count: int) -> str:
+    """': where: problem; ...' for the first `count` data errors, for a message; empty for none."""
+    return (": " + "; ".join(f"{error.where}: {error.problem}" for error in errors[:count])) if errors else ""
 
 
 def check_method(pipeline: CamPipeline, method: str | None) -> None:
