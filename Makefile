@@ -51,7 +51,7 @@ $(VENV)/.installed: pyproject.toml
 
 venv: $(VENV)/.installed
 
-CAMSERVE_SOURCES := $(shell find camserve camserve_tools/archive/build.py camserve_tools/archive/probe.py -name "*.py")
+CAMSERVE_SOURCES := $(shell find camserve camserve_tools/archive -name "*.py")
 
 model_store/shapes.mar: $(VENV)/.installed $(CAMSERVE_SOURCES) models/shapes/model-config.yaml models/shapes/shapes_net.pt models/shapes/index_to_name.json
 	$(BIN)/camserve archive --name shapes --model-dir models/shapes --export-path model_store

@@ -14,7 +14,7 @@ from camserve.cam import CamExtractor
 from camserve.model_spec import ModelSpec, load_model
 from camserve.preprocessing import whole_image_transform
 from camserve.protocol.responses import overlay_image
-from camserve_tools.archive.build import load_archive
+from camserve_tools.archive.packing import load_archive
 from camserve_tools.data.photos import LABELLED
 from camserve_tools.data.scenes import EVAL_SEED_START, make_scene
 

@@ -133,7 +133,7 @@ def engine_server(request: pytest.FixtureRequest) -> TorchServe | KServeEngine |
     return request.getfixturevalue(ENGINE_FIXTURES[request.param])
 
 
-@pytest.fixture()
+@pytest.fixture
 def predict(engine_server: TorchServe | KServeEngine | RayCluster):
     """POST to /predictions/shapes (or `path`) of the engine under test, with its authorization."""
     shapes_server = engine_server

@@ -22,7 +22,7 @@ from camserve.cam.localization import peak, upsample_map
 from camserve.model_spec import ModelSpec, load_model
 from camserve.preprocessing import whole_image_transform
 from camserve.protocol.responses import decode_heatmap
-from camserve_tools.archive.build import build_archive
+from camserve_tools.archive.packing import build_archive
 from camserve_tools.data.scenes import Scene, make_scene
 
 pytestmark = [pytest.mark.slow, pytest.mark.serving]

@@ -9,7 +9,7 @@ import pytest
 import yaml
 from conftest import ROOT, start_server
 
-from camserve_tools.archive.build import build_archive
+from camserve_tools.archive.packing import build_archive
 
 pytestmark = [pytest.mark.slow, pytest.mark.serving]
 

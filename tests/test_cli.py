@@ -37,7 +37,7 @@ def dataset(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return root
 
 
-@pytest.fixture()
+@pytest.fixture
 def scene_folder(dataset: Path, tmp_path: Path) -> Path:
     """Eight scenes (two in a subfolder, one of them a JPEG) and one file that only claims to be an image."""
     folder = tmp_path / "inputs"

@@ -78,7 +78,7 @@ class _WithToken:
     def __init__(self, stub, key: str) -> None:
         self.stub, self.metadata = stub, (("authorization", f"Bearer {key}"),)
 
-    def Predictions(self, request, timeout: float):  # noqa: N802 (the RPC's name)
+    def Predictions(self, request, timeout: float):
         return self.stub.Predictions(request, timeout=timeout, metadata=self.metadata)
 
 

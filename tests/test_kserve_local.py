@@ -420,7 +420,7 @@ def stubs(tmp_path_factory: pytest.TempPathFactory):
     return compile_stubs(tmp_path_factory.mktemp("grpc-stubs"))
 
 
-@pytest.fixture()
+@pytest.fixture
 def channel(pod: KServeLocal):
     if pod.api != "v2":
         pytest.skip("the Open Inference Protocol is on in v2 bundles")
@@ -464,7 +464,7 @@ def test_grpc_predictions_with_a_v2_body(channel, stubs, scenes) -> None:
     assert answer["cam"]["size"] == [scenes[3].image.width, scenes[3].image.height]
 
 
-@pytest.fixture()
+@pytest.fixture
 def front_grpc(pod: KServeLocal):
     if pod.api != "v2":
         pytest.skip("KServe's gRPC speaks v2")

@@ -187,7 +187,7 @@ def test_kubernetes_deployment() -> None:
     assert {mount["mountPath"] for mount in container["volumeMounts"]} == {"/etc/camserve", "/tmp"}
     assert any("emptyDir" in volume for volume in pod["volumes"])
     # preStop, drain and stop (the entry point's defaults) fit inside the grace period.
-    assert 5 + 30 + 10 < pod["terminationGracePeriodSeconds"]
+    assert pod["terminationGracePeriodSeconds"] > 5 + 30 + 10
     hpa = one("HorizontalPodAutoscaler")
     assert hpa["apiVersion"] == "autoscaling/v2" and {m["type"] for m in hpa["spec"]["metrics"]} == {"Resource", "Pods"}
     assert one("PodDisruptionBudget")["spec"]["maxUnavailable"] == 1

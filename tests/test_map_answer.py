@@ -87,7 +87,7 @@ def image_of_size(size: tuple[int, int], seed: int = 0) -> tuple[bytes, str]:
 @pytest.fixture(scope="module")
 def known_map(tmp_path_factory: pytest.TempPathFactory):
     """A TorchServe serving the known-map model, archived as `make archive MODEL_FILE=...` archives it."""
-    from camserve_tools.archive.build import ArchiveRequest, archive
+    from camserve_tools.archive.forms import ArchiveRequest, archive
 
     work = tmp_path_factory.mktemp("known-map")
     (work / "known_map.py").write_text(textwrap.dedent(KNOWN_MAP_PY))

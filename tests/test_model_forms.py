@@ -27,7 +27,7 @@ from torch import nn
 
 from camserve.cam import CamExtractor
 from camserve.preprocessing import whole_image_transform
-from camserve_tools.archive.build import ArchiveError, ArchiveRequest, archive
+from camserve_tools.archive.forms import ArchiveError, ArchiveRequest, archive
 
 LABELS = {str(i): f"class_{i}" for i in range(7)}
 

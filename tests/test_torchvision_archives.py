@@ -17,6 +17,7 @@ import torch
 from conftest import ROOT, default_heatmap_size, png_bytes, start_server
 from torchvision import models
 
+from camserve.model_spec import ModelSpec
 from camserve.protocol.responses import decode_heatmap
 
 pytestmark = [pytest.mark.slow, pytest.mark.serving]
@@ -73,7 +74,7 @@ def test_archived_torchvision_model_answers_with_a_map(torchvision_server, scene
     response = requests.post(url, data=png_bytes(scene.image), timeout=120)
     assert response.status_code == 200, response.text
     body = response.json()
-    assert body["predictions"][0]["label"] in LABELS and len(body["predictions"]) == 5
+    assert body["predictions"][0]["label"] in LABELS and len(body["predictions"]) == ModelSpec.topk
     assert body["cam"]["layer"] == layer
     width, height = body["cam"]["heatmap_size"]
     assert (width, height) == default_heatmap_size(scene.image.size, 224) and decode_heatmap(body["cam"]["heatmap"]).shape == (

@@ -154,7 +154,7 @@ class CamPipeline:
             except (MethodError, LayerError) as error:
                 option = "method" if isinstance(error, MethodError) else "layer"
                 predictions = [RequestError(str(error), kind="invalid_option", option=option)] * len(members)
-            except Exception:  # noqa: BLE001 - a fault of ours fails this group alone, never the worker
+            except Exception:
                 logger.exception("camserve: maps failed for method %s, layers %s", method, layers)
                 predictions = [_internal_error("compute")] * len(members)
             else:
@@ -179,7 +179,7 @@ class CamPipeline:
                     explain=request.explain,
                     input_size=self.spec.input_size,
                 )
-            except Exception:  # noqa: BLE001 - a fault of ours fails this answer alone
+            except Exception:
                 logger.exception("camserve: encoding an answer failed")
                 return self.refuse(_internal_error("encode"))
         size = answer_size(body)

@@ -14,7 +14,7 @@ import torch
 
 from camserve.cam import CamExtractor
 from camserve.model_spec import ModelSpec, load_model
-from camserve_tools.archive.build import model_file_model_dir, torchvision_model_dir
+from camserve_tools.archive.forms import model_file_model_dir, torchvision_model_dir
 from camserve_tools.bench.benchmark_report import Settings
 
 ROOT = Path(__file__).resolve().parents[2]

@@ -60,7 +60,7 @@ def png(image) -> bytes:
 def serving(batch_size: int = 1, max_batch_delay: int = 20) -> Iterator[TorchServe]:
     """A private TorchServe of the default model with the given batching."""
     work = Path(tempfile.mkdtemp(prefix="camserve-endurance-"))
-    from camserve_tools.archive.build import build_archive
+    from camserve_tools.archive.packing import build_archive
 
     model_dir = work / "model"
     shutil.copytree(ROOT / "models" / "shapes", model_dir)

@@ -68,7 +68,7 @@ def torchvision_model(name: str) -> tuple[torch.nn.Module, tuple[int, int]]:
 
 def imagenet_model() -> tuple[torch.nn.Module, tuple[int, int]]:
     """The served pretrained EfficientNet-Lite0, loaded from model_store/imagenet.mar."""
-    from camserve_tools.archive.build import load_archive
+    from camserve_tools.archive.packing import load_archive
 
     model, spec, _ = load_archive(ROOT / "model_store" / "imagenet.mar")
     return model.requires_grad_(True), spec.input_size  # as the torchvision models: the references back-propagate

@@ -34,7 +34,7 @@ from pathlib import Path
 import psutil
 import yaml
 
-from camserve_tools.archive.build import build_archive
+from camserve_tools.archive.packing import build_archive
 from camserve_tools.bench.bench_models import prepare_models
 from camserve_tools.bench.benchmark_report import Settings
 from camserve_tools.bench.serving_benchmark import drain, locust_run, merge, model_config, start_torchserve

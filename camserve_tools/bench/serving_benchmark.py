@@ -48,7 +48,7 @@ from pathlib import Path
 import requests
 import yaml
 
-from camserve_tools.archive.build import build_archive
+from camserve_tools.archive.packing import build_archive
 from camserve_tools.bench.bench_models import MODELS, BenchModel, forward_throughput, mapped_layer, prepare_models
 from camserve_tools.bench.benchmark_report import BASELINE, PEER, Cell, Settings, rewrite_report, write_report
 from camserve_tools.bench.engine_benchmark import ENGINES, engine_section, measure_engines

@@ -17,7 +17,10 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from camserve_tools.archive.build import MAX_INPUT_SIDE, MIN_INPUT_SIDE, ROOT, ArchiveError, ArchiveRequest, archive, archive_model_dir
+from camserve.model_spec import ModelSpec
+from camserve_tools.archive.checks import MAX_INPUT_SIDE, MIN_INPUT_SIDE, ArchiveError
+from camserve_tools.archive.forms import ArchiveRequest, archive
+from camserve_tools.archive.packing import ROOT, archive_model_dir
 from camserve_tools.commands.common import EXIT_FAILED, EXIT_OK
 
 BUILDER_DOC = """Build a checked, self-contained TorchServe archive (.mar) around camserve/serving/handler.py.
@@ -33,7 +36,8 @@ BUILDER_DOC = """Build a checked, self-contained TorchServe archive (.mar) aroun
     python scripts/build_archive.py --model timm:test_efficientnet --weights w.pth --labels labels.json
 
 The model is built and run (dummy forwards, one map) from the unpacked archive before the archive is kept; a
-request that cannot serve ends here with a one-line error and exit status 1 (camserve_tools/archive/build.py).
+request that cannot serve ends here with a one-line error and exit status 1 (camserve_tools/archive/: forms.py,
+packing.py, checks.py).
 """
 
 HELP = "build a .mar archive (make archive); `camserve archive --help` lists the builder's options"
@@ -135,7 +139,7 @@ def build_main(argv: list[str] | None = None, prog: str | None = None) -> None:
     parser.add_argument("--input-size", type=input_size, help="one side or H,W")
     parser.add_argument("--mean", type=floats("MEAN", 3))
     parser.add_argument("--std", type=floats("STD", 3, positive=True))
-    parser.add_argument("--method", help="default CAM method (default gradcam)")
+    parser.add_argument("--method", help=f"default CAM method (default {ModelSpec.method})")
     parser.add_argument("--layer", default="", help="comma-separated target layer names (default: found automatically)")
     parser.add_argument("--export-path", type=Path, default=ROOT / "model_store")
     args = parser.parse_args(argv)

@@ -1,7 +1,8 @@
 """`camserve evaluate MODEL DATA --boxes FILE --out DIR`: quality of predictions and of maps on a labelled set.
 
-Each image goes through the server's own handler (in-process), asking for the map of every ground-truth class of
-the image (X-CAM-Target), so the figures judge localization apart from classification. Writes DIR/metrics.json
+Each image goes through the server's own pipeline (in-process, camserve_tools/commands/evaluate_scoring.py), asking
+for the map of every ground-truth class of the image (X-CAM-Target), so the figures judge localization apart from
+classification; they come from the float maps the model computed (camserve_tools/commands/evaluate_report.py). Writes DIR/metrics.json
 (overall and per class), DIR/summary.md, and DIR/worst/ (overlays of the worst maps: ground truth green, the map's
 box white, its peak a cross). An annotation entry that cannot be used (a box of no area, an unknown image or class,
 an image name outside DATA) is dropped, counted and named in metrics.json (`data_errors`), and the rest is
@@ -10,7 +11,7 @@ evaluated; images are read only inside DATA.
 Figures - over images for top1, over (image, ground-truth class) maps for the rest:
   top1                  the top-1 prediction is one of the image's classes
   pointing_game         the map's peak lies inside a ground-truth box of its class
-  empty_maps            maps that point nowhere (all zero): no peak, no box; counted as misses (pointing and IoU 0)
+  empty_maps            maps that point nowhere (all zero, or not finite): no peak, no box; counted as misses (pointing and IoU 0)
   iou50                 the map's box has IoU >= 0.5 with a ground-truth box of its class (mean_iou: the mean)
   deletion_auc          RISE deletion (lower is better): the class probability as the most salient pixels turn
                         black, 1/STEPS of the pixels at a time; the area under that curve
@@ -30,10 +31,9 @@ import shutil
 import sys
 import tempfile
 import time
-from collections import defaultdict
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from camserve_tools.commands.common import (
     EXIT_CODES_HELP,
@@ -44,9 +44,12 @@ from camserve_tools.commands.common import (
     add_output_arguments,
     check_out_dir,
     emit,
-    format_table,
-    progress,
 )
+from camserve_tools.commands.evaluate_report import metrics_report, people_table, shown, summary_markdown
+from camserve_tools.commands.evaluate_scoring import EvaluateSettings, Evaluation, evaluate_images, randomise_weights
+
+if TYPE_CHECKING:  # the pipeline (torch) loads when a run starts, not for `camserve --help`
+    from camserve.pipeline import CamPipeline
 
 # Overall figures a threshold may name; lower is better for the last three (use --max for them).
 METRIC_KEYS = (
@@ -60,8 +63,6 @@ METRIC_KEYS = (
     "randomization_spearman_abs",
 )
 LOWER_IS_BETTER = frozenset({"deletion_auc", "randomization_spearman", "randomization_spearman_abs"})
-MAX_TARGETS = 10  # the handler's MAX_MAPS: classes per request
-LISTED_DATA_ERRORS = 100  # metrics.json names this many data errors and counts them all
 
 
 @dataclass(frozen=True)
@@ -77,50 +78,7 @@ class Threshold:
 
     def describe(self, actual: float | None) -> str:
         sign = ">=" if self.bound == "min" else "<="
-        return f"{self.key} = {_shown(actual)} (--{self.bound} {self.key}={self.value:g} wants {sign} {self.value:g})"
-
-
-@dataclass(frozen=True)
-class EvaluateSettings:
-    method: str | None = None
-    batch_size: int = 8
-    steps: int = 16
-    worst: int = 8
-    seed: int = 0
-    sanity: bool = True
-
-
-@dataclass
-class MapRecord:
-    """One map: an image's ground-truth class, what the map says about it, and the scores it gets."""
-
-    image: str
-    label: str
-    class_index: int
-    predicted: str  # the image's top-1 label
-    probability: float | None  # of this class, as the endpoint answered; None when outside its top-k
-    peak: list[int] | None  # None: the map is empty
-    bbox: list[int] | None
-    pointing: bool
-    iou: float
-    deletion_auc: float
-    insertion_auc: float
-    randomization_spearman: float | None = None
-    empty: bool = False  # the answer said the map points nowhere: a miss for the pointing game and IoU
-
-    @property
-    def badness(self) -> tuple:
-        """Sort key, worst first: a missed peak, then a poor box, then a poor insertion-minus-deletion gap."""
-        return (self.pointing, self.iou, self.insertion_auc - self.deletion_auc)
-
-
-@dataclass
-class Evaluation:
-    images: int = 0
-    top1_hits: list[tuple[list[int], int]] = field(default_factory=list)  # (image's classes, top-1 index)
-    maps: list[MapRecord] = field(default_factory=list)
-    failed: list[dict[str, Any]] = field(default_factory=list)
-    worst: list[tuple[MapRecord, str, list, Path]] = field(default_factory=list)  # record, heatmap b64, gt boxes, path
+        return f"{self.key} = {shown(actual)} (--{self.bound} {self.key}={self.value:g} wants {sign} {self.value:g})"
 
 
 def register(subparsers: Any) -> None:
@@ -147,11 +105,11 @@ def register(subparsers: Any) -> None:
         metavar="KEY=VALUE",
         help="fail (exit 1) when an overall figure is above VALUE, e.g. deletion_auc=0.3",
     )
-    parser.add_argument("--batch-size", type=int, default=8, metavar="N", help="images per handler call (default: 8)")
+    parser.add_argument("--batch-size", type=int, default=8, metavar="N", help="images per forward pass (default: 8)")
     parser.add_argument("--steps", type=int, default=16, metavar="N", help="deletion / insertion steps (default: 16)")
     parser.add_argument("--worst", type=int, default=8, metavar="N", help="overlays of the N worst maps in DIR/worst/ (default: 8)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the re-initialised model of the sanity check (default: 0)")
-    parser.add_argument("--no-sanity", action="store_true", help="skip the randomisation sanity check (halves the handler time)")
+    parser.add_argument("--no-sanity", action="store_true", help="skip the randomisation sanity check (halves the model time)")
     add_output_arguments(parser)
     parser.set_defaults(run=run)
 
@@ -225,7 +183,7 @@ def run(args: argparse.Namespace) -> int:
         model.close()
         if randomised is not None:
             randomised.close()
-    for threshold, verdict in zip(thresholds, verdicts):
+    for threshold, verdict in zip(thresholds, verdicts, strict=True):
         if not verdict["passed"]:
             print(f"threshold breached: {threshold.describe(verdict['actual'])}", file=sys.stderr)
     if annotated.data_errors:
@@ -238,239 +196,22 @@ def run(args: argparse.Namespace) -> int:
     return EXIT_OK if metrics["passed"] else EXIT_FAILED
 
 
-def describe_data_errors(errors: list, shown: int) -> str:
-    """': where: problem; ...' for the first `shown` data errors, for a message; empty for none."""
-    return (": " + "; ".join(f"{error.where}: {error.problem}" for error in errors[:shown])) if errors else ""
+def describe_data_errors(errors: list, count: int) -> str:
+    """': where: problem; ...' for the first `count` data errors, for a message; empty for none."""
+    return (": " + "; ".join(f"{error.where}: {error.problem}" for error in errors[:count])) if errors else ""
 
 
-def check_method(handler: Any, method: str | None) -> None:
+def check_method(pipeline: CamPipeline, method: str | None) -> None:
+    """A usage error unless `method` (or the model's default) is a method the model can map with."""
     from camserve.protocol.decoding import RequestError
     from camserve.protocol.options import parse_options
 
     try:
-        options = parse_options({"method": method} if method else {}, handler.rules)
+        options = parse_options({"method": method} if method else {}, pipeline.rules)
     except RequestError as error:
         raise UsageError(str(error)) from None
     if options.method is None:
         raise UsageError("evaluate needs maps: --method none gives none")
-
-
-def randomise_weights(handler: Any, seed: int) -> None:
-    """Re-initialise the handler's model in place, as its own constructor initialises it, from a fixed seed."""
-    import torch
-
-    from camserve.model_spec import build_architecture
-
-    torch.manual_seed(seed)
-    fresh = build_architecture(handler.spec.architecture, handler.spec.num_classes)
-    handler.model.load_state_dict(fresh.state_dict())
-
-
-# -- the run ---------------------------------------------------------------------------------------------------------
-
-
-def evaluate_images(handler: Any, random_handler: Any, images: list, settings: EvaluateSettings, quiet: bool) -> Evaluation:
-    from camserve_tools.commands.inputs import read_image
-    from camserve_tools.local_model import answer_batch
-
-    evaluation = Evaluation()
-    with progress(total=len(images), desc="evaluate", quiet=quiet) as bar:
-        for start in range(0, len(images), settings.batch_size):
-            batch = images[start : start + settings.batch_size]
-            bodies = [read_image(image.path) for image in batch]
-            headers = [request_headers(image.classes, settings.method) for image in batch]
-            answers = answer_batch(handler, bodies, headers)
-            random_answers = answer_batch(random_handler, bodies, headers) if random_handler is not None else [(0, None)] * len(batch)
-            for image, body, answer, random_answer in zip(batch, bodies, answers, random_answers):
-                score_image(handler, evaluation, image, body, answer, random_answer, settings)
-            bar.update(len(batch))
-    return evaluation
-
-
-def request_headers(classes: list[int], method: str | None) -> dict[str, str]:
-    headers = {"X-CAM-Target": ",".join(str(c) for c in classes[:MAX_TARGETS]), "X-CAM-Output": "png"}
-    if method:
-        headers["X-CAM-Method"] = method
-    return headers
-
-
-def score_image(
-    handler: Any,
-    evaluation: Evaluation,
-    image: Any,
-    body: bytes,
-    answer: tuple[int, Any],
-    random_answer: tuple[int, Any],
-    settings: EvaluateSettings,
-) -> None:
-    """Score one image's answer (and each of its maps) into `evaluation`."""
-    from camserve_tools.local_model import answer_cams
-
-    status, body_json = answer
-    if status != 200:
-        evaluation.failed.append({"path": str(image.path), "status": status, "error": body_json})
-        return
-    evaluation.images += 1
-    top1 = body_json["predictions"][0]
-    evaluation.top1_hits.append((image.classes, int(top1["index"])))
-    probabilities = {p["index"]: p["probability"] for p in body_json["predictions"]}
-    pixels = model_pixels(handler, body)
-    random_cams = answer_cams(random_answer[1]) if random_answer[0] == 200 else []
-    for position, cam in enumerate(answer_cams(body_json)):
-        record, heatmap = score_map(handler, image, cam, pixels, settings.steps)
-        record.predicted = top1["label"]
-        record.probability = probabilities.get(cam["index"])
-        if position < len(random_cams):
-            record.randomization_spearman = randomization_spearman(handler, heatmap, random_cams[position])
-        evaluation.maps.append(record)
-        keep_worst(evaluation, record, cam["heatmap"], image.boxes_of(record.class_index), image.path, settings.worst)
-
-
-def model_pixels(handler: Any, body: bytes) -> Any:
-    """The image as the model sees it, in [0, 1] before normalisation: the handler's own decode and resize."""
-    from torchvision import transforms
-
-    from camserve.protocol.decoding import decode_image
-
-    image, _ = decode_image(body, at_least=handler.decode_at_least)
-    return transforms.Compose(handler.transform.transforms[:-1])(image)  # all but the final Normalize
-
-
-def map_at_input_size(handler: Any, heatmap: Any) -> Any:
-    """A uint8 heat map (any size: the answer's heatmap_size) resized to the model's input, as floats in [0, 1]."""
-    import numpy as np
-    import torch
-    from PIL import Image
-
-    height, width = handler.spec.input_size
-    resized = Image.fromarray(heatmap).resize((width, height), Image.Resampling.BILINEAR)
-    return torch.from_numpy(np.asarray(resized, dtype=np.float32) / 255.0)
-
-
-def score_map(handler: Any, image: Any, cam: dict[str, Any], pixels: Any, steps: int) -> tuple[MapRecord, Any]:
-    from camserve.protocol.responses import decode_heatmap
-    from camserve_tools.quality.saliency_metrics import best_iou, deletion_insertion_auc, pointing_hit
-
-    class_index = int(cam["index"])
-    boxes = image.boxes_of(class_index)
-    heatmap = decode_heatmap(cam["heatmap"])
-    normalize = handler.transform.transforms[-1]
-
-    def class_probability(batch: Any) -> Any:
-        return handler.extractor.predict(normalize(batch)).softmax(dim=1)[:, class_index]
-
-    deletion, insertion = deletion_insertion_auc(class_probability, pixels, map_at_input_size(handler, heatmap), steps)
-    empty = cam.get("empty") is True or cam.get("bbox") is None or cam.get("peak") is None
-    record = MapRecord(
-        image=str(image.path),
-        label=cam["label"],
-        class_index=class_index,
-        predicted="",
-        probability=None,
-        peak=None if empty else list(cam["peak"]),
-        bbox=None if empty else list(cam["bbox"]),
-        pointing=False if empty else pointing_hit(cam["peak"], boxes),
-        iou=0.0 if empty else round(best_iou(cam["bbox"], boxes), 4),
-        deletion_auc=round(deletion, 4),
-        insertion_auc=round(insertion, 4),
-        empty=empty,
-    )
-    return record, heatmap
-
-
-def randomization_spearman(handler: Any, heatmap: Any, random_cam: dict[str, Any]) -> float | None:
-    """Spearman between the trained and the re-initialised model's maps of the same class, at the input size."""
-    from camserve.protocol.responses import decode_heatmap
-    from camserve_tools.quality.saliency_metrics import spearman
-
-    trained = map_at_input_size(handler, heatmap).numpy()
-    random = map_at_input_size(handler, decode_heatmap(random_cam["heatmap"])).numpy()
-    value = spearman(trained, random)
-    return None if value != value else round(value, 4)
-
-
-def keep_worst(evaluation: Evaluation, record: MapRecord, heatmap_b64: str, boxes: list, path: Path, limit: int) -> None:
-    """The `limit` worst maps so far, with what drawing them needs (only these heat maps are kept in memory)."""
-    if limit <= 0:
-        return
-    evaluation.worst.append((record, heatmap_b64, boxes, path))
-    evaluation.worst.sort(key=lambda entry: entry[0].badness)
-    del evaluation.worst[limit:]
-
-
-# -- figures ---------------------------------------------------------------------------------------------------------
-
-
-def _mean(values: list[float]) -> float | None:
-    values = [v for v in values if v is not None and v == v]
-    return round(sum(values) / len(values), 4) if values else None
-
-
-def map_figures(records: list[MapRecord]) -> dict[str, Any]:
-    spearmans = [r.randomization_spearman for r in records]
-    return {
-        "maps": len(records),
-        "empty_maps": sum(r.empty for r in records),
-        "pointing_game": _mean([float(r.pointing) for r in records]),
-        "iou50": _mean([float(r.iou >= 0.5) for r in records]),
-        "mean_iou": _mean([r.iou for r in records]),
-        "deletion_auc": _mean([r.deletion_auc for r in records]),
-        "insertion_auc": _mean([r.insertion_auc for r in records]),
-        "randomization_spearman": _mean(spearmans),
-        "randomization_spearman_abs": _mean([abs(s) for s in spearmans if s is not None]),
-    }
-
-
-def metrics_report(
-    evaluation: Evaluation, model_name: str, method: str, settings: EvaluateSettings, boxes: Path, annotated: Any
-) -> dict[str, Any]:
-    from camserve_tools.quality.saliency_metrics import BLUR_KERNEL, BLUR_SIGMA
-
-    top1 = _mean([float(predicted in classes) for classes, predicted in evaluation.top1_hits])
-    per_class: dict[str, dict[str, Any]] = {}
-    by_label: dict[str, list[MapRecord]] = defaultdict(list)
-    for record in evaluation.maps:
-        by_label[record.label].append(record)
-    for label, records in sorted(by_label.items(), key=lambda item: item[1][0].class_index):
-        index = records[0].class_index
-        hits = [float(predicted == index) for classes, predicted in evaluation.top1_hits if index in classes]
-        per_class[label] = {"images": len(hits), "top1": _mean(hits), **map_figures(records)}
-    overall = map_figures(evaluation.maps)
-    sanity_values = [r.randomization_spearman for r in evaluation.maps]
-    return {
-        "model": model_name,
-        "method": method,
-        "images": evaluation.images,
-        "top1": top1,
-        **overall,
-        "per_class": per_class,
-        "sanity": {
-            "check": "randomization (Adebayo et al. 2018): Spearman between maps of the trained and a re-initialised model",
-            "ran": settings.sanity,
-            "seed": settings.seed,
-            "maps_compared": sum(v is not None for v in sanity_values),
-            "constant_maps": sum(v is None for v in sanity_values) if settings.sanity else 0,
-            "randomization_spearman": overall["randomization_spearman"],
-            "randomization_spearman_abs": overall["randomization_spearman_abs"],
-        },
-        "settings": {
-            "boxes": str(boxes),
-            "steps": settings.steps,
-            "deletion": "most salient pixels first, set to zero (black) in [0, 1] pixel space, at the model's input size",
-            "insertion": (
-                f"from the image Gaussian-blurred (kernel {BLUR_KERNEL}, sigma {BLUR_SIGMA} px at the input size), "
-                "most salient pixels first"
-            ),
-            "maps": "one per (image, ground-truth class), requested with X-CAM-Target",
-        },
-        "failed_images": evaluation.failed,
-        "data_error_count": len(annotated.data_errors),
-        "data_errors": [asdict(error) for error in annotated.data_errors[:LISTED_DATA_ERRORS]],
-        "unmatched_labels": annotated.unmatched_labels,
-        "missing_images": annotated.missing_images,
-        "unannotated_images": annotated.unannotated_images,
-        "worst": [asdict(entry[0]) for entry in evaluation.worst],
-    }
 
 
 # -- outputs ---------------------------------------------------------------------------------------------------------
@@ -483,7 +224,7 @@ def write_outputs(out: Path, metrics: dict[str, Any], evaluation: Evaluation) ->
     staging = Path(tempfile.mkdtemp(prefix=".worst-new-", dir=out))
     try:
         files = write_worst(staging, evaluation)
-        for entry, (name, problem) in zip(metrics["worst"], files):
+        for entry, (name, problem) in zip(metrics["worst"], files, strict=True):
             entry["file"] = name
             if problem is not None:
                 entry["overlay_error"] = problem
@@ -530,124 +271,31 @@ def safe_name_part(text: str, limit: int = 60) -> str:
 def write_worst(folder: Path, evaluation: Evaluation) -> list[tuple[str | None, str | None]]:
     """Overlays of the worst maps, ground truth drawn on, into `folder`; for each, (its name under DIR, or None,
     and why it could not be drawn, or None)."""
-    import base64
+    import torch
 
+    from camserve.protocol.responses import heatmap_png_of_grid
     from camserve_tools.commands.inputs import read_image
     from camserve_tools.commands.overlays import annotated_overlay
 
     files: list[tuple[str | None, str | None]] = []
-    for rank, (record, heatmap_b64, boxes, path) in enumerate(evaluation.worst, start=1):
+    for rank, worst in enumerate(evaluation.worst, start=1):
+        record = worst.record
         name = f"{rank:02d}_{safe_name_part(Path(record.image).stem)}_{safe_name_part(record.label)}.png"
         verdict = "empty map" if record.empty else "hit" if record.pointing else "miss"
         caption = f"{record.label}: top-1 {record.predicted}, IoU {record.iou:.2f}, {verdict}"
-        body = read_image(path)
+        body = read_image(worst.path)
         if isinstance(body, dict):
             files.append((None, body["message"]))
             continue
+        # The map at its own resolution: the overlay upsamples it to the image, as the endpoint's overlay does;
+        # an empty map is drawn blank, as the endpoint answers it.
+        grid = torch.zeros_like(worst.grid) if record.empty else worst.grid
+        heatmap_png = heatmap_png_of_grid(grid, (grid.shape[1], grid.shape[0]))
         try:
-            overlay = annotated_overlay(body, base64.b64decode(heatmap_b64), boxes, record.bbox, record.peak, caption)
+            overlay = annotated_overlay(body, heatmap_png, worst.boxes, record.bbox, record.peak, caption)
         except (OSError, ValueError) as error:  # an image changed on disk since it was scored, say
             files.append((None, f"{type(error).__name__}: {error}"))
             continue
         (folder / name).write_bytes(overlay)
         files.append((f"worst/{name}", None))
     return files
-
-
-def _shown(value: Any) -> str:
-    if value is None:
-        return "-"
-    return f"{value:.3f}" if isinstance(value, float) else str(value)
-
-
-def _markdown_cell(text: str) -> str:
-    """Text from labels or file names as one markdown table cell: no '|' or line break ends it early."""
-    return " ".join(str(text).replace("|", "\\|").split())
-
-
-FIGURE_COLUMNS = ("empty_maps", "top1", "pointing_game", "iou50", "mean_iou", "deletion_auc", "insertion_auc", "randomization_spearman")
-
-
-def summary_markdown(metrics: dict[str, Any]) -> str:
-    lines = [
-        f"# Evaluation of `{metrics['model']}` ({metrics['method']})",
-        "",
-        f"{metrics['images']} images, {metrics['maps']} maps (one per image and ground-truth class), "
-        f"{metrics['empty_maps']} of them empty (no peak, no box: counted as misses); boxes from "
-        f"`{metrics['settings']['boxes']}`; {metrics['seconds']} s.",
-        "",
-        "| scope | images | maps | " + " | ".join(FIGURE_COLUMNS) + " |",
-        "|---|---|---|" + "---|" * len(FIGURE_COLUMNS),
-        f"| overall | {metrics['images']} | {metrics['maps']} | " + " | ".join(_shown(metrics[k]) for k in FIGURE_COLUMNS) + " |",
-    ]
-    for label, figures in metrics["per_class"].items():
-        figures_cells = " | ".join(_shown(figures[k]) for k in FIGURE_COLUMNS)
-        lines.append(f"| {_markdown_cell(label)} | {figures['images']} | {figures['maps']} | {figures_cells} |")
-    sanity = metrics["sanity"]
-    lines += [
-        "",
-        f"Deletion: {metrics['settings']['deletion']}; insertion: {metrics['settings']['insertion']}; "
-        f"{metrics['settings']['steps']} steps each.",
-        "",
-    ]
-    if sanity["ran"]:
-        lines.append(
-            f"Randomisation sanity check (seed {sanity['seed']}): mean Spearman {_shown(sanity['randomization_spearman'])}, "
-            f"mean |Spearman| {_shown(sanity['randomization_spearman_abs'])} over {sanity['maps_compared']} maps "
-            f"({sanity['constant_maps']} constant maps of the re-initialised model left out); low means the maps "
-            f"depend on the learned weights."
-        )
-    else:
-        lines.append("Randomisation sanity check: skipped (--no-sanity).")
-    if metrics["thresholds"]:
-        lines += ["", "| threshold | actual | verdict |", "|---|---|---|"]
-        for verdict in metrics["thresholds"]:
-            lines.append(
-                f"| {verdict['key']} {'>=' if verdict['bound'] == 'min' else '<='} {verdict['value']:g} | "
-                f"{_shown(verdict['actual'])} | {'pass' if verdict['passed'] else '**FAIL**'} |"
-            )
-    problems = [f"{len(metrics['failed_images'])} image(s) failed"] if metrics["failed_images"] else []
-    if metrics["data_error_count"]:
-        problems.append(
-            f"{metrics['data_error_count']} annotation entries dropped as data errors (listed in metrics.json), first: "
-            + "; ".join(_markdown_cell(f"{error['where']}: {error['problem']}") for error in metrics["data_errors"][:5])
-        )
-    if metrics["unmatched_labels"]:
-        problems.append(f"labels without a model class: {_markdown_cell(', '.join(metrics['unmatched_labels']))}")
-    problems += [f"{len(metrics['missing_images'])} annotated image(s) not found"] if metrics["missing_images"] else []
-    if problems:
-        lines += ["", "Problems: " + "; ".join(problems) + "."]
-    if metrics["worst"]:
-        lines += [
-            "",
-            "## Worst maps",
-            "",
-            "Ground truth green, the map's box white, its peak a white cross.",
-            "",
-            "| # | image | class | top-1 | peak in box | IoU | deletion | insertion | overlay |",
-            "|---|---|---|---|---|---|---|---|---|",
-        ]
-        for rank, entry in enumerate(metrics["worst"], start=1):
-            lines.append(
-                f"| {rank} | {_markdown_cell(Path(entry['image']).name)} | {_markdown_cell(entry['label'])} | "
-                f"{_markdown_cell(entry['predicted'])} | "
-                f"{'empty map' if entry['empty'] else 'yes' if entry['pointing'] else 'no'} | "
-                f"{entry['iou']:.2f} | {entry['deletion_auc']:.3f} | {entry['insertion_auc']:.3f} | "
-                + (f"[{entry['file']}]({entry['file']}) |" if entry.get("file") else "- |")
-            )
-    return "\n".join(lines) + "\n"
-
-
-def people_table(metrics: dict[str, Any]) -> str:
-    rows = [{"scope": "overall", "images": metrics["images"], "maps": metrics["maps"], **{k: metrics[k] for k in FIGURE_COLUMNS}}]
-    rows += [
-        {"scope": label, "images": f["images"], "maps": f["maps"], **{k: f[k] for k in FIGURE_COLUMNS}}
-        for label, f in metrics["per_class"].items()
-    ]
-    table = format_table(rows, ("scope", "images", "maps", *FIGURE_COLUMNS))
-    verdicts = [
-        f"{v['key']} {'>=' if v['bound'] == 'min' else '<='} {v['value']:g}: {_shown(v['actual'])} {'pass' if v['passed'] else 'FAIL'}"
-        for v in metrics["thresholds"]
-    ]
-    failed = [f"{len(metrics['failed_images'])} image(s) failed"] if metrics["failed_images"] else []
-    return "\n".join([table, *verdicts, *failed, f"metrics.json, summary.md and worst/ written ({metrics['seconds']} s)"])

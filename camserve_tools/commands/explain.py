@@ -1,4 +1,4 @@
-"""`camserve explain MODEL INPUTS... --out DIR`: offline batch explanations, through the server's own handler.
+"""`camserve explain MODEL INPUTS... --out DIR`: offline batch explanations, through the server's own pipeline.
 
 Writes DIR/explanations.jsonl, one line per image:
 
@@ -21,7 +21,7 @@ from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from camserve_tools.commands.common import (
     EXIT_CODES_HELP,
@@ -36,12 +36,15 @@ from camserve_tools.commands.common import (
     progress,
 )
 
+if TYPE_CHECKING:  # the pipeline (torch) loads when a run starts, not for `camserve --help`
+    from camserve.pipeline import CamPipeline
+
 OUTPUTS = ("png", "overlay", "grid")
 JOURNAL_NAME = "explanations.jsonl"
 OUTPUT_FOLDERS = {"png": "maps", "overlay": "overlays"}
-# Threads by default (camserve_tools/bench/explain_throughput.py, 2 cores): a heat map costs too little to write for a thread to pay
-# (its handoffs slow the model's own threads: 0.93-0.96x the bare handler inline against 0.89-0.94x with 2 threads),
-# while drawing an overlay costs more than the model, and PIL draws and encodes outside the GIL.
+# Threads by default (camserve_tools/bench/explain_throughput.py compares them): a heat map costs too little to write
+# for a thread to pay (its handoffs slow the model's own threads more than writing inline does), while drawing an
+# overlay costs more than the model, and PIL draws and encodes outside the GIL.
 DEFAULT_JOBS = {"png": 0, "grid": 0, "overlay": 2}
 
 
@@ -104,7 +107,7 @@ def register(subparsers: Any) -> None:
         default="png",
         help="png: heat map PNGs; overlay: map over image; grid: floats in the JSON only (default: png)",
     )
-    parser.add_argument("--batch-size", type=_positive, default=8, metavar="N", help="images per handler call (default: 8)")
+    parser.add_argument("--batch-size", type=_positive, default=8, metavar="N", help="images per forward pass (default: 8)")
     parser.add_argument(
         "--jobs",
         type=_not_negative,
@@ -177,19 +180,19 @@ def without_outputs(paths: list[Path], inputs: list[str], out: Path) -> list[Pat
     return [path for path in paths if not Path(os.path.realpath(path)).is_relative_to(real_out)]
 
 
-def check_settings(handler: Any, settings: ExplainSettings) -> None:
+def check_settings(pipeline: CamPipeline, settings: ExplainSettings) -> None:
     """A method or layer the model refuses is a usage error, found once here rather than on every image."""
     from camserve.protocol.decoding import RequestError, options_from_headers
     from camserve.protocol.options import parse_options
 
     try:
-        parse_options(options_from_headers(settings.request_headers()), handler.rules)
+        parse_options(options_from_headers(settings.request_headers()), pipeline.rules)
     except RequestError as error:
         raise UsageError(str(error)) from None
 
 
 def explain_images(
-    handler: Any, model_name: str, paths: list[Path], out_dir: Path, settings: ExplainSettings, quiet: bool = True
+    pipeline: CamPipeline, model_name: str, paths: list[Path], out_dir: Path, settings: ExplainSettings, quiet: bool = True
 ) -> ExplainSummary:
     """Explain every image of `paths` not yet in DIR's journal; lines are appended as their files are written."""
     from camserve_tools.commands.journal import Journal
@@ -204,7 +207,9 @@ def explain_images(
         writer = OrderedWriter(journal, out, line_executor)
         try:
             for batch, bodies in prefetched_batches(pending, settings.batch_size, pool):
-                for path, body, (status, answer) in zip(batch, bodies, answer_batch(handler, bodies, [headers] * len(bodies))):
+                for path, body, (status, answer) in zip(
+                    batch, bodies, answer_batch(pipeline, bodies, [headers] * len(bodies)), strict=True
+                ):
                     line = {"path": str(path), "status": status, "answer": answer, "file": None}
                     writer.add(line, submit_output(pool, out_dir, path, body, status, answer, settings.output))
                 writer.flush()
@@ -247,7 +252,7 @@ def output_name(path: Path, output: str) -> Path:
 
 def submit_output(pool: ThreadPoolExecutor, out_dir: Path, path: Path, body: Any, status: int, answer: Any, output: str) -> Future | None:
     """Write the image of --output for a successful answer, in the pool (file creation and overlay drawing overlap
-    the model's next batch: measured, even a heat map's 0.2 ms write is cheaper there); None when nothing is written."""
+    the model's next batch, so even a heat map's write is cheaper there); None when nothing is written."""
     from camserve_tools.local_model import answer_cams
 
     cams = answer_cams(answer) if status == 200 and output in OUTPUT_FOLDERS else []

@@ -163,7 +163,7 @@ def inspect_archive(archive: Path) -> ArchiveFacts:
 
     from camserve.model_source import MANIFEST, MODEL_CONFIG
     from camserve.model_spec import ModelSpec, SpecError, load_labels
-    from camserve_tools.archive.build import model_name_problem
+    from camserve_tools.archive.checks import model_name_problem
 
     try:
         with zipfile.ZipFile(archive) as mar:

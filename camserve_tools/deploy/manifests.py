@@ -10,10 +10,8 @@ Ray Serve's config against Ray's schema, KubeRay's RayService as far as no KubeR
   folder) with jsonschema, strictly: every object schema that lists its properties and does not preserve unknown
   fields refuses any other key, as `kubectl apply --validate=strict` would. Without that folder the CRD check is
   skipped, and says so.
-- An InferenceService is also walked against the kserve SDK's typed models (V1beta1InferenceService and down,
-  through their `attribute_map` / `openapi_types`, into the kubernetes client's models for pod fields): any key a
-  model does not declare, or a value of the wrong kind, is an error. (The SDK's own ApiClient.deserialize cannot:
-  it looks every type up in kserve.models, which lacks the kubernetes client's V1ObjectMeta, V1EnvVar, ...)
+- An InferenceService is also walked against the kserve SDK's typed models (camserve_tools/deploy/kserve_models.py):
+  any key a model does not declare, or a value of the wrong kind, is an error.
 - A PrometheusRule (prometheus-operator's CRD, not shipped here) is checked against the fields of its rule groups;
   `promtool check rules` and `promtool test rules` run on its groups in tests/test_prometheus_rules.py.
 - kustomization.yaml is kustomize's input, not a cluster object: only its keys are checked.
@@ -30,16 +28,15 @@ import argparse
 import copy
 import functools
 import os
-import re
 import sys
 from pathlib import Path
 from typing import Any
 
 import jsonschema
-import kserve.models as kserve_models
-import kubernetes.client.models as kubernetes_models
 import kubernetes_validate
 import yaml
+
+from camserve_tools.deploy.kserve_models import check_kserve
 
 # The oldest Kubernetes KServe 0.20 supports, and the newest whose schemas kubernetes-validate ships.
 KUBERNETES_VERSIONS = ("1.29.0", kubernetes_validate.latest_version())
@@ -105,76 +102,6 @@ PROMETHEUS_RULE_SCHEMA = {
         },
     },
 }
-# Types the kserve SDK names but does not define: what they stand for.
-TYPE_ALIASES = {
-    "K8sIoApiAutoscalingV2HorizontalPodAutoscalerBehavior": "V2HorizontalPodAutoscalerBehavior",
-    "V1beta1MetricQuantity": "quantity",  # resource.Quantity: "50", 50, "1.5"
-    "ResourceQuantity": "quantity",
-}
-SCALARS = {"str": str, "int": int, "float": (int, float), "bool": bool}
-
-
-def model_class(name: str) -> type | None:
-    return getattr(kserve_models, name, None) or getattr(kubernetes_models, name, None)
-
-
-def load_typed(value: Any, type_name: str, path: str, problems: list[str]) -> Any:
-    """`value` built into the openapi type `type_name` (a model class name, list[...], dict(str, ...)); each key no
-    model declares, each value of the wrong kind and each model that refuses its arguments goes into `problems`."""
-    type_name = TYPE_ALIASES.get(type_name, type_name)
-    if value is None or type_name in ("object", "Any"):
-        return value
-    if type_name == "quantity":
-        if not isinstance(value, (str, int, float)) or isinstance(value, bool):
-            problems.append(f"{path}: a quantity, not {type(value).__name__}")
-        return value
-    if type_name in ("datetime", "date"):
-        if not isinstance(value, str):
-            problems.append(f"{path}: a date string")
-        return value
-    if type_name in SCALARS:
-        if not isinstance(value, SCALARS[type_name]) or (isinstance(value, bool) and type_name != "bool"):
-            problems.append(f"{path}: {type_name}, not {type(value).__name__} ({value!r})")
-        return value
-    # The two SDKs spell containers differently: kserve's list[X] / dict(str, X), the kubernetes client's List[X] / Dict[str, X].
-    if match := re.fullmatch(r"[lL]ist\[(.+)\]", type_name):
-        if not isinstance(value, list):
-            problems.append(f"{path}: a list")
-            return value
-        return [load_typed(item, match.group(1), f"{path}[{index}]", problems) for index, item in enumerate(value)]
-    if match := re.fullmatch(r"(?:dict\(|Dict\[)(\w+), (.+)[)\]]", type_name):
-        if not isinstance(value, dict):
-            problems.append(f"{path}: a mapping")
-            return value
-        return {key: load_typed(item, match.group(2), f"{path}.{key}", problems) for key, item in value.items()}
-    cls = model_class(type_name)
-    if cls is None:
-        problems.append(f"{path}: the SDK names type {type_name!r} but defines no such model (add it to TYPE_ALIASES?)")
-        return value
-    if not isinstance(value, dict):
-        problems.append(f"{path}: an object ({type_name}), not {type(value).__name__}")
-        return value
-    by_key = {key: attribute for attribute, key in cls.attribute_map.items()}
-    arguments = {}
-    for key, item in value.items():
-        if key not in by_key:
-            problems.append(f"{path}.{key}: unknown field of {type_name}")
-            continue
-        arguments[by_key[key]] = load_typed(item, cls.openapi_types[by_key[key]], f"{path}.{key}", problems)
-    try:
-        return cls(**arguments)
-    except (TypeError, ValueError) as error:  # a required field missing, a value out of its enum
-        problems.append(f"{path}: {type_name} refuses it: {error}")
-        return value
-
-
-def check_kserve(document: dict, model_name: str) -> list[str]:
-    """Problems of a KServe document; none means it loaded, whole, into the SDK's typed models."""
-    problems: list[str] = []
-    loaded = load_typed(document, model_name, document.get("kind", "?"), problems)
-    if not problems and not isinstance(loaded, getattr(kserve_models, model_name)):
-        problems.append(f"{document.get('kind')}: did not load into {model_name}")
-    return problems
 
 
 def check_serve_config(config: Any, where: str) -> list[str]:
@@ -200,7 +127,9 @@ def unread_keys(given: Any, read: Any, path: str = "") -> list[str]:
             keys += [where] if key not in read else unread_keys(value, read[key], where)
         return keys
     if isinstance(given, list) and isinstance(read, list):
-        return [key for index, (g, r) in enumerate(zip(given, read)) for key in unread_keys(g, r, f"{path}[{index}]")]
+        # Item by item as far as both go: a schema that drops list items leaves lists of different lengths.
+        pairs = enumerate(zip(given, read, strict=False))
+        return [key for index, (g, r) in pairs for key in unread_keys(g, r, f"{path}[{index}]")]
     return []
 
 
@@ -333,7 +262,7 @@ def check_against_crd(document: dict, folder: Path | None = None) -> list[str]:
     folder = folder or KSERVE_CRDS
     if not folder.is_dir():
         raise CrdsMissing(f"{folder} is absent: KServe manifests not checked against KServe's CRDs")
-    validator = crd_validators(folder).get((document.get("apiVersion"), document.get("kind")))
+    validator = crd_validators(folder).get((str(document.get("apiVersion")), str(document.get("kind"))))
     if validator is None:
         return [f"no CRD in {folder} defines {document.get('apiVersion')} {document.get('kind')}"]
     return [
@@ -356,8 +285,8 @@ def check_document(document: dict, skipped: list[str] | None = None) -> list[str
         except CrdsMissing as missing:
             if skipped is not None:
                 skipped.append(str(missing))
-        if key in KSERVE_KINDS:
-            problems += check_kserve(document, KSERVE_KINDS[key])
+        if (model_name := KSERVE_KINDS.get((str(key[0]), str(key[1])))) is not None:
+            problems += check_kserve(document, model_name)
         return problems
     if key == ("monitoring.coreos.com/v1", "PrometheusRule"):
         validator = jsonschema.Draft7Validator(PROMETHEUS_RULE_SCHEMA)
