@@ -54,6 +54,7 @@ from kserve.protocol.model_repository_extension import ModelRepositoryExtension
 from kserve.protocol.rest.server import RESTServer
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from camserve.protocol.decoding import HEADER_PREFIX
 from camserve_tools.kserve.bundle import ENVELOPES
 from camserve_tools.servers import model_probe
 
@@ -62,7 +63,7 @@ logger = logging.getLogger("camserve.kserve.front")
 # What the front forwards to TorchServe besides the body: identity and tracing (as KServe's own SDK does), and our
 # per-request options (X-CAM-<Option>, docs/protocol.md). Accept is not forwarded: these protocols carry JSON.
 IDENTITY_HEADERS = ("authorization", "x-request-id", "x-b3-traceid")
-OPTION_HEADER_PREFIX = "x-cam-"
+OPTION_HEADER_PREFIX = HEADER_PREFIX
 # A model that answered is taken as ready this long: KServe asks before every request (endpoint, then dataplane).
 PROOF_TTL_S = 10.0
 # The readiness probe's prediction must come back within this; a model that cannot answer is not ready.

@@ -20,6 +20,7 @@ from pathlib import Path
 
 import requests
 
+from camserve.protocol.limits import TORCHSERVE_MAX_REQUEST_SIZE
 from camserve_tools.kserve.bundle import read_properties
 from camserve_tools.servers.torchserve import free_port, sample_image_png
 
@@ -41,7 +42,7 @@ class KServeEngine:
     @property
     def max_body_bytes(self) -> int:
         properties = read_properties(self.config) if self.config is not None else []
-        return int(dict(properties).get("max_request_size", 6_553_500))
+        return int(dict(properties).get("max_request_size", TORCHSERVE_MAX_REQUEST_SIZE))
 
     @classmethod
     def on_free_ports(cls, **fields: object) -> KServeEngine:
