@@ -235,8 +235,8 @@ class CamPipeline:
             return self._internal_error(stage)
 
     def _internal_error(self, stage: str, what: str = "") -> RequestError:
-        """The 500 a request gets for the exception being handled: its traceback is logged (never the request's
-        bytes: they are in no frame's message of ours) and counted by stage."""
+        """The 500 a request gets for the exception being handled, which is logged with its traceback and counted
+        by stage. The answer names the stage only: nothing of the exception, nothing of the request."""
         logger.exception("camserve: the %s stage failed%s", stage, f" ({what})" if what else "")
         self.metrics.add_count("CamInternalErrors", {"Stage": stage})
         return RequestError(f"the server failed to {stage} this request; the error is logged", status=500, kind="internal_error")
