@@ -30,6 +30,7 @@ import yaml
 from torch import nn
 
 from camserve.cam.methods import SCORECAM_MAX_CHANNELS
+from camserve.protocol.options import default_request_cost_limit
 
 # The defaults of a model-config's handler section: the one source for every tool that writes one.
 DEFAULT_INPUT_SIZE = (224, 224)
@@ -58,13 +59,9 @@ class ModelSpec:
 
     @property
     def request_cost_limit(self) -> int:
-        """At most this many forward passes of one image per request (see camserve.protocol.options.request_cost).
-
-        By default twice what one Score-CAM map costs (its forward passes plus the prediction), so the default
-        Score-CAM request fits with room for a second class or layer, and every gradient method with all 10 maps
-        at 4 layers (41) fits too.
-        """
-        return self.max_request_cost or 2 * (1 + self.scorecam_max_channels)
+        """At most this many forward passes of one image per request (see camserve.protocol.options.request_cost);
+        by default camserve.protocol.options.default_request_cost_limit."""
+        return self.max_request_cost or default_request_cost_limit(self.scorecam_max_channels)
 
     @classmethod
     def from_model_dir(cls, model_dir: Path) -> ModelSpec:

@@ -59,6 +59,13 @@ class Options:
         return probabilities.topk(min(self.map_count, probabilities.numel())).indices.tolist()
 
 
+def default_request_cost_limit(scorecam_max_channels: int) -> int:
+    """A model's limit of forward passes per request unless its config sets one: twice what one Score-CAM map
+    costs (its forward passes plus the prediction), so the default Score-CAM request fits with room for a second
+    class or layer, and every gradient method with all 10 maps at 4 layers (41) fits too."""
+    return 2 * (1 + scorecam_max_channels)
+
+
 @dataclass(frozen=True)
 class OptionRules:
     """What a model accepts, and its defaults (from model-config.yaml)."""
@@ -70,7 +77,7 @@ class OptionRules:
     default_topk: int
     default_layer_count: int = 1
     scorecam_max_channels: int = SCORECAM_MAX_CHANNELS
-    max_request_cost: int = 130
+    max_request_cost: int = default_request_cost_limit(SCORECAM_MAX_CHANNELS)
 
 
 def request_cost(options: Options, rules: OptionRules) -> int:
