@@ -159,19 +159,11 @@ def grid_peak_and_box(
         return _answered(NOTHING_ABOVE_ZERO)
     limit = np.float32(threshold * np.float64(best))
     cell_low, cell_high = _cell_bounds(grid, x_low, x_high, x_first, y_low, y_high, y_first)
-    room = y_low.shape[0] * (x_first.shape[0] + 2)
-    run_row = np.empty(room, dtype=np.int64)
-    run_x0, run_x1 = np.empty(room, dtype=np.int64), np.empty(room, dtype=np.int64)
-    runs = 0
-    for y in range(y_low.shape[0]):
-        row_start = runs
-        for sx in range(x_first.shape[0]):
-            runs = _segment_runs(
-                rows, x_weight_high, y_low, y_high, y_weight_low, y_weight_high, fused, y, x_first[sx], x_last[sx] + 1,
-                cell_low[y_segment[y], sx], cell_high[y_segment[y], sx], limit, run_row, run_x0, run_x1, runs, row_start,
-            )  # fmt: skip
-        if runs < 0:  # full: _add_interval keeps -1 once it is reached
-            return _answered(RUNS_OVERFLOW)
+    run_row, run_x0, run_x1, runs = _mask_runs(
+        rows, x_weight_high, x_first, x_last, y_low, y_high, y_weight_low, y_weight_high, y_segment, cell_low, cell_high, limit, fused
+    )
+    if runs < 0:  # full: _add_interval keeps -1 once it is reached
+        return _answered(RUNS_OVERFLOW)
     if runs == 0:  # the peak is always in the mask
         return _answered(EMPTY_MASK)
     x0, y0, x1, y1 = largest_region(run_row[:runs], run_x0[:runs], run_x1[:runs])
@@ -236,40 +228,55 @@ def _cell_bounds(
 
 
 @_compiled
-def _segment_runs(
-    rows: np.ndarray, x_weight_high: np.ndarray, y_low: np.ndarray, y_high: np.ndarray, y_weight_low: np.ndarray,
-    y_weight_high: np.ndarray, fused: bool, y: int, first: int, stop: int, cell_low: np.float32, cell_high: np.float32,
-    limit: np.float32, run_row: np.ndarray, run_x0: np.ndarray, run_x1: np.ndarray, runs: int, row_start: int,
-) -> int:  # fmt: skip
-    """Add the mask's pixels of row y between columns [first, stop), one segment between two knots; the new count
-    of runs (see _add_interval).
+def _mask_runs(
+    rows: np.ndarray, x_weight_high: np.ndarray, x_first: np.ndarray, x_last: np.ndarray, y_low: np.ndarray,
+    y_high: np.ndarray, y_weight_low: np.ndarray, y_weight_high: np.ndarray, y_segment: np.ndarray,
+    cell_low: np.ndarray, cell_high: np.ndarray, limit: np.float32, fused: bool,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, int]:  # fmt: skip
+    """The mask of pixels at or above `limit` as runs [x0, x1) per row: (rows, x0s, x1s, count), count -1 if the
+    runs overflow their room.
 
-    Where the four knots around the stretch are all above the limit (or all below), so is every pixel of it.
-    Elsewhere the two end pixels are computed: along the stretch the value is affine in exact arithmetic, so unless
-    the limit lies between them, they decide it. Where it does, the pixels whose affine value is within SLACK of
-    the limit, usually one or two, are computed exactly; the pixels before and after them follow the affine model.
+    A row crosses one segment of columns per pair of neighbouring knots. Where the four knots around such a stretch
+    are all above the limit (or all below), so is every pixel of it. Elsewhere the two end pixels are computed:
+    along the stretch the value is affine in exact arithmetic, so unless the limit lies between them, they decide
+    it. Where it does, the pixels whose affine value is within SLACK of the limit, usually one or two, are computed
+    exactly (_window); the pixels before and after them follow the affine model. One loop over every row and
+    segment, no call per stretch: that would cost more than the work.
     """
     slack = np.float32(SLACK)
-    if cell_high + slack < limit:
-        return runs
-    if cell_low - slack >= limit:
-        return _add_interval(run_row, run_x0, run_x1, runs, row_start, y, first, stop)
-    start_value = _value(rows, y_low, y_high, y_weight_low, y_weight_high, y, first, fused)
-    end_value = _value(rows, y_low, y_high, y_weight_low, y_weight_high, y, stop - 1, fused)
-    if min(start_value, end_value) - slack >= limit:
-        return _add_interval(run_row, run_x0, run_x1, runs, row_start, y, first, stop)
-    if max(start_value, end_value) + slack < limit:
-        return runs
-    window_start, window_stop = _window(x_weight_high, first, stop, start_value, end_value, limit)
-    rising = end_value > start_value
-    if not rising and window_start > first:  # falling: the pixels before the window are above
-        runs = _add_interval(run_row, run_x0, run_x1, runs, row_start, y, first, window_start)
-    for x in range(window_start, window_stop):
-        if _value(rows, y_low, y_high, y_weight_low, y_weight_high, y, x, fused) >= limit:
-            runs = _add_interval(run_row, run_x0, run_x1, runs, row_start, y, x, x + 1)
-    if rising and window_stop < stop:  # rising: the pixels after it are
-        runs = _add_interval(run_row, run_x0, run_x1, runs, row_start, y, window_stop, stop)
-    return runs
+    room = y_low.shape[0] * (x_first.shape[0] + 2)
+    run_row = np.empty(room, dtype=np.int64)
+    run_x0, run_x1 = np.empty(room, dtype=np.int64), np.empty(room, dtype=np.int64)
+    runs = 0
+    for y in range(y_low.shape[0]):
+        row_start = runs
+        sy = y_segment[y]
+        for sx in range(x_first.shape[0]):
+            first, stop = x_first[sx], x_last[sx] + 1
+            if cell_high[sy, sx] + slack < limit:
+                continue
+            if cell_low[sy, sx] - slack >= limit:
+                runs = _add_interval(run_row, run_x0, run_x1, runs, row_start, y, first, stop)
+                continue
+            start_value = _value(rows, y_low, y_high, y_weight_low, y_weight_high, y, first, fused)
+            end_value = _value(rows, y_low, y_high, y_weight_low, y_weight_high, y, stop - 1, fused)
+            if min(start_value, end_value) - slack >= limit:
+                runs = _add_interval(run_row, run_x0, run_x1, runs, row_start, y, first, stop)
+                continue
+            if max(start_value, end_value) + slack < limit:
+                continue
+            window_start, window_stop = _window(x_weight_high, first, stop, start_value, end_value, limit)
+            rising = end_value > start_value
+            if not rising and window_start > first:  # falling: the pixels before the window are above
+                runs = _add_interval(run_row, run_x0, run_x1, runs, row_start, y, first, window_start)
+            for x in range(window_start, window_stop):
+                if _value(rows, y_low, y_high, y_weight_low, y_weight_high, y, x, fused) >= limit:
+                    runs = _add_interval(run_row, run_x0, run_x1, runs, row_start, y, x, x + 1)
+            if rising and window_stop < stop:  # rising: the pixels after it are
+                runs = _add_interval(run_row, run_x0, run_x1, runs, row_start, y, window_stop, stop)
+        if runs < 0:
+            break
+    return run_row, run_x0, run_x1, runs
 
 
 @_compiled
