@@ -5,13 +5,13 @@ handler:
   num_classes: 6
   weights: shapes_net.pt          # state-dict file inside the archive (a torch.export.save file for "torch.export")
   labels: index_to_name.json      # {"0": "circle", ...}
-  input_size: [128, 128]          # [height, width] the whole image is resized to
+  input_size: [192, 192]          # [height, width] the whole image is resized to
   mean: [0.5, 0.5, 0.5]
   std: [0.25, 0.25, 0.25]
   method: gradcam                 # default CAM method
   target_layers: []               # module names; empty = found automatically
-  topk: 3
-  scorecam_max_channels: 64
+  topk: 3                         # classes listed in an answer by default (DEFAULT_TOPK)
+  scorecam_max_channels: 64       # channels Score-CAM scores (camserve.cam.methods.SCORECAM_MAX_CHANNELS)
   max_request_cost: null          # forward passes one request may cost; null = twice a default Score-CAM map
 """
 
@@ -29,6 +29,14 @@ import torch
 import yaml
 from torch import nn
 
+from camserve.cam.methods import SCORECAM_MAX_CHANNELS
+from camserve.protocol.options import default_request_cost_limit
+
+# The defaults of a model-config's handler section: the one source for every tool that writes one.
+DEFAULT_INPUT_SIZE = (224, 224)
+DEFAULT_METHOD = "gradcam"
+DEFAULT_TOPK = 3
+
 
 class SpecError(ValueError):
     """A model-config that cannot describe a loadable model; says which key is wrong."""
@@ -40,24 +48,20 @@ class ModelSpec:
     num_classes: int
     weights: str
     labels: str | None = None
-    input_size: tuple[int, int] = (224, 224)
+    input_size: tuple[int, int] = DEFAULT_INPUT_SIZE
     mean: tuple[float, float, float] = (0.485, 0.456, 0.406)
     std: tuple[float, float, float] = (0.229, 0.224, 0.225)
-    method: str = "gradcam"
+    method: str = DEFAULT_METHOD
     target_layers: tuple[str, ...] = field(default_factory=tuple)
-    topk: int = 3
-    scorecam_max_channels: int = 64
+    topk: int = DEFAULT_TOPK
+    scorecam_max_channels: int = SCORECAM_MAX_CHANNELS
     max_request_cost: int | None = None
 
     @property
     def request_cost_limit(self) -> int:
-        """At most this many forward passes of one image per request (see camserve.protocol.options.request_cost).
-
-        By default twice what one Score-CAM map costs (its forward passes plus the prediction), so the default
-        Score-CAM request fits with room for a second class or layer, and every gradient method with all 10 maps
-        at 4 layers (41) fits too.
-        """
-        return self.max_request_cost or 2 * (1 + self.scorecam_max_channels)
+        """At most this many forward passes of one image per request (see camserve.protocol.options.request_cost);
+        by default camserve.protocol.options.default_request_cost_limit."""
+        return self.max_request_cost or default_request_cost_limit(self.scorecam_max_channels)
 
     @classmethod
     def from_model_dir(cls, model_dir: Path) -> ModelSpec:

@@ -25,7 +25,7 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 
 from camserve.cam.layers import LayerError, find_class_weights, find_target_layer, get_module, to_grid
-from camserve.cam.methods import METHODS, CamMethod, LayerCapture
+from camserve.cam.methods import METHODS, SCORECAM_MAX_CHANNELS, CamMethod, LayerCapture
 
 Targets = Tensor | Callable[[Tensor], Tensor] | None
 
@@ -86,7 +86,7 @@ class CamExtractor:
         model: nn.Module,
         input_size: tuple[int, int],
         target_layers: Sequence[str] | None = None,
-        scorecam_max_channels: int = 64,
+        scorecam_max_channels: int = SCORECAM_MAX_CHANNELS,
     ) -> None:
         self.model = model.eval()
         self.input_size = input_size

@@ -164,6 +164,9 @@ def eigencam(capture: LayerCapture) -> Tensor:
 
 
 SCORECAM_BATCH = 32
+# Channels Score-CAM scores by default, the most active first: each costs a forward pass per image and class.
+# The default of a model's `scorecam_max_channels` (camserve.model_spec), of the extractor and of the option rules.
+SCORECAM_MAX_CHANNELS = 64
 
 
 @method("scorecam", needs_forward_passes=True)

@@ -49,10 +49,11 @@ from camserve.model_source import ModelSource, open_model_source
 from camserve.pipeline import Answer, CamPipeline, RequestError, Row
 from camserve.pipeline.envelopes import v1_answer, v1_rows, v2_answer, v2_request
 from camserve.protocol.decoding import body_value
+from camserve.protocol.limits import TORCHSERVE_MAX_REQUEST_SIZE
 
 logger = logging.getLogger("camserve.engines.kserve")
 
-DEFAULT_MAX_BODY_BYTES = 6_553_500  # TorchServe's default max_request_size: the same bound on both engines
+DEFAULT_MAX_BODY_BYTES = TORCHSERVE_MAX_REQUEST_SIZE  # the same bound on every engine
 
 
 # The pipeline's metrics on KServe's /metrics, beside KServe's own: counters and the map time per method, by model.

@@ -36,6 +36,7 @@ from starlette.requests import Request as HTTPRequest
 from starlette.responses import Response
 
 from camserve.protocol.decoding import RequestError, body_value
+from camserve.protocol.limits import TORCHSERVE_MAX_REQUEST_SIZE
 
 if TYPE_CHECKING:
     from ray.serve import Application, Deployment
@@ -44,7 +45,7 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger("ray.serve")
 
-DEFAULT_MAX_BODY_BYTES = 6_553_500  # TorchServe's default max_request_size: the same bound on every engine
+DEFAULT_MAX_BODY_BYTES = TORCHSERVE_MAX_REQUEST_SIZE  # the same bound on every engine
 # The batch a replica runs at most, and how long its first request waits for others: chosen by measurement
 # (docs/deploy.md, "Ray Serve"); a deployment's user_config overrides them.
 DEFAULT_MAX_BATCH_SIZE = 8

@@ -12,6 +12,10 @@ the tests call the pipeline directly. Each stage does what its name says and can
 - `encode`: a request and its prediction -> an `Answer` (JSON object or image bytes), bounded in bytes.
 - `answer`: the three in turn for a batch of client requests, as a server runs them.
 
+A fault of ours in any stage (an exception other than a RequestError) fails the request it was serving alone: it
+answers 500 `internal_error`, its traceback is logged and it is counted (CamInternalErrors, by stage); the rest of
+the batch is answered and the worker lives on.
+
 Stage times and counts go to a `Metrics` sink, as TorchServe's `@timed` reports a handler's stages.
 """
 
@@ -19,15 +23,16 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any, TypeVar
 
 import torch
 from torch import nn
 
 from camserve.cam import METHODS, CamExtractor, LayerError, MethodError
-from camserve.cam.localization import compile_peak_and_box
+from camserve.cam.localization import compile_peak_and_box, take_fast_path_fallbacks
 from camserve.model_spec import ModelSpec, load_labels, load_model
 from camserve.pipeline.types import Answer, Metrics, NoMetrics, Prediction, Request, Row
 from camserve.preprocessing import whole_image_transform
@@ -37,6 +42,7 @@ from camserve.protocol.options import OptionRules, Options, parse_options, reque
 from camserve.protocol.responses import answer_size, encode_answer
 
 logger = logging.getLogger(__name__)
+_T = TypeVar("_T")
 
 
 class CamPipeline:
@@ -116,18 +122,15 @@ class CamPipeline:
             )
             return [error] * len(rows)
         with self._timed("CamDecodeTime"):
-            raw = [self._read_options(row) for row in rows]
+            raw = [self._guarded("read", self._read_options, row) for row in rows]
         parsed = [item for item in raw if not isinstance(item, RequestError)]
-        total = sum(request_cost(options, self.rules) for _, options in parsed)
-        if len(rows) > 1 and total > self.rules.max_request_cost:
-            error = RequestError(
-                f"this request's {len(rows)} images would cost {total} forward passes together, over this model's limit of "
-                f"{self.rules.max_request_cost} per request; send fewer images per request, or ask for fewer maps",
-                status=422,
-                kind="request_too_costly",
-            )
-            return [error] * len(rows)
-        return [item if isinstance(item, RequestError) else self._decode(row, *item) for row, item in zip(rows, raw, strict=True)]
+        refused = self._guarded("read", self._check_request_cost, parsed, len(rows))
+        if refused is not None:
+            return [refused] * len(rows)
+        decoded: list[Request | RequestError] = []
+        for row, item in zip(rows, raw, strict=True):
+            decoded.append(self._guarded("read", self._decode, row, *item) if isinstance(item, tuple) else item)
+        return decoded
 
     def decode(self, row: Row) -> Request:
         """One row alone -> its Request (raises RequestError)."""
@@ -143,20 +146,18 @@ class CamPipeline:
         for position, request in enumerate(requests):
             key = (request.options.method, request.options.layers) if request.options.wants_map else (None, ())
             groups.setdefault(key, []).append(position)
-        inputs = torch.stack([request.inputs for request in requests]).to(self.device) if requests else None
         for (method, layers), positions in groups.items():
-            assert inputs is not None
             members = [requests[p] for p in positions]
             started = time.perf_counter()
             predictions: list[Prediction | RequestError]
             try:
-                predictions = self._run_group(members, inputs[positions], method, layers)
+                inputs = torch.stack([member.inputs for member in members]).to(self.device)
+                predictions = self._run_group(members, inputs, method, layers)
             except (MethodError, LayerError) as error:
                 option = "method" if isinstance(error, MethodError) else "layer"
                 predictions = [RequestError(str(error), kind="invalid_option", option=option)] * len(members)
-            except Exception:
-                logger.exception("camserve: maps failed for method %s, layers %s", method, layers)
-                predictions = [_internal_error("compute")] * len(members)
+            except Exception:  # noqa: BLE001 - a fault of ours fails this group alone, never the batch or the worker
+                predictions = [self._internal_error("compute", f"method {method}, layers {layers}")] * len(members)
             else:
                 # Map time per method (forward included): what a method costs.
                 self.metrics.add_time("CamMapTime", _ms_since(started), {"Method": method or "none"})
@@ -179,9 +180,9 @@ class CamPipeline:
                     explain=request.explain,
                     input_size=self.spec.input_size,
                 )
-            except Exception:
-                logger.exception("camserve: encoding an answer failed")
-                return self.refuse(_internal_error("encode"))
+            except Exception:  # noqa: BLE001 - a fault of ours fails this answer alone, never the batch or the worker
+                return self.refuse(self._internal_error("encode"))
+        self._report_fallbacks()
         size = answer_size(body)
         if size > self.max_answer_bytes:
             return self.refuse(
@@ -223,12 +224,45 @@ class CamPipeline:
 
     # -- the stages' parts ----------------------------------------------------------------------------------------
 
-    def _read_options(self, row: Row) -> tuple[bytes, Options] | RequestError:
+    def _guarded(self, stage: str, part: Callable[..., _T], *arguments: Any) -> _T | RequestError:
+        """`part(*arguments)`, or the RequestError it raises, or a 500 where it fails any other way (a fault of ours):
+        the request it reads fails alone, never the rest of the batch or the worker."""
         try:
-            raw = read_request(row.fields, row.headers)
-            options = parse_options(raw.options, self.rules, row.headers.get("accept"))
+            return part(*arguments)
         except RequestError as error:
             return error
+        except Exception:  # noqa: BLE001 - the boundary between one request and the rest of the batch
+            return self._internal_error(stage)
+
+    def _internal_error(self, stage: str, what: str = "") -> RequestError:
+        """The 500 a request gets for the exception being handled, which is logged with its traceback and counted
+        by stage. The answer names the stage only: nothing of the exception, nothing of the request."""
+        logger.exception("camserve: the %s stage failed%s", stage, f" ({what})" if what else "")
+        self.metrics.add_count("CamInternalErrors", {"Stage": stage})
+        return RequestError(f"the server failed to {stage} this request; the error is logged", status=500, kind="internal_error")
+
+    def _report_fallbacks(self) -> None:
+        """Peak-and-box answers that took the full-size way where the compiled one was meant to serve them."""
+        for reason, count in take_fast_path_fallbacks().items():
+            for _ in range(count):
+                self.metrics.add_count("CamFastPathFallbacks", {"Reason": reason})
+
+    def _check_request_cost(self, parsed: list[tuple[bytes, Options]], row_count: int) -> RequestError | None:
+        """A request of several images within the model's limit of forward passes together, or the 422 saying why
+        not (one image alone is bounded by parse_options)."""
+        total = sum(request_cost(options, self.rules) for _, options in parsed)
+        if row_count < 2 or total <= self.rules.max_request_cost:
+            return None
+        return RequestError(
+            f"this request's {row_count} images would cost {total} forward passes together, over this model's limit of "
+            f"{self.rules.max_request_cost} per request; send fewer images per request, or ask for fewer maps",
+            status=422,
+            kind="request_too_costly",
+        )
+
+    def _read_options(self, row: Row) -> tuple[bytes, Options] | RequestError:
+        raw = read_request(row.fields, row.headers)
+        options = parse_options(raw.options, self.rules, row.headers.get("accept"))
         if row.in_envelope and options.output == "overlay":
             return RequestError(
                 "option 'output': 'overlay' answers with an image, and KServe's protocols carry JSON",
@@ -237,22 +271,19 @@ class CamPipeline:
             )
         return raw.payload, options
 
-    def _decode(self, row: Row, payload: bytes, options: Options) -> Request | RequestError:
-        try:
-            with self._timed("CamDecodeTime"):
-                # A JPEG decodes at reduced scale when the model input allows it: a large speed-up for photos.
-                image, size = decode_image(payload, at_least=self.decode_at_least)
-                if options.map_count * size[0] * size[1] > MAX_PIXELS:
-                    raise RequestError(
-                        f"{options.map_count} full-size heat maps of a {size[0]}x{size[1]} image exceed {MAX_PIXELS} pixels per "
-                        "request; ask for fewer maps, or output=grid",
-                        status=413,
-                        kind="answer_too_large",
-                    )
-            with self._timed("CamResizeTime"):
-                inputs = self.transform(image)
-        except RequestError as error:
-            return error
+    def _decode(self, row: Row, payload: bytes, options: Options) -> Request:
+        with self._timed("CamDecodeTime"):
+            # A JPEG decodes at reduced scale when the model input allows it: a large speed-up for photos.
+            image, size = decode_image(payload, at_least=self.decode_at_least)
+            if options.map_count * size[0] * size[1] > MAX_PIXELS:
+                raise RequestError(
+                    f"{options.map_count} full-size heat maps of a {size[0]}x{size[1]} image exceed {MAX_PIXELS} pixels per "
+                    "request; ask for fewer maps, or output=grid",
+                    status=413,
+                    kind="answer_too_large",
+                )
+        with self._timed("CamResizeTime"):
+            inputs = self.transform(image)
         kept = None
         if options.output == "overlay":
             # Kept only when the answer is drawn on it, and then at full size: decoded again if reduced.
@@ -299,7 +330,3 @@ class CamPipeline:
 
 def _ms_since(started: float) -> float:
     return round((time.perf_counter() - started) * 1000, 3)
-
-
-def _internal_error(stage: str) -> RequestError:
-    return RequestError(f"the server failed to {stage} this answer; the error is logged", status=500, kind="internal_error")

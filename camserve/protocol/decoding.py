@@ -10,8 +10,10 @@ import base64
 import binascii
 import io
 import json
+import struct
 import warnings
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -25,6 +27,10 @@ MAX_SIDE = 16_384
 MAX_ASPECT_RATIO = 20
 _IMAGE_FIELDS = ("data", "file", "body")
 ORIENTATION_TAG = 0x0112  # EXIF Orientation
+# What PIL raises on bytes it cannot decode: OSError (UnidentifiedImageError, "image file is truncated", a codec's
+# error) and ValueError above all, but its format plugins also signal a broken file with SyntaxError, EOFError,
+# struct.error or IndexError where a header or a table is cut short.
+DECODER_ERRORS: tuple[type[Exception], ...] = (OSError, ValueError, SyntaxError, EOFError, struct.error, IndexError)
 
 
 class RequestError(ValueError):
@@ -75,24 +81,44 @@ def decode_image(payload: bytes, at_least: tuple[int, int] | None = None) -> tup
     """Bytes of any format PIL reads -> (an RGB image as a viewer shows it, its full size as (width, height)).
 
     EXIF orientation is applied, and only the first frame is kept. With `at_least` (width, height), a JPEG is
-    decoded at the smallest DCT scale (1/2, 1/4 or 1/8) that still covers that size (PIL's `draft`). The model
-    sees only a resize of it anyway, and a 1280x960 photo then decodes in 4.6 ms instead of 11.4 ms. The full size
-    is still returned, because the heat map must match the image as sent.
+    decoded at the smallest DCT scale (1/2, 1/4 or 1/8) that still covers that size (PIL's `draft`): the model
+    sees only a resize of it anyway, and a photo decodes in less than half the time. The full size is still
+    returned, because the heat map must match the image as sent.
+
+    What the decoder raises on bytes it cannot read is a RequestError (4xx); any other exception is a fault of
+    this code and goes up as it is, for the caller to answer with a 500.
     """
     if not payload:
         raise RequestError("the request has no image: the body is empty", kind="empty_body")
+    with _refused_if_undecodable():
+        image: Image.Image = Image.open(io.BytesIO(payload))
+    width, height = image.size
+    check_dimensions(width, height)
+    if image.format == "JPEG":
+        _check_jpeg_length(len(payload), width, height)
+    with _refused_if_undecodable():
+        if image.format == "JPEG" and at_least is not None:
+            image.draft("RGB", at_least)
+        image.load()
+        # Orientations 5-8 turn the image by 90 degrees: width and height swap.
+        if image.getexif().get(ORIENTATION_TAG, 1) in (5, 6, 7, 8):
+            width, height = height, width
+        # In place: a copy of a camera-sized image (what exif_transpose returns by default) costs about 2 ms.
+        ImageOps.exif_transpose(image, in_place=True)
+        if image.mode != "RGB":
+            image = _flatten_alpha(image) if "A" in image.getbands() or "transparency" in image.info else image.convert("RGB")
+    return image, (width, height)
+
+
+@contextmanager
+def _refused_if_undecodable() -> Iterator[None]:
+    """Around PIL's calls on the client's bytes (and only those): what its decoders raise on bytes they cannot read
+    becomes the RequestError naming it."""
     try:
         with warnings.catch_warnings():
-            # Our own bounds below are tighter than PIL's global pixel limit, which stays as PIL sets it.
+            # Our own bounds (check_dimensions) are tighter than PIL's global pixel limit, which stays as PIL sets it.
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            image: Image.Image = Image.open(io.BytesIO(payload))
-            width, height = image.size
-            check_dimensions(width, height)
-            if image.format == "JPEG":
-                _check_jpeg_length(len(payload), width, height)
-                if at_least is not None:
-                    image.draft("RGB", at_least)
-            image.load()
+            yield
     except Image.DecompressionBombError:
         raise RequestError(
             f"the image is too large: at most {MAX_PIXELS} pixels are accepted", status=413, kind="image_too_large"
@@ -101,20 +127,10 @@ def decode_image(payload: bytes, at_least: tuple[int, int] | None = None) -> tup
         raise RequestError(
             "the body is not an image in a format we can read (JPEG, PNG, WebP, BMP, GIF, TIFF)", kind="invalid_image"
         ) from None
-    except RequestError:
-        raise
     except MemoryError:
         raise RequestError("the image could not be decoded within this server's memory", status=413, kind="image_too_large") from None
-    except Exception as error:  # noqa: BLE001 - whatever a decoder raises on hostile bytes is the bytes' fault
+    except DECODER_ERRORS as error:
         raise RequestError(f"the image could not be decoded: {str(error)[:200]}", kind="invalid_image") from None
-    # Orientations 5-8 turn the image by 90 degrees: width and height swap.
-    if image.getexif().get(ORIENTATION_TAG, 1) in (5, 6, 7, 8):
-        width, height = height, width
-    # In place: a copy of a camera-sized image (what exif_transpose returns by default) costs about 2 ms.
-    ImageOps.exif_transpose(image, in_place=True)
-    if image.mode != "RGB":
-        image = _flatten_alpha(image) if "A" in image.getbands() or "transparency" in image.info else image.convert("RGB")
-    return image, (width, height)
 
 
 def check_dimensions(width: int, height: int) -> None:
@@ -156,6 +172,7 @@ def _flatten_alpha(image: Image.Image) -> Image.Image:
     return Image.alpha_composite(background, rgba).convert("RGB")
 
 
+# Options travel as X-CAM-<Option> headers (docs/protocol.md); header names compared lower-cased.
 HEADER_PREFIX = "x-cam-"
 
 

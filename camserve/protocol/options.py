@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
+from camserve.cam.methods import SCORECAM_MAX_CHANNELS
 from camserve.protocol.decoding import RequestError
 
 OUTPUTS = ("png", "grid", "overlay", "none")
@@ -58,6 +59,13 @@ class Options:
         return probabilities.topk(min(self.map_count, probabilities.numel())).indices.tolist()
 
 
+def default_request_cost_limit(scorecam_max_channels: int) -> int:
+    """A model's limit of forward passes per request unless its config sets one: twice what one Score-CAM map
+    costs (its forward passes plus the prediction), so the default Score-CAM request fits with room for a second
+    class or layer, and every gradient method with all 10 maps at 4 layers (41) fits too."""
+    return 2 * (1 + scorecam_max_channels)
+
+
 @dataclass(frozen=True)
 class OptionRules:
     """What a model accepts, and its defaults (from model-config.yaml)."""
@@ -68,8 +76,8 @@ class OptionRules:
     default_method: str
     default_topk: int
     default_layer_count: int = 1
-    scorecam_max_channels: int = 64
-    max_request_cost: int = 130
+    scorecam_max_channels: int = SCORECAM_MAX_CHANNELS
+    max_request_cost: int = default_request_cost_limit(SCORECAM_MAX_CHANNELS)
 
 
 def request_cost(options: Options, rules: OptionRules) -> int:
@@ -119,6 +127,29 @@ def _class_index(raw: str, labels: Sequence[str]) -> int:
 
 def _unique(values: Sequence[str] | Sequence[int]) -> tuple:
     return tuple(dict.fromkeys(values))
+
+
+def _parse_output(raw: dict[str, str], accept: str | None, method: str | None) -> tuple[str, str]:
+    """Options 'output' and 'format'; their defaults follow the Accept header: an image asked for is an overlay."""
+    accept = (accept or "").lower()
+    wants_image = "image/png" in accept or "image/jpeg" in accept
+    output = raw.get("output", "overlay" if wants_image else "png").lower()
+    if output not in OUTPUTS:
+        raise RequestError(
+            f"option 'output': unknown output {_shown(output)}; allowed: {list(OUTPUTS)}", kind="invalid_option", option="output"
+        )
+    image_format = raw.get("format", "jpeg" if "image/jpeg" in accept and "image/png" not in accept else "png").lower()
+    if image_format == "jpg":
+        image_format = "jpeg"
+    if image_format not in OVERLAY_FORMATS:
+        raise RequestError(
+            f"option 'format': unknown format {_shown(image_format)}; allowed: {list(OVERLAY_FORMATS)}",
+            kind="invalid_option",
+            option="format",
+        )
+    if output == "overlay" and method is None:
+        raise RequestError("option 'output': 'overlay' needs a map; method 'none' gives none", kind="invalid_option", option="output")
+    return output, image_format
 
 
 def parse_options(raw: dict[str, str], rules: OptionRules, accept: str | None = None) -> Options:
@@ -172,24 +203,7 @@ def parse_options(raw: dict[str, str], rules: OptionRules, accept: str | None = 
     maps = _positive_int(raw["maps"], "maps", min(MAX_MAPS, len(rules.labels))) if "maps" in raw else 1
     topk = _positive_int(raw["topk"], "topk", len(rules.labels)) if "topk" in raw else min(rules.default_topk, len(rules.labels))
 
-    accept = (accept or "").lower()
-    wants_image = "image/png" in accept or "image/jpeg" in accept
-    output = raw.get("output", "overlay" if wants_image else "png").lower()
-    if output not in OUTPUTS:
-        raise RequestError(
-            f"option 'output': unknown output {_shown(output)}; allowed: {list(OUTPUTS)}", kind="invalid_option", option="output"
-        )
-    image_format = raw.get("format", "jpeg" if "image/jpeg" in accept and "image/png" not in accept else "png").lower()
-    if image_format == "jpg":
-        image_format = "jpeg"
-    if image_format not in OVERLAY_FORMATS:
-        raise RequestError(
-            f"option 'format': unknown format {_shown(image_format)}; allowed: {list(OVERLAY_FORMATS)}",
-            kind="invalid_option",
-            option="format",
-        )
-    if output == "overlay" and method_or_none is None:
-        raise RequestError("option 'output': 'overlay' needs a map; method 'none' gives none", kind="invalid_option", option="output")
+    output, image_format = _parse_output(raw, accept, method_or_none)
     options = Options(
         method_or_none, layers, targets, maps, topk, output, image_format, parse_heatmap_size(raw.get("heatmap_size", DEFAULT_HEATMAP_SIZE))
     )

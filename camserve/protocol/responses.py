@@ -88,7 +88,7 @@ def _png(rows: np.ndarray, compress_level: int) -> bytes:
 
 def predictions_json(probabilities: Tensor, labels: list[str], topk: int) -> list[dict[str, Any]]:
     values, indices = probabilities.topk(min(topk, probabilities.numel()))
-    return [{"index": int(i), "label": labels[int(i)], "probability": round(float(p), 6)} for p, i in zip(values, indices)]
+    return [{"index": int(i), "label": labels[int(i)], "probability": round(float(p), 6)} for p, i in zip(values, indices, strict=True)]
 
 
 def cam_json(
@@ -206,10 +206,10 @@ def encode_answer(
     method = options.method
     if method is not None and maps is not None and options.output != "none" and len(maps):
         if options.output == "grid":
-            cams = [cam_grid_json(grid, method, layers, t, labels) for grid, t in zip(maps, targets)]
+            cams = [cam_grid_json(grid, method, layers, t, labels) for grid, t in zip(maps, targets, strict=True)]
         else:
             png_size = heatmap_png_size(options.heatmap_size, size, input_size)
-            cams = [cam_json(grid, size, method, layers, t, labels, png_size) for grid, t in zip(maps, targets)]
+            cams = [cam_json(grid, size, method, layers, t, labels, png_size) for grid, t in zip(maps, targets, strict=True)]
         body["cam"] = cams[0] if len(cams) == 1 else cams
     return body, "application/json"
 

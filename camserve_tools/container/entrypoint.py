@@ -49,6 +49,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from camserve.protocol.limits import TORCHSERVE_MAX_REQUEST_SIZE
+
 IMAGE_ROOT = Path("/opt/camserve")
 DEFAULT_CONFIG = IMAGE_ROOT / "config" / "production.properties"
 # Every log line on standard output, the access log's included: the drain counts answers from it.
@@ -138,7 +140,10 @@ def torchserve_environment(run_dir: Path, envelope: str | None) -> dict[str, str
     if envelope:
         env["TS_SERVICE_ENVELOPE"] = envelope  # read by camserve's handler in the worker
     # The worker refuses answers over the frontend's limit, which only the frontend's config knows.
-    env.setdefault("TS_MAX_RESPONSE_SIZE", read_properties((run_dir / "config.properties").read_text()).get("max_response_size", "6553500"))
+    env.setdefault(
+        "TS_MAX_RESPONSE_SIZE",
+        read_properties((run_dir / "config.properties").read_text()).get("max_response_size", str(TORCHSERVE_MAX_REQUEST_SIZE)),
+    )
     return env
 
 

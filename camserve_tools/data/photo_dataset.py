@@ -5,8 +5,8 @@
 
 ImageNet's classes are fine-grained, so each photo carries every class a person would accept for its object (the
 cat is a tabby, a tiger cat or an Egyptian cat; the cup an espresso, a cup or a coffee mug), each with the same box:
-top-1 counts when the prediction is any of them, and each class's map is judged against the box. Boxes were drawn
-by eye on the images as scikit-image 0.26 ships them, as [x0, y0, x1, y1) pixels.
+top-1 counts when the prediction is any of them, and each class's map is judged against the box: the photo's box
+in camserve_tools.data.photos, as [x0, y0, x1, y1) pixels.
 """
 
 from __future__ import annotations
@@ -14,11 +14,15 @@ from __future__ import annotations
 import argparse
 import json
 from pathlib import Path
+from typing import Any
 
-# name -> (skimage.data loader, classes, hand-drawn box of the object)
+from camserve_tools.data.photos import LABELLED
+
+_BOXES = {photo.name: photo.box for photo in LABELLED if photo.box is not None}
+# name (a skimage.data loader) -> (classes, hand-drawn box of the object)
 PHOTOS = {
-    "chelsea": ("chelsea", ("tabby", "tiger cat", "Egyptian cat"), (15, 0, 400, 300)),  # the cat's head and chest
-    "coffee": ("coffee", ("espresso", "cup", "coffee mug"), (172, 18, 410, 308)),  # the cup with its handle, no saucer
+    "chelsea": (("tabby", "tiger cat", "Egyptian cat"), _BOXES["chelsea"]),
+    "coffee": (("espresso", "cup", "coffee mug"), _BOXES["coffee"]),
 }
 
 
@@ -28,10 +32,12 @@ def write_photo_dataset(out: Path) -> list[Path]:
     from skimage import data
 
     (out / "images").mkdir(parents=True, exist_ok=True)
-    categories = {name: index + 1 for index, name in enumerate(dict.fromkeys(c for _, classes, _ in PHOTOS.values() for c in classes))}
-    images, annotations, paths = [], [], []
-    for image_id, (name, (loader, classes, box)) in enumerate(PHOTOS.items(), start=1):
-        pixels = getattr(data, loader)()
+    categories = {name: index + 1 for index, name in enumerate(dict.fromkeys(c for classes, _ in PHOTOS.values() for c in classes))}
+    images: list[dict[str, Any]] = []
+    annotations: list[dict[str, Any]] = []
+    paths: list[Path] = []
+    for image_id, (name, (classes, box)) in enumerate(PHOTOS.items(), start=1):
+        pixels = getattr(data, name)()
         path = out / "images" / f"{name}.png"
         Image.fromarray(pixels).save(path)
         paths.append(path)

@@ -20,6 +20,7 @@ from pathlib import Path
 
 import yaml
 
+from camserve.protocol.limits import TORCHSERVE_MAX_REQUEST_SIZE
 from camserve_tools.servers import model_probe
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -35,7 +36,7 @@ GRPC_INFERENCE_PORT = 7070  # what the wrapper's grpc-v2 mode dials (it reads gr
 GRPC_MANAGEMENT_PORT = 7071
 FRONT_GRPC_PORT = 8081  # KServe's own gRPC server (the wrapper's ModelServer), in the runtime's grpc-v2 mode
 ENVELOPES = {"v1": "kserve", "v2": "kservev2"}
-DEFAULT_MAX_BODY_BYTES = 6_553_500  # TorchServe's default max_request_size
+DEFAULT_MAX_BODY_BYTES = TORCHSERVE_MAX_REQUEST_SIZE
 PROBE_NAME = "model_probe.py"  # config/model_probe.py: does each model really answer (camserve_tools.servers.model_probe)
 
 # Written by this module whatever the base config says: addresses, store, snapshot, envelope.

@@ -18,10 +18,12 @@ from grpc_interceptor.exceptions import GrpcException
 from kserve.errors import InvalidInput
 from kserve.protocol.infer_type import InferOutput, InferRequest, InferResponse
 
+from camserve.protocol.decoding import HEADER_PREFIX
+
 # What the front forwards to TorchServe besides the body: identity and tracing (as KServe's own SDK does), and our
 # per-request options (X-CAM-<Option>, docs/protocol.md). Accept is not forwarded: these protocols carry JSON.
 IDENTITY_HEADERS = ("authorization", "x-request-id", "x-b3-traceid")
-OPTION_HEADER_PREFIX = "x-cam-"
+OPTION_HEADER_PREFIX = HEADER_PREFIX
 # What the front's error bodies and log lines may show of a client's text.
 EXCERPT_CHARS = 120
 # The binary data extension of the v2 protocol: the JSON part's length, the tensors' bytes after it.

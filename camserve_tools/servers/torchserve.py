@@ -27,6 +27,7 @@ from typing import Protocol
 
 import requests
 
+from camserve.protocol.limits import TORCHSERVE_MAX_REQUEST_SIZE
 from camserve_tools.servers import model_probe, torchserve_logs
 from camserve_tools.servers.process_group import start_in_own_session, stop_recorded
 from camserve_tools.servers.readiness import wait_for_answers
@@ -168,7 +169,7 @@ class TorchServe:
     def max_response_size(self) -> int:
         """The config's max_response_size (an extra property wins), else TorchServe's default."""
         properties = {**self._properties(), **self.extra_properties}
-        return int(properties.get("max_response_size", 6_553_500))
+        return int(properties.get("max_response_size", TORCHSERVE_MAX_REQUEST_SIZE))
 
     def _write_config(self) -> Path:
         """The given config with this instance's addresses (and any extra properties) filled in."""
