@@ -7,8 +7,7 @@
 One `CamModel` (a kserve.Model) per archive or model dir. It answers
 - KServe v1 `:predict` and `:explain` and v2 `/infer` (REST and the v2 gRPC service) in the envelopes of
   camserve.pipeline.envelopes, the very bytes TorchServe's handler sends under the same envelope;
-- camserve's own `POST /predictions/<model>` and `/explanations/<model>` (docs/protocol.md), as TorchServe does
-  without an envelope;
+- camserve's own `POST /predictions/<model>` and `/explanations/<model>` (docs/protocol.md), as TorchServe does;
 - readiness and metadata as KServe's server does.
 Requests wait on the event loop while one thread runs the pipeline: those that arrive while a batch runs form the
 next batch, up to the archive's `batchSize` requests, so the loop never blocks and no request runs beside another
@@ -53,12 +52,18 @@ from camserve.protocol.limits import TORCHSERVE_MAX_REQUEST_SIZE
 
 logger = logging.getLogger("camserve.engines.kserve")
 
-DEFAULT_MAX_BODY_BYTES = TORCHSERVE_MAX_REQUEST_SIZE  # the same bound on every engine
 
-
-# The pipeline's metrics on KServe's /metrics, beside KServe's own: counters and the map time per method, by model.
-_REQUESTS = Counter("CamRequests", "answered requests, by method and output", ["model_name", "Method", "Output"])
-_ERRORS = Counter("CamErrors", "refused requests, by error type", ["model_name", "Kind"])
+# The pipeline's metrics on KServe's /metrics, beside KServe's own: its counts and the map time per method, by model.
+# Each count: its Prometheus counter and the dimensions that become its labels after the model's name.
+_COUNTS = {
+    name: (Counter(name, text, ["model_name", *keys]), keys)
+    for name, text, keys in (
+        ("CamRequests", "answered requests, by method and output", ("Method", "Output")),
+        ("CamErrors", "refused requests, by error type", ("Kind",)),
+        ("CamInternalErrors", "requests failed by a fault of ours, by pipeline stage", ("Stage",)),
+        ("CamFastPathFallbacks", "peak/box answers that left the compiled path, by reason", ("Reason",)),
+    )
+}
 _MAP_TIME = Histogram(
     "CamMapTime", "forward pass and maps of one group, in ms", ["model_name", "Method"], buckets=(1, 2, 5, 10, 20, 50, 100, 200, 500, 1000)
 )
@@ -75,10 +80,9 @@ class PrometheusMetrics:
             _MAP_TIME.labels(self.model_name, dimensions.get("Method", "none")).observe(milliseconds)
 
     def add_count(self, name: str, dimensions: Mapping[str, str]) -> None:
-        if name == "CamRequests":
-            _REQUESTS.labels(self.model_name, dimensions.get("Method", "none"), dimensions.get("Output", "")).inc()
-        elif name == "CamErrors":
-            _ERRORS.labels(self.model_name, dimensions.get("Kind", "")).inc()
+        if name in _COUNTS:
+            counter, keys = _COUNTS[name]
+            counter.labels(self.model_name, *(dimensions.get(key, "") for key in keys)).inc()
 
 
 class AnswerError(Exception):
@@ -382,7 +386,7 @@ def main() -> None:
     parser.add_argument("--listen-host", default="127.0.0.1")
     parser.add_argument("--listen-port", type=int, default=8080)
     parser.add_argument("--grpc-listen-port", type=int, default=0, help="v2 gRPC port (0: off)")
-    parser.add_argument("--max-body-bytes", type=int, default=DEFAULT_MAX_BODY_BYTES)
+    parser.add_argument("--max-body-bytes", type=int, default=TORCHSERVE_MAX_REQUEST_SIZE)
     args, _ = parser.parse_known_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     archives = [s for s in args.archives.split(",") if s] if args.archives else [str(p) for p in sorted(args.model_store.glob("*.mar"))]

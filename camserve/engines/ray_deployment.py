@@ -45,7 +45,6 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger("ray.serve")
 
-DEFAULT_MAX_BODY_BYTES = TORCHSERVE_MAX_REQUEST_SIZE  # the same bound on every engine
 # The batch a replica runs at most, and how long its first request waits for others: chosen by measurement
 # (docs/deploy.md, "Ray Serve"); a deployment's user_config overrides them.
 DEFAULT_MAX_BATCH_SIZE = 8
@@ -125,9 +124,16 @@ class RayMetrics:
 
     def __init__(self, model_name: str) -> None:
         self.model_name = model_name
-        # Ray annotates tag_keys as a one-element tuple; any tuple of names is what it takes.
-        self.requests = Counter("CamRequests", "answered requests, by method and output", tag_keys=("model_name", "Method", "Output"))  # type: ignore[arg-type]
-        self.errors = Counter("CamErrors", "refused requests, by error type", tag_keys=("model_name", "Kind"))  # type: ignore[arg-type]
+        # Each count: its Ray counter and the dimensions that become its tags beside the model's name.
+        self.counts = {
+            name: (Counter(name, text, tag_keys=("model_name", *keys)), keys)
+            for name, text, keys in (
+                ("CamRequests", "answered requests, by method and output", ("Method", "Output")),
+                ("CamErrors", "refused requests, by error type", ("Kind",)),
+                ("CamInternalErrors", "requests failed by a fault of ours, by pipeline stage", ("Stage",)),
+                ("CamFastPathFallbacks", "peak/box answers that left the compiled path, by reason", ("Reason",)),
+            )
+        }
         self.map_time = Histogram(
             "CamMapTime",
             "forward pass and maps of one group, in ms",
@@ -140,11 +146,9 @@ class RayMetrics:
             self.map_time.observe(milliseconds, {"model_name": self.model_name, "Method": dimensions.get("Method", "none")})
 
     def add_count(self, name: str, dimensions: Mapping[str, str]) -> None:
-        if name == "CamRequests":
-            tags = {"model_name": self.model_name, "Method": dimensions.get("Method", "none"), "Output": dimensions.get("Output", "")}
-            self.requests.inc(1, tags)
-        elif name == "CamErrors":
-            self.errors.inc(1, {"model_name": self.model_name, "Kind": dimensions.get("Kind", "")})
+        if name in self.counts:
+            counter, keys = self.counts[name]
+            counter.inc(1, {"model_name": self.model_name, **{key: dimensions.get(key, "") for key in keys}})
 
 
 def keep_replica_server_on_loopback() -> None:
@@ -178,7 +182,7 @@ def node_name() -> str:
 class CamModelDeployment:
     """One model: a CamPipeline per replica, answering camserve's protocol on `/predictions/<model>`."""
 
-    def __init__(self, name: str, source: str, max_body_bytes: int = DEFAULT_MAX_BODY_BYTES) -> None:
+    def __init__(self, name: str, source: str, max_body_bytes: int = TORCHSERVE_MAX_REQUEST_SIZE) -> None:
         # The pipeline (and torch) only where a model runs: the router never imports them.
         from camserve.model_source import open_model_source
         from camserve.pipeline import CamPipeline
@@ -230,7 +234,7 @@ class CamModelDeployment:
 class CamRouter:
     """Route `/`: `/explanations/<model>` through the model's deployment; any other path a JSON 404."""
 
-    def __init__(self, models: list[str], max_body_bytes: int = DEFAULT_MAX_BODY_BYTES) -> None:
+    def __init__(self, models: list[str], max_body_bytes: int = TORCHSERVE_MAX_REQUEST_SIZE) -> None:
         keep_replica_server_on_loopback()
         self.models = list(models)
         self.max_body_bytes = max_body_bytes
@@ -270,10 +274,10 @@ def model_app(args: Mapping[str, Any]) -> Application:
     `max_body_bytes`. Its one deployment is named after the model (serve-config.yaml's `deployments:` override it)."""
     name = str(args["name"])
     source = Path(str(args.get("model_store", "."))) / str(args["source"])
-    max_body = int(args.get("max_body_bytes", DEFAULT_MAX_BODY_BYTES))
+    max_body = int(args.get("max_body_bytes", TORCHSERVE_MAX_REQUEST_SIZE))
     return MODEL_DEPLOYMENT.options(name=name).bind(name, str(source), max_body)
 
 
 def router_app(args: Mapping[str, Any]) -> Application:
     """The router's application: `models` (the served models' names), `max_body_bytes`."""
-    return ROUTER_DEPLOYMENT.bind([str(name) for name in args["models"]], int(args.get("max_body_bytes", DEFAULT_MAX_BODY_BYTES)))
+    return ROUTER_DEPLOYMENT.bind([str(name) for name in args["models"]], int(args.get("max_body_bytes", TORCHSERVE_MAX_REQUEST_SIZE)))

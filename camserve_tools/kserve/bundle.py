@@ -36,7 +36,6 @@ GRPC_INFERENCE_PORT = 7070  # what the wrapper's grpc-v2 mode dials (it reads gr
 GRPC_MANAGEMENT_PORT = 7071
 FRONT_GRPC_PORT = 8081  # KServe's own gRPC server (the wrapper's ModelServer), in the runtime's grpc-v2 mode
 ENVELOPES = {"v1": "kserve", "v2": "kservev2"}
-DEFAULT_MAX_BODY_BYTES = TORCHSERVE_MAX_REQUEST_SIZE
 PROBE_NAME = "model_probe.py"  # config/model_probe.py: does each model really answer (camserve_tools.servers.model_probe)
 
 # Written by this module whatever the base config says: addresses, store, snapshot, envelope.
@@ -103,7 +102,7 @@ def read_properties(path: Path) -> list[tuple[str, str]]:
 
 def body_limit(config: Path) -> int:
     """A TorchServe config's max_request_size (TorchServe's default when unset): every engine bounds the body by it."""
-    return int(dict(read_properties(config)).get("max_request_size", DEFAULT_MAX_BODY_BYTES))
+    return int(dict(read_properties(config)).get("max_request_size", TORCHSERVE_MAX_REQUEST_SIZE))
 
 
 def config_properties(base_config: Path, archives: list[ArchiveInfo], protocol: str) -> str:

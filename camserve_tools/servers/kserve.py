@@ -17,7 +17,8 @@ from pathlib import Path
 
 import requests
 
-from camserve_tools.kserve.bundle import DEFAULT_MAX_BODY_BYTES, body_limit
+from camserve.protocol.limits import TORCHSERVE_MAX_REQUEST_SIZE
+from camserve_tools.kserve.bundle import body_limit
 from camserve_tools.servers.process_group import start_in_own_session, stop_recorded
 from camserve_tools.servers.readiness import wait_for_answers
 from camserve_tools.servers.torchserve import free_port, sample_image_png
@@ -41,7 +42,7 @@ class KServeEngine:
 
     @property
     def max_body_bytes(self) -> int:
-        return body_limit(self.config) if self.config is not None else DEFAULT_MAX_BODY_BYTES
+        return body_limit(self.config) if self.config is not None else TORCHSERVE_MAX_REQUEST_SIZE
 
     @classmethod
     def on_free_ports(cls, **fields: object) -> KServeEngine:

@@ -7,8 +7,8 @@ Each node is one `ray start --block` in its own session, on 127.0.0.1, with expl
 (a node would otherwise claim the whole machine), a free port for every listener, no dashboard and no Ray client
 server. The nodes share one short temp dir, made fresh under /tmp and recorded in the run dir: Ray's Unix sockets live
 there, and a socket path holds at most 107 bytes. Every process of a node, Serve's replicas included, carries
-CAMSERVE_RAY_NODE=<temp dir>:<node> in its environment: `stop` and `kill_node` find exactly those processes by it and
-signal them by pid. Nothing is killed by name: `ray stop` would stop every Ray cluster on the machine.
+CAMSERVE_RAY_NODE=<temp dir>:<node> in its environment: `stop` and `kill_node` signal exactly those, by pid, never
+by name (`ray stop` would stop every Ray cluster on the machine).
 
 The application is deploy/ray/serve-config.yaml with this run's port, archives, body limit and one replica per
 node at least, deployed with Ray's own `serve run`; ready once every application runs and every model answers a real
@@ -33,7 +33,8 @@ import psutil
 import requests
 import yaml
 
-from camserve_tools.kserve.bundle import DEFAULT_MAX_BODY_BYTES, body_limit
+from camserve.protocol.limits import TORCHSERVE_MAX_REQUEST_SIZE
+from camserve_tools.kserve.bundle import body_limit
 from camserve_tools.servers.process_group import signal_processes, start_in_own_session
 from camserve_tools.servers.ray_application import SERVE_CONFIG, ApplicationSettings, application_config, parse_models
 from camserve_tools.servers.readiness import wait_for_answers
@@ -89,7 +90,7 @@ class RayCluster:
     cpus_per_node: int = 4
     memory_per_node: int = 6 * GIB
     object_store_per_node: int = GIB // 4
-    max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
+    max_body_bytes: int = TORCHSERVE_MAX_REQUEST_SIZE
     # Per deployment (model name or CamRouter): options merged over serve-config.yaml's (autoscaling, user_config, ...)
     deployment_options: dict[str, dict[str, Any]] = field(default_factory=dict)
     serve_config: Path = SERVE_CONFIG
@@ -370,7 +371,7 @@ def main(argv: list[str] | None = None) -> None:
         archives=parse_models(args.models, args.model_store),
         nodes=args.nodes,
         inference_port=args.port,
-        max_body_bytes=body_limit(args.config) if args.config else DEFAULT_MAX_BODY_BYTES,
+        max_body_bytes=body_limit(args.config) if args.config else TORCHSERVE_MAX_REQUEST_SIZE,
     )
     if args.action == "start":
         cluster.start(args.timeout)
