@@ -10,9 +10,8 @@ there, and a socket path holds at most 107 bytes. Every process of a node, Serve
 CAMSERVE_RAY_NODE=<temp dir>:<node> in its environment: `stop` and `kill_node` signal exactly those, by pid, never
 by name (`ray stop` would stop every Ray cluster on the machine).
 
-The application is deploy/ray/serve-config.yaml with this run's port, archives, body limit and one replica per
-node at least, deployed with Ray's own `serve run`; ready once every application runs and every model answers a real
-prediction.
+The application is deploy/ray/serve-config.yaml with this run's port, archives, body limit and a replica per node at
+least, deployed by Ray's own `serve run`; ready once every application runs and every model answers a prediction.
 """
 
 from __future__ import annotations
