@@ -11,6 +11,8 @@ from __future__ import annotations
 from collections.abc import Awaitable, Callable, MutableMapping
 from typing import Any
 
+from camserve.protocol.decoding import RequestError
+
 # ASGI's types, spelled as Starlette spells them, so that its responses and apps fit them.
 Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]
@@ -21,10 +23,14 @@ ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
 Refusal = Callable[[Scope, int], ASGIApp]
 
 
-def declared_too_large(headers: dict[bytes, bytes], limit: int) -> bool:
-    """Whether the declared Content-Length is over `limit`, or not a length at all (then nothing can be trusted)."""
-    declared = headers.get(b"content-length")
+def declared_too_large(declared: bytes | str | None, limit: int) -> bool:
+    """Whether a declared Content-Length is over `limit`, or not a length at all (then nothing can be trusted)."""
     return declared is not None and (not declared.isdigit() or int(declared) > limit)
+
+
+def body_too_large(limit: int) -> RequestError:
+    """camserve's refusal of a body over this server's limit, the same on every engine."""
+    return RequestError(f"the body is over this server's limit of {limit} bytes", status=413, kind="request_too_large")
 
 
 def replayed(body: bytes, receive: Receive) -> Receive:
@@ -55,7 +61,7 @@ class BodyLimit:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        if declared_too_large(dict(scope.get("headers") or []), self.limit):
+        if declared_too_large(dict(scope.get("headers") or []).get(b"content-length"), self.limit):
             await self.refusal(scope, self.limit)(scope, receive, send)
             return
         chunks, size = [], 0

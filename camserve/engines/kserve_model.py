@@ -43,7 +43,7 @@ from kserve.protocol.rest.server import RESTServer
 from prometheus_client import Counter, Histogram
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from camserve.engines.body_limit import BodyLimit, Scope
+from camserve.engines.body_limit import BodyLimit, Scope, body_too_large
 from camserve.model_source import ModelSource, open_model_source
 from camserve.pipeline import Answer, CamPipeline, RequestError, Row
 from camserve.pipeline.envelopes import v1_answer, v1_rows, v2_answer, v2_request
@@ -288,8 +288,7 @@ async def _http_error(_request: Any, error: StarletteHTTPException) -> Response:
 def _body_too_large(_scope: Scope, limit: int) -> Response:
     """A body over this server's limit, in camserve's error body; the client may still be sending, so the
     connection closes."""
-    error = RequestError(f"the body is over this server's limit of {limit} bytes", status=413, kind="request_too_large")
-    response = _response(Answer.refusal(error))
+    response = _response(Answer.refusal(body_too_large(limit)))
     response.headers["connection"] = "close"
     return response
 

@@ -35,6 +35,7 @@ from starlette.formparsers import MultiPartException, MultiPartParser
 from starlette.requests import Request as HTTPRequest
 from starlette.responses import Response
 
+from camserve.engines.body_limit import body_too_large, declared_too_large
 from camserve.protocol.decoding import RequestError, body_value
 from camserve.protocol.limits import TORCHSERVE_MAX_REQUEST_SIZE
 
@@ -86,14 +87,13 @@ async def read_request(request: HTTPRequest, max_body_bytes: int) -> ReadRequest
     if request.method not in ("POST", "PUT"):
         return refusal(RequestError(f"{request.method} is not allowed here; POST the image", status=405, kind="method_not_allowed"))
     headers = {key.lower(): value for key, value in request.headers.items()}
-    declared = headers.get("content-length")
-    if declared is not None and (not declared.isdigit() or int(declared) > max_body_bytes):
-        return refusal(_too_large(max_body_bytes), {"connection": "close"})
+    if declared_too_large(headers.get("content-length"), max_body_bytes):
+        return refusal(body_too_large(max_body_bytes), {"connection": "close"})
     chunks, received = [], 0
     async for chunk in request.stream():
         received += len(chunk)
         if received > max_body_bytes:
-            return refusal(_too_large(max_body_bytes), {"connection": "close"})
+            return refusal(body_too_large(max_body_bytes), {"connection": "close"})
         chunks.append(chunk)
     body = b"".join(chunks)
     if not headers.get("content-type", "").startswith("multipart/form-data"):
@@ -112,10 +112,6 @@ async def read_request(request: HTTPRequest, max_body_bytes: int) -> ReadRequest
     finally:
         await form.close()
     return ReadRequest(fields, headers)
-
-
-def _too_large(limit: int) -> RequestError:
-    return RequestError(f"the body is over this server's limit of {limit} bytes", status=413, kind="request_too_large")
 
 
 class RayMetrics:
