@@ -6,7 +6,7 @@ import json
 
 import pytest
 import requests
-from conftest import ROOT, SHAPES_MAR, default_heatmap_size, png_bytes, start_server
+from support import IMAGENET_MAR, ROOT, SHAPES_MAR, default_heatmap_size, png_bytes, start_server
 
 from camserve.protocol.responses import decode_heatmap
 from camserve_tools.data.answer_pool import photo_pool
@@ -15,7 +15,6 @@ pytestmark = pytest.mark.serving
 
 # Bytes of any default JSON answer of the pool, shapes and imagenet, 640x480 and 1280x960 (camserve_tools/bench/answer_size.py).
 ANSWER_BUDGET = 8_000
-IMAGENET_MAR = ROOT / "model_store" / "imagenet.mar"
 
 
 def test_answers_are_compact_json_bytes(predict, scenes) -> None:

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import requests
 import yaml
-from conftest import ROOT, TEST_SEED_START, default_heatmap_size, png_bytes, start_server
+from support import ROOT, TEST_SEED_START, default_heatmap_size, png_bytes, start_server
 from PIL import Image
 
 from camserve.cam import CamExtractor

@@ -7,7 +7,7 @@ import time
 
 import pytest
 import yaml
-from conftest import ROOT, start_server
+from support import ROOT, start_server
 
 from camserve_tools.archive.build import build_archive
 

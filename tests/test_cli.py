@@ -10,7 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import ROOT, SHAPES_MAR, TEST_SEED_START
+from support import ROOT, SHAPES_MAR, TEST_SEED_START
 from PIL import Image
 
 from camserve_tools.data.scene_dataset import write_scene_dataset

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 import requests
-from conftest import ROOT
+from support import ROOT
 
 from camserve_tools.container.entrypoint import CONTAINER_DEFAULTS, ConfigConflict, effective_config, read_properties
 from camserve_tools.servers.torchserve import free_port, sample_image_png

@@ -16,7 +16,7 @@ from pathlib import Path
 import grpc
 import pytest
 import yaml
-from conftest import ROOT, SHAPES_MAR, png_bytes, start_server
+from support import ROOT, SHAPES_MAR, png_bytes, start_server
 
 from camserve_tools.servers.torchserve_grpc import compile_stubs
 

@@ -14,7 +14,7 @@ from concurrent.futures import ThreadPoolExecutor
 import grpc
 import pytest
 import requests
-from conftest import ROOT, SHAPES_MAR, png_bytes, start_server
+from support import ROOT, SHAPES_MAR, png_bytes, start_server
 from kserve.protocol.grpc import grpc_predict_v2_pb2 as pb
 from kserve.protocol.grpc import grpc_predict_v2_pb2_grpc as pb_grpc
 

@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 import requests
 import yaml
-from conftest import ROOT, SHAPES_MAR, TEST_SEED_START
+from support import ROOT, SHAPES_MAR, TEST_SEED_START
 
 from camserve_tools.cli import main as camserve_main
 from camserve_tools.data.scene_dataset import write_scene_dataset

@@ -16,7 +16,7 @@ import time
 import grpc
 import pytest
 import requests
-from conftest import ROOT, SHAPES_MAR, png_bytes, start_server
+from support import ROOT, SHAPES_MAR, png_bytes, start_server
 from PIL import Image
 
 from camserve_tools.servers.torchserve_grpc import compile_stubs

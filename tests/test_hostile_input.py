@@ -7,7 +7,7 @@ import base64
 import json
 
 import pytest
-from conftest import encoded, png_bytes, png_declaring
+from support import encoded, png_bytes, png_declaring
 from PIL import Image
 
 pytestmark = pytest.mark.serving

@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import orjson
 import pytest
-from conftest import encoded, png_bytes, png_declaring
+from support import encoded, png_bytes, png_declaring
 from PIL import Image
 
 pytestmark = pytest.mark.serving

@@ -12,12 +12,11 @@ import json
 
 import pytest
 import requests
-from conftest import ROOT, start_server
+from support import IMAGENET_MAR, ROOT, require_archive, start_server
 
 from camserve_tools.data.photos import BACKGROUNDS, LABELLED, composite
 
 pytestmark = pytest.mark.serving
-IMAGENET_MAR = ROOT / "model_store" / "imagenet.mar"
 SUBJECTS = {photo.name: photo for photo in LABELLED[:2]}  # chelsea (a cat), coffee (an espresso)
 labels = [
     name
@@ -33,8 +32,7 @@ def jpeg(image) -> bytes:
 
 @pytest.fixture(scope="module")
 def imagenet(tmp_path_factory: pytest.TempPathFactory):
-    if not IMAGENET_MAR.exists():
-        pytest.fail(f"{IMAGENET_MAR} is missing: run `make model_store/imagenet.mar` (make test builds it)")
+    require_archive(IMAGENET_MAR)
     server = start_server(tmp_path_factory.mktemp("imagenet-server"), {"imagenet": IMAGENET_MAR})
     try:
         yield lambda body, headers=None: requests.post(

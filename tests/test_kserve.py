@@ -6,7 +6,7 @@ import base64
 
 import pytest
 import requests
-from conftest import ROOT, SHAPES_MAR, default_heatmap_size, png_bytes, start_server
+from support import ROOT, SHAPES_MAR, default_heatmap_size, png_bytes, start_server
 
 from camserve.protocol.responses import decode_heatmap
 

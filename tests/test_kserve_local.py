@@ -22,7 +22,7 @@ import orjson
 import psutil
 import pytest
 import requests
-from conftest import ROOT, SHAPES_MAR, default_heatmap_size, png_bytes
+from support import ROOT, SHAPES_MAR, default_heatmap_size, png_bytes
 from kserve import InferenceRESTClient, RESTConfig
 from kserve.protocol.grpc import grpc_predict_v2_pb2 as kserve_pb
 from kserve.protocol.grpc import grpc_predict_v2_pb2_grpc as kserve_grpc

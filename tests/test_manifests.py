@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import ROOT
+from support import ROOT
 
 from camserve_tools.deploy.manifests import KSERVE_CRDS, check_against_crd, check_document, check_tree
 from camserve_tools.kserve.bundle import read_properties

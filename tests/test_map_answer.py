@@ -26,7 +26,7 @@ import pytest
 import requests
 import responses_before_sized_heatmaps as before
 import torch
-from conftest import ROOT, SHAPES_MAR, TEST_SEED_START, default_heatmap_size, encoded, png_bytes, start_server
+from support import ROOT, SHAPES_MAR, TEST_SEED_START, default_heatmap_size, encoded, png_bytes, start_server
 from PIL import Image
 
 from camserve.cam.localization import peak_and_box

@@ -20,7 +20,7 @@ import numpy as np
 import pytest
 import requests
 import torch
-from conftest import ROOT, png_bytes, start_server
+from support import ROOT, png_bytes, start_server
 from pytorch_grad_cam import GradCAM
 from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
 from torch import nn

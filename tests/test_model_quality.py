@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import ROOT, TEST_SEED_START
+from support import ROOT, TEST_SEED_START
 from scipy.stats import spearmanr
 
 from camserve.cam import METHODS, CamExtractor

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import ROOT, default_heatmap_size, png_bytes
+from support import ROOT, default_heatmap_size, png_bytes
 from PIL import Image
 
 from camserve.models.shapes_net import ShapesNet

@@ -6,7 +6,7 @@ import json
 
 import pytest
 import requests
-from conftest import ROOT, SHAPES_MAR, png_bytes, start_server
+from support import ROOT, SHAPES_MAR, png_bytes, start_server
 
 pytestmark = [pytest.mark.slow, pytest.mark.serving]
 

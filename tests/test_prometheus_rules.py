@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import ROOT
+from support import ROOT
 
 RULE = ROOT / "deploy" / "kubernetes" / "prometheusrule.yaml"
 RULE_TESTS = ROOT / "tests" / "prometheus" / "camserve-rules.test.yaml"

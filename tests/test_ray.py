@@ -21,7 +21,7 @@ from pathlib import Path
 import psutil
 import pytest
 import requests
-from conftest import ROOT, SHAPES_MAR, png_bytes, start_ray_engine
+from support import IMAGENET_MAR, ROOT, SHAPES_MAR, png_bytes, require_archive, start_ray_engine
 
 from camserve_tools.data.photos import LABELLED
 from camserve_tools.servers.ray_cluster import RayCluster, processes_marked
@@ -29,7 +29,6 @@ from camserve_tools.servers.ray_cluster import RayCluster, processes_marked
 pytest.importorskip("ray", reason="Ray is not installed: pip install 'ray[serve]==2.60.0' (pinned in pyproject.toml)")
 pytestmark = [pytest.mark.slow, pytest.mark.serving]
 
-IMAGENET_MAR = ROOT / "model_store" / "imagenet.mar"
 NODES = {"head", "worker-1"}
 # shapes scales between two and three replicas on little load, quickly; imagenet keeps two.
 AUTOSCALING = {"min_replicas": 2, "max_replicas": 3, "target_ongoing_requests": 2, "upscale_delay_s": 1, "downscale_delay_s": 4}
@@ -45,8 +44,7 @@ LOOPBACK = {"127.0.0.1", "::1", "::ffff:127.0.0.1"}
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory: pytest.TempPathFactory):
     for archive in (SHAPES_MAR, IMAGENET_MAR):
-        if not archive.exists():
-            pytest.fail(f"{archive} is missing: make test builds it")
+        require_archive(archive)
     cluster = start_ray_engine(
         tmp_path_factory.mktemp("ray-cluster"),
         {"shapes": SHAPES_MAR, "imagenet": IMAGENET_MAR},

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import ROOT
+from support import ROOT
 
 from camserve_tools.deploy.manifests import KUBERAY_CRDS, check_against_crd, check_document, check_serve_config
 from camserve_tools.servers.ray_cluster import RayCluster

@@ -7,7 +7,7 @@ import io
 
 import pytest
 import requests
-from conftest import default_heatmap_size, png_bytes
+from support import default_heatmap_size, png_bytes
 from PIL import Image
 
 from camserve.protocol.responses import decode_heatmap

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 import requests
-from conftest import ROOT, png_bytes, start_server
+from support import ROOT, png_bytes, start_server
 from PIL import Image
 
 from camserve_tools.data.scenes import make_scene

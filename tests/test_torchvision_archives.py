@@ -14,7 +14,7 @@ import sys
 import pytest
 import requests
 import torch
-from conftest import ROOT, default_heatmap_size, png_bytes, start_server
+from support import ROOT, default_heatmap_size, png_bytes, start_server
 from torchvision import models
 
 from camserve.protocol.responses import decode_heatmap
