@@ -9,6 +9,8 @@ from __future__ import annotations
 import io
 import shutil
 import struct
+import subprocess
+import sys
 import zlib
 from pathlib import Path
 
@@ -23,8 +25,16 @@ ROOT = Path(__file__).resolve().parent.parent
 SHAPES_MAR = ROOT / "model_store" / "shapes.mar"
 IMAGENET_MAR = ROOT / "model_store" / "imagenet.mar"
 DEV_CONFIG = ROOT / "config" / "dev.properties"
+VENV_PYTHON = ROOT / ".venv" / "bin" / "python"
 # Tests use their own seed range, after the evaluation script's, so no figure is tuned on a test scene.
 TEST_SEED_START = EVAL_SEED_START + 5_000_000
+
+
+def run_camserve(*args: str | Path, timeout: float = 300) -> subprocess.CompletedProcess:
+    """The `camserve` command as a pipeline runs it: a subprocess from the repository root (the checkout's .venv
+    where there is one), its output captured as text; `timeout` only stops a hang."""
+    python = str(VENV_PYTHON) if VENV_PYTHON.exists() else sys.executable
+    return subprocess.run([python, "-m", "camserve_tools.cli", *map(str, args)], cwd=ROOT, capture_output=True, text=True, timeout=timeout)
 
 
 def encoded(image, fmt: str, **save) -> bytes:

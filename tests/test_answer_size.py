@@ -6,12 +6,12 @@ import json
 
 import pytest
 import requests
-from support import IMAGENET_MAR, ROOT, SHAPES_MAR, default_heatmap_size, png_bytes, start_server
+from support import IMAGENET_MAR, SHAPES_MAR, default_heatmap_size, png_bytes, start_server
 
 from camserve.protocol.responses import decode_heatmap
 from camserve_tools.data.answer_pool import photo_pool
 
-pytestmark = pytest.mark.serving
+pytestmark = pytest.mark.server
 
 # Bytes of any default JSON answer of the pool, shapes and imagenet, 640x480 and 1280x960 (camserve_tools/bench/answer_size.py).
 ANSWER_BUDGET = 8_000

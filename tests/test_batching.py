@@ -14,8 +14,8 @@ from pathlib import Path
 import pytest
 import requests
 import yaml
-from support import ROOT, TEST_SEED_START, default_heatmap_size, png_bytes, start_server
 from PIL import Image
+from support import ROOT, TEST_SEED_START, default_heatmap_size, png_bytes, start_server
 
 from camserve.cam import CamExtractor
 from camserve.cam.localization import peak, upsample_map
@@ -25,7 +25,7 @@ from camserve.protocol.responses import decode_heatmap
 from camserve_tools.archive.build import build_archive
 from camserve_tools.data.scenes import Scene, make_scene
 
-pytestmark = [pytest.mark.slow, pytest.mark.serving]
+pytestmark = pytest.mark.server
 
 # (headers, what the answer must be): cycled over the scenes
 VARIANTS = [

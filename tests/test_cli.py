@@ -5,24 +5,17 @@ from __future__ import annotations
 import json
 import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
-from support import ROOT, SHAPES_MAR, TEST_SEED_START
 from PIL import Image
+from support import ROOT, SHAPES_MAR, TEST_SEED_START, run_camserve
 
 from camserve_tools.data.scene_dataset import write_scene_dataset
 from camserve_tools.data.scenes import CLASSES
 
-PYTHON = ROOT / ".venv" / "bin" / "python"
 METRIC_KEYS = ("top1", "pointing_game", "iou50", "deletion_auc", "insertion_auc", "randomization_spearman")
-
-
-def camserve(*args: str | Path, timeout: float = 240) -> subprocess.CompletedProcess:
-    python = str(PYTHON) if PYTHON.exists() else sys.executable
-    return subprocess.run([python, "-m", "camserve_tools.cli", *map(str, args)], cwd=ROOT, capture_output=True, text=True, timeout=timeout)
 
 
 def json_lines(path: Path) -> list[dict]:
@@ -51,9 +44,10 @@ def scene_folder(dataset: Path, tmp_path: Path) -> Path:
     return folder
 
 
+@pytest.mark.server
 def test_explain_writes_a_line_per_image_an_error_line_for_a_bad_file_and_resumes(scene_folder: Path) -> None:
     out = scene_folder / "explained"  # inside the input folder: its maps must never become inputs
-    first = camserve("explain", SHAPES_MAR, scene_folder, "--out", out, "--batch-size", "4", "--json")
+    first = run_camserve("explain", SHAPES_MAR, scene_folder, "--out", out, "--batch-size", "4", "--json")
     assert first.returncode == 1, first.stderr  # one image failed
     report = json.loads(first.stdout)
     assert (report["inputs"], report["explained"], report["skipped"], report["failed"]) == (9, 9, 0, 1)
@@ -76,7 +70,7 @@ def test_explain_writes_a_line_per_image_an_error_line_for_a_bad_file_and_resume
     journal = out / "explanations.jsonl"
     text = journal.read_text().splitlines(keepends=True)
     journal.write_text("".join(text[:5]) + text[5][:40])
-    second = camserve("explain", SHAPES_MAR, scene_folder, "--out", out, "--json", "--quiet")
+    second = run_camserve("explain", SHAPES_MAR, scene_folder, "--out", out, "--json", "--quiet")
     assert second.returncode == 1, second.stderr  # the bad file is still failed
     report = json.loads(second.stdout)
     assert (report["skipped"], report["explained"], report["failed"]) == (5, 4, 1)
@@ -89,7 +83,7 @@ def test_explain_overlays_from_a_list_file_and_a_model_directory(dataset: Path, 
     listing = tmp_path / "list.txt"
     listing.write_text("# two scenes\n" + "\n".join(str(path) for path in images) + "\n")
     out = tmp_path / "out"
-    result = camserve("explain", ROOT / "models" / "shapes", listing, "--out", out, "--output", "overlay", "--method", "cam")
+    result = run_camserve("explain", ROOT / "models" / "shapes", listing, "--out", out, "--output", "overlay", "--method", "cam")
     assert result.returncode == 0, result.stderr
     assert "explained" in result.stdout  # the table for people
     lines = json_lines(out / "explanations.jsonl")
@@ -100,10 +94,11 @@ def test_explain_overlays_from_a_list_file_and_a_model_directory(dataset: Path, 
             assert overlay.size == image.size and overlay.mode == "RGB"
 
 
+@pytest.mark.server
 def test_usage_errors_exit_2_before_any_work(tmp_path: Path, dataset: Path) -> None:
-    missing = camserve("explain", SHAPES_MAR, tmp_path / "nothing-here.png", "--out", tmp_path / "out")
+    missing = run_camserve("explain", SHAPES_MAR, tmp_path / "nothing-here.png", "--out", tmp_path / "out")
     assert missing.returncode == 2 and "no such image" in missing.stderr
-    unknown = camserve(
+    unknown = run_camserve(
         "evaluate", SHAPES_MAR, dataset / "images", "--boxes", dataset / "coco.json", "--out", tmp_path / "eval", "--min", "accuracy=0.9"
     )
     assert unknown.returncode == 2 and "unknown key 'accuracy'" in unknown.stderr
@@ -113,7 +108,7 @@ def test_usage_errors_exit_2_before_any_work(tmp_path: Path, dataset: Path) -> N
 @pytest.fixture(scope="module")
 def coco_metrics(dataset: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[subprocess.CompletedProcess, Path]:
     out = tmp_path_factory.mktemp("evaluate-coco")
-    result = camserve(
+    result = run_camserve(
         "evaluate",
         SHAPES_MAR,
         dataset / "images",
@@ -134,6 +129,7 @@ def coco_metrics(dataset: Path, tmp_path_factory: pytest.TempPathFactory) -> tup
     return result, out
 
 
+@pytest.mark.server
 def test_evaluate_with_coco_boxes_writes_plausible_metrics(coco_metrics) -> None:
     result, out = coco_metrics
     assert result.returncode == 0, result.stderr
@@ -151,9 +147,10 @@ def test_evaluate_with_coco_boxes_writes_plausible_metrics(coco_metrics) -> None
     assert len(list((out / "worst").glob("*.png"))) == 3
 
 
+@pytest.mark.server
 def test_evaluate_with_voc_boxes_agrees_and_a_breached_threshold_exits_1(coco_metrics, dataset: Path, tmp_path: Path) -> None:
     out = tmp_path / "voc"
-    result = camserve(
+    result = run_camserve(
         "evaluate",
         SHAPES_MAR,
         dataset / "images",
@@ -180,10 +177,10 @@ def test_evaluate_with_voc_boxes_agrees_and_a_breached_threshold_exits_1(coco_me
     assert voc["passed"] is False and voc["thresholds"][0]["passed"] is False
 
 
-@pytest.mark.serving
+@pytest.mark.server
 @pytest.mark.parametrize("engine", ["torchserve", "kserve"])
 def test_smoke_passes_the_real_archive(engine: str) -> None:
-    result = camserve("smoke", SHAPES_MAR, "--engine", engine, "--json", "--quiet")
+    result = run_camserve("smoke", SHAPES_MAR, "--engine", engine, "--json", "--quiet")
     assert result.returncode == 0, result.stdout + result.stderr
     report = json.loads(result.stdout)
     assert report["ok"] and report["model"] == "shapes" and report["stage"] == "done" and report["engine"] == engine
@@ -191,11 +188,11 @@ def test_smoke_passes_the_real_archive(engine: str) -> None:
     assert report["probes"][-1]["status"] == 400  # the body that is not an image
 
 
-@pytest.mark.serving
+@pytest.mark.server
 def test_smoke_fails_a_truncated_archive_cleanly(tmp_path: Path) -> None:
     truncated = tmp_path / "shapes.mar"
     truncated.write_bytes(SHAPES_MAR.read_bytes()[: SHAPES_MAR.stat().st_size // 2])
-    result = camserve("smoke", truncated, "--json", "--quiet")
+    result = run_camserve("smoke", truncated, "--json", "--quiet")
     assert result.returncode == 1
     report = json.loads(result.stdout)
     assert not report["ok"] and report["stage"] == "inspect" and "truncated" in report["error"]

@@ -20,7 +20,7 @@ from support import ROOT, SHAPES_MAR, png_bytes, start_server
 
 from camserve_tools.servers.torchserve_grpc import compile_stubs
 
-pytestmark = [pytest.mark.serving]
+pytestmark = pytest.mark.server
 
 CONFIG_MAP = next(doc for doc in yaml.safe_load_all((ROOT / "deploy" / "kubernetes" / "configmap.yaml").read_text()) if doc)
 

@@ -14,11 +14,11 @@ from concurrent.futures import ThreadPoolExecutor
 import grpc
 import pytest
 import requests
-from support import ROOT, SHAPES_MAR, png_bytes, start_server
 from kserve.protocol.grpc import grpc_predict_v2_pb2 as pb
 from kserve.protocol.grpc import grpc_predict_v2_pb2_grpc as pb_grpc
+from support import ROOT, SHAPES_MAR, png_bytes, start_server
 
-pytestmark = [pytest.mark.slow, pytest.mark.serving]
+pytestmark = pytest.mark.server
 
 
 @pytest.fixture(scope="module", params=["kserve", "kserve-v2"])

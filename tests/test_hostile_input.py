@@ -7,10 +7,10 @@ import base64
 import json
 
 import pytest
-from support import encoded, png_bytes, png_declaring
 from PIL import Image
+from support import encoded, png_bytes, png_declaring
 
-pytestmark = pytest.mark.serving
+pytestmark = pytest.mark.server
 
 
 def corrupt_png_chunk(image: Image.Image) -> bytes:

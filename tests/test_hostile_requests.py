@@ -12,10 +12,10 @@ from pathlib import Path
 import numpy as np
 import orjson
 import pytest
-from support import encoded, png_bytes, png_declaring
 from PIL import Image
+from support import encoded, png_bytes, png_declaring
 
-pytestmark = pytest.mark.serving
+pytestmark = pytest.mark.server
 
 PEAK_RSS_BOUND_MB = 2048  # documented in docs/endurance.md
 

@@ -16,7 +16,7 @@ from support import IMAGENET_MAR, ROOT, require_archive, start_server
 
 from camserve_tools.data.photos import BACKGROUNDS, LABELLED, composite
 
-pytestmark = pytest.mark.serving
+pytestmark = pytest.mark.server
 SUBJECTS = {photo.name: photo for photo in LABELLED[:2]}  # chelsea (a cat), coffee (an espresso)
 labels = [
     name

@@ -10,7 +10,7 @@ from support import ROOT, SHAPES_MAR, default_heatmap_size, png_bytes, start_ser
 
 from camserve.protocol.responses import decode_heatmap
 
-pytestmark = [pytest.mark.slow, pytest.mark.serving]
+pytestmark = pytest.mark.server
 
 
 @pytest.fixture(scope="module", params=["kserve", "kserve-v2"])

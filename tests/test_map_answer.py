@@ -16,8 +16,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import subprocess
-import sys
 import textwrap
 from pathlib import Path
 
@@ -26,8 +24,8 @@ import pytest
 import requests
 import responses_before_sized_heatmaps as before
 import torch
-from support import ROOT, SHAPES_MAR, TEST_SEED_START, default_heatmap_size, encoded, png_bytes, start_server
 from PIL import Image
+from support import ROOT, SHAPES_MAR, TEST_SEED_START, default_heatmap_size, encoded, png_bytes, run_camserve, start_server
 
 from camserve.cam.localization import peak_and_box
 from camserve.protocol.options import OptionRules, parse_options
@@ -130,7 +128,7 @@ def known_map(tmp_path_factory: pytest.TempPathFactory):
 # -- through TorchServe: the known map ---------------------------------------------------------------------------
 
 
-@pytest.mark.serving
+@pytest.mark.server
 def test_the_known_map_model_serves_exactly_the_known_grid(known_map) -> None:
     body, content_type = image_of_size((300, 200))
     answer = known_map(body, content_type, {"X-CAM-Output": "grid"}).json()
@@ -138,7 +136,7 @@ def test_the_known_map_model_serves_exactly_the_known_grid(known_map) -> None:
     assert answer["cam"]["grid"] == GRID.tolist() and "empty" not in answer["cam"]
 
 
-@pytest.mark.serving
+@pytest.mark.server
 @pytest.mark.parametrize("size", SERVED_SIZES, ids=[f"{w}x{h}" for w, h in SERVED_SIZES])
 def test_original_is_byte_for_byte_the_answer_from_before(known_map, size: tuple[int, int]) -> None:
     body, content_type = image_of_size(size)
@@ -150,7 +148,7 @@ def test_original_is_byte_for_byte_the_answer_from_before(known_map, size: tuple
     assert response.content == before.json_bytes(expected)
 
 
-@pytest.mark.serving
+@pytest.mark.server
 @pytest.mark.parametrize("size", SERVED_SIZES, ids=[f"{w}x{h}" for w, h in SERVED_SIZES])
 def test_the_default_map_is_sized_by_the_model_input_and_keeps_box_and_peak(known_map, size: tuple[int, int]) -> None:
     body, content_type = image_of_size(size)
@@ -165,7 +163,7 @@ def test_the_default_map_is_sized_by_the_model_input_and_keeps_box_and_peak(know
     assert default["size"] == list(size) and default["bbox"] is not None  # the pattern's large blob, in image pixels
 
 
-@pytest.mark.serving
+@pytest.mark.server
 def test_an_all_zero_map_through_torchserve_has_no_box_and_no_peak(known_map) -> None:
     body, content_type = image_of_size((640, 480))
     for headers in ({}, {"X-CAM-Heatmap-Size": "original"}):
@@ -184,7 +182,7 @@ def test_an_all_zero_map_through_torchserve_has_no_box_and_no_peak(known_map) ->
 # -- through TorchServe: the default model ---------------------------------------------------------------------
 
 
-@pytest.mark.serving
+@pytest.mark.server
 @pytest.mark.parametrize("size", SERVED_SIZES, ids=[f"{w}x{h}" for w, h in SERVED_SIZES])
 def test_default_model_heat_map_size(predict, scenes, size: tuple[int, int]) -> None:
     image = scenes[5].image.resize(size, Image.Resampling.BILINEAR)
@@ -198,7 +196,7 @@ def test_default_model_heat_map_size(predict, scenes, size: tuple[int, int]) -> 
     assert (default["bbox"], default["peak"], default.get("empty")) == (original["bbox"], original["peak"], original.get("empty"))
 
 
-@pytest.mark.serving
+@pytest.mark.server
 def test_default_model_on_a_photograph_without_a_shape_answers_an_empty_map(predict) -> None:
     """The shapes model sees no shape in a photograph: its Grad-CAM map is all zero, and the answer says so."""
     import skimage.data
@@ -302,12 +300,6 @@ def test_the_frozen_reference_is_the_code_from_before() -> None:
 # -- the command: explain's journal and evaluate's figures ------------------------------------------------------
 
 
-def camserve(*args: str | Path) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "camserve_tools.cli", *map(str, args)], cwd=ROOT, capture_output=True, text=True, timeout=600
-    )
-
-
 @pytest.fixture(scope="module")
 def shapeless_photos(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A photograph without a shape and two flat images (the default model's maps of their top-1 class are empty;
@@ -338,8 +330,9 @@ def shapeless_photos(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return root
 
 
+@pytest.mark.server
 def test_explain_journals_an_empty_map_as_the_endpoint_answers_it(shapeless_photos: Path, tmp_path: Path) -> None:
-    result = camserve("explain", SHAPES_MAR, shapeless_photos / "images", "--out", tmp_path / "out", "--json")
+    result = run_camserve("explain", SHAPES_MAR, shapeless_photos / "images", "--out", tmp_path / "out", "--json")
     assert result.returncode == 0, result.stderr
     lines = {Path(line["path"]).name: line for line in map(json.loads, (tmp_path / "out" / "explanations.jsonl").read_text().splitlines())}
     for name in ("coffee.png", "flat.png", "blue.png"):
@@ -349,10 +342,11 @@ def test_explain_journals_an_empty_map_as_the_endpoint_answers_it(shapeless_phot
     assert "empty" not in lines["scene.png"]["answer"]["cam"] and lines["scene.png"]["answer"]["cam"]["bbox"] is not None
 
 
+@pytest.mark.server
 def test_evaluate_counts_empty_maps_as_misses(shapeless_photos: Path, tmp_path: Path) -> None:
     out = tmp_path / "evaluate"
     boxes = shapeless_photos / "coco.json"
-    result = camserve(
+    result = run_camserve(
         "evaluate", SHAPES_MAR, shapeless_photos / "images", "--boxes", boxes, "--out", out, "--steps", "4", "--no-sanity", "--json"
     )
     assert result.returncode == 0, result.stderr

@@ -20,9 +20,9 @@ import numpy as np
 import pytest
 import requests
 import torch
-from support import ROOT, png_bytes, start_server
 from pytorch_grad_cam import GradCAM
 from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
+from support import ROOT, png_bytes, start_server
 from torch import nn
 
 from camserve.cam import CamExtractor
@@ -164,7 +164,7 @@ def reference_gradcam(model: nn.Module, layer: str, inputs: torch.Tensor, target
     return reference(input_tensor=inputs, targets=[ClassifierOutputTarget(target)])[0]
 
 
-@pytest.mark.serving
+@pytest.mark.server
 @pytest.mark.parametrize("name", ["modelfile", "timm", "exported"])
 def test_served_map_equals_pytorch_grad_cam_on_the_original_module(forms, scenes, name: str) -> None:
     originals, server = forms
@@ -186,7 +186,7 @@ def test_served_map_equals_pytorch_grad_cam_on_the_original_module(forms, scenes
     np.testing.assert_allclose(served, theirs, atol=1e-4)
 
 
-@pytest.mark.serving
+@pytest.mark.server
 def test_exported_program_keeps_the_closed_form_cam_head(forms, scenes) -> None:
     """`cam` needs the GAP + Linear head found in the unflattened program, where the Linear is no nn.Linear."""
     _, server = forms
@@ -342,6 +342,7 @@ def run_build_archive(*arguments: str, store: Path) -> subprocess.CompletedProce
     )
 
 
+@pytest.mark.server
 @pytest.mark.parametrize(
     ("arguments", "message"),
     [

@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from support import ROOT, default_heatmap_size, png_bytes
 from PIL import Image
+from support import ROOT, default_heatmap_size, png_bytes
 
 from camserve.models.shapes_net import ShapesNet
 from camserve.pipeline import Answer, CamPipeline, Row

@@ -8,7 +8,7 @@ import pytest
 import requests
 from support import ROOT, SHAPES_MAR, png_bytes, start_server
 
-pytestmark = [pytest.mark.slow, pytest.mark.serving]
+pytestmark = pytest.mark.server
 
 
 @pytest.fixture(scope="module")

@@ -21,13 +21,13 @@ from pathlib import Path
 import psutil
 import pytest
 import requests
-from support import IMAGENET_MAR, ROOT, SHAPES_MAR, png_bytes, require_archive, start_ray_engine
+from support import IMAGENET_MAR, SHAPES_MAR, png_bytes, require_archive, start_ray_engine
 
 from camserve_tools.data.photos import LABELLED
 from camserve_tools.servers.ray_cluster import RayCluster, processes_marked
 
 pytest.importorskip("ray", reason="Ray is not installed: pip install 'ray[serve]==2.60.0' (pinned in pyproject.toml)")
-pytestmark = [pytest.mark.slow, pytest.mark.serving]
+pytestmark = pytest.mark.server
 
 NODES = {"head", "worker-1"}
 # shapes scales between two and three replicas on little load, quickly; imagenet keeps two.

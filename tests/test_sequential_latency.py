@@ -26,7 +26,8 @@ from camserve_tools.bench.sequential_latency import (
 )
 
 
-@pytest.mark.serving
+@pytest.mark.server
+@pytest.mark.benchmark
 def test_every_method_is_measured_on_every_photo_at_both_sizes(shapes_server) -> None:
     names = PHOTOS[:2]
     cells = [

@@ -7,12 +7,12 @@ import io
 
 import pytest
 import requests
-from support import default_heatmap_size, png_bytes
 from PIL import Image
+from support import default_heatmap_size, png_bytes
 
 from camserve.protocol.responses import decode_heatmap
 
-pytestmark = pytest.mark.serving
+pytestmark = pytest.mark.server
 
 
 def test_prediction_with_map_points_at_the_object(predict, scenes) -> None:

@@ -17,16 +17,16 @@ from pathlib import Path
 
 import pytest
 import requests
-from support import ROOT, png_bytes, start_server
 from PIL import Image
+from support import ROOT, png_bytes, start_server
 
 from camserve_tools.data.scenes import make_scene
 
 VARIANTS = ("built-in plain", "none", "gradcam", "built-in IG", "pytorch-grad-cam")
 
 
-@pytest.mark.slow
-@pytest.mark.serving
+@pytest.mark.server
+@pytest.mark.benchmark
 def test_benchmark_serves_every_variant_and_writes_its_report(tmp_path: Path) -> None:
     command = [
         sys.executable,
@@ -83,7 +83,7 @@ def test_benchmark_serves_every_variant_and_writes_its_report(tmp_path: Path) ->
         assert (tmp_path / "docs" / plot).read_bytes().startswith(b"\x89PNG")
 
 
-@pytest.mark.serving
+@pytest.mark.server
 def test_pytorch_grad_cam_peer_answers_each_request_of_a_batch_with_a_heat_map_of_its_image_size(tmp_path: Path) -> None:
     """The peer variant's archive, as the benchmark builds it, through a real TorchServe: two images of different
     sizes sent at once (batch size 2, so that they can share a batch), each answered with its label and a PNG of

@@ -19,7 +19,7 @@ from torchvision import models
 
 from camserve.protocol.responses import decode_heatmap
 
-pytestmark = [pytest.mark.slow, pytest.mark.serving]
+pytestmark = pytest.mark.server
 
 # builder -> (expected default layer, whether `cam` applies)
 ARCHIVED = {
