@@ -66,7 +66,8 @@ def test_smoke_refuses_a_member_that_climbs_out_and_a_zip_bomb(tmp_path: Path, c
     climbing = copy_with_members(SHAPES_MAR, tmp_path / "climbing.mar", {"../../outside.txt": b"x"})
     assert camserve_main(["smoke", str(climbing), "--json", "--quiet"]) == 1
     report = json.loads(capsys.readouterr().out)
-    assert report["stage"] == "inspect" and "points outside the archive" in report["error"]
+    assert report["stage"] == "inspect"
+    assert "points outside the archive" in report["error"]
 
     # 64 MiB of zeros in 64 KiB of archive; the bound lowered so that the test need not write gigabytes.
     monkeypatch.setattr(smoke, "MAX_UNPACKED_BYTES", 32 * 1024**2)
@@ -74,7 +75,8 @@ def test_smoke_refuses_a_member_that_climbs_out_and_a_zip_bomb(tmp_path: Path, c
     assert bomb.stat().st_size < SHAPES_MAR.stat().st_size + 1024**2
     assert camserve_main(["smoke", str(bomb), "--json", "--quiet"]) == 1
     report = json.loads(capsys.readouterr().out)
-    assert report["stage"] == "inspect" and "unpacks to" in report["error"]
+    assert report["stage"] == "inspect"
+    assert "unpacks to" in report["error"]
 
 
 @pytest.mark.server
@@ -115,20 +117,23 @@ def test_a_server_starts_and_answers_from_a_run_dir_too_deep_for_a_unix_socket(t
     try:
         server.start(timeout=180)
         socket_dir = server.socket_dir
-        assert socket_dir is not None and len(str(socket_dir / ".ts.sock.65535")) <= UNIX_SOCKET_PATH_MAX
+        assert socket_dir is not None
+        assert len(str(socket_dir / ".ts.sock.65535")) <= UNIX_SOCKET_PATH_MAX
         assert any((deep / "tmp").glob(".ts.sock.*"))  # the sockets themselves live in the run dir
         response = requests.post(f"{server.inference_url}/predictions/shapes", data=sample_image_png(), timeout=60)
-        assert response.status_code == 200 and response.json()["predictions"][0]["label"]
+        assert response.status_code == 200
+        assert response.json()["predictions"][0]["label"]
     finally:
         server.stop()
-    assert not socket_dir.parent.exists() and server.socket_dir is None  # the short path is removed on stop
+    assert not socket_dir.parent.exists()
+    assert server.socket_dir is None
 
 
 # -- archive: normalisation, input size, the real preprocessing, make variables ------------------------------------
 
 
 @pytest.mark.parametrize(
-    "option, value, message",
+    ("option", "value", "message"),
     [
         ("--std", "0,0,0", "above 0"),
         ("--std", "nan,0.2,0.2", "finite"),
@@ -143,7 +148,8 @@ def test_archive_refuses_normalisation_and_input_sizes_that_cannot_serve(
     weights = tmp_path / "weights.pt"  # never read: the option is refused first
     weights.write_bytes(b"")
     code = camserve_main(["archive", "--model", "resnet18", "--weights", str(weights), option, value, "--export-path", str(tmp_path)])
-    assert code == 2 and message in capsys.readouterr().err
+    assert code == 2
+    assert message in capsys.readouterr().err
     assert not list(tmp_path.glob("*.mar"))
 
 
@@ -170,11 +176,16 @@ def test_archive_probe_sends_real_pictures_through_the_served_preprocessing() ->
 
     spec = ModelSpec.from_model_dir(ROOT / "models" / "shapes")
     batch = model_inputs(spec, 2)
-    assert batch.shape == (2, 3, *spec.input_size) and torch.isfinite(batch).all()
+    assert batch.shape == (2, 3, *spec.input_size)
+    assert torch.isfinite(batch).all()
     # Pictures normalised with the archive's own mean and std: values an image, not torch.randn, would have.
-    low, high = [(0 - m) / s for m, s in zip(spec.mean, spec.std)], [(1 - m) / s for m, s in zip(spec.mean, spec.std)]
+    low, high = (
+        [(0 - m) / s for m, s in zip(spec.mean, spec.std, strict=True)],
+        [(1 - m) / s for m, s in zip(spec.mean, spec.std, strict=True)],
+    )
     for channel in range(3):
-        assert low[channel] - 1e-4 <= batch[:, channel].min() and batch[:, channel].max() <= high[channel] + 1e-4
+        assert low[channel] - 1e-4 <= batch[:, channel].min()
+        assert batch[:, channel].max() <= high[channel] + 1e-4
 
 
 def make_checkout(tmp_path: Path) -> Path:

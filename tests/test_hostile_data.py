@@ -73,21 +73,27 @@ def test_evaluate_writes_metrics_whatever_the_annotations_hold(dataset: Path, tm
     options = ("--steps", "2", "--no-sanity", "--json", "--quiet")
     result = run_camserve("evaluate", model, dataset / "images", "--boxes", boxes, "--out", out, *options)
     assert result.returncode == 0, result.stderr
-    assert "Traceback" not in result.stderr and "data errors" in result.stderr
+    assert "Traceback" not in result.stderr
+    assert "data errors" in result.stderr
     metrics = json.loads((out / "metrics.json").read_text())
     problems = {error["where"]: error["problem"] for error in metrics["data_errors"]}
     assert metrics["data_error_count"] == len(problems) == 10, problems
-    assert any("width 0" in p for p in problems.values()) and any("height -5" in p for p in problems.values())
+    assert any("width 0" in p for p in problems.values())
+    assert any("height -5" in p for p in problems.values())
     assert any("not four finite numbers" in p for p in problems.values())
-    assert any("names no image" in p for p in problems.values()) and any("names no category" in p for p in problems.values())
-    assert any("climbs out of DATA" in p for p in problems.values()) and any("is absolute" in p for p in problems.values())
+    assert any("names no image" in p for p in problems.values())
+    assert any("names no category" in p for p in problems.values())
+    assert any("climbs out of DATA" in p for p in problems.values())
+    assert any("is absolute" in p for p in problems.values())
     assert any("file_name" in p for p in problems.values())
     # Only the four images inside DATA were read and scored.
-    assert metrics["images"] == 4 and not metrics["failed_images"]
+    assert metrics["images"] == 4
+    assert not metrics["failed_images"]
     assert all(Path(entry["image"]).parent == dataset / "images" for entry in metrics["worst"])
     # worst/ is this run's, whole: the class with a '/' makes a plain file name, and the last run's file is gone.
     worst = sorted(path.name for path in (out / "worst").iterdir())
-    assert len(worst) == len(metrics["worst"]) > 0 and "from-the-last-run.png" not in worst
+    assert len(worst) == len(metrics["worst"]) > 0
+    assert "from-the-last-run.png" not in worst
     assert any("T-shirt_top" in name for name in worst), worst
     assert all(entry["file"] for entry in metrics["worst"])
     assert not [path for path in out.iterdir() if path.name.startswith(".")]  # no staging left behind
@@ -108,8 +114,11 @@ def test_voc_boxes_without_area_or_bndbox_are_named_data_errors(dataset: Path, t
     files[2].write_text(files[2].read_text().replace("<filename>", "<filename>../../").replace("<ymax>", "<ymax>x"))
     annotated = read_annotations(voc, dataset / "images", list(CLASSES))
     problems = [f"{error.where}: {error.problem}" for error in annotated.data_errors]
-    assert len(problems) == 4 and len(annotated.images) == 1, problems
-    assert "no area" in problems[0] and "no <bndbox>" in problems[1] and "could not convert" in problems[2]
+    assert len(problems) == 4, problems
+    assert len(annotated.images) == 1, problems
+    assert "no area" in problems[0]
+    assert "no <bndbox>" in problems[1]
+    assert "could not convert" in problems[2]
     assert "climbs out of DATA" in problems[3]
 
 
@@ -124,7 +133,8 @@ def test_evaluate_refuses_a_coco_file_nested_beyond_recursion_and_an_out_that_is
     a_file = tmp_path / "a-file"
     a_file.write_text("keep me")
     assert camserve_main([*args, "--boxes", str(dataset / "coco.json"), "--out", str(a_file)]) == 2
-    assert "is a file, not a folder" in capsys.readouterr().err and a_file.read_text() == "keep me"
+    assert "is a file, not a folder" in capsys.readouterr().err
+    assert a_file.read_text() == "keep me"
 
 
 def test_evaluate_keeps_the_last_worst_folder_until_the_new_one_is_whole(tmp_path: Path, monkeypatch) -> None:
@@ -165,9 +175,12 @@ def test_explain_refuses_devices_fifos_and_oversized_files_without_reading_them(
     report = json.loads(result.stdout)
     assert (report["inputs"], report["failed"]) == (4, 3)
     lines = {Path(line["path"]).name: line for line in map(json.loads, (out / "explanations.jsonl").read_text().splitlines())}
-    assert lines["zero"]["status"] == 400 and "character device" in lines["zero"]["answer"]["message"]
-    assert lines["pipe.png"]["status"] == 400 and "FIFO" in lines["pipe.png"]["answer"]["message"]
-    assert lines["huge.png"]["status"] == 413 and lines["huge.png"]["answer"]["type"] == "file_too_large"
+    assert lines["zero"]["status"] == 400
+    assert "character device" in lines["zero"]["answer"]["message"]
+    assert lines["pipe.png"]["status"] == 400
+    assert "FIFO" in lines["pipe.png"]["answer"]["message"]
+    assert lines["huge.png"]["status"] == 413
+    assert lines["huge.png"]["answer"]["type"] == "file_too_large"
     assert lines[image.name]["status"] == 200
 
 
@@ -178,7 +191,8 @@ def test_explain_out_that_is_a_file_or_leads_to_an_input_folder_is_a_usage_error
     a_file = tmp_path / "a-file"
     a_file.write_text("keep me")
     assert camserve_main(["explain", str(SHAPES_MAR), str(images), "--out", str(a_file)]) == 2
-    assert "is a file, not a folder" in capsys.readouterr().err and a_file.read_text() == "keep me"
+    assert "is a file, not a folder" in capsys.readouterr().err
+    assert a_file.read_text() == "keep me"
     link = tmp_path / "out-link"
     link.symlink_to(images)
     assert camserve_main(["explain", str(SHAPES_MAR), str(images), "--out", str(link)]) == 2

@@ -63,7 +63,8 @@ def worker_pid(server, scenes) -> int:
 
 def answers_normally(server, scenes, timeout: float = 30) -> None:
     response = requests.post(f"{server.inference_url}/predictions/shapes", data=png_bytes(scenes[0].image), timeout=timeout)
-    assert response.status_code == 200 and response.json()["cam"]["method"] == "gradcam"
+    assert response.status_code == 200
+    assert response.json()["cam"]["method"] == "gradcam"
 
 
 def probe(server, timeout: float) -> subprocess.CompletedProcess:
@@ -84,7 +85,8 @@ def test_stream_predictions_answers_once_and_keeps_the_worker(server, stubs, inf
     TorchServe's frontend throws a NullPointerException after the first reply and restarts the worker."""
     before = worker_pid(server, scenes)
     replies = list(inference.StreamPredictions(request(stubs, data=png_bytes(scenes[1].image)), timeout=60))
-    assert len(replies) == 1 and json.loads(replies[0].prediction)["cam"]["size"] == list(scenes[1].image.size)
+    assert len(replies) == 1
+    assert json.loads(replies[0].prediction)["cam"]["size"] == list(scenes[1].image.size)
     answers_normally(server, scenes)
     assert worker_pid(server, scenes) == before, "the worker was restarted"
 

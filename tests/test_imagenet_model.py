@@ -55,7 +55,8 @@ def test_photo_top1_is_the_right_family_and_the_peak_is_on_the_object(imagenet, 
     assert response.status_code == 200, response.text
     body = response.json()
     assert body["predictions"][0]["label"] in photo.family, body["predictions"]
-    assert body["cam"]["layer"] == "head_activation" and body["cam"]["size"] == [image.width, image.height]
+    assert body["cam"]["layer"] == "head_activation"
+    assert body["cam"]["size"] == [image.width, image.height]
     assert inside(body["cam"]["peak"], photo.box), (body["cam"]["peak"], photo.box)
 
 
@@ -77,4 +78,5 @@ def test_on_a_composite_the_peak_follows_the_object(imagenet, name: str, backgro
 def test_cam_applies_to_its_gap_linear_head(imagenet) -> None:
     response = imagenet(jpeg(SUBJECTS["coffee"].image()), {"X-CAM-Method": "cam"})
     assert response.status_code == 200, response.text
-    assert response.json()["cam"]["method"] == "cam" and response.json()["predictions"][0]["label"] in SUBJECTS["coffee"].family
+    assert response.json()["cam"]["method"] == "cam"
+    assert response.json()["predictions"][0]["label"] in SUBJECTS["coffee"].family

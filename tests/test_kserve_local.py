@@ -50,10 +50,12 @@ def v2_request(*images: str) -> InferRequest:
 def test_bundle_layout_and_settings(pod: KServeLocal) -> None:
     assert sorted(p.name for p in (pod.bundle / "model-store").iterdir()) == ["shapes.mar"]
     properties = dict(read_properties(pod.bundle / "config" / "config.properties"))
-    assert properties["inference_address"] == "http://127.0.0.1:8085" and properties["metrics_address"] == "http://0.0.0.0:8082"
+    assert properties["inference_address"] == "http://127.0.0.1:8085"
+    assert properties["metrics_address"] == "http://0.0.0.0:8082"
     assert properties["metrics_mode"] == "prometheus"
     # camserve's handler answers the envelope the runtime names in TS_SERVICE_ENVELOPE; TorchServe must not unwrap it.
-    assert properties["enable_envvars_config"] == "false" and "service_envelope" not in properties
+    assert properties["enable_envvars_config"] == "false"
+    assert "service_envelope" not in properties
     assert properties["disable_token_authorization"] == "true", "TorchServe's per-process keys cannot work inside the pod"
     snapshot = json.loads(properties["model_snapshot"])["models"]["shapes"]["1.0"]
     assert {k: snapshot[k] for k in read_archive(SHAPES_MAR).settings} == read_archive(SHAPES_MAR).settings
@@ -72,7 +74,8 @@ def test_torchserve_runs_with_the_bundles_jvm_settings(pod: KServeLocal) -> None
     ]
     arguments = java.cmdline()
     assert {"-XX:MaxRAMPercentage=25.0", "-XX:+ExitOnOutOfMemoryError", "-XX:+UseContainerSupport"} <= set(arguments), arguments
-    assert f"-Djava.io.tmpdir={pod.torchserve.socket_dir}" in arguments and "-Xmx1g" not in arguments
+    assert f"-Djava.io.tmpdir={pod.torchserve.socket_dir}" in arguments
+    assert "-Xmx1g" not in arguments
 
 
 def test_model_is_ready(pod: KServeLocal) -> None:
@@ -88,39 +91,44 @@ def test_predict_returns_label_and_map(pod: KServeLocal, scenes) -> None:
         )["predictions"][0]
     else:
         response = run(lambda client: client.infer(pod.url, v2_request(encoded(scene)), model_name="shapes"), "v2")
-        assert response.model_name == "shapes" and response.outputs[0].datatype == "BYTES"
+        assert response.model_name == "shapes"
+        assert response.outputs[0].datatype == "BYTES"
         answer = response.outputs[0].data[0]
     assert answer["predictions"][0]["label"] in CLASSES
     assert answer["cam"]["label"] == answer["predictions"][0]["label"]
     assert answer["cam"]["method"] == ("cam" if pod.api == "v1" else "gradcam")
     width, height = default_heatmap_size(scene.image.size, 192)
-    assert answer["cam"]["heatmap_size"] == [width, height] and decode_heatmap(answer["cam"]["heatmap"]).shape == (height, width)
+    assert answer["cam"]["heatmap_size"] == [width, height]
+    assert decode_heatmap(answer["cam"]["heatmap"]).shape == (height, width)
 
 
 def test_not_an_image_is_a_400_through_both_layers(pod: KServeLocal) -> None:
     not_an_image = base64.b64encode(b"plain text, no image").decode()
     if pod.api == "v1":
-        call = lambda client: client.infer(pod.url, {"instances": [{"data": not_an_image}]}, model_name="shapes")  # noqa: E731
+        call = lambda client: client.infer(pod.url, {"instances": [{"data": not_an_image}]}, model_name="shapes")
     else:
-        call = lambda client: client.infer(pod.url, v2_request(not_an_image), model_name="shapes")  # noqa: E731
+        call = lambda client: client.infer(pod.url, v2_request(not_an_image), model_name="shapes")
     with pytest.raises(httpx.HTTPStatusError) as raised:
         run(call, pod.api)
     assert raised.value.response.status_code == 400
     body = raised.value.response.json()
-    assert body["type"] == "invalid_image" and "not an image" in body["error"]
+    assert body["type"] == "invalid_image"
+    assert "not an image" in body["error"]
 
 
 def test_explain_answers_with_our_maps(pod: KServeLocal, scenes) -> None:
     if pod.api == "v2":
         # KServe routes :explain on v1 only; a v2 pod says so instead of handing TorchServe a body it cannot read.
         response = requests.post(f"{pod.url}/v1/models/shapes:explain", json={"instances": [{"data": encoded(scenes[1])}]}, timeout=60)
-        assert response.status_code == 400 and response.json()["type"] == "unsupported_route"
+        assert response.status_code == 400
+        assert response.json()["type"] == "unsupported_route"
         return
     explained = run(
         lambda client: client.explain(pod.url, "shapes", {"instances": [{"data": encoded(scenes[1]), "method": "layercam"}]}), "v1"
     )
     explanation = explained["explanations"][0]
-    assert "predictions" not in explanation and explanation["cam"]["method"] == "layercam"
+    assert "predictions" not in explanation
+    assert explanation["cam"]["method"] == "layercam"
     assert explanation["cam"]["size"] == [scenes[1].image.width, scenes[1].image.height]
 
 
@@ -147,14 +155,16 @@ def test_hostile_bodies_get_a_4xx_with_json(pod: KServeLocal, name: str) -> None
     path = "/v1/models/shapes:predict" if pod.api == "v1" else "/v2/models/shapes/infer"
     response = requests.post(pod.url + path, data=HOSTILE_BODIES[name], headers={"Content-Type": "application/json"}, timeout=60)
     assert 400 <= response.status_code < 500, (response.status_code, response.text[:300])
-    assert isinstance(response.json(), dict) and response.json()
+    assert isinstance(response.json(), dict)
+    assert response.json()
 
 
 def test_huge_body_is_refused_before_parsing(pod: KServeLocal) -> None:
     path = "/v1/models/shapes:predict" if pod.api == "v1" else "/v2/models/shapes/infer"
     huge = b'{"instances": [{"data": "' + b"A" * (pod.max_body_bytes + 1) + b'"}]}'
     response = requests.post(pod.url + path, data=huge, headers={"Content-Type": "application/json"}, timeout=60)
-    assert response.status_code == 413 and response.json()["type"] == "request_too_large"
+    assert response.status_code == 413
+    assert response.json()["type"] == "request_too_large"
 
 
 def test_metrics_carry_what_the_autoscalers_read(pod: KServeLocal) -> None:
@@ -171,7 +181,7 @@ def stubs(tmp_path_factory: pytest.TempPathFactory):
     return compile_stubs(tmp_path_factory.mktemp("grpc-stubs"))
 
 
-@pytest.fixture()
+@pytest.fixture
 def channel(pod: KServeLocal):
     if pod.api != "v2":
         pytest.skip("the Open Inference Protocol is on in v2 bundles")
@@ -186,7 +196,8 @@ def test_grpc_open_inference_protocol(channel, stubs, scenes) -> None:
         name="image", datatype="BYTES", shape=[1], contents=stubs.oip_pb2.InferTensorContents(bytes_contents=[png_bytes(scenes[2].image)])
     )
     response = oip.ModelInfer(stubs.oip_pb2.ModelInferRequest(model_name="shapes", inputs=[tensor]), timeout=60)
-    assert response.model_name == "shapes" and response.outputs[0].datatype == "BYTES"
+    assert response.model_name == "shapes"
+    assert response.outputs[0].datatype == "BYTES"
     answer = json.loads(response.outputs[0].contents.bytes_contents[0])
     assert answer["cam"]["size"] == [scenes[2].image.width, scenes[2].image.height]
 
@@ -215,7 +226,7 @@ def test_grpc_predictions_with_a_v2_body(channel, stubs, scenes) -> None:
     assert answer["cam"]["size"] == [scenes[3].image.width, scenes[3].image.height]
 
 
-@pytest.fixture()
+@pytest.fixture
 def front_grpc(pod: KServeLocal):
     if pod.api != "v2":
         pytest.skip("KServe's gRPC speaks v2")
@@ -308,7 +319,8 @@ def test_a_model_torchserve_lost_is_not_ready(pod: KServeLocal, stubs, scenes) -
         text=True,
         timeout=60,
     )
-    assert probe.returncode == 1 and "not answering: shapes" in probe.stdout, probe.stdout + probe.stderr
+    assert probe.returncode == 1, probe.stdout + probe.stderr
+    assert "not answering: shapes" in probe.stdout, probe.stdout + probe.stderr
 
 
 def test_stop_ends_both_processes_and_only_them(pod: KServeLocal) -> None:
@@ -319,6 +331,7 @@ def test_stop_ends_both_processes_and_only_them(pod: KServeLocal) -> None:
         with pytest.raises(ProcessLookupError):
             os.killpg(pid, 0)
     os.kill(bystander, 0)
-    assert not pod.front_pid_file.exists() and not (pod.torchserve.run_dir / "torchserve.pid").exists()
+    assert not pod.front_pid_file.exists()
+    assert not (pod.torchserve.run_dir / "torchserve.pid").exists()
     with pytest.raises(requests.ConnectionError):
         requests.get(pod.url, timeout=5)

@@ -133,7 +133,9 @@ def test_hostile_request_through_the_front_gets_a_4xx_naming_it(pod: KServeLocal
     response = requests.post(pod.url + path, data=body, headers=headers, timeout=60)
     assert response.status_code == status, (name, response.status_code, response.text[:300])
     error = orjson.loads(response.content)  # strict: a lone surrogate in the body would fail here
-    assert error["code"] == status and error["type"] == kind and error["message"], error
+    assert error["code"] == status, error
+    assert error["type"] == kind, error
+    assert error["message"], error
     assert {key: error.get(key) for key in named} == named, error
     assert len(response.content) < 2000, "the error quotes at most a short excerpt"
     front_answers(pod, scenes[5])
@@ -149,7 +151,8 @@ def test_one_instance_asking_for_an_overlay_costs_no_other_its_answer(pod: KServ
     assert response.status_code == 200, response.text[:300]
     answered, refused = response.json()["predictions"]
     assert answered["cam"]["size"] == list(scenes[4].image.size)
-    assert refused["code"] == 400 and refused["option"] == "output", refused
+    assert refused["code"] == 400, refused
+    assert refused["option"] == "output", refused
 
 
 def test_several_images_in_one_v2_tensor_are_each_answered(pod: KServeLocal, scenes) -> None:
@@ -173,7 +176,8 @@ def test_binary_data_extension_is_answered(pod: KServeLocal, scenes) -> None:
     request = InferRequest(model_name="shapes", infer_inputs=[tensor])
     response = run(lambda client: client.infer(pod.url, request, model_name="shapes"), "v2")
     answer = response.outputs[0].data[0]
-    assert answer["cam"]["size"] == list(scene.image.size) and answer["predictions"][0]["label"] in CLASSES
+    assert answer["cam"]["size"] == list(scene.image.size)
+    assert answer["predictions"][0]["label"] in CLASSES
 
 
 def test_the_front_log_has_one_line_per_refusal_and_no_request_bytes(pod: KServeLocal) -> None:
@@ -215,8 +219,11 @@ def test_envelope_mistakes_straight_to_torchserve_are_never_a_5xx(pod: KServeLoc
     assert response.status_code == status, (name, response.status_code, response.text[:300])
     answer = orjson.loads(response.content)
     if status == 400:
-        assert answer["code"] == 400 and answer["type"] and answer["message"], answer
+        assert answer["code"] == 400, answer
+        assert answer["type"], answer
+        assert answer["message"], answer
     else:
-        assert response.headers["content-type"].startswith("application/json") and ("predictions" in answer or "outputs" in answer)
+        assert response.headers["content-type"].startswith("application/json")
+        assert "predictions" in answer or "outputs" in answer
     front_answers(pod, scenes[7])
     assert worker_pid(pod) == before

@@ -54,6 +54,8 @@ def test_maps_decorrelate_when_the_weights_are_randomised(scenes, method: str) -
         name: CamExtractor(model, spec().input_size)(inputs, method=method, targets=targets).maps[:, 0]
         for name, model in (("trained", trained), ("random", randomised))
     }
-    correlations = [spearmanr(a.flatten().numpy(), b.flatten().numpy()).statistic for a, b in zip(maps["trained"], maps["random"])]
+    correlations = [
+        spearmanr(a.flatten().numpy(), b.flatten().numpy()).statistic for a, b in zip(maps["trained"], maps["random"], strict=True)
+    ]
     correlations = [0.0 if c != c else c for c in correlations]  # a constant map has no rank correlation
     assert sum(correlations) / len(correlations) < 0.5, correlations
