@@ -46,7 +46,7 @@ def heatmap_png_of_grid(grid: Tensor | np.ndarray, size: tuple[int, int]) -> byt
 
     The pixels of upsample_map(grid, size) rounded to 64 levels, give or take one level where float rounding
     puts a value on a level boundary (about one pixel in a million), at a fraction of the cost
-    (camserve_tools/bench/encoding.py):
+    (scripts/bench_encoding.py):
     - OpenCV's SIMD bilinear resize (same sampling as torch's align_corners=False) of the grid already
       scaled to levels, then rounded to uint8 levels in one pass: no float map at full size in between.
     - Every row gets PNG's Sub filter, in one numpy pass; then zlib-ng at HEATMAP_COMPRESS_LEVEL, which gives

@@ -20,6 +20,9 @@ from torchvision import models
 
 from camserve.cam import CamExtractor, normalize_maps, to_grid
 
+# Six architectures in float64, Score-CAM among the methods (one forward pass per channel): the slowest oracle checks.
+pytestmark = pytest.mark.slow
+
 GRAD_CAM_LIBRARY = {
     "gradcam": GradCAM,
     "gradcampp": GradCAMPlusPlus,
