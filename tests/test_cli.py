@@ -85,6 +85,7 @@ def test_explain_writes_a_line_per_image_an_error_line_for_a_bad_file_and_resume
     assert len(lines) == 9
 
 
+@pytest.mark.slow
 def test_explain_overlays_from_a_list_file_and_a_model_directory(dataset: Path, tmp_path: Path) -> None:
     images = sorted((dataset / "images").glob("*.png"))[:2]
     listing = tmp_path / "list.txt"

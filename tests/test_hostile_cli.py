@@ -153,6 +153,7 @@ def test_archive_refuses_normalisation_and_input_sizes_that_cannot_serve(
     assert not list(tmp_path.glob("*.mar"))
 
 
+@pytest.mark.slow
 def test_archive_checks_a_model_dirs_normalisation_and_runs_its_probe_through_the_real_preprocessing(tmp_path: Path, capsys) -> None:
     model = tmp_path / "model"
     shutil.copytree(ROOT / "models" / "shapes", model)

@@ -56,6 +56,7 @@ def hostile_coco(dataset: Path, outside: Path) -> dict:
     return coco
 
 
+@pytest.mark.slow
 def test_evaluate_writes_metrics_whatever_the_annotations_hold(dataset: Path, tmp_path: Path) -> None:
     model = tmp_path / "model"
     shutil.copytree(ROOT / "models" / "shapes", model)

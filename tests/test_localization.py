@@ -132,6 +132,7 @@ def test_this_torch_is_reproduced_so_the_grid_way_is_taken() -> None:
     assert _torch_fuses() is not None
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not hasattr(os, "geteuid") or os.geteuid() != 0 or not shutil.which("setpriv"), reason="needs root and setpriv")
 def test_a_read_only_package_imports_and_answers_without_numbas_cache() -> None:
     """A pod with a read-only image and home: numba finds nowhere to cache, and the package must still work."""

@@ -36,6 +36,7 @@ def runtime_named(name: str) -> dict:
     return found
 
 
+@pytest.mark.slow
 def test_every_manifest_validates() -> None:
     assert check_tree(DEPLOY) == {}
 

@@ -245,6 +245,7 @@ def real_and_made_grids(scenes) -> list[torch.Tensor]:
     return [*grids, noise, noise**6, spikes]
 
 
+@pytest.mark.slow
 def test_original_encodes_as_the_frozen_encoder_did(scenes) -> None:
     grids = real_and_made_grids(scenes)
     assert all(float(grid.max()) > 0 for grid in grids)
