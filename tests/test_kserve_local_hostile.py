@@ -37,7 +37,7 @@ def small_png_base64() -> str:
     return base64.b64encode(png_bytes(Image.new("RGB", (64, 48), (30, 200, 30)))).decode()
 
 
-def binary_body(json_part: dict, *sections: bytes, json_length: int | str | None = None) -> tuple[bytes, dict[str, str]]:
+def binary_body(json_part: dict, *sections: bytes, json_length: int | str | None = None) -> tuple[bytes, dict[str, str | bytes]]:
     """A v2 request in the binary data extension: the JSON part, then the inputs' bytes."""
     head = json.dumps(json_part).encode()
     return head + b"".join(sections), {
@@ -57,7 +57,7 @@ def hostile_front_request(name: str, api: str) -> tuple[bytes, dict[str, str | b
         plain = json.dumps({"instances": [{"data": image}]}).encode()
     else:
         plain = json.dumps({"inputs": [{"name": "image", "shape": [1], "datatype": "BYTES", "data": [image]}]}).encode()
-    json_headers = {"Content-Type": "application/json"}
+    json_headers: dict[str, str | bytes] = {"Content-Type": "application/json"}
     png = base64.b64decode(image)
     v2_binary = {"inputs": [{"name": "image", "shape": [1], "datatype": "BYTES", "parameters": {"binary_data_size": len(png) + 4}}]}
     cases: dict[str, tuple[bytes, dict[str, str | bytes]]] = {
