@@ -23,7 +23,7 @@ from camserve_tools.servers.torchserve_grpc import compile_stubs
 
 pytestmark = pytest.mark.server
 
-PROBE = ROOT / "camserve_tools" / "model_probe.py"
+PROBE = ROOT / "camserve_tools" / "servers" / "model_probe.py"
 
 
 @pytest.fixture(scope="module")

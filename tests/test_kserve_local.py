@@ -62,7 +62,7 @@ def test_bundle_layout_and_settings(pod: KServeLocal) -> None:
     # The pod's environment (TS_DISABLE_TOKEN_AUTHORIZATION) reached TorchServe: no key file was written.
     assert not (pod.torchserve.run_dir / "key_file.json").exists()
     # The InferenceServices' liveness probe runs from the bundle.
-    assert (pod.bundle / "config" / PROBE_NAME).read_text() == (ROOT / "camserve_tools" / "model_probe.py").read_text()
+    assert (pod.bundle / "config" / PROBE_NAME).read_text() == (ROOT / "camserve_tools" / "servers" / "model_probe.py").read_text()
 
 
 def test_torchserve_runs_with_the_bundles_jvm_settings(pod: KServeLocal) -> None:
