@@ -22,12 +22,13 @@ USER_SETTINGS := CONFIG ENGINE RAY_NODES INFERENCE_PORT MANAGEMENT_PORT METRICS_
 unexport $(USER_SETTINGS)
 $(foreach setting,$(USER_SETTINGS),$(eval export MAKE_$(setting) = $$(value $(setting))))
 
-.PHONY: help venv serve stop test lint archive train evaluate bench bench-maps loadtest clean kserve-bundle kserve-local kserve-local-stop check-manifests image image-test prometheus-tools
+.PHONY: help venv serve stop test test-fast lint archive train evaluate bench bench-maps loadtest clean kserve-bundle kserve-local kserve-local-stop check-manifests image image-test prometheus-tools
 
 help:
 	@echo "make serve     start TorchServe with the default models (shapes, imagenet) on 127.0.0.1:$(INFERENCE_PORT) (background; ENGINE=kserve: KServe's own model server; ENGINE=ray RAY_NODES=2: Ray Serve on a local 2-node cluster)"
 	@echo "make stop      stop that server"
-	@echo "make test      install what is missing, lint, and run the whole test suite"
+	@echo "make test      install what is missing, lint, build the archives and run the whole test suite (what CI runs)"
+	@echo "make test-fast the quick tier, under a minute and a half: no server, no archive, no slow test, no benchmark"
 	@echo "make lint      ruff (lint, format check) and mypy"
 	@echo "make archive   (re)build model_store/shapes.mar; MODEL= / MODEL_FILE= / EXPORTED= archive your own (see README)"
 	@echo "make train     retrain the default model (models/shapes/)"
@@ -106,8 +107,14 @@ lint: $(VENV)/.installed
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy
 
+# Everything, with the 25 slowest tests listed at the end.
 test: lint $(ARCHIVES) prometheus-tools
-	$(PY) -m pytest
+	$(PY) -m pytest --durations=25
+
+# The tiers are pyproject's pytest markers: server (a real server, container or model_store archive), slow, benchmark.
+# test-fast deselects all three, so it needs no archive built and no port.
+test-fast: $(VENV)/.installed
+	$(PY) -m pytest -m "not server and not slow and not benchmark"
 
 # promtool (Debian's prometheus package) for tests/test_prometheus_rules.py and Prometheus for make image-test:
 # installed with apt as root when missing; elsewhere those tests skip and say why.

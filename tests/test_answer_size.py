@@ -6,26 +6,27 @@ import json
 
 import pytest
 import requests
-from conftest import ROOT, SHAPES_MAR, default_heatmap_size, png_bytes, start_server
+from support import IMAGENET_MAR, SHAPES_MAR, default_heatmap_size, png_bytes, start_server
 
 from camserve.protocol.responses import decode_heatmap
 from camserve_tools.data.answer_pool import photo_pool
 
-pytestmark = pytest.mark.serving
+pytestmark = pytest.mark.server
 
 # Bytes of any default JSON answer of the pool, shapes and imagenet, 640x480 and 1280x960 (camserve_tools/bench/answer_size.py).
 ANSWER_BUDGET = 8_000
-IMAGENET_MAR = ROOT / "model_store" / "imagenet.mar"
 
 
 def test_answers_are_compact_json_bytes(predict, scenes) -> None:
     response = predict(png_bytes(scenes[0].image))
-    assert response.status_code == 200 and response.headers["content-type"].startswith("application/json")
+    assert response.status_code == 200
+    assert response.headers["content-type"].startswith("application/json")
     body = response.json()
     # TorchServe would have written a dict as indented JSON; the handler sends compact bytes instead.
     assert response.content == json.dumps(body, separators=(",", ":")).encode()
     error = predict(b"not an image")
-    assert error.status_code == 400 and error.content == json.dumps(error.json(), separators=(",", ":")).encode()
+    assert error.status_code == 400
+    assert error.content == json.dumps(error.json(), separators=(",", ":")).encode()
 
 
 def test_heatmap_size_through_torchserve(predict, scenes) -> None:
@@ -36,13 +37,15 @@ def test_heatmap_size_through_torchserve(predict, scenes) -> None:
     assert small["size"] == full["size"] == full["heatmap_size"] == default["size"] == [scene.image.width, scene.image.height]
     assert default["heatmap_size"] == list(default_heatmap_size(scene.image.size, 192))
     width, height = small["heatmap_size"]
-    assert max(width, height) == 64 and decode_heatmap(small["heatmap"]).shape == (height, width)
+    assert max(width, height) == 64
+    assert decode_heatmap(small["heatmap"]).shape == (height, width)
     assert (small["peak"], small["bbox"]) == (full["peak"], full["bbox"]) == (default["peak"], default["bbox"])
     from_input = predict(png_bytes(scene.image), headers={"X-CAM-Heatmap-Size": "input"}).json()["cam"]
     assert from_input["heatmap_size"] == [192, 192]  # the default model's input
     assert predict(png_bytes(scene.image), headers={"X-CAM-Heatmap-Size": "auto"}).content == predict(png_bytes(scene.image)).content
     bad = predict(png_bytes(scene.image), headers={"X-CAM-Heatmap-Size": "2"})
-    assert bad.status_code == 400 and bad.json()["option"] == "heatmap_size"
+    assert bad.status_code == 400
+    assert bad.json()["option"] == "heatmap_size"
 
 
 @pytest.fixture(scope="module")
@@ -66,6 +69,7 @@ def test_every_default_answer_of_the_pool_fits_the_budget(both_models, model: st
         )
         assert response.status_code == 200, (name, response.text)
         cam = response.json()["cam"]
-        assert cam["size"] == list(size) and cam["heatmap_size"] == list(default_heatmap_size(size, 192 if model == "shapes" else 224))
+        assert cam["size"] == list(size)
+        assert cam["heatmap_size"] == list(default_heatmap_size(size, 192 if model == "shapes" else 224))
         sizes[name] = len(response.content)
     assert max(sizes.values()) <= ANSWER_BUDGET, sorted(sizes.items(), key=lambda item: -item[1])[:5]

@@ -59,8 +59,12 @@ def test_family_gets_a_default_layer_and_maps(builder: str) -> None:
             continue
         result = extractor(inputs, method=method)
         maps = result.maps
-        assert maps.shape[:2] == (2, 1) and maps.shape[-1] > 1 and maps.shape[-2] > 1, (builder, method, maps.shape)
-        assert torch.isfinite(maps).all() and maps.min() >= 0 and maps.max() <= 1
+        assert maps.shape[:2] == (2, 1), (builder, method, maps.shape)
+        assert maps.shape[-1] > 1, (builder, method, maps.shape)
+        assert maps.shape[-2] > 1, (builder, method, maps.shape)
+        assert torch.isfinite(maps).all()
+        assert maps.min() >= 0
+        assert maps.max() <= 1
     assert set(MAP_METHODS) <= set(METHODS)
 
 

@@ -14,8 +14,8 @@ from pathlib import Path
 import pytest
 import requests
 import yaml
-from conftest import ROOT, TEST_SEED_START, default_heatmap_size, png_bytes, start_server
 from PIL import Image
+from support import ROOT, TEST_SEED_START, default_heatmap_size, png_bytes, start_server
 
 from camserve.cam import CamExtractor
 from camserve.cam.localization import peak, upsample_map
@@ -25,7 +25,7 @@ from camserve.protocol.responses import decode_heatmap
 from camserve_tools.archive.packing import build_archive
 from camserve_tools.data.scenes import Scene, make_scene
 
-pytestmark = [pytest.mark.slow, pytest.mark.serving]
+pytestmark = pytest.mark.server
 
 # (headers, what the answer must be): cycled over the scenes
 VARIANTS = [
@@ -78,7 +78,8 @@ def scenes_the_model_gets_right(count: int, first_seed: int) -> list[Scene]:
 
 def check(response: requests.Response, kind: str, scene) -> None:
     if kind == "bad":
-        assert response.status_code == 400 and response.json()["option"] == "method"
+        assert response.status_code == 400
+        assert response.json()["option"] == "method"
         return
     assert response.status_code == 200, response.text
     if kind == "overlay":
@@ -95,15 +96,18 @@ def check(response: requests.Response, kind: str, scene) -> None:
         return
     cam = body["cam"]
     if kind == "grid":
-        assert cam["method"] == "layercam" and cam["shape"] == [24, 24]
+        assert cam["method"] == "layercam"
+        assert cam["shape"] == [24, 24]
         return
     assert cam["layer"] == ("features.4" if kind == "layer" else "features")
     width, height = cam["heatmap_size"]
-    assert (width, height) == default_heatmap_size(scene.image.size, 192) and decode_heatmap(cam["heatmap"]).shape == (height, width)
+    assert (width, height) == default_heatmap_size(scene.image.size, 192)
+    assert decode_heatmap(cam["heatmap"]).shape == (height, width)
     if kind == "png":  # the default layer's map points at this request's object, not a batch neighbour's
         x, y = cam["peak"]
         x0, y0, x1, y1 = scene.box
-        assert x0 <= x < x1 and y0 <= y < y1
+        assert x0 <= x < x1
+        assert y0 <= y < y1
 
 
 def test_mixed_concurrent_requests_each_get_their_own_answer(batching_server) -> None:

@@ -40,7 +40,8 @@ def test_a_tree_delta_is_the_cpu_its_processes_report_with_ended_children_counte
         [sys.executable, "-c", WORKER, WORKER_MARK], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, bufsize=1
     )
     try:
-        assert process.stdin is not None and process.stdout is not None
+        assert process.stdin is not None
+        assert process.stdout is not None
         own_before = float(process.stdout.readline())
         before = tree_cpu(process.pid)
         process.stdin.write("go\n")
@@ -52,8 +53,10 @@ def test_a_tree_delta_is_the_cpu_its_processes_report_with_ended_children_counte
     spent = after.minus(before)
     assert spent["workers"] == pytest.approx(own_after - own_before, abs=2 * TICK)
     assert own_after - own_before >= 0.4
-    assert spent["other"] == pytest.approx(grandchild, abs=2 * TICK) and grandchild >= 0.3  # the reaped child
-    assert spent["frontend"] == 0 and spent["total"] == pytest.approx(spent["workers"] + spent["other"])
+    assert spent["other"] == pytest.approx(grandchild, abs=2 * TICK)
+    assert grandchild >= 0.3
+    assert spent["frontend"] == 0
+    assert spent["total"] == pytest.approx(spent["workers"] + spent["other"])
     assert (before.processes, after.processes) == (1, 1)  # the grandchild ran and ended between the snapshots
     assert spent["wall"] > 0
 
@@ -90,7 +93,8 @@ done.set()
 def test_the_frontends_jit_compiler_threads_are_told_apart() -> None:
     process = subprocess.Popen([sys.executable, "-c", FRONTEND], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, bufsize=1)
     try:
-        assert process.stdin is not None and process.stdout is not None
+        assert process.stdin is not None
+        assert process.stdout is not None
         assert process.stdout.readline().strip() == "ready"
         before = tree_cpu(process.pid)
         assert len(before.jit) == 1
@@ -103,7 +107,8 @@ def test_the_frontends_jit_compiler_threads_are_told_apart() -> None:
     spent = after.minus(before)
     assert spent["jit"] == pytest.approx(0.3, abs=2 * TICK)
     assert spent["frontend"] == pytest.approx(0.2, abs=3 * TICK)  # the main thread's burn, and a little glue
-    assert spent["total"] == pytest.approx(spent["frontend"] + spent["workers"] + spent["other"]) and spent["workers"] == 0
+    assert spent["total"] == pytest.approx(spent["frontend"] + spent["workers"] + spent["other"])
+    assert spent["workers"] == 0
     # A compiler thread that ended in between (absent from the later snapshot) adds nothing to `jit`.
     assert after.minus(type(before)(before.frontend, {(0, 0): 5.0, **before.jit}, 0.0, 0.0, 1))["jit"] == pytest.approx(spent["jit"])
 
@@ -149,9 +154,12 @@ def figures(requests: int, window: float, server: float, client: float, throughp
 
 def test_rounds_merge_into_cpu_ms_per_answered_request() -> None:
     merged = merge([figures(100, 2.0, 1.0, 0.2), figures(300, 6.0, 3.0, 0.6)])
-    assert merged["server_total_cpu_ms"] == pytest.approx(10.0) and merged["client_cpu_ms"] == pytest.approx(2.0)
-    assert merged["server_frontend_cpu_ms"] == pytest.approx(2.5) and merged["server_workers_cpu_ms"] == pytest.approx(7.5)
-    assert merged["cpu_seconds"]["window"] == 8.0 and merged["server_jit_cpu_ms"] == pytest.approx(0.5)
+    assert merged["server_total_cpu_ms"] == pytest.approx(10.0)
+    assert merged["client_cpu_ms"] == pytest.approx(2.0)
+    assert merged["server_frontend_cpu_ms"] == pytest.approx(2.5)
+    assert merged["server_workers_cpu_ms"] == pytest.approx(7.5)
+    assert merged["cpu_seconds"]["window"] == 8.0
+    assert merged["server_jit_cpu_ms"] == pytest.approx(0.5)
     assert merged["server_total_cpu_ms_by_round"] == pytest.approx([10.0, 10.0])
     no_cpu = figures(10, 1.0, 0.1, 0.1)
     del no_cpu["cpu"]
@@ -183,5 +191,6 @@ def test_cpu_targets_and_their_verdicts_in_the_report() -> None:
     assert "| 8.9 | 0.99 | 1.03 | 2.2 / 6.7 | 3.0 |" in table[4]
     # gradcam: the server spends less per answer; the client's extra millisecond explains the throughput.
     why = {row.split(" | ")[2]: row for row in disagreement_lines(cells)[2:]}
-    assert "the client spends 1.0 ms more per answer" in why["gradcam"] and "| 0.92 | 0.99 | 3.0 / 2.0 | 0.92 |" in why["gradcam"]
+    assert "the client spends 1.0 ms more per answer" in why["gradcam"]
+    assert "| 0.92 | 0.99 | 3.0 / 2.0 | 0.92 |" in why["gradcam"]
     assert "the server spends more CPU per answer, but throughput was not bound by it" in why["cam"]  # CPU decides: missed

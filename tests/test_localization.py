@@ -78,10 +78,13 @@ def test_an_empty_map_has_no_peak_and_no_box(size: tuple[int, int]) -> None:
     nan, infinite = torch.rand(16, 16), torch.rand(16, 16)
     nan[3, 5], infinite[7, 1] = float("nan"), float("inf")
     for grid in (torch.zeros(16, 16), torch.full((4, 4), float("nan")), nan, infinite, torch.full((5, 5), -0.5), torch.zeros(0, 3)):
-        assert map_is_empty(grid) and map_is_empty(grid.numpy())
+        assert map_is_empty(grid)
+        assert map_is_empty(grid.numpy())
         assert peak_and_box(grid, size) is None
-    assert bounding_box(torch.zeros(16, 16)) is None and bounding_box(torch.full((4, 4), float("nan"))) is None
-    assert not map_is_empty(torch.eye(4) * 1e-6) and peak_and_box(torch.eye(4) * 1e-6, size) is not None
+    assert bounding_box(torch.zeros(16, 16)) is None
+    assert bounding_box(torch.full((4, 4), float("nan"))) is None
+    assert not map_is_empty(torch.eye(4) * 1e-6)
+    assert peak_and_box(torch.eye(4) * 1e-6, size) is not None
 
 
 def test_grids_outside_the_unit_range_take_the_full_size_way() -> None:
@@ -100,9 +103,12 @@ def test_heatmap_png_pixels_are_within_one_level_of_the_full_size_map(size: tupl
     differing = total = 0
     for name, grid in grid_cases(30, seed=size[0] + size[1]):
         image = Image.open(io.BytesIO(heatmap_png_of_grid(grid, size)))
-        assert image.format == "PNG" and image.mode == "L" and image.size == size, name
+        assert image.format == "PNG", name
+        assert image.mode == "L", name
+        assert image.size == size, name
         pixels = np.asarray(image).astype(int)
-        assert (pixels % HEATMAP_STEP == 0).all() and pixels.max() <= HEATMAP_LEVELS * HEATMAP_STEP
+        assert (pixels % HEATMAP_STEP == 0).all()
+        assert pixels.max() <= HEATMAP_LEVELS * HEATMAP_STEP
         difference = np.abs(pixels - old_pixels(grid, size))
         assert difference.max() <= HEATMAP_STEP, name
         if name.split(":")[1] in ("0", "1", "4"):  # continuous values; plateaus and spikes sit on level boundaries
@@ -115,7 +121,9 @@ def test_heatmap_png_pixels_are_within_one_level_of_the_full_size_map(size: tupl
 def test_heatmap_png_clamps_and_survives_nan() -> None:
     grid = torch.tensor([[-0.5, 2.0], [float("nan"), 0.5]])
     pixels = np.asarray(Image.open(io.BytesIO(heatmap_png_of_grid(grid, (4, 4)))))
-    assert pixels.shape == (4, 4) and pixels.min() >= 0 and pixels.max() == HEATMAP_LEVELS * HEATMAP_STEP
+    assert pixels.shape == (4, 4)
+    assert pixels.min() >= 0
+    assert pixels.max() == HEATMAP_LEVELS * HEATMAP_STEP
 
 
 def test_this_torch_is_reproduced_so_the_grid_way_is_taken() -> None:
@@ -124,6 +132,7 @@ def test_this_torch_is_reproduced_so_the_grid_way_is_taken() -> None:
     assert _torch_fuses() is not None
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not hasattr(os, "geteuid") or os.geteuid() != 0 or not shutil.which("setpriv"), reason="needs root and setpriv")
 def test_a_read_only_package_imports_and_answers_without_numbas_cache() -> None:
     """A pod with a read-only image and home: numba finds nowhere to cache, and the package must still work."""

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import ROOT
+from support import ROOT
 
 from camserve_tools.deploy.manifests import KSERVE_CRDS, check_against_crd, check_document, check_tree
 from camserve_tools.kserve.bundle import read_properties
@@ -36,6 +36,7 @@ def runtime_named(name: str) -> dict:
     return found
 
 
+@pytest.mark.slow
 def test_every_manifest_validates() -> None:
     assert check_tree(DEPLOY) == {}
 
@@ -97,7 +98,8 @@ def test_one_image_variable_names_the_version() -> None:
     version = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["version"]
     images = [c["image"] for c in one("Deployment")["spec"]["template"]["spec"]["containers"]]
     images += [c["image"] for c in runtime_named("camserve-torchserve")["spec"]["containers"]]
-    assert images and set(images) == {f"camserve:{version}"}
+    assert images
+    assert set(images) == {f"camserve:{version}"}
     for folder in ("kubernetes", "kserve"):
         (kustomization,) = documents(DEPLOY / folder / "kustomization.yaml")
         assert kustomization["images"] == [{"name": "camserve", "newName": "registry.example.com/camserve", "newTag": version}]
@@ -133,41 +135,48 @@ def test_inference_services() -> None:
     for service in services:
         predictor = service["spec"]["predictor"]
         model = predictor["model"]
-        assert model["modelFormat"]["name"] == "camserve" and model["runtime"] == runtime["metadata"]["name"]
+        assert model["modelFormat"]["name"] == "camserve"
+        assert model["runtime"] == runtime["metadata"]["name"]
         assert model["protocolVersion"] in runtime["spec"]["protocolVersions"]
         assert "storageUri" not in model, "the archives are in the image"
         assert 1 <= predictor["minReplicas"] < predictor["maxReplicas"]
-        assert model["resources"]["requests"]["cpu"] and model["resources"]["limits"]["memory"]
+        assert model["resources"]["requests"]["cpu"]
+        assert model["resources"]["limits"]["memory"]
         env = {e["name"]: e["value"] for e in model["env"]}
         config = {"v1": "kserve.properties", "v2": "kserve-v2.properties"}[model["protocolVersion"]]
-        assert env["CAMSERVE_CONFIG"] == f"/opt/camserve/config/{config}" and env["CAMSERVE_PROBE_PROTOCOL"] == model["protocolVersion"]
+        assert env["CAMSERVE_CONFIG"] == f"/opt/camserve/config/{config}"
+        assert env["CAMSERVE_PROBE_PROTOCOL"] == model["protocolVersion"]
         assert model["readinessProbe"]["exec"]["command"][:3] == ["python", "-m", "camserve_tools.container.probe"]
         # Liveness proves a real answer straight from TorchServe, in the runtime's envelope: TorchServe 0.12 can lose a
         # model for good while it still reports it ready.
         liveness = model["livenessProbe"]["exec"]["command"]
         envelope = {"v1": "kserve", "v2": "kservev2"}[model["protocolVersion"]]
-        assert (
-            liveness[:3] == ["python", "-m", "camserve_tools.servers.model_probe"]
-            and liveness[liveness.index("--envelope") + 1] == envelope
-        )
+        assert liveness[:3] == ["python", "-m", "camserve_tools.servers.model_probe"]
+        assert liveness[liveness.index("--envelope") + 1] == envelope
         protocols.add(model["protocolVersion"])
     assert protocols == {"v1", "v2"}
     knative = [s for s in services if "serving.kserve.io/deploymentMode" not in s["metadata"].get("annotations", {})]
-    assert all(s["spec"]["predictor"]["scaleMetric"] == "concurrency" for s in knative) and len(knative) == 2
+    assert all(s["spec"]["predictor"]["scaleMetric"] == "concurrency" for s in knative)
+    assert len(knative) == 2
     (standard,) = [s for s in services if s["metadata"]["annotations"].get("serving.kserve.io/deploymentMode") == "Standard"]
     metrics = standard["spec"]["predictor"]["autoScaling"]["metrics"]
     prometheus = [m["external"]["metric"] for m in metrics if m["type"] == "External"]
-    assert prometheus and prometheus[0]["backend"] == "prometheus" and "ts_queue_latency_microseconds" in prometheus[0]["query"]
+    assert prometheus
+    assert prometheus[0]["backend"] == "prometheus"
+    assert "ts_queue_latency_microseconds" in prometheus[0]["query"]
 
 
 def test_kserve_runtime() -> None:
     """KServe's container name, our image's engine and configs, the metrics port, a read-only root."""
     spec = runtime_named("camserve-torchserve")["spec"]
     (container,) = spec["containers"]
-    assert container["name"] == "kserve-container" and container["ports"] == [{"containerPort": 8080, "protocol": "TCP"}]
+    assert container["name"] == "kserve-container"
+    assert container["ports"] == [{"containerPort": 8080, "protocol": "TCP"}]
     env = {e["name"]: e["value"] for e in container["env"]}
-    assert env["CAMSERVE_ENGINE"] == "torchserve" and (ROOT / "config" / Path(env["CAMSERVE_CONFIG"]).name).is_file()
-    assert container["securityContext"]["readOnlyRootFilesystem"] and container["securityContext"]["runAsNonRoot"]
+    assert env["CAMSERVE_ENGINE"] == "torchserve"
+    assert (ROOT / "config" / Path(env["CAMSERVE_CONFIG"]).name).is_file()
+    assert container["securityContext"]["readOnlyRootFilesystem"]
+    assert container["securityContext"]["runAsNonRoot"]
     assert {m["mountPath"] for m in container["volumeMounts"]} == {"/tmp"}
     assert spec["annotations"]["prometheus.kserve.io/port"] == "8082"
     for name in ("kserve.properties", "kserve-v2.properties"):
@@ -177,19 +186,23 @@ def test_kserve_runtime() -> None:
 def test_kubernetes_deployment() -> None:
     pod = one("Deployment")["spec"]["template"]["spec"]
     (container,) = pod["containers"]
-    assert container["image"].startswith("camserve:") and "command" not in container, "the image's entry point serves"
+    assert container["image"].startswith("camserve:"), "the image's entry point serves"
+    assert "command" not in container, "the image's entry point serves"
     assert {"name": "CAMSERVE_CONFIG", "value": "/etc/camserve/config.properties"} in container["env"]
     # Liveness proves a real answer too: TorchServe can lose a model while /ping stays healthy (model_probe).
     assert container["livenessProbe"]["exec"]["command"][:3] == ["python", "-m", "camserve_tools.servers.model_probe"]
-    assert container["livenessProbe"]["timeoutSeconds"] > 20 and container["livenessProbe"]["failureThreshold"] >= 3
+    assert container["livenessProbe"]["timeoutSeconds"] > 20
+    assert container["livenessProbe"]["failureThreshold"] >= 3
     assert container["readinessProbe"]["exec"]["command"] == ["python", "-m", "camserve_tools.container.probe", "shapes", "imagenet"]
-    assert container["securityContext"]["readOnlyRootFilesystem"] is True and pod["securityContext"]["runAsUser"] == 1000
+    assert container["securityContext"]["readOnlyRootFilesystem"] is True
+    assert pod["securityContext"]["runAsUser"] == 1000
     assert {mount["mountPath"] for mount in container["volumeMounts"]} == {"/etc/camserve", "/tmp"}
     assert any("emptyDir" in volume for volume in pod["volumes"])
     # preStop, drain and stop (the entry point's defaults) fit inside the grace period.
     assert pod["terminationGracePeriodSeconds"] > 5 + 30 + 10
     hpa = one("HorizontalPodAutoscaler")
-    assert hpa["apiVersion"] == "autoscaling/v2" and {m["type"] for m in hpa["spec"]["metrics"]} == {"Resource", "Pods"}
+    assert hpa["apiVersion"] == "autoscaling/v2"
+    assert {m["type"] for m in hpa["spec"]["metrics"]} == {"Resource", "Pods"}
     assert one("PodDisruptionBudget")["spec"]["maxUnavailable"] == 1
 
 
@@ -200,7 +213,8 @@ def test_metrics_port_is_on_no_service() -> None:
         assert all(port["port"] != 8082 and port.get("targetPort") not in (8082, "metrics") for port in service["spec"]["ports"])
     policy = one("NetworkPolicy")
     metrics_rules = [rule for rule in policy["spec"]["ingress"] if any(port["port"] == 8082 for port in rule["ports"])]
-    assert metrics_rules and all(source.get("namespaceSelector") for rule in metrics_rules for source in rule["from"])
+    assert metrics_rules
+    assert all(source.get("namespaceSelector") for rule in metrics_rules for source in rule["from"])
 
 
 def test_kubernetes_config_carries_production_settings() -> None:
@@ -213,7 +227,8 @@ def test_kubernetes_config_carries_production_settings() -> None:
     for key, value in read_properties(ROOT / "config" / "production.properties"):
         if key not in documented_exceptions:
             assert ours.get(key) == value, key
-    assert ours["disable_token_authorization"] == "true" and ours["management_address"].startswith("http://127.0.0.1:")
+    assert ours["disable_token_authorization"] == "true"
+    assert ours["management_address"].startswith("http://127.0.0.1:")
 
 
 def test_the_native_runtime_and_its_inference_service() -> None:
@@ -221,11 +236,14 @@ def test_the_native_runtime_and_its_inference_service() -> None:
     runtime = runtime_named("camserve")
     (container,) = runtime["spec"]["containers"]
     assert container["command"] == ["python", "-m", "camserve.engines.kserve_model"]
-    assert container["args"][:2] == ["--model-store", "/mnt/models"] and "--grpc-listen-port" in container["args"]
-    assert container["securityContext"]["runAsNonRoot"] and container["securityContext"]["readOnlyRootFilesystem"]
+    assert container["args"][:2] == ["--model-store", "/mnt/models"]
+    assert "--grpc-listen-port" in container["args"]
+    assert container["securityContext"]["runAsNonRoot"]
+    assert container["securityContext"]["readOnlyRootFilesystem"]
     assert {"v1", "v2", "grpc-v2"} <= set(runtime["spec"]["protocolVersions"])
     formats = {f["name"] for f in runtime["spec"]["supportedModelFormats"]}
     (service,) = [s for s in by_kind("InferenceService") if s["spec"]["predictor"]["model"]["runtime"] == runtime["metadata"]["name"]]
     model = service["spec"]["predictor"]["model"]
-    assert model["modelFormat"]["name"] in formats and model["storageUri"]
+    assert model["modelFormat"]["name"] in formats
+    assert model["storageUri"]
     assert model["readinessProbe"]["httpGet"]["path"] == "/v2/models/shapes/ready"

@@ -16,8 +16,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import subprocess
-import sys
 import textwrap
 from pathlib import Path
 
@@ -26,8 +24,8 @@ import pytest
 import requests
 import responses_before_sized_heatmaps as before
 import torch
-from conftest import ROOT, SHAPES_MAR, TEST_SEED_START, default_heatmap_size, encoded, png_bytes, start_server
 from PIL import Image
+from support import ROOT, SHAPES_MAR, TEST_SEED_START, default_heatmap_size, encoded, png_bytes, run_camserve, start_server
 
 from camserve.cam.localization import peak_and_box
 from camserve.protocol.options import OptionRules, parse_options
@@ -130,15 +128,16 @@ def known_map(tmp_path_factory: pytest.TempPathFactory):
 # -- through TorchServe: the known map ---------------------------------------------------------------------------
 
 
-@pytest.mark.serving
+@pytest.mark.server
 def test_the_known_map_model_serves_exactly_the_known_grid(known_map) -> None:
     body, content_type = image_of_size((300, 200))
     answer = known_map(body, content_type, {"X-CAM-Output": "grid"}).json()
     assert answer["predictions"][0]["label"] == "pattern"
-    assert answer["cam"]["grid"] == GRID.tolist() and "empty" not in answer["cam"]
+    assert answer["cam"]["grid"] == GRID.tolist()
+    assert "empty" not in answer["cam"]
 
 
-@pytest.mark.serving
+@pytest.mark.server
 @pytest.mark.parametrize("size", SERVED_SIZES, ids=[f"{w}x{h}" for w, h in SERVED_SIZES])
 def test_original_is_byte_for_byte_the_answer_from_before(known_map, size: tuple[int, int]) -> None:
     body, content_type = image_of_size(size)
@@ -150,7 +149,7 @@ def test_original_is_byte_for_byte_the_answer_from_before(known_map, size: tuple
     assert response.content == before.json_bytes(expected)
 
 
-@pytest.mark.serving
+@pytest.mark.server
 @pytest.mark.parametrize("size", SERVED_SIZES, ids=[f"{w}x{h}" for w, h in SERVED_SIZES])
 def test_the_default_map_is_sized_by_the_model_input_and_keeps_box_and_peak(known_map, size: tuple[int, int]) -> None:
     body, content_type = image_of_size(size)
@@ -162,10 +161,11 @@ def test_the_default_map_is_sized_by_the_model_input_and_keeps_box_and_peak(know
     assert {k: v for k, v in default.items() if k not in ("heatmap", "heatmap_size")} == {
         k: v for k, v in original.items() if k not in ("heatmap", "heatmap_size")
     }
-    assert default["size"] == list(size) and default["bbox"] is not None  # the pattern's large blob, in image pixels
+    assert default["size"] == list(size)
+    assert default["bbox"] is not None
 
 
-@pytest.mark.serving
+@pytest.mark.server
 def test_an_all_zero_map_through_torchserve_has_no_box_and_no_peak(known_map) -> None:
     body, content_type = image_of_size((640, 480))
     for headers in ({}, {"X-CAM-Heatmap-Size": "original"}):
@@ -173,10 +173,13 @@ def test_an_all_zero_map_through_torchserve_has_no_box_and_no_peak(known_map) ->
         assert (cam["label"], cam["bbox"], cam["peak"], cam["empty"]) == ("nothing", None, None, True)
         assert not decode_heatmap(cam["heatmap"]).any()
     grid = known_map(body, content_type, {"X-CAM-Target": "nothing", "X-CAM-Output": "grid"}).json()["cam"]
-    assert grid["empty"] is True and not np.any(grid["grid"])
+    assert grid["empty"] is True
+    assert not np.any(grid["grid"])
     # Several maps: each says for itself.
     cams = known_map(body, content_type, {"X-CAM-Target": "pattern,nothing"}).json()["cam"]
-    assert "empty" not in cams[0] and cams[0]["bbox"] is not None and cams[1]["empty"] is True
+    assert "empty" not in cams[0]
+    assert cams[0]["bbox"] is not None
+    assert cams[1]["empty"] is True
     explanation = known_map(body, content_type, {"X-CAM-Target": "nothing"}, route="explanations").json()
     assert (explanation["cam"]["bbox"], explanation["cam"]["empty"]) == (None, True)
 
@@ -184,7 +187,7 @@ def test_an_all_zero_map_through_torchserve_has_no_box_and_no_peak(known_map) ->
 # -- through TorchServe: the default model ---------------------------------------------------------------------
 
 
-@pytest.mark.serving
+@pytest.mark.server
 @pytest.mark.parametrize("size", SERVED_SIZES, ids=[f"{w}x{h}" for w, h in SERVED_SIZES])
 def test_default_model_heat_map_size(predict, scenes, size: tuple[int, int]) -> None:
     image = scenes[5].image.resize(size, Image.Resampling.BILINEAR)
@@ -192,13 +195,14 @@ def test_default_model_heat_map_size(predict, scenes, size: tuple[int, int]) -> 
     default = predict(body).json()["cam"]
     original = predict(body, headers={"X-CAM-Heatmap-Size": "original"}).json()["cam"]
     assert default["size"] == original["size"] == list(size)
-    assert default["heatmap_size"] == list(default_heatmap_size(size, 192)) and original["heatmap_size"] == list(size)
+    assert default["heatmap_size"] == list(default_heatmap_size(size, 192))
+    assert original["heatmap_size"] == list(size)
     width, height = default["heatmap_size"]
     assert decode_heatmap(default["heatmap"]).shape == (height, width)
     assert (default["bbox"], default["peak"], default.get("empty")) == (original["bbox"], original["peak"], original.get("empty"))
 
 
-@pytest.mark.serving
+@pytest.mark.server
 def test_default_model_on_a_photograph_without_a_shape_answers_an_empty_map(predict) -> None:
     """The shapes model sees no shape in a photograph: its Grad-CAM map is all zero, and the answer says so."""
     import skimage.data
@@ -210,7 +214,8 @@ def test_default_model_on_a_photograph_without_a_shape_answers_an_empty_map(pred
             cam = predict(body, headers=headers).json()["cam"]
             assert (cam["bbox"], cam["peak"], cam["empty"]) == (None, None, True), headers
         grid = predict(body, headers={"X-CAM-Output": "grid"}).json()["cam"]
-        assert grid["empty"] is True and not np.any(grid["grid"])
+        assert grid["empty"] is True
+        assert not np.any(grid["grid"])
 
 
 # -- in-process: original against the frozen encoder, on many maps ----------------------------------------------
@@ -240,6 +245,7 @@ def real_and_made_grids(scenes) -> list[torch.Tensor]:
     return [*grids, noise, noise**6, spikes]
 
 
+@pytest.mark.slow
 def test_original_encodes_as_the_frozen_encoder_did(scenes) -> None:
     grids = real_and_made_grids(scenes)
     assert all(float(grid.max()) > 0 for grid in grids)
@@ -302,12 +308,6 @@ def test_the_frozen_reference_is_the_code_from_before() -> None:
 # -- the command: explain's journal and evaluate's figures ------------------------------------------------------
 
 
-def camserve(*args: str | Path) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "camserve_tools.cli", *map(str, args)], cwd=ROOT, capture_output=True, text=True, timeout=600
-    )
-
-
 @pytest.fixture(scope="module")
 def shapeless_photos(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A photograph without a shape and two flat images (the default model's maps of their top-1 class are empty;
@@ -338,21 +338,24 @@ def shapeless_photos(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return root
 
 
+@pytest.mark.server
 def test_explain_journals_an_empty_map_as_the_endpoint_answers_it(shapeless_photos: Path, tmp_path: Path) -> None:
-    result = camserve("explain", SHAPES_MAR, shapeless_photos / "images", "--out", tmp_path / "out", "--json")
+    result = run_camserve("explain", SHAPES_MAR, shapeless_photos / "images", "--out", tmp_path / "out", "--json")
     assert result.returncode == 0, result.stderr
     lines = {Path(line["path"]).name: line for line in map(json.loads, (tmp_path / "out" / "explanations.jsonl").read_text().splitlines())}
     for name in ("coffee.png", "flat.png", "blue.png"):
         cam = lines[name]["answer"]["cam"]
         assert (lines[name]["status"], cam["bbox"], cam["peak"], cam["empty"]) == (200, None, None, True)
         assert not np.asarray(Image.open(tmp_path / "out" / lines[name]["file"])).any()  # the heat map written is blank
-    assert "empty" not in lines["scene.png"]["answer"]["cam"] and lines["scene.png"]["answer"]["cam"]["bbox"] is not None
+    assert "empty" not in lines["scene.png"]["answer"]["cam"]
+    assert lines["scene.png"]["answer"]["cam"]["bbox"] is not None
 
 
+@pytest.mark.server
 def test_evaluate_counts_empty_maps_as_misses(shapeless_photos: Path, tmp_path: Path) -> None:
     out = tmp_path / "evaluate"
     boxes = shapeless_photos / "coco.json"
-    result = camserve(
+    result = run_camserve(
         "evaluate", SHAPES_MAR, shapeless_photos / "images", "--boxes", boxes, "--out", out, "--steps", "4", "--no-sanity", "--json"
     )
     assert result.returncode == 0, result.stderr
@@ -360,8 +363,11 @@ def test_evaluate_counts_empty_maps_as_misses(shapeless_photos: Path, tmp_path: 
     assert (metrics["maps"], metrics["empty_maps"]) == (3, 2)
     assert metrics["per_class"]["circle"]["empty_maps"] == 2
     empty = [entry for entry in metrics["worst"] if entry["empty"]]
-    assert len(empty) == 2 and all((e["pointing"], e["iou"], e["bbox"], e["peak"]) == (False, 0.0, None, None) for e in empty)
-    assert metrics["pointing_game"] <= 1 / 3 and metrics["mean_iou"] <= 1 / 3  # the two empty maps count as misses
+    assert len(empty) == 2
+    assert all((e["pointing"], e["iou"], e["bbox"], e["peak"]) == (False, 0.0, None, None) for e in empty)
+    assert metrics["pointing_game"] <= 1 / 3
+    assert metrics["mean_iou"] <= 1 / 3
     summary = (out / "summary.md").read_text()
-    assert "2 of them empty" in summary and "empty map" in summary
+    assert "2 of them empty" in summary
+    assert "empty map" in summary
     assert len(list((out / "worst").glob("*.png"))) == 3  # drawn without a box or a peak where there is none

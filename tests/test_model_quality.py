@@ -7,13 +7,15 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import ROOT, TEST_SEED_START
 from scipy.stats import spearmanr
+from support import ROOT, TEST_SEED_START
 
 from camserve.cam import METHODS, CamExtractor
 from camserve.model_spec import ModelSpec, build_architecture, load_model
 from camserve.preprocessing import whole_image_transform
 from camserve_tools.quality.shapes_quality import Quality, evaluate
+
+pytestmark = pytest.mark.slow
 
 MODEL_DIR = ROOT / "models" / "shapes"
 
@@ -28,19 +30,14 @@ def sample_quality() -> Quality:
 
 
 def test_quality_floors_on_a_small_sample(sample_quality: Quality) -> None:
-    """What the committed weights reach on the scene family (1,000 scenes: 94.3 % / 90.1 % / 77.5 %), less about
-    two standard errors of a 96-scene sample: a regression guard, not the goal (see the next test)."""
+    """A regression guard on the committed weights, floors they meet: what they reach on the scene family
+    (1,000 scenes: 94.3 % / 90.1 % / 77.5 %) less about two standard errors of a 96-scene sample.
+
+    The product target (top-1 >= 97 %, pointing game >= 92 %, box IoU >= 0.5 on >= 70 %) is not met yet and lives
+    in docs/shapes-model.md with the model's full figures (`make evaluate`), not here."""
     assert sample_quality.top1 >= 0.89
     assert sample_quality.pointing >= 0.84
     assert sample_quality.iou_050 >= 0.69
-
-
-@pytest.mark.xfail(strict=True, reason="issue #10's targets on the wider scene family are not met yet (docs/shapes-model.md)")
-def test_issue_targets_on_a_small_sample(sample_quality: Quality) -> None:
-    # strict: once a model meets the targets this XPASSes and fails, so the marker goes and the targets guard it.
-    assert sample_quality.top1 >= 0.97
-    assert sample_quality.pointing >= 0.92
-    assert sample_quality.iou_050 >= 0.70
 
 
 @pytest.mark.parametrize("method", sorted(m.name for m in METHODS.values() if m.needs_gradients))
@@ -57,6 +54,8 @@ def test_maps_decorrelate_when_the_weights_are_randomised(scenes, method: str) -
         name: CamExtractor(model, spec().input_size)(inputs, method=method, targets=targets).maps[:, 0]
         for name, model in (("trained", trained), ("random", randomised))
     }
-    correlations = [spearmanr(a.flatten().numpy(), b.flatten().numpy()).statistic for a, b in zip(maps["trained"], maps["random"])]
+    correlations = [
+        spearmanr(a.flatten().numpy(), b.flatten().numpy()).statistic for a, b in zip(maps["trained"], maps["random"], strict=True)
+    ]
     correlations = [0.0 if c != c else c for c in correlations]  # a constant map has no rank correlation
     assert sum(correlations) / len(correlations) < 0.5, correlations

@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import ROOT, default_heatmap_size, png_bytes
 from PIL import Image
+from support import ROOT, default_heatmap_size, png_bytes
 
 from camserve.models.shapes_net import ShapesNet
 from camserve.pipeline import Answer, CamPipeline, Row
@@ -52,19 +52,25 @@ def test_a_batch_answers_each_request_with_its_own_map(pipeline: CamPipeline, sc
     rows = [{"body": png_bytes(scene.image)} for scene in scenes[:3]] + [{"body": png_bytes(scenes[3].image), "heatmap_size": "original"}]
     answers = run(pipeline, rows)
     assert len(answers) == 4
-    for index, (answer, scene) in enumerate(zip(answers, scenes, strict=False)):
-        assert answer.status == 200 and isinstance(answer.body, dict)
+    for index, (answer, scene) in enumerate(zip(answers, scenes[:4], strict=True)):
+        assert answer.status == 200
+        assert isinstance(answer.body, dict)
         response = answer.body
-        assert [p["index"] for p in response["predictions"]] and len(response["predictions"]) == 3
+        assert [p["index"] for p in response["predictions"]]
+        assert len(response["predictions"]) == 3
         cam = response["cam"]
-        assert cam["method"] == "gradcam" and cam["layer"] == "features"
+        assert cam["method"] == "gradcam"
+        assert cam["layer"] == "features"
         assert cam["index"] == response["predictions"][0]["index"]
         assert cam["size"] == list(scene.image.size)
         heatmap = decode_heatmap(cam["heatmap"])
         width, height = scene.image.size if index == 3 else default_heatmap_size(scene.image.size, 192)
-        assert cam["heatmap_size"] == [width, height] and heatmap.shape == (height, width) and heatmap.dtype.name == "uint8"
+        assert cam["heatmap_size"] == [width, height]
+        assert heatmap.shape == (height, width)
+        assert heatmap.dtype.name == "uint8"
         x0, y0, x1, y1 = cam["bbox"]
-        assert 0 <= x0 < x1 <= scene.image.width and 0 <= y0 < y1 <= scene.image.height
+        assert 0 <= x0 < x1 <= scene.image.width
+        assert 0 <= y0 < y1 <= scene.image.height
         if index == 3:
             assert heatmap[cam["peak"][1], cam["peak"][0]] == heatmap.max()
 
@@ -74,9 +80,12 @@ def test_a_bad_request_fails_alone(pipeline: CamPipeline, scenes) -> None:
     answers = run(pipeline, rows)
     responses = [answer.body for answer in answers]
     assert answers[1].status == 400
-    assert responses[1]["type"] == "invalid_image" and "image" in responses[1]["message"]
-    assert answers[0].status == 200 and "cam" in responses[0]
-    assert answers[2].status == 200 and responses[2]["cam"]["method"] == "cam"
+    assert responses[1]["type"] == "invalid_image"
+    assert "image" in responses[1]["message"]
+    assert answers[0].status == 200
+    assert "cam" in responses[0]
+    assert answers[2].status == 200
+    assert responses[2]["cam"]["method"] == "cam"
 
 
 def test_plain_prediction_and_several_targets(pipeline: CamPipeline, scenes) -> None:
@@ -133,7 +142,9 @@ def test_v1_envelope_answers_each_instance_and_keeps_errors_in_place(pipeline: C
     envelope = v1_answer(answers)
     assert envelope.status == 200
     predictions = envelope.body["predictions"]
-    assert "cam" in predictions[0] and predictions[1]["type"] == "invalid_base64" and "cam" in predictions[2]
+    assert "cam" in predictions[0]
+    assert predictions[1]["type"] == "invalid_base64"
+    assert "cam" in predictions[2]
     ((only_bad,),) = pipeline.answer([v1_rows({"instances": [{"data": "!!"}]}, {})])
     assert v1_answer([only_bad]).status == 400
 
@@ -144,8 +155,11 @@ def test_v1_envelope_refuses_overlay_and_ignores_accept(pipeline: CamPipeline, s
         {"accept": "image/png"},
     )
     ((overlay, plain),) = pipeline.answer([rows])
-    assert overlay.status == 400 and overlay.body["option"] == "output"
-    assert plain.ok and isinstance(plain.body, dict) and "cam" in plain.body
+    assert overlay.status == 400
+    assert overlay.body["option"] == "output"
+    assert plain.ok
+    assert isinstance(plain.body, dict)
+    assert "cam" in plain.body
 
 
 @pytest.mark.parametrize(
@@ -162,7 +176,8 @@ def test_v1_envelope_refuses_overlay_and_ignores_accept(pipeline: CamPipeline, s
 def test_v2_shape_and_types_must_match_the_data(tensor: dict, kind: str) -> None:
     with pytest.raises(RequestError) as refused:
         v2_request({"inputs": [tensor]}, {})
-    assert refused.value.status == 400 and refused.value.kind == kind
+    assert refused.value.status == 400
+    assert refused.value.kind == kind
 
 
 def test_v2_answers_every_image_of_a_tensor(pipeline: CamPipeline, scenes) -> None:
@@ -171,5 +186,7 @@ def test_v2_answers_every_image_of_a_tensor(pipeline: CamPipeline, scenes) -> No
     ((*answers,),) = pipeline.answer([request.rows])
     envelope = v2_answer(answers, request, "shapes", "1.0", "unused")
     (output,) = envelope.body["outputs"]
-    assert envelope.body["id"] == "r1" and output["shape"] == [2] and len(output["data"]) == 2
+    assert envelope.body["id"] == "r1"
+    assert output["shape"] == [2]
+    assert len(output["data"]) == 2
     assert all("cam" in answer for answer in output["data"])

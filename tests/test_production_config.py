@@ -6,9 +6,9 @@ import json
 
 import pytest
 import requests
-from conftest import ROOT, SHAPES_MAR, png_bytes, start_server
+from support import ROOT, SHAPES_MAR, png_bytes, start_server
 
-pytestmark = [pytest.mark.slow, pytest.mark.serving]
+pytestmark = pytest.mark.server
 
 
 @pytest.fixture(scope="module")
@@ -29,9 +29,11 @@ def test_inference_needs_the_token(production_server, scenes) -> None:
     # TorchServe 0.12's token plugin answers 400 InvalidKeyException, not 401/403, and a handler cannot change
     # that (docs/protocol.md says so); this assertion makes any change of TorchServe's visible.
     for refused in (missing, wrong):
-        assert refused.status_code == 400 and refused.json()["type"] == "InvalidKeyException", refused.text
+        assert refused.status_code == 400, refused.text
+        assert refused.json()["type"] == "InvalidKeyException", refused.text
     right = requests.post(url, data=image, headers=production_server.auth_headers(), timeout=60)
-    assert right.status_code == 200 and right.json()["cam"]["method"] == "gradcam"
+    assert right.status_code == 200
+    assert right.json()["cam"]["method"] == "gradcam"
 
 
 def test_registering_a_model_is_refused(production_server) -> None:
@@ -56,7 +58,8 @@ def test_a_hostile_request_with_a_valid_token_gets_its_4xx_from_the_same_worker(
     (worker,) = production_server.worker_pids()
     for headers in ({"X-CAM-Target": "café".encode()}, {"X-CAM-Target": "<script>"}, {"X-CAM-Maps": "²".encode()}):
         response = requests.post(url, data=png_bytes(scenes[0].image), headers={**production_server.auth_headers(), **headers}, timeout=60)
-        assert response.status_code == 400 and response.reason == "Bad Request", response.text
+        assert response.status_code == 400, response.text
+        assert response.reason == "Bad Request", response.text
         assert response.json()["option"] in ("target", "maps")
     assert requests.post(url, data=png_bytes(scenes[1].image), headers=production_server.auth_headers(), timeout=60).status_code == 200
     assert production_server.worker_pids() == [worker]
@@ -65,7 +68,8 @@ def test_a_hostile_request_with_a_valid_token_gets_its_4xx_from_the_same_worker(
 def test_metrics_and_every_port_listen_on_loopback_only(production_server) -> None:
     config = (production_server.run_dir / "config.properties").read_text()
     addresses = [line.split("=", 1)[1] for line in config.splitlines() if line.split("=", 1)[0].endswith("_address")]
-    assert addresses and all("127.0.0.1" in address for address in addresses), addresses
+    assert addresses, addresses
+    assert all("127.0.0.1" in address for address in addresses), addresses
 
 
 def test_api_description_is_open_but_names_no_model_and_no_key(production_server) -> None:
@@ -76,6 +80,7 @@ def test_api_description_is_open_but_names_no_model_and_no_key(production_server
         requests.get(f"{production_server.inference_url}/api-description", timeout=30),
         requests.options(f"{production_server.inference_url}/", timeout=30),
     ):
-        assert response.status_code == 200 and "openapi" in response.json()
+        assert response.status_code == 200
+        assert "openapi" in response.json()
         assert "shapes" not in response.text
         assert not any(entry["key"] in response.text for entry in keys.values() if isinstance(entry, dict) and "key" in entry)

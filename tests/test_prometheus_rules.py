@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import ROOT
+from support import ROOT
 
 RULE = ROOT / "deploy" / "kubernetes" / "prometheusrule.yaml"
 RULE_TESTS = ROOT / "tests" / "prometheus" / "camserve-rules.test.yaml"
@@ -61,4 +61,5 @@ def test_promtool_test_catches_a_wrong_threshold(promtool: str, rule_files: Path
             rule["expr"] = rule["expr"].replace("> 2000", "> 3000")
     (rule_files / "camserve-rules.yaml").write_text(yaml.safe_dump(rules, sort_keys=False))
     result = subprocess.run([promtool, "test", "rules", RULE_TESTS.name], cwd=rule_files, capture_output=True, text=True)
-    assert result.returncode != 0 and "CamserveMapLatencyHigh" in result.stdout + result.stderr
+    assert result.returncode != 0
+    assert "CamserveMapLatencyHigh" in result.stdout + result.stderr

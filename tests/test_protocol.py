@@ -56,7 +56,8 @@ def test_a_large_jpeg_decodes_at_reduced_scale_but_keeps_its_full_size() -> None
     photo = Image.radial_gradient("L").resize((1280, 960)).convert("RGB")
     reduced = decode_request({"body": encoded(photo, "JPEG")}, at_least=(224, 224))
     # The smallest DCT scale that still covers 224 x 224: a quarter.
-    assert reduced.image.size == (320, 240) and reduced.size == (1280, 960)
+    assert reduced.image.size == (320, 240)
+    assert reduced.size == (1280, 960)
     full = decode_request({"body": encoded(photo, "JPEG")})
     assert full.image.size == full.size == (1280, 960)
     # Close to a resize of the full decode: what the model sees barely changes.
@@ -66,7 +67,8 @@ def test_a_large_jpeg_decodes_at_reduced_scale_but_keeps_its_full_size() -> None
     exif = Image.Exif()
     exif[0x0112] = 6
     turned = decode_request({"body": encoded(photo, "JPEG", exif=exif)}, at_least=(224, 224))
-    assert turned.image.size == (240, 320) and turned.size == (960, 1280)
+    assert turned.image.size == (240, 320)
+    assert turned.size == (960, 1280)
     png = decode_request({"body": encoded(photo, "PNG")}, at_least=(224, 224))
     assert png.image.size == png.size == (1280, 960)
 
@@ -77,7 +79,7 @@ def test_transparency_is_flattened_on_white() -> None:
 
 
 @pytest.mark.parametrize(
-    "row, kind",
+    ("row", "kind"),
     [
         ({"body": b""}, "empty_body"),
         ({"body": b"hello, not an image"}, "invalid_image"),
@@ -126,7 +128,8 @@ def test_options_defaults_and_validation() -> None:
     ]:
         with pytest.raises(RequestError) as caught:
             parse_options(raw, RULES)
-        assert caught.value.option == option and caught.value.status == 400
+        assert caught.value.option == option
+        assert caught.value.status == 400
 
 
 def test_cam_json_box_and_peak_are_those_of_the_full_size_map() -> None:
@@ -134,13 +137,20 @@ def test_cam_json_box_and_peak_are_those_of_the_full_size_map() -> None:
     grid[2, 4] = 1.0
     grid[5, 1] = 0.6
     cam = cam_json(grid, (320, 240), "gradcam", ("features",), 1, ["a", "b"])
-    assert cam["size"] == [320, 240] and cam["label"] == "b" and cam["layer"] == "features"
+    assert cam["size"] == [320, 240]
+    assert cam["label"] == "b"
+    assert cam["layer"] == "features"
     heatmap = decode_heatmap(cam["heatmap"])
     assert heatmap.shape == (240, 320)
     x, y = cam["peak"]
-    assert heatmap[y, x] == heatmap.max() and 4 * 320 / 7 <= x < 5 * 320 / 7 and 2 * 240 / 7 <= y < 3 * 240 / 7
+    assert heatmap[y, x] == heatmap.max()
+    assert 4 * 320 / 7 <= x < 5 * 320 / 7
+    assert 2 * 240 / 7 <= y < 3 * 240 / 7
     x0, y0, x1, y1 = cam["bbox"]
-    assert x0 <= x < x1 and y0 <= y < y1 and x0 >= 3 * 320 / 7 and y1 <= 4 * 240 / 7  # the larger blob alone
+    assert x0 <= x < x1
+    assert y0 <= y < y1
+    assert x0 >= 3 * 320 / 7
+    assert y1 <= 4 * 240 / 7
 
 
 def test_heatmap_size_option_and_the_size_it_gives() -> None:
@@ -183,11 +193,16 @@ def test_a_smaller_heatmap_keeps_size_peak_and_box_of_the_original() -> None:
 
     cam, default, full = answer({"heatmap_size": "160"}), answer({}), answer({"heatmap_size": "original"})
     assert cam["size"] == default["size"] == full["size"] == [640, 480]
-    assert cam["heatmap_size"] == [160, 120] and decode_heatmap(cam["heatmap"]).shape == (120, 160)
-    assert default["heatmap_size"] == [224, 168] and decode_heatmap(default["heatmap"]).shape == (168, 224)
-    assert full["heatmap_size"] == [640, 480] and decode_heatmap(full["heatmap"]).shape == (480, 640)
+    assert cam["heatmap_size"] == [160, 120]
+    assert decode_heatmap(cam["heatmap"]).shape == (120, 160)
+    assert default["heatmap_size"] == [224, 168]
+    assert decode_heatmap(default["heatmap"]).shape == (168, 224)
+    assert full["heatmap_size"] == [640, 480]
+    assert decode_heatmap(full["heatmap"]).shape == (480, 640)
     assert (cam["peak"], cam["bbox"]) == (default["peak"], default["bbox"]) == (full["peak"], full["bbox"])
-    assert "empty" not in cam and "empty" not in default and "empty" not in full
+    assert "empty" not in cam
+    assert "empty" not in default
+    assert "empty" not in full
 
 
 EMPTY_MAPS = {
@@ -212,17 +227,17 @@ def test_an_empty_map_has_no_box_and_no_peak_and_says_so(name: str, heatmap_size
     assert (cam["bbox"], cam["peak"], cam["empty"]) == (None, None, True)
     assert list(cam)[-3:] == ["bbox", "peak", "empty"]
     width, height = cam["heatmap_size"]
-    assert (
-        cam["size"] == [640, 480]
-        and (decode_heatmap(cam["heatmap"]) == 0).all()
-        and decode_heatmap(cam["heatmap"]).shape == (height, width)
-    )
-    assert b"NaN" not in json_bytes(body) and b"Infinity" not in json_bytes(body)
+    assert cam["size"] == [640, 480]
+    assert (decode_heatmap(cam["heatmap"]) == 0).all()
+    assert decode_heatmap(cam["heatmap"]).shape == (height, width)
+    assert b"NaN" not in json_bytes(body)
+    assert b"Infinity" not in json_bytes(body)
 
     grid_body, _ = encode_answer(
         parse_options({"output": "grid"}, RULES), torch.tensor([0.5, 0.5]), grid[None], [0], (640, 480), ("features",), ["a", "b"]
     )
-    assert grid_body["cam"]["empty"] is True and grid_body["cam"]["grid"] == [[0.0] * 7] * 7
+    assert grid_body["cam"]["empty"] is True
+    assert grid_body["cam"]["grid"] == [[0.0] * 7] * 7
     assert json.loads(json_bytes(grid_body)) == grid_body
 
     overlay, content_type = encode_answer(
@@ -242,7 +257,9 @@ def test_a_map_that_points_somewhere_is_not_empty() -> None:
     )
     assert "empty" not in body["cam"]
     cam = cam_json(grid, (640, 480), "gradcam", ("features",), 0, ["a", "b"])
-    assert "empty" not in cam and cam["bbox"] is not None and cam["peak"] is not None
+    assert "empty" not in cam
+    assert cam["bbox"] is not None
+    assert cam["peak"] is not None
 
 
 def test_json_bytes_are_compact_json() -> None:

@@ -21,15 +21,14 @@ from pathlib import Path
 import psutil
 import pytest
 import requests
-from conftest import ROOT, SHAPES_MAR, png_bytes, start_ray_engine
+from support import IMAGENET_MAR, SHAPES_MAR, png_bytes, require_archive, start_ray_engine
 
 from camserve_tools.data.photos import LABELLED
 from camserve_tools.servers.ray_cluster import RayCluster, processes_marked
 
 pytest.importorskip("ray", reason="Ray is not installed: pip install 'ray[serve]==2.60.0' (pinned in pyproject.toml)")
-pytestmark = [pytest.mark.slow, pytest.mark.serving]
+pytestmark = pytest.mark.server
 
-IMAGENET_MAR = ROOT / "model_store" / "imagenet.mar"
 NODES = {"head", "worker-1"}
 # shapes scales between two and three replicas on little load, quickly; imagenet keeps two.
 AUTOSCALING = {"min_replicas": 2, "max_replicas": 3, "target_ongoing_requests": 2, "upscale_delay_s": 1, "downscale_delay_s": 4}
@@ -45,8 +44,7 @@ LOOPBACK = {"127.0.0.1", "::1", "::ffff:127.0.0.1"}
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory: pytest.TempPathFactory):
     for archive in (SHAPES_MAR, IMAGENET_MAR):
-        if not archive.exists():
-            pytest.fail(f"{archive} is missing: make test builds it")
+        require_archive(archive)
     cluster = start_ray_engine(
         tmp_path_factory.mktemp("ray-cluster"),
         {"shapes": SHAPES_MAR, "imagenet": IMAGENET_MAR},
@@ -198,7 +196,8 @@ def references(cluster: RayCluster, scenes) -> dict[str, list[tuple[bytes, dict]
 
 def test_two_nodes_two_replicas_per_model_on_different_nodes_both_answer_right(cluster: RayCluster, scenes) -> None:
     counts = cluster.replica_counts()
-    assert counts["shapes"] == {"RUNNING": 2} and counts["imagenet"] == {"RUNNING": 2}, counts
+    assert counts["shapes"] == {"RUNNING": 2}, counts
+    assert counts["imagenet"] == {"RUNNING": 2}, counts
     coffee, family = coffee_jpeg()
     cases = {"shapes": [(png_bytes(scene.image), scene.name) for scene in scenes[:6]], "imagenet": [(coffee, None)]}
     for model, bodies in cases.items():
@@ -217,7 +216,8 @@ def test_two_nodes_two_replicas_per_model_on_different_nodes_both_answer_right(c
             replicas[response.headers["x-cam-replica"]] = node
             if attempt >= 2 * len(bodies) and set(replicas.values()) == NODES:
                 break
-        assert set(replicas.values()) == NODES and len(replicas) == 2, f"{model}: replicas and their nodes {replicas}"
+        assert set(replicas.values()) == NODES, f"{model}: replicas and their nodes {replicas}"
+        assert len(replicas) == 2, f"{model}: replicas and their nodes {replicas}"
         for index, by_node in seen.items():
             assert len(set(by_node.values())) == 1, f"{model} image {index}: the nodes' answers differ"
 
@@ -289,7 +289,8 @@ def test_losing_a_node_under_load(cluster: RayCluster, references) -> None:
     assert {a.node for a in answered_before} == NODES, "both nodes answered before the loss"
     assert all(a.sent > killed_at - 10 for a in failed), "a request failed long before the node was lost"
     assert all(a.right for a in answers if a.status == 200), "an answer was wrong"
-    assert settled and all(a.status == 200 and a.node == "head" for a in settled), Counter((a.status, a.node) for a in settled)
+    assert settled, Counter((a.status, a.node) for a in settled)
+    assert all(a.status == 200 and a.node == "head" for a in settled), Counter((a.status, a.node) for a in settled)
     assert not any(psutil.pid_exists(pid) and psutil.Process(pid).status() != psutil.STATUS_ZOMBIE for pid in killed)
 
 
@@ -300,7 +301,8 @@ def test_stop_leaves_no_process_and_no_listener(cluster: RayCluster) -> None:
     cluster.stop()
     assert processes_marked(temp_dir) == [], "a process of the cluster outlived stop"
     assert not any(psutil.pid_exists(pid) and psutil.Process(pid).status() != psutil.STATUS_ZOMBIE for pid in pids)
-    assert not Path(temp_dir).exists() and not cluster.record_file.exists()
+    assert not Path(temp_dir).exists()
+    assert not cluster.record_file.exists()
     with socket.socket() as probe:
         assert probe.connect_ex(("127.0.0.1", cluster.inference_port)) != 0, "the proxy's port still answers"
 
@@ -324,7 +326,8 @@ def raw_request(engine: RayCluster, head: bytes) -> bytes:
 def test_a_body_over_the_limit_is_refused_before_it_is_read(ray_engine: RayCluster, scenes) -> None:
     (worker,) = ray_engine.worker_pids()
     declared = raw_request(ray_engine, b"POST /predictions/shapes HTTP/1.1\r\nHost: x\r\nContent-Length: 999999999\r\n\r\n")
-    assert declared.startswith(b"HTTP/1.1 413") and b'"type":"request_too_large"' in declared, declared[:300]
+    assert declared.startswith(b"HTTP/1.1 413"), declared[:300]
+    assert b'"type":"request_too_large"' in declared, declared[:300]
     limit = ray_engine.max_body_bytes
 
     def chunks():
@@ -332,14 +335,16 @@ def test_a_body_over_the_limit_is_refused_before_it_is_read(ray_engine: RayClust
             yield b"\0" * 65536
 
     streamed = requests.post(f"{ray_engine.inference_url}/predictions/shapes", data=chunks(), timeout=120)
-    assert streamed.status_code == 413 and streamed.json()["type"] == "request_too_large"
+    assert streamed.status_code == 413
+    assert streamed.json()["type"] == "request_too_large"
     form = requests.post(
         f"{ray_engine.inference_url}/predictions/shapes",
         files={"data": ("scene.png", png_bytes(scenes[0].image))},
         data={"method": "x" * 1_100_000},
         timeout=60,
     )
-    assert form.status_code == 400 and form.json()["code"] == 400, form.text[:300]
+    assert form.status_code == 400, form.text[:300]
+    assert form.json()["code"] == 400, form.text[:300]
     assert requests.post(f"{ray_engine.inference_url}/predictions/shapes", data=png_bytes(scenes[0].image), timeout=60).status_code == 200
     assert ray_engine.worker_pids() == [worker]
 
@@ -355,10 +360,14 @@ def test_routes_methods_and_models_outside_the_protocol_get_json_errors(ray_engi
     }
     for (method, path), (status, kind) in cases.items():
         response = requests.request(method, url + path, data=image if method == "POST" else None, timeout=60)
-        assert response.status_code == status and response.json()["type"] == kind, (method, path, response.text[:200])
+        assert response.status_code == status, (method, path, response.text[:200])
+        assert response.json()["type"] == kind, (method, path, response.text[:200])
     explained = requests.post(f"{url}/explanations/shapes", data=image, timeout=60)
-    assert explained.status_code == 200 and "predictions" not in explained.json() and explained.json()["cam"]
-    assert explained.headers["x-cam-node"] == "head" and explained.headers["x-cam-replica"].startswith("shapes#")
+    assert explained.status_code == 200
+    assert "predictions" not in explained.json()
+    assert explained.json()["cam"]
+    assert explained.headers["x-cam-node"] == "head"
+    assert explained.headers["x-cam-replica"].startswith("shapes#")
 
 
 def test_camserve_metrics_on_the_nodes_prometheus_endpoint(ray_engine: RayCluster, scenes) -> None:

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import ROOT
+from support import ROOT
 
 from camserve_tools.deploy.manifests import KUBERAY_CRDS, check_against_crd, check_document, check_serve_config
 from camserve_tools.servers.ray_cluster import RayCluster
@@ -33,13 +33,16 @@ def test_the_serve_config_loads_in_rays_schema_and_autoscales_every_model() -> N
     config = serve_config()
     assert check_serve_config(config, "serve-config") == []
     applications = {app["name"]: app for app in config["applications"]}
-    assert applications["camserve"]["route_prefix"] == "/" and applications["camserve"]["args"]["models"] == ["shapes", "imagenet"]
+    assert applications["camserve"]["route_prefix"] == "/"
+    assert applications["camserve"]["args"]["models"] == ["shapes", "imagenet"]
     for model in ("shapes", "imagenet"):
         app = applications[model]
-        assert app["route_prefix"] == f"/predictions/{model}" and app["args"]["name"] == model
+        assert app["route_prefix"] == f"/predictions/{model}"
+        assert app["args"]["name"] == model
         (deployment,) = app["deployments"]
         scaling = deployment["autoscaling_config"]
-        assert deployment["name"] == model and 1 <= scaling["min_replicas"] < scaling["max_replicas"]
+        assert deployment["name"] == model
+        assert 1 <= scaling["min_replicas"] < scaling["max_replicas"]
         assert scaling["target_ongoing_requests"] <= deployment["max_ongoing_requests"]
         assert set(deployment["user_config"]) == {"max_batch_size", "batch_wait_timeout_s"}
     assert config["http_options"]["host"] == "127.0.0.1"
@@ -61,10 +64,12 @@ def test_the_ray_service_carries_the_same_applications() -> None:
     assert check_document(service) == []
     served = yaml.safe_load(service["spec"]["serveConfigV2"])
     assert served["applications"] == serve_config()["applications"]
-    assert served["proxy_location"] == "EveryNode" and served["http_options"]["host"] == "0.0.0.0"
+    assert served["proxy_location"] == "EveryNode"
+    assert served["http_options"]["host"] == "0.0.0.0"
     cluster = service["spec"]["rayClusterConfig"]
     pins = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]
-    assert f"ray[serve]=={cluster['rayVersion']}" in pins and cluster["rayVersion"] == ray.__version__
+    assert f"ray[serve]=={cluster['rayVersion']}" in pins
+    assert cluster["rayVersion"] == ray.__version__
     (workers,) = cluster["workerGroupSpecs"]
     assert workers["minReplicas"] >= 2, "a lost worker pod must leave a replica of every model on another"
     assert cluster["headGroupSpec"]["rayStartParams"]["num-cpus"] == "0"
@@ -79,11 +84,11 @@ def test_the_checker_catches_what_the_schemas_let_through() -> None:
         return check_document(document)
 
     spec = "spec"
-    workers = lambda d: d[spec]["rayClusterConfig"]["workerGroupSpecs"][0]  # noqa: E731
-    head = lambda d: d[spec]["rayClusterConfig"]["headGroupSpec"]  # noqa: E731
+    workers = lambda d: d[spec]["rayClusterConfig"]["workerGroupSpecs"][0]
+    head = lambda d: d[spec]["rayClusterConfig"]["headGroupSpec"]
     assert any("maxReplica: unknown field" in p for p in problems(lambda d: workers(d).update(maxReplica=3)))
     assert any("num-cpus: a string" in p for p in problems(lambda d: head(d)["rayStartParams"].update({"num-cpus": 0})))
-    misspelt = lambda d: d[spec].update(serveConfigV2=d[spec]["serveConfigV2"].replace("autoscaling_config", "autoscalling_config", 1))  # noqa: E731
+    misspelt = lambda d: d[spec].update(serveConfigV2=d[spec]["serveConfigV2"].replace("autoscaling_config", "autoscalling_config", 1))
     assert any("autoscalling_config: Ray Serve's config has no such field" in p for p in problems(misspelt))
     container = problems(lambda d: workers(d)["template"]["spec"]["containers"][0].update(imagePullPolicies="x"))
     assert any("imagePullPolicies" in p for p in container)
@@ -104,15 +109,20 @@ def test_the_local_cluster_deploys_the_same_config_with_its_own_port_models_and_
     archives = {"shapes": ROOT / "model_store" / "shapes.mar", "mine": tmp_path / "mine.mar"}
     config = RayCluster(run_dir=tmp_path, archives=archives, nodes=2, inference_port=18123).application_config()
     assert check_serve_config(config, "local") == []
-    assert config["http_options"]["host"] == "127.0.0.1" and config["http_options"]["port"] == 18123
+    assert config["http_options"]["host"] == "127.0.0.1"
+    assert config["http_options"]["port"] == 18123
     applications = {app["name"]: app for app in config["applications"]}
-    assert set(applications) == {"camserve", "shapes", "mine"} and applications["camserve"]["args"]["models"] == ["shapes", "mine"]
+    assert set(applications) == {"camserve", "shapes", "mine"}
+    assert applications["camserve"]["args"]["models"] == ["shapes", "mine"]
     mine = applications["mine"]
-    assert mine["route_prefix"] == "/predictions/mine" and mine["args"]["source"] == "mine.mar"
+    assert mine["route_prefix"] == "/predictions/mine"
+    assert mine["args"]["source"] == "mine.mar"
     assert mine["args"]["model_store"] == str(tmp_path)
     for name in ("shapes", "mine"):
         (deployment,) = applications[name]["deployments"]
-        assert deployment["name"] == name and deployment["autoscaling_config"]["min_replicas"] == 2, "a replica per node at least"
+        assert deployment["name"] == name, "a replica per node at least"
+        assert deployment["autoscaling_config"]["min_replicas"] == 2, "a replica per node at least"
     fixed = RayCluster(run_dir=tmp_path, archives={"shapes": archives["shapes"]}, deployment_options={"shapes": {"num_replicas": 1}})
     (deployment,) = {app["name"]: app for app in fixed.application_config()["applications"]}["shapes"]["deployments"]
-    assert deployment["num_replicas"] == 1 and "autoscaling_config" not in deployment
+    assert deployment["num_replicas"] == 1
+    assert "autoscaling_config" not in deployment

@@ -26,7 +26,8 @@ from camserve_tools.bench.sequential_latency import (
 )
 
 
-@pytest.mark.serving
+@pytest.mark.server
+@pytest.mark.benchmark
 def test_every_method_is_measured_on_every_photo_at_both_sizes(shapes_server) -> None:
     names = PHOTOS[:2]
     cells = [
@@ -40,7 +41,7 @@ def test_every_method_is_measured_on_every_photo_at_both_sizes(shapes_server) ->
         )
         for size in SIZES
     ]
-    for cell, size in zip(cells, SIZES):
+    for cell, size in zip(cells, SIZES, strict=True):
         assert (cell.model, cell.size) == ("shapes", size)
         assert cell.requests_per_method == 2 * len(names)
         assert set(cell.latencies_ms) == set(cell.answer_bytes) == set(METHODS)
@@ -52,7 +53,8 @@ def test_every_method_is_measured_on_every_photo_at_both_sizes(shapes_server) ->
         assert cell.ratio("gradcam") == cell.median_ms("gradcam") / cell.median_ms("none")
 
     table = markdown_table(cells).splitlines()
-    assert table[0].startswith("| model | image | requests per method | none median / p90 |") and "gradcam ÷ none" in table[0]
+    assert table[0].startswith("| model | image | requests per method | none median / p90 |")
+    assert "gradcam ÷ none" in table[0]
     assert [row.split(" | ")[:3] for row in table[2:]] == [["| shapes", "640×480", "4"], ["| shapes", "1280×960", "4"]]
     assert all(len(row.split("|")) == len(table[0].split("|")) for row in table)
     assert len(target_lines(cells).splitlines()) == 2

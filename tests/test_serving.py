@@ -7,12 +7,12 @@ import io
 
 import pytest
 import requests
-from conftest import default_heatmap_size, png_bytes
 from PIL import Image
+from support import default_heatmap_size, png_bytes
 
 from camserve.protocol.responses import decode_heatmap
 
-pytestmark = pytest.mark.serving
+pytestmark = pytest.mark.server
 
 
 def test_prediction_with_map_points_at_the_object(predict, scenes) -> None:
@@ -24,12 +24,15 @@ def test_prediction_with_map_points_at_the_object(predict, scenes) -> None:
         assert response.headers["content-type"].startswith("application/json")
         body = response.json()
         top = body["predictions"][0]
-        assert set(top) == {"index", "label", "probability"} and 0 <= top["probability"] <= 1
+        assert set(top) == {"index", "label", "probability"}
+        assert 0 <= top["probability"] <= 1
         cam = body["cam"]
-        assert cam["method"] == "gradcam" and cam["layer"] == "features"
+        assert cam["method"] == "gradcam"
+        assert cam["layer"] == "features"
         assert cam["size"] == [scene.image.width, scene.image.height]
         width, height = cam["heatmap_size"]
-        assert (width, height) == default_heatmap_size(scene.image.size, 192) and decode_heatmap(cam["heatmap"]).shape == (height, width)
+        assert (width, height) == default_heatmap_size(scene.image.size, 192)
+        assert decode_heatmap(cam["heatmap"]).shape == (height, width)
         x, y = cam["peak"]
         x0, y0, x1, y1 = scene.box
         correct += top["label"] == scene.name
@@ -51,36 +54,45 @@ def test_garbage_gets_a_4xx_json_error_and_the_server_keeps_serving(predict, sce
     bad = predict(b"this is not an image at all")
     assert 400 <= bad.status_code < 500
     error = bad.json()
-    assert error["type"] == "invalid_image" and "image" in error["message"]
+    assert error["type"] == "invalid_image"
+    assert "image" in error["message"]
     good = predict(png_bytes(scenes[1].image))
-    assert good.status_code == 200 and good.json()["predictions"][0]["label"]
+    assert good.status_code == 200
+    assert good.json()["predictions"][0]["label"]
 
 
 def test_options_in_a_json_body(predict, scenes) -> None:
     body = {"data": base64.b64encode(png_bytes(scenes[3].image)).decode(), "method": "cam", "topk": 2}
     response = predict(json=body)
     assert response.status_code == 200, response.text
-    assert response.json()["cam"]["method"] == "cam" and len(response.json()["predictions"]) == 2
+    assert response.json()["cam"]["method"] == "cam"
+    assert len(response.json()["predictions"]) == 2
 
 
 def test_unknown_option_is_named(predict, scenes) -> None:
     response = predict(png_bytes(scenes[2].image), headers={"X-CAM-Method": "nonsense"})
     assert response.status_code == 400
-    assert response.json()["option"] == "method" and "gradcam" in response.json()["message"]
+    assert response.json()["option"] == "method"
+    assert "gradcam" in response.json()["message"]
 
 
 def test_output_kinds(predict, scenes) -> None:
     scene = scenes[4]
     grid = predict(png_bytes(scene.image), headers={"X-CAM-Output": "grid"}).json()["cam"]
-    assert grid["shape"] == [24, 24] and len(grid["grid"]) == 24
-    assert min(min(row) for row in grid["grid"]) >= 0 and max(max(row) for row in grid["grid"]) == 1.0
+    assert grid["shape"] == [24, 24]
+    assert len(grid["grid"]) == 24
+    assert min(min(row) for row in grid["grid"]) >= 0
+    assert max(max(row) for row in grid["grid"]) == 1.0
     none = predict(png_bytes(scene.image), headers={"X-CAM-Output": "none"}).json()
-    assert "cam" not in none and none["predictions"]
+    assert "cam" not in none
+    assert none["predictions"]
     overlay = predict(png_bytes(scene.image), headers={"Accept": "image/png"})
-    assert overlay.status_code == 200 and overlay.headers["content-type"] == "image/png"
+    assert overlay.status_code == 200
+    assert overlay.headers["content-type"] == "image/png"
     assert Image.open(io.BytesIO(overlay.content)).size == scene.image.size
     jpeg = predict(png_bytes(scene.image), headers={"X-CAM-Output": "overlay", "X-CAM-Format": "jpeg"})
-    assert jpeg.headers["content-type"] == "image/jpeg" and jpeg.content[:2] == b"\xff\xd8"
+    assert jpeg.headers["content-type"] == "image/jpeg"
+    assert jpeg.content[:2] == b"\xff\xd8"
 
 
 def test_several_maps_come_as_a_list_in_target_order(predict, scenes) -> None:
@@ -94,7 +106,8 @@ def test_explanations_route_returns_our_map_without_predictions(predict, scenes)
     response = predict(png_bytes(scenes[7].image), path="explanations/shapes")
     assert response.status_code == 200, response.text
     body = response.json()
-    assert "predictions" not in body and body["cam"]["method"] == "gradcam"
+    assert "predictions" not in body
+    assert body["cam"]["method"] == "gradcam"
     assert len(response.content) < 64_000  # not TorchServe's Integrated-Gradients tensor dump
 
 
@@ -103,8 +116,11 @@ def test_handler_metrics_on_the_prometheus_endpoint(shapes_server, scenes) -> No
     assert requests.post(url, data=png_bytes(scenes[8].image), headers={**auth, "X-CAM-Method": "cam"}, timeout=60).status_code == 200
     assert requests.post(url, data=b"not an image", headers=auth, timeout=60).status_code == 400
     text = requests.get(f"{shapes_server.metrics_url}/metrics", timeout=30).text
-    assert "CamRequests{" in text and 'Method="cam"' in text and 'Output="png"' in text
-    assert "CamErrors{" in text and 'Kind="invalid_image"' in text
+    assert "CamRequests{" in text
+    assert 'Method="cam"' in text
+    assert 'Output="png"' in text
+    assert "CamErrors{" in text
+    assert 'Kind="invalid_image"' in text
     assert "CamMapTime{" in text
 
 
@@ -118,4 +134,5 @@ def test_multipart_form_with_options_as_fields(shapes_server, scenes) -> None:
     )
     assert response.status_code == 200, response.text
     body = response.json()
-    assert body["cam"]["method"] == "cam" and len(body["predictions"]) == 1
+    assert body["cam"]["method"] == "cam"
+    assert len(body["predictions"]) == 1

@@ -17,16 +17,16 @@ from pathlib import Path
 
 import pytest
 import requests
-from conftest import ROOT, png_bytes, start_server
 from PIL import Image
+from support import ROOT, png_bytes, start_server
 
 from camserve_tools.data.scenes import make_scene
 
 VARIANTS = ("built-in plain", "none", "gradcam", "built-in IG", "pytorch-grad-cam")
 
 
-@pytest.mark.slow
-@pytest.mark.serving
+@pytest.mark.server
+@pytest.mark.benchmark
 def test_benchmark_serves_every_variant_and_writes_its_report(tmp_path: Path) -> None:
     command = [
         sys.executable,
@@ -57,10 +57,14 @@ def test_benchmark_serves_every_variant_and_writes_its_report(tmp_path: Path) ->
     cells = {cell["variant"]: cell["figures"] for cell in data["cells"]}
     assert set(cells) == set(VARIANTS)
     for variant, figures in cells.items():
-        assert figures["requests"] > 0 and figures["failures"] == 0, (variant, figures["errors"])
-        assert figures["rounds"] == 2 and figures["p50_ms"] <= figures["p95_ms"] <= figures["p99_ms"]
+        assert figures["requests"] > 0, (variant, figures["errors"])
+        assert figures["failures"] == 0, (variant, figures["errors"])
+        assert figures["rounds"] == 2
+        assert figures["p50_ms"] <= figures["p95_ms"] <= figures["p99_ms"]
         # The server's CPU per answer, from /proc over the measured windows: workers and frontend both spend some.
-        assert figures["server_workers_cpu_ms"] > 0 and figures["server_frontend_cpu_ms"] > 0 and figures["client_cpu_ms"] > 0, variant
+        assert figures["server_workers_cpu_ms"] > 0, variant
+        assert figures["server_frontend_cpu_ms"] > 0, variant
+        assert figures["client_cpu_ms"] > 0, variant
         parts = figures["server_frontend_cpu_ms"] + figures["server_workers_cpu_ms"] + figures["server_other_cpu_ms"]
         assert figures["server_total_cpu_ms"] == pytest.approx(parts)
         # No more CPU than the machine's cores give over the window.
@@ -76,14 +80,15 @@ def test_benchmark_serves_every_variant_and_writes_its_report(tmp_path: Path) ->
     assert "gradcam throughput ≥ 0.95× built-in plain" in report
     assert "| shapes | 2×1, b1 | gradcam server CPU per request ≤ 1.00× built-in plain |" in report
     assert "| shapes | 2×1, b1 | gradcam server CPU per request ≤ 1.08× our none |" in report
-    assert "## Throughput against CPU at saturation" in report and "server CPU ms/req" in report
+    assert "## Throughput against CPU at saturation" in report
+    assert "server CPU ms/req" in report
     assert "| shapes | 2×1, b1 | reference: pytorch-grad-cam throughput ÷ built-in plain |" in report
     assert "| shapes | 2×1, b1 | reference: gradcam throughput ÷ pytorch-grad-cam |" in report
     for plot in ("serving-benchmark-throughput.png", "serving-benchmark-latency.png"):
         assert (tmp_path / "docs" / plot).read_bytes().startswith(b"\x89PNG")
 
 
-@pytest.mark.serving
+@pytest.mark.server
 def test_pytorch_grad_cam_peer_answers_each_request_of_a_batch_with_a_heat_map_of_its_image_size(tmp_path: Path) -> None:
     """The peer variant's archive, as the benchmark builds it, through a real TorchServe: two images of different
     sizes sent at once (batch size 2, so that they can share a batch), each answered with its label and a PNG of
@@ -110,12 +115,15 @@ def test_pytorch_grad_cam_peer_answers_each_request_of_a_batch_with_a_heat_map_o
             responses = list(pool.map(post, images))
     finally:
         server.stop()
-    for image, response in zip(images, responses):
+    for image, response in zip(images, responses, strict=True):
         assert response.status_code == 200, response.text[:500]
         answer = response.json()
-        assert answer["label"] == labels[str(answer["index"])] and 0 < answer["probability"] <= 1
+        assert answer["label"] == labels[str(answer["index"])]
+        assert 0 < answer["probability"] <= 1
         heatmap = Image.open(io.BytesIO(base64.b64decode(answer["heatmap"])))
-        assert heatmap.format == "PNG" and heatmap.mode == "L" and heatmap.size == image.size
+        assert heatmap.format == "PNG"
+        assert heatmap.mode == "L"
+        assert heatmap.size == image.size
         assert heatmap.getextrema()[1] > 0  # a map, not a blank image
 
 
@@ -144,6 +152,9 @@ def test_rounds_merge_by_histogram_as_locust_computes_percentiles() -> None:
         },
     ]
     merged = merge(rounds)
-    assert merged["throughput_rps"] == 40.0 and merged["requests"] == 200 and merged["failures"] == 1
-    assert merged["response_bytes"] == 20.0 and merged["errors"] == ["1 x HTTP 503"]
+    assert merged["throughput_rps"] == 40.0
+    assert merged["requests"] == 200
+    assert merged["failures"] == 1
+    assert merged["response_bytes"] == 20.0
+    assert merged["errors"] == ["1 x HTTP 503"]
     assert (merged["p50_ms"], merged["p95_ms"], merged["p99_ms"]) == (10, 30, 30)

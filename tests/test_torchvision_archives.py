@@ -14,13 +14,13 @@ import sys
 import pytest
 import requests
 import torch
-from conftest import ROOT, default_heatmap_size, png_bytes, start_server
+from support import ROOT, default_heatmap_size, png_bytes, start_server
 from torchvision import models
 
 from camserve.model_spec import ModelSpec
 from camserve.protocol.responses import decode_heatmap
 
-pytestmark = [pytest.mark.slow, pytest.mark.serving]
+pytestmark = pytest.mark.server
 
 # builder -> (expected default layer, whether `cam` applies)
 ARCHIVED = {
@@ -74,17 +74,21 @@ def test_archived_torchvision_model_answers_with_a_map(torchvision_server, scene
     response = requests.post(url, data=png_bytes(scene.image), timeout=120)
     assert response.status_code == 200, response.text
     body = response.json()
-    assert body["predictions"][0]["label"] in LABELS and len(body["predictions"]) == ModelSpec.topk
+    assert body["predictions"][0]["label"] in LABELS
+    assert len(body["predictions"]) == ModelSpec.topk
     assert body["cam"]["layer"] == layer
     width, height = body["cam"]["heatmap_size"]
-    assert (width, height) == default_heatmap_size(scene.image.size, 224) and decode_heatmap(body["cam"]["heatmap"]).shape == (
+    assert (width, height) == default_heatmap_size(scene.image.size, 224)
+    assert decode_heatmap(body["cam"]["heatmap"]).shape == (
         height,
         width,
     )
 
     cam = requests.post(url, data=png_bytes(scene.image), headers={"X-CAM-Method": "cam"}, timeout=120)
     if cam_applies:
-        assert cam.status_code == 200 and cam.json()["cam"]["method"] == "cam", cam.text
+        assert cam.status_code == 200, cam.text
+        assert cam.json()["cam"]["method"] == "cam", cam.text
     else:
         assert cam.status_code == 400
-        assert cam.json()["option"] == "method" and "gradcam" in cam.json()["message"]
+        assert cam.json()["option"] == "method"
+        assert "gradcam" in cam.json()["message"]
