@@ -104,10 +104,11 @@ def test_predict_returns_label_and_map(pod: KServeLocal, scenes) -> None:
 
 def test_not_an_image_is_a_400_through_both_layers(pod: KServeLocal) -> None:
     not_an_image = base64.b64encode(b"plain text, no image").decode()
-    if pod.api == "v1":
-        call = lambda client: client.infer(pod.url, {"instances": [{"data": not_an_image}]}, model_name="shapes")
-    else:
-        call = lambda client: client.infer(pod.url, v2_request(not_an_image), model_name="shapes")
+    body = {"instances": [{"data": not_an_image}]} if pod.api == "v1" else v2_request(not_an_image)
+
+    def call(client):  # the KServe client of the pod's protocol
+        return client.infer(pod.url, body, model_name="shapes")
+
     with pytest.raises(httpx.HTTPStatusError) as raised:
         run(call, pod.api)
     assert raised.value.response.status_code == 400

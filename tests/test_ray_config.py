@@ -84,11 +84,19 @@ def test_the_checker_catches_what_the_schemas_let_through() -> None:
         return check_document(document)
 
     spec = "spec"
-    workers = lambda d: d[spec]["rayClusterConfig"]["workerGroupSpecs"][0]
-    head = lambda d: d[spec]["rayClusterConfig"]["headGroupSpec"]
+
+    def workers(d: dict) -> dict:
+        return d[spec]["rayClusterConfig"]["workerGroupSpecs"][0]
+
+    def head(d: dict) -> dict:
+        return d[spec]["rayClusterConfig"]["headGroupSpec"]
+
     assert any("maxReplica: unknown field" in p for p in problems(lambda d: workers(d).update(maxReplica=3)))
     assert any("num-cpus: a string" in p for p in problems(lambda d: head(d)["rayStartParams"].update({"num-cpus": 0})))
-    misspelt = lambda d: d[spec].update(serveConfigV2=d[spec]["serveConfigV2"].replace("autoscaling_config", "autoscalling_config", 1))
+
+    def misspelt(d: dict) -> None:
+        d[spec].update(serveConfigV2=d[spec]["serveConfigV2"].replace("autoscaling_config", "autoscalling_config", 1))
+
     assert any("autoscalling_config: Ray Serve's config has no such field" in p for p in problems(misspelt))
     container = problems(lambda d: workers(d)["template"]["spec"]["containers"][0].update(imagePullPolicies="x"))
     assert any("imagePullPolicies" in p for p in container)
