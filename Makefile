@@ -114,7 +114,7 @@ test: lint $(ARCHIVES) prometheus-tools
 # The tiers are pyproject's pytest markers: server (a real server, container or model_store archive), slow, benchmark.
 # test-fast deselects all three, so it needs no archive built and no port.
 test-fast: $(VENV)/.installed
-	$(PY) -m pytest -m "not server and not slow and not benchmark"
+	$(PY) -m pytest -n auto -m "not server and not slow and not benchmark"
 
 # promtool (Debian's prometheus package) for tests/test_prometheus_rules.py and Prometheus for make image-test:
 # installed with apt as root when missing; elsewhere those tests skip and say why.
