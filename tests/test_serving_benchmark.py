@@ -44,13 +44,17 @@ def test_benchmark_serves_every_variant_and_writes_its_report(tmp_path: Path) ->
         "8",
         "--rounds",
         "2",
+        "--engine-models",
+        "shapes",
+        "--engine-concurrency",
+        "2",
         "--out",
         str(tmp_path / "docs"),
         "--run-dir",
         str(tmp_path / "run"),
     ]
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    completed = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    completed = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
     assert completed.returncode == 0, completed.stdout[-2000:] + completed.stderr[-4000:]
 
     data = json.loads((tmp_path / "docs" / "serving-benchmark.json").read_text())
@@ -74,7 +78,20 @@ def test_benchmark_serves_every_variant_and_writes_its_report(tmp_path: Path) ->
     assert cells["built-in IG"]["response_bytes"] > 3 * 128 * 128
     assert data["forward"][0]["images_per_s"] > 0
 
+    # The engine section: the same archive on TorchServe and on KServe's model server, side by side.
+    engines = {cell["variant"]: cell["figures"] for cell in data["engine_cells"]}
+    assert set(engines) == {f"{method} on {engine}" for method in ("none", "gradcam") for engine in ("torchserve", "kserve")}
+    for variant, figures in engines.items():
+        assert figures["requests"] > 0, variant
+        assert figures["failures"] == 0, (variant, figures["errors"])
+        assert figures["server_total_cpu_ms"] > 0, variant
+        assert figures["server_rss_mib"] > 0, variant
+    # One Python process against a JVM and its workers.
+    assert engines["gradcam on kserve"]["server_rss_mib"] < engines["gradcam on torchserve"]["server_rss_mib"]
+
     report = (tmp_path / "docs" / "serving-benchmark.md").read_text()
+    assert "## Engines: TorchServe against KServe's own model server" in report
+    assert "| shapes | 2×1, b1 | gradcam on kserve | 2 |" in report
     for variant in VARIANTS:
         assert f"| shapes | 2×1, b1 | {variant} | 2 |" in report
     assert "gradcam throughput ≥ 0.95× built-in plain" in report
