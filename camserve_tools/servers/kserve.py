@@ -19,6 +19,7 @@ import requests
 
 from camserve.protocol.limits import TORCHSERVE_MAX_REQUEST_SIZE
 from camserve_tools.kserve.bundle import body_limit
+from camserve_tools.servers.endpoint import LocalEndpoint
 from camserve_tools.servers.process_group import start_in_own_session, stop_recorded
 from camserve_tools.servers.readiness import wait_for_answers
 from camserve_tools.servers.torchserve import free_port, sample_image_png
@@ -29,7 +30,7 @@ STOP_GRACE_S = 30.0
 
 
 @dataclass
-class KServeEngine:
+class KServeEngine(LocalEndpoint):
     """One KServe model server hosting camserve's pipeline for `archives` (.mar files or model dirs)."""
 
     run_dir: Path
@@ -47,14 +48,6 @@ class KServeEngine:
     @classmethod
     def on_free_ports(cls, **fields: object) -> KServeEngine:
         return cls(inference_port=free_port(), grpc_port=free_port(), **fields)  # type: ignore[arg-type]
-
-    @property
-    def inference_url(self) -> str:
-        return f"http://{self.host}:{self.inference_port}"
-
-    @property
-    def log_dir(self) -> Path:
-        return self.run_dir / "logs"
 
     @property
     def pid_file(self) -> Path:

@@ -34,6 +34,7 @@ import yaml
 
 from camserve.protocol.limits import TORCHSERVE_MAX_REQUEST_SIZE
 from camserve_tools.kserve.bundle import body_limit
+from camserve_tools.servers.endpoint import LocalEndpoint
 from camserve_tools.servers.process_group import signal_processes, start_in_own_session
 from camserve_tools.servers.ray_application import SERVE_CONFIG, ApplicationSettings, application_config, parse_models
 from camserve_tools.servers.readiness import wait_for_answers
@@ -77,7 +78,7 @@ def processes_marked(cluster: str, node: str | None = None) -> list[psutil.Proce
 
 
 @dataclass
-class RayCluster:
+class RayCluster(LocalEndpoint):
     """`nodes` Ray nodes on loopback (a head and nodes-1 workers) serving `archives` (name -> .mar or model dir)."""
 
     run_dir: Path
@@ -99,14 +100,6 @@ class RayCluster:
     @classmethod
     def on_free_ports(cls, **fields: Any) -> RayCluster:
         return cls(inference_port=free_port(), **fields)
-
-    @property
-    def inference_url(self) -> str:
-        return f"http://{self.host}:{self.inference_port}"
-
-    @property
-    def log_dir(self) -> Path:
-        return self.run_dir / "logs"
 
     @property
     def record_file(self) -> Path:

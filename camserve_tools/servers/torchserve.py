@@ -29,6 +29,7 @@ import requests
 
 from camserve.protocol.limits import TORCHSERVE_MAX_REQUEST_SIZE
 from camserve_tools.servers import model_probe, torchserve_logs
+from camserve_tools.servers.endpoint import LocalEndpoint
 from camserve_tools.servers.process_group import start_in_own_session, stop_recorded
 from camserve_tools.servers.readiness import wait_for_answers
 from camserve_tools.servers.short_paths import UNIX_SOCKET_PATH_MAX as UNIX_SOCKET_PATH_MAX  # the tests check short paths by it
@@ -81,7 +82,7 @@ def sample_image_png() -> bytes:
 
 
 @dataclass
-class TorchServe:
+class TorchServe(LocalEndpoint):
     run_dir: Path
     config: Path
     model_store: Path = ROOT / "model_store"
@@ -102,10 +103,6 @@ class TorchServe:
         return cls(inference_port=free_port(), management_port=free_port(), metrics_port=free_port(), **fields)  # type: ignore[arg-type]
 
     @property
-    def inference_url(self) -> str:
-        return f"http://{self.host}:{self.inference_port}"
-
-    @property
     def management_url(self) -> str:
         return f"http://{self.host}:{self.management_port}"
 
@@ -116,10 +113,6 @@ class TorchServe:
     @property
     def tmp_dir(self) -> Path:
         return self.run_dir / "tmp"
-
-    @property
-    def log_dir(self) -> Path:
-        return self.run_dir / "logs"
 
     @property
     def socket_dir(self) -> Path | None:
