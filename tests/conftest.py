@@ -9,7 +9,7 @@ from collections.abc import Iterator
 
 import pytest
 import requests
-from support import SHAPES_MAR, TEST_SEED_START, require_archive, start_kserve_engine, start_ray_engine, start_server
+from support import ROOT, SHAPES_MAR, TEST_SEED_START, require_archive, start_kserve_engine, start_ray_engine, start_server
 
 from camserve_tools.data.scenes import Scene, make_scene
 from camserve_tools.servers.kserve import KServeEngine
@@ -89,3 +89,15 @@ def predict(engine_server: TorchServe | KServeEngine | RayCluster):
         )
 
     return post
+
+
+@pytest.fixture(scope="module", params=["kserve", "kserve-v2"])
+def enveloped(request, tmp_path_factory: pytest.TempPathFactory):
+    """TorchServe serving the shapes archive under a KServe envelope (v1, then v2), as (envelope, server)."""
+    server = start_server(
+        tmp_path_factory.mktemp(request.param), {"shapes": SHAPES_MAR}, config=ROOT / "config" / f"{request.param}.properties"
+    )
+    try:
+        yield request.param, server
+    finally:
+        server.stop()

@@ -16,21 +16,9 @@ import pytest
 import requests
 from kserve.protocol.grpc import grpc_predict_v2_pb2 as pb
 from kserve.protocol.grpc import grpc_predict_v2_pb2_grpc as pb_grpc
-from support import ROOT, SHAPES_MAR, png_bytes, start_server
+from support import png_bytes
 
 pytestmark = pytest.mark.server
-
-
-@pytest.fixture(scope="module", params=["kserve", "kserve-v2"])
-def enveloped(request, tmp_path_factory: pytest.TempPathFactory):
-    """TorchServe answering a KServe envelope, and the native engine's route for the same envelope."""
-    server = start_server(
-        tmp_path_factory.mktemp(request.param), {"shapes": SHAPES_MAR}, config=ROOT / "config" / f"{request.param}.properties"
-    )
-    try:
-        yield request.param, server
-    finally:
-        server.stop()
 
 
 def post(url: str, body: bytes | None = None, headers: dict | None = None, **kwargs) -> requests.Response:

@@ -6,26 +6,15 @@ import base64
 
 import pytest
 import requests
-from support import ROOT, SHAPES_MAR, default_heatmap_size, png_bytes, start_server
+from support import default_heatmap_size, png_bytes
 
 from camserve.protocol.responses import decode_heatmap
 
 pytestmark = pytest.mark.server
 
 
-@pytest.fixture(scope="module", params=["kserve", "kserve-v2"])
-def kserve_server(request, tmp_path_factory: pytest.TempPathFactory):
-    server = start_server(
-        tmp_path_factory.mktemp(request.param), {"shapes": SHAPES_MAR}, config=ROOT / "config" / f"{request.param}.properties"
-    )
-    try:
-        yield request.param, server
-    finally:
-        server.stop()
-
-
-def test_kserve_predict_and_explain(kserve_server, scenes) -> None:
-    protocol, server = kserve_server
+def test_kserve_predict_and_explain(enveloped, scenes) -> None:
+    protocol, server = enveloped
     images = [base64.b64encode(png_bytes(scene.image)).decode() for scene in scenes[:2]]
     if protocol == "kserve":
         body = {"instances": [{"data": images[0]}, {"data": images[1], "method": "cam"}, {"data": "!!not base64"}]}
