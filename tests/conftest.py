@@ -9,7 +9,7 @@ from collections.abc import Iterator
 
 import pytest
 import requests
-from support import ROOT, SHAPES_MAR, TEST_SEED_START, require_archive, start_kserve_engine, start_ray_engine, start_server
+from support import ROOT, SHAPES_MAR, TEST_SEED_START, require_archive, start_kserve_engine, start_ray_engine, start_server, stopped_after
 
 from camserve_tools.data.scenes import Scene, make_scene
 from camserve_tools.servers.kserve import KServeEngine
@@ -28,34 +28,25 @@ def scenes() -> list[Scene]:
 @pytest.fixture(scope="session")
 def shapes_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TorchServe]:
     require_archive(SHAPES_MAR)
-    server = start_server(tmp_path_factory.mktemp("shapes-server"), {"shapes": SHAPES_MAR})
-    try:
+    with stopped_after(start_server(tmp_path_factory.mktemp("shapes-server"), {"shapes": SHAPES_MAR})) as server:
         yield server
-    finally:
-        server.stop()
 
 
 @pytest.fixture(scope="session")
 def kserve_engine(tmp_path_factory: pytest.TempPathFactory) -> Iterator[KServeEngine]:
     require_archive(SHAPES_MAR)
-    engine = start_kserve_engine(tmp_path_factory.mktemp("kserve-engine"), [SHAPES_MAR])
-    try:
+    with stopped_after(start_kserve_engine(tmp_path_factory.mktemp("kserve-engine"), [SHAPES_MAR])) as engine:
         yield engine
-    finally:
-        engine.stop()
 
 
 @pytest.fixture(scope="session")
 def ray_engine(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RayCluster]:
     """The shapes model on Ray Serve: a one-node cluster, one replica (the hostile suites check that one process)."""
     require_archive(SHAPES_MAR)
-    cluster = start_ray_engine(
-        tmp_path_factory.mktemp("ray-engine"), {"shapes": SHAPES_MAR}, deployment_options={"shapes": {"num_replicas": 1}}
-    )
-    try:
+    with stopped_after(
+        start_ray_engine(tmp_path_factory.mktemp("ray-engine"), {"shapes": SHAPES_MAR}, deployment_options={"shapes": {"num_replicas": 1}})
+    ) as cluster:
         yield cluster
-    finally:
-        cluster.stop()
 
 
 @pytest.fixture(scope="session", params=tuple(ENGINE_FIXTURES))
@@ -94,10 +85,7 @@ def predict(engine_server: TorchServe | KServeEngine | RayCluster):
 @pytest.fixture(scope="module", params=["kserve", "kserve-v2"])
 def enveloped(request, tmp_path_factory: pytest.TempPathFactory):
     """TorchServe serving the shapes archive under a KServe envelope (v1, then v2), as (envelope, server)."""
-    server = start_server(
-        tmp_path_factory.mktemp(request.param), {"shapes": SHAPES_MAR}, config=ROOT / "config" / f"{request.param}.properties"
-    )
-    try:
+    with stopped_after(
+        start_server(tmp_path_factory.mktemp(request.param), {"shapes": SHAPES_MAR}, config=ROOT / "config" / f"{request.param}.properties")
+    ) as server:
         yield request.param, server
-    finally:
-        server.stop()

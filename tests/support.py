@@ -12,7 +12,10 @@ import struct
 import subprocess
 import sys
 import zlib
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Protocol, TypeVar
 
 import pytest
 
@@ -71,6 +74,22 @@ def require_archive(archive: Path) -> None:
     """Fail (not skip) with the command that builds `archive` when it is missing: make test builds every one."""
     if not archive.exists():
         pytest.fail(f"{archive} is missing: run `make {archive.relative_to(ROOT)}` (make test builds it)")
+
+
+class _HasStop(Protocol):
+    def stop(self) -> None: ...
+
+
+_Stoppable = TypeVar("_Stoppable", bound=_HasStop)
+
+
+@contextmanager
+def stopped_after(server: _Stoppable) -> Iterator[_Stoppable]:
+    """`server` for the block, stopped after it whatever happens (a fixture yields inside it)."""
+    try:
+        yield server
+    finally:
+        server.stop()
 
 
 def start_server(run_dir: Path, mars: dict[str, Path], config: Path = DEV_CONFIG, **kwargs) -> TorchServe:

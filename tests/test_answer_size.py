@@ -6,7 +6,7 @@ import json
 
 import pytest
 import requests
-from support import IMAGENET_MAR, SHAPES_MAR, default_heatmap_size, png_bytes, start_server
+from support import IMAGENET_MAR, SHAPES_MAR, default_heatmap_size, png_bytes, start_server, stopped_after
 
 from camserve.protocol.responses import decode_heatmap
 from camserve_tools.data.answer_pool import photo_pool
@@ -52,11 +52,10 @@ def test_heatmap_size_through_torchserve(predict, scenes) -> None:
 def both_models(tmp_path_factory: pytest.TempPathFactory):
     if not IMAGENET_MAR.exists():
         pytest.fail(f"{IMAGENET_MAR} is missing: run `make model_store/imagenet.mar` (make test builds it)")
-    server = start_server(tmp_path_factory.mktemp("answer-size-server"), {"shapes": SHAPES_MAR, "imagenet": IMAGENET_MAR})
-    try:
+    with stopped_after(
+        start_server(tmp_path_factory.mktemp("answer-size-server"), {"shapes": SHAPES_MAR, "imagenet": IMAGENET_MAR})
+    ) as server:
         yield server
-    finally:
-        server.stop()
 
 
 @pytest.mark.parametrize("size", [(640, 480), (1280, 960)], ids=["640x480", "1280x960"])

@@ -15,7 +15,7 @@ import pytest
 import requests
 import yaml
 from PIL import Image
-from support import ROOT, TEST_SEED_START, default_heatmap_size, png_bytes, start_server
+from support import ROOT, TEST_SEED_START, default_heatmap_size, png_bytes, start_server, stopped_after
 
 from camserve.cam import CamExtractor
 from camserve.cam.localization import peak, upsample_map
@@ -49,11 +49,8 @@ def batching_server(tmp_path_factory: pytest.TempPathFactory):
     config.update(batchSize=8, maxBatchDelay=200)
     (model_dir / "model-config.yaml").write_text(yaml.safe_dump(config))
     mar = build_archive("shapes", model_dir, work / "store")
-    server = start_server(work / "server", {"shapes": mar})
-    try:
+    with stopped_after(start_server(work / "server", {"shapes": mar})) as server:
         yield server
-    finally:
-        server.stop()
 
 
 def scenes_the_model_gets_right(count: int, first_seed: int) -> list[Scene]:

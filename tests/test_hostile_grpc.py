@@ -17,7 +17,7 @@ import grpc
 import pytest
 import requests
 from PIL import Image
-from support import ROOT, SHAPES_MAR, png_bytes, start_server
+from support import ROOT, SHAPES_MAR, png_bytes, start_server, stopped_after
 
 from camserve_tools.servers.torchserve_grpc import compile_stubs
 
@@ -28,11 +28,8 @@ PROBE = ROOT / "camserve_tools" / "servers" / "model_probe.py"
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory):
-    server = start_server(tmp_path_factory.mktemp("grpc-hostile"), {"shapes": SHAPES_MAR})
-    try:
+    with stopped_after(start_server(tmp_path_factory.mktemp("grpc-hostile"), {"shapes": SHAPES_MAR})) as server:
         yield server
-    finally:
-        server.stop()
 
 
 @pytest.fixture(scope="module")

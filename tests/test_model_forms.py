@@ -23,7 +23,7 @@ import requests
 import torch
 from pytorch_grad_cam import GradCAM
 from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
-from support import ROOT, png_bytes, start_server
+from support import ROOT, png_bytes, start_server, stopped_after
 from torch import nn
 
 from camserve.cam import CamExtractor
@@ -151,11 +151,8 @@ def forms(tmp_path_factory: pytest.TempPathFactory):
     archive(ArchiveRequest(exported=work / "exported.pt2", labels=work / "labels.json", name="exported"), store)
     originals["exported"] = (exported, (48, 48), (0.485, 0.456, 0.406), (0.229, 0.224, 0.225), "blocks")
 
-    server = start_server(work / "server", {name: store / f"{name}.mar" for name in originals})
-    try:
+    with stopped_after(start_server(work / "server", {name: store / f"{name}.mar" for name in originals})) as server:
         yield originals, server
-    finally:
-        server.stop()
 
 
 def reference_gradcam(model: nn.Module, layer: str, inputs: torch.Tensor, target: int, size: tuple[int, int]) -> np.ndarray:

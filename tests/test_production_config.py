@@ -6,18 +6,17 @@ import json
 
 import pytest
 import requests
-from support import ROOT, SHAPES_MAR, png_bytes, start_server
+from support import ROOT, SHAPES_MAR, png_bytes, start_server, stopped_after
 
 pytestmark = pytest.mark.server
 
 
 @pytest.fixture(scope="module")
 def production_server(tmp_path_factory: pytest.TempPathFactory):
-    server = start_server(tmp_path_factory.mktemp("production"), {"shapes": SHAPES_MAR}, config=ROOT / "config" / "production.properties")
-    try:
+    with stopped_after(
+        start_server(tmp_path_factory.mktemp("production"), {"shapes": SHAPES_MAR}, config=ROOT / "config" / "production.properties")
+    ) as server:
         yield server
-    finally:
-        server.stop()
 
 
 def test_inference_needs_the_token(production_server, scenes) -> None:

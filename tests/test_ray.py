@@ -21,7 +21,7 @@ from pathlib import Path
 import psutil
 import pytest
 import requests
-from support import IMAGENET_MAR, SHAPES_MAR, png_bytes, require_archive, start_ray_engine
+from support import IMAGENET_MAR, SHAPES_MAR, png_bytes, require_archive, start_ray_engine, stopped_after
 
 from camserve_tools.data.photos import LABELLED
 from camserve_tools.servers.ray_cluster import RayCluster, processes_marked
@@ -45,17 +45,16 @@ LOOPBACK = {"127.0.0.1", "::1", "::ffff:127.0.0.1"}
 def cluster(tmp_path_factory: pytest.TempPathFactory):
     for archive in (SHAPES_MAR, IMAGENET_MAR):
         require_archive(archive)
-    cluster = start_ray_engine(
-        tmp_path_factory.mktemp("ray-cluster"),
-        {"shapes": SHAPES_MAR, "imagenet": IMAGENET_MAR},
-        nodes=2,
-        deployment_options={"shapes": {"autoscaling_config": AUTOSCALING}, "imagenet": {"num_replicas": 2}},
-        env=QUICK_METRICS,
-    )
-    try:
+    with stopped_after(
+        start_ray_engine(
+            tmp_path_factory.mktemp("ray-cluster"),
+            {"shapes": SHAPES_MAR, "imagenet": IMAGENET_MAR},
+            nodes=2,
+            deployment_options={"shapes": {"autoscaling_config": AUTOSCALING}, "imagenet": {"num_replicas": 2}},
+            env=QUICK_METRICS,
+        )
+    ) as cluster:
         yield cluster
-    finally:
-        cluster.stop()
 
 
 def coffee_jpeg() -> tuple[bytes, frozenset[str]]:

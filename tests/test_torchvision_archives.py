@@ -14,7 +14,7 @@ import sys
 import pytest
 import requests
 import torch
-from support import ROOT, default_heatmap_size, png_bytes, start_server
+from support import ROOT, default_heatmap_size, png_bytes, start_server, stopped_after
 from torchvision import models
 
 from camserve.model_spec import ModelSpec
@@ -59,11 +59,8 @@ def torchvision_server(tmp_path_factory: pytest.TempPathFactory):
         )
         weights.unlink()
         mars[builder] = work / "store" / f"{builder}.mar"
-    server = start_server(work / "server", mars)
-    try:
+    with stopped_after(start_server(work / "server", mars)) as server:
         yield server
-    finally:
-        server.stop()
 
 
 @pytest.mark.parametrize("builder", list(ARCHIVED))
