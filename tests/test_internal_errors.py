@@ -23,7 +23,7 @@ import pytest
 import requests
 import torch
 import yaml
-from conftest import ROOT, png_bytes, start_server
+from support import ROOT, png_bytes, start_server
 from PIL import Image
 
 from camserve.cam import localization
