@@ -23,8 +23,8 @@ import pytest
 import requests
 import torch
 import yaml
-from support import ROOT, png_bytes, start_server
 from PIL import Image
+from support import ROOT, png_bytes, start_server
 
 from camserve.cam import localization
 from camserve.pipeline import Answer, CamPipeline, Row
