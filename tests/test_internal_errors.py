@@ -291,7 +291,7 @@ FAULTY_MODEL_MODULE = textwrap.dedent(
 
 @pytest.mark.server
 def test_torchserve_answers_a_fault_of_ours_with_a_500_and_the_rest_of_the_batch(tmp_path: Path) -> None:
-    from camserve_tools.archive.build import build_archive
+    from camserve_tools.archive.packing import build_archive
 
     model_dir = tmp_path / "model"
     shutil.copytree(ROOT / "models" / "shapes", model_dir)
