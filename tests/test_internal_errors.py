@@ -261,7 +261,8 @@ FAULTY_MODEL_MODULE = textwrap.dedent(
 
     import logging
 
-        from camserve.pipeline import pipeline
+    from camserve.models.shapes_net import ShapesNet
+    from camserve.pipeline import pipeline
 
     _decode_image = pipeline.decode_image
     _predict_each = pipeline.CamPipeline.predict_each
