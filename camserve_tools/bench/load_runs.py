@@ -21,9 +21,9 @@ LOCUSTFILE = ROOT / "load_tests" / "benchmark_locustfile.py"
 FRONTEND_WARMUP_S = 10.0
 
 
-def start_torchserve(store: Path, models: str, threads: int, run_dir: Path) -> TorchServe:
-    """TorchServe on free ports serving `models` (name=archive,...) of `store`, `threads` torch threads per worker,
-    in a fresh `run_dir`; stopped again if it does not come up."""
+def start_torchserve(store: Path, models: str, threads: int | None, run_dir: Path, timeout: float = 600) -> TorchServe:
+    """TorchServe on free ports serving `models` (name=archive,...) of `store`, `threads` torch threads per worker
+    (None: torch's own default), in a fresh `run_dir`; stopped again if it does not come up."""
     shutil.rmtree(run_dir, ignore_errors=True)
     run_dir.mkdir(parents=True)
     server = TorchServe.on_free_ports(
@@ -31,10 +31,10 @@ def start_torchserve(store: Path, models: str, threads: int, run_dir: Path) -> T
         config=ROOT / "config" / "dev.properties",
         model_store=store,
         models=models,
-        env={"OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)},
+        env={} if threads is None else {"OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)},
     )
     try:
-        server.start(timeout=600)
+        server.start(timeout=timeout)
     except BaseException:
         server.stop()
         raise

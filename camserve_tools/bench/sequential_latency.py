@@ -28,7 +28,6 @@ import http.client
 import io
 import json
 import math
-import shutil
 import statistics
 import sys
 import time
@@ -40,6 +39,7 @@ from urllib.parse import urlsplit
 
 from PIL import Image
 
+from camserve_tools.bench.load_runs import start_torchserve
 from camserve_tools.data.image_pool import Sample
 from camserve_tools.data.photos import BACKGROUNDS, LABELLED, load
 from camserve_tools.servers.torchserve import TorchServe
@@ -180,16 +180,8 @@ def served(model_store: Path, models: Sequence[str], run_dir: Path) -> Iterator[
     missing = [f"{name}.mar" for name in models if not (model_store / f"{name}.mar").exists()]
     if missing:
         raise FileNotFoundError(f"no {', '.join(missing)} in {model_store}: `make {' '.join(f'model_store/{mar}' for mar in missing)}`")
-    shutil.rmtree(run_dir, ignore_errors=True)
-    run_dir.mkdir(parents=True)
-    server = TorchServe.on_free_ports(
-        run_dir=run_dir,
-        config=ROOT / "config" / "dev.properties",
-        model_store=model_store,
-        models=",".join(f"{name}={name}.mar" for name in models),
-    )
+    server = start_torchserve(model_store, ",".join(f"{name}={name}.mar" for name in models), None, run_dir, timeout=300)
     try:
-        server.start(timeout=300)
         yield server
     finally:
         server.stop()
