@@ -58,6 +58,7 @@ from camserve_tools.servers.torchserve import TorchServe, sample_image_png
 ROOT = Path(__file__).resolve().parents[2]
 RUN_DIR = ROOT / ".run" / "bench"
 HANDLER_FILES = Path(__file__).resolve().parent
+START_TIMEOUT_S = 1500.0
 # The archives of each model besides ours (`<model>.mar`): `<model>_<suffix>.mar`, served by that handler file.
 OTHER_HANDLERS = {
     "builtin": HANDLER_FILES / "builtin_image_classifier.py",
@@ -168,7 +169,8 @@ def start_server(models: list[BenchModel], settings: Settings, work_dir: Path) -
             build_archives(model, settings, store, Path(staging))
     names = [name for model in models for name in (model.name, *(f"{model.name}_{suffix}" for suffix in OTHER_HANDLERS))]
     entries = ",".join(f"{name}={name}.mar" for name in names)
-    return start_torchserve(store, entries, settings.threads, work_dir / f"server-{settings.slug}")
+    # Eighteen workers loading their models on two cores: the start alone can take minutes.
+    return start_torchserve(store, entries, settings.threads, work_dir / f"server-{settings.slug}", timeout=START_TIMEOUT_S)
 
 
 def run_cell(server: TorchServe, model: BenchModel, variant: Variant, users: int, seconds: float, work_dir: Path) -> dict:
@@ -350,10 +352,16 @@ def main() -> None:
         for model in models:
             forward[(model.name, settings)] = forward_throughput(model, settings, seconds=min(5.0, args.duration))
             print(f"in-process forward {model.name} {settings.slug}: {forward[(model.name, settings)]:.1f} images/s", flush=True)
+    command = f'make bench BENCH_ARGS="{" ".join(sys.argv[1:])}"' if len(sys.argv) > 1 else "make bench"
+    report = args.out / ("serving-tuning.md" if args.tune else "serving-benchmark.md")
+    title = "Serving benchmark: worker settings sweep" if args.tune else "Serving benchmark: what a map costs through TorchServe"
     cells: list[Cell] = []
     for settings in grid:
         print(f"serving with {settings.label}", flush=True)
         cells += measure(models, settings, variants, concurrency, args.duration, args.rounds, run_dir)
+        # Each settings group is written as soon as it is measured, so that a later failure keeps it
+        # (--report-from rewrites the report from this JSON); the full report replaces it at the end.
+        write_report(report, title, command, cells, forward, args.duration, [])
 
     engine_cells: list[Cell] = []
     if "kserve" in args.engines.split(",") and not args.tune:
@@ -364,9 +372,6 @@ def main() -> None:
             engine_models, settings, args.engine_concurrency, args.duration, args.rounds, run_dir / f"store-{settings.slug}", run_dir
         )
     profile_lines = [] if args.tune else profile_sections(models, cells, variants, args.threads, args.batch_sizes)
-    command = f'make bench BENCH_ARGS="{" ".join(sys.argv[1:])}"' if len(sys.argv) > 1 else "make bench"
-    report = args.out / ("serving-tuning.md" if args.tune else "serving-benchmark.md")
-    title = "Serving benchmark: worker settings sweep" if args.tune else "Serving benchmark: what a map costs through TorchServe"
     engine_lines = engine_section(engine_cells) if engine_cells else []
     write_report(report, title, command, cells, forward, args.duration, profile_lines, None, engine_cells, engine_lines)
     print(f"wrote {report} and its plots")
