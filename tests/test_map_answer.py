@@ -2,11 +2,11 @@
 
 - Default (`auto`): the image's aspect ratio, its longest side the model input's longest side, never larger than
   the image; `size`, `bbox` and `peak` stay those of the original image, as with `original`.
-- `original`: byte for byte the answer from before the default changed. The reference is that encoder's code,
-  frozen in tests/responses_before_sized_heatmaps.py. Through TorchServe the maps are made known exactly by a
-  model built for it (KNOWN_MAP_PY: its layer's output is a fixed pattern of small powers of two, so every step
-  of Grad-CAM is exact in float32 and the served grid is GRID, bit for bit), so the served bytes can be compared
-  with the frozen encoder's bytes for the same grid.
+- `original`: byte for byte the answer from before the default changed. The reference is that encoder's answers,
+  recorded in tests/golden/answers_before_sized_heatmaps.json as the sha256 of their bytes, with the maps they
+  encode. Through TorchServe the maps are made known exactly by a model built for it (KNOWN_MAP_PY: its layer's
+  output is a fixed pattern of small powers of two, so every step of Grad-CAM is exact in float32 and the served
+  grid is GRID, bit for bit), so the served bytes can be compared with the recorded ones for the same grid.
 - An empty map (all zero, or not finite) answers `"bbox": null, "peak": null, "empty": true`: on the known-map
   model's class of negative weight (ReLU leaves nothing), and on the default model for a photograph without a
   shape, whose Grad-CAM map is all zero.
@@ -22,12 +22,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 import requests
-import responses_before_sized_heatmaps as before
 import torch
 from PIL import Image
-from support import ROOT, SHAPES_MAR, TEST_SEED_START, default_heatmap_size, encoded, png_bytes, run_camserve, start_server
+from support import SHAPES_MAR, TEST_SEED_START, default_heatmap_size, encoded, png_bytes, run_camserve, start_server
 
-from camserve.cam.localization import peak_and_box
 from camserve.protocol.options import OptionRules, parse_options
 from camserve.protocol.responses import decode_heatmap, encode_answer, heatmap_png_size, json_bytes
 from camserve_tools.data.scenes import CLASSES
@@ -144,9 +142,10 @@ def test_original_is_byte_for_byte_the_answer_from_before(known_map, size: tuple
     response = known_map(body, content_type, {"X-CAM-Heatmap-Size": "original"})
     assert response.status_code == 200, response.text[:500]
     served = response.json()
-    labels = [KNOWN_MAP_LABELS[str(i)] for i in range(3)]
-    expected = {"predictions": served["predictions"], "cam": before.cam_json(GRID, size, "gradcam", ("features",), 0, labels)}
-    assert response.content == before.json_bytes(expected)
+    assert response.content == json_bytes(served)  # the answer is its members' canonical bytes, so the `cam` member's pin it
+    cam = json_bytes(served["cam"])
+    recorded = next(case for case in BEFORE["served"] if case["size"] == list(size))
+    assert (hashlib.sha256(cam).hexdigest(), len(cam)) == (recorded["sha256"], recorded["bytes"])
 
 
 @pytest.mark.server
@@ -218,91 +217,61 @@ def test_default_model_on_a_photograph_without_a_shape_answers_an_empty_map(pred
         assert not np.any(grid["grid"])
 
 
-# -- in-process: original against the frozen encoder, on many maps ----------------------------------------------
+# -- in-process: original against the recorded answers, on many maps -------------------------------------------
 
 
 RULES = OptionRules(
     methods={"gradcam", "cam"}, layers={"features"}, labels=["circle", "square", "triangle"], default_method="gradcam", default_topk=3
 )
 ENCODER_SIZES = [(640, 480), (1280, 960), (1, 20), (20, 1), (333, 517), (97, 61), (4000, 3000)]
+PROBABILITIES = torch.tensor([0.2, 0.5, 0.3])
+BEFORE = json.loads((Path(__file__).parent / "golden" / "answers_before_sized_heatmaps.json").read_text())
+RECORDED_GRIDS = [torch.tensor(grid, dtype=torch.float32) for grid in BEFORE["grids"]]
 
 
-def real_and_made_grids(scenes) -> list[torch.Tensor]:
-    """The default model's Grad-CAM and CAM maps of scenes, and grids that stress the encoder: noise, steep, spikes."""
-    from camserve.cam import CamExtractor
-    from camserve.model_spec import ModelSpec, load_model
-    from camserve.preprocessing import whole_image_transform
-
-    root = ROOT / "models" / "shapes"
-    spec = ModelSpec.from_model_dir(root)
-    extractor = CamExtractor(load_model(spec, root), spec.input_size)
-    inputs = torch.stack([whole_image_transform(spec.input_size, spec.mean, spec.std)(scene.image) for scene in scenes[:3]])
-    grids = [m[0] for method in ("gradcam", "cam") for m in extractor(inputs, method=method).maps]
-    generator = torch.Generator().manual_seed(1)
-    noise = torch.rand(9, 13, generator=generator)
-    spikes = (torch.rand(7, 7, generator=generator) > 0.8).float()
-    spikes[3, 3] = 1.0
-    return [*grids, noise, noise**6, spikes]
-
-
-@pytest.mark.slow
-def test_original_encodes_as_the_frozen_encoder_did(scenes) -> None:
-    grids = real_and_made_grids(scenes)
-    assert all(float(grid.max()) > 0 for grid in grids)
-    probabilities = torch.tensor([0.2, 0.5, 0.3])
-    requests_ = [{}, {"topk": "1"}, {"target": "triangle,circle"}, {"method": "cam"}]
-    compared = 0
-    for size in ENCODER_SIZES:
-        for index, grid in enumerate(grids):
-            raw = requests_[index % len(requests_)]
-            # `original` was the default: the encoder from before answered it for a request without the option.
-            options = parse_options({**raw, "heatmap_size": "original"}, RULES)
-            maps = torch.stack([grid, grid.flip(1)])[: options.map_count]
-            targets = options.chosen_targets(probabilities)
-            if any(peak_and_box(m, size) is None for m in maps):  # empty at this size (a strip samples one column): answered apart
-                continue
-            compared += 1
-            for explain in (False, True):
-                new, _ = encode_answer(
-                    options, probabilities, maps, targets, size, ("features",), RULES.labels, explain=explain, input_size=(192, 192)
-                )
-                old, _ = before.encode_answer(
-                    options, probabilities, maps, targets, size, ("features",), list(RULES.labels), explain=explain
-                )
-                assert json_bytes(new) == before.json_bytes(old), (size, index, raw, explain)
-    assert compared >= 0.8 * len(ENCODER_SIZES) * len(grids)
-
-
-def test_the_default_differs_from_original_only_in_the_heat_map(scenes) -> None:
-    grid = real_and_made_grids(scenes)[-3]  # noise: positive almost everywhere, so not empty even where a strip samples one column
-    probabilities = torch.tensor([0.2, 0.5, 0.3])
-    for size in ENCODER_SIZES:
-        default, _ = encode_answer(
-            parse_options({}, RULES), probabilities, grid[None], [1], size, ("features",), RULES.labels, input_size=(224, 224)
+def test_original_encodes_as_the_encoder_before_did() -> None:
+    """Every recorded case (7 sizes, 9 maps, 4 kinds of request, predictions and explanations), byte for byte."""
+    assert len(BEFORE["encoder"]) >= 0.8 * 2 * len(ENCODER_SIZES) * len(RECORDED_GRIDS)
+    for case in BEFORE["encoder"]:
+        size, grid = tuple(case["size"]), RECORDED_GRIDS[case["grid"]]
+        options = parse_options({**case["request"], "heatmap_size": "original"}, RULES)
+        maps = torch.stack([grid, grid.flip(1)])[: options.map_count]
+        answer, _ = encode_answer(
+            options,
+            PROBABILITIES,
+            maps,
+            options.chosen_targets(PROBABILITIES),
+            size,
+            ("features",),
+            RULES.labels,
+            explain=case["explain"],
+            input_size=(192, 192),
         )
-        old, _ = before.encode_answer(
-            parse_options({"heatmap_size": "original"}, RULES), probabilities, grid[None], [1], size, ("features",), list(RULES.labels)
+        data = json_bytes(answer)
+        assert (hashlib.sha256(data).hexdigest(), len(data)) == (case["sha256"], case["bytes"]), case
+
+
+def test_the_default_differs_from_original_only_in_the_heat_map() -> None:
+    grid = RECORDED_GRIDS[-3]  # noise: positive almost everywhere, so not empty even where a strip samples one column
+    for size in ENCODER_SIZES:
+        default, original = (
+            encode_answer(
+                parse_options(raw, RULES), PROBABILITIES, grid[None], [1], size, ("features",), RULES.labels, input_size=(224, 224)
+            )[0]["cam"]
+            for raw in ({}, {"heatmap_size": "original"})
         )
-        assert list(default["cam"]) == list(old["cam"])  # the same keys in the same order
-        assert default["cam"]["heatmap_size"] == list(heatmap_png_size("auto", size, (224, 224))) == list(default_heatmap_size(size, 224))
-        assert {k: v for k, v in default["cam"].items() if not k.startswith("heatmap")} == {
-            k: v for k, v in old["cam"].items() if not k.startswith("heatmap")
+        assert list(default) == list(original)  # the same keys in the same order
+        assert default["heatmap_size"] == list(heatmap_png_size("auto", size, (224, 224))) == list(default_heatmap_size(size, 224))
+        assert {k: v for k, v in default.items() if not k.startswith("heatmap")} == {
+            k: v for k, v in original.items() if not k.startswith("heatmap")
         }
-        width, height = default["cam"]["heatmap_size"]
-        small = decode_heatmap(default["cam"]["heatmap"])
+        width, height = default["heatmap_size"]
+        small = decode_heatmap(default["heatmap"])
         assert small.shape == (height, width)
         # The same map: the small PNG is the full one resized, within a few levels where the bilinear sampling differs.
-        full = Image.fromarray(decode_heatmap(old["cam"]["heatmap"]))
+        full = Image.fromarray(decode_heatmap(original["heatmap"]))
         resized = np.asarray(full.resize((width, height), Image.Resampling.BILINEAR), dtype=int)
         assert np.abs(resized - small.astype(int)).mean() < 4, size
-
-
-def test_the_frozen_reference_is_the_code_from_before() -> None:
-    """The frozen file's code is commit 8358c3f's camserve/protocol/responses.py, from `from __future__` to the end
-    (`git show 8358c3f:camserve/protocol/responses.py | sed -n '/^from __future__/,$p' | sha256sum`)."""
-    text = Path(before.__file__).read_text()
-    code = text[text.index("from __future__ import annotations") :]
-    assert hashlib.sha256(code.encode()).hexdigest() == "ad8db5732a0222b1b7ef0ddd026bab54da197781bf27bedbba4df1e946b5850e"
 
 
 # -- the command: explain's journal and evaluate's figures ------------------------------------------------------
