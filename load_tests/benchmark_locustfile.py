@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import functools
 import json
-import random
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -35,6 +34,7 @@ from locust.env import Environment
 from locust.runners import WorkerRunner
 
 from camserve_tools.bench.cpu_accounting import CpuWindow
+from camserve_tools.bench.locust_posts import post_pool_image
 from camserve_tools.data.image_pool import image_pool
 
 PNG_BASE64_SIGNATURE = "iVBORw0KGgo"  # base64 of the 8-byte PNG signature
@@ -171,22 +171,9 @@ class BenchmarkUser(FastHttpUser):
     @task
     def post_image(self) -> None:
         options = run_options(self.environment)
-        sample = random.choice(image_pool(options.pool_size))
-        headers = {"Content-Type": sample.content_type, **extra_headers(tuple(options.header))}
-        # Locust annotates `data` as str or dict, but sends bytes as they are: an image body must not be re-encoded.
-        with self.client.post(
-            options.path,
-            data=sample.body,  # type: ignore[arg-type]
-            headers=headers,
-            name=options.path,
-            catch_response=True,
-        ) as response:
-            try:
-                CHECKS[options.answer](response)
-            except (ValueError, KeyError, TypeError, AttributeError, IndexError) as error:
-                response.failure(f"{type(error).__name__}: {error}")
-            else:
-                response.success()
+        headers, check = extra_headers(tuple(options.header)), CHECKS[options.answer]
+        wrong_answers = (ValueError, KeyError, TypeError, AttributeError, IndexError)
+        post_pool_image(self.client, options.pool_size, options.path, options.path, headers, lambda answer, _: check(answer), wrong_answers)
 
 
 @events.quitting.add_listener

@@ -33,7 +33,6 @@ import io
 import json
 import logging
 import math
-import random
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -45,6 +44,7 @@ from locust.env import Environment
 from locust.runners import CPU_WARNING_THRESHOLD, WorkerRunner
 from PIL import Image
 
+from camserve_tools.bench.locust_posts import post_pool_image
 from camserve_tools.data.image_pool import Sample, image_pool
 
 logger = logging.getLogger("camserve.loadtest")
@@ -205,24 +205,16 @@ class CamUser(FastHttpUser):
     @task
     def post_image(self) -> None:
         options = run_options(self.environment)
-        sample = random.choice(image_pool(options.pool_size))
-        headers = {"Content-Type": sample.content_type, **auth_headers(options.token_file), **self.extra_headers}
-        path = f"/{self.route}/{options.model}"
-        # Locust annotates `data` as str or dict, but sends bytes as they are: an image body must not be re-encoded.
-        with self.client.post(
-            path,
-            data=sample.body,  # type: ignore[arg-type]
-            headers=headers,
-            name=self.request_name,
-            catch_response=True,
-        ) as response:
-            try:
-                self.check(response, sample)
-            except (ValueError, KeyError, TypeError, OSError) as error:
-                # A wrong answer: WrongAnswer, bad JSON or base64 (ValueError), a missing field, an undecodable image.
-                response.failure(f"{type(error).__name__}: {error}")
-            else:
-                response.success()
+        post_pool_image(
+            self.client,
+            options.pool_size,
+            f"/{self.route}/{options.model}",
+            self.request_name,
+            {**auth_headers(options.token_file), **self.extra_headers},
+            self.check,
+            # A wrong answer: WrongAnswer, bad JSON or base64 (ValueError), a missing field, an undecodable image.
+            (ValueError, KeyError, TypeError, OSError),
+        )
 
 
 class PredictionUser(CamUser):

@@ -1,5 +1,6 @@
 """Every relative link in README.md and docs/**/*.md points at a file that exists, and every `#anchor` at a heading
-of its target, so that moving or splitting a page cannot leave a dead link behind. Reads files only."""
+of its target, so that moving or splitting a page cannot leave a dead link behind; and README's Layout table names
+every module where it lives. Reads files only."""
 
 import re
 from pathlib import Path
@@ -56,3 +57,22 @@ def test_relative_links_resolve(page: Path) -> None:
 def test_anchor_rule() -> None:
     assert github_anchor("The image (`deploy/image/`, `make image`)") == "the-image-deployimage-make-image"
     assert github_anchor("Keys (token authorization)") == "keys-token-authorization"
+
+
+def layout_rows() -> dict[str, str]:
+    """README's Layout table: package folder -> what its row says."""
+    section = (ROOT / "README.md").read_text().split("## Layout", 1)[1].split("\n## ", 1)[0]
+    rows = re.findall(r"^\| `([^`]+)/` \| (.+) \|$", section, re.MULTILINE)
+    return {folder: text for folder, text in rows}
+
+
+def test_the_layout_table_names_every_module() -> None:
+    """Every module of the worker runtime, the tools, the scripts and the Locust files is named in its folder's row."""
+    rows = layout_rows()
+    unnamed = []
+    for package in ("camserve", "camserve_tools", "scripts", "load_tests"):
+        for module in sorted((ROOT / package).rglob("*.py")):
+            folder = str(module.parent.relative_to(ROOT))
+            if module.name != "__init__.py" and f"`{module.name}`" not in rows.get(folder, ""):
+                unnamed.append(str(module.relative_to(ROOT)))
+    assert unnamed == []

@@ -346,40 +346,22 @@ def run_build_archive(*arguments: str, store: Path) -> subprocess.CompletedProce
     ("arguments", "message"),
     [
         # the state dict misses keys of the class
-        (
-            lambda d: [
-                "--model-file",
-                str(d / "tiny_net.py"),
-                "--extra-files",
-                str(d / "tiny_blocks.py"),
-                "--weights",
-                str(d / "partial.pth"),
-            ],
-            "Missing key(s)",
-        ),
+        ("--model-file {d}/tiny_net.py --extra-files {d}/tiny_blocks.py --weights {d}/partial.pth", "Missing key(s)"),
         # the helper module is not shipped: the unpacked archive cannot import the model file
-        (lambda d: ["--model-file", str(d / "tiny_net.py"), "--weights", str(d / "tiny.pth")], "No module named 'tiny_blocks'"),
+        ("--model-file {d}/tiny_net.py --weights {d}/tiny.pth", "No module named 'tiny_blocks'"),
         # a feature extractor, not a classifier
-        (lambda d: ["--model-file", str(d / "features.py"), "--weights", str(d / "features.pth")], "not (batch, classes) logits"),
+        ("--model-file {d}/features.py --weights {d}/features.pth", "not (batch, classes) logits"),
         # labels for another number of classes than the weights have
         (
-            lambda d: [
-                "--model-file",
-                str(d / "tiny_net.py"),
-                "--extra-files",
-                str(d / "tiny_blocks.py"),
-                "--weights",
-                str(d / "tiny.pth"),
-                "--labels",
-                str(d / "labels.json"),
-            ],
+            "--model-file {d}/tiny_net.py --extra-files {d}/tiny_blocks.py --weights {d}/tiny.pth --labels {d}/labels.json",
             "LABELS has 3 entries (keys 0..2), the model outputs 7 classes",
         ),
     ],
     ids=["state-dict-mismatch", "extra-file-missing", "output-not-logits", "labels-count"],
 )
-def test_models_that_cannot_serve_fail_at_archive_time_with_one_line(sources: Path, tmp_path, arguments, message: str) -> None:
-    completed = run_build_archive(*arguments(sources), store=tmp_path / "store")
+def test_models_that_cannot_serve_fail_at_archive_time_with_one_line(sources: Path, tmp_path, arguments: str, message: str) -> None:
+    # `sources` is a pytest temp dir: no white space in its path.
+    completed = run_build_archive(*arguments.format(d=sources).split(), store=tmp_path / "store")
     assert completed.returncode != 0
     lines = completed.stderr.strip().splitlines()
     assert len(lines) == 1, completed.stderr

@@ -116,12 +116,8 @@ def test_handler_metrics_on_the_prometheus_endpoint(shapes_server, scenes) -> No
     assert requests.post(url, data=png_bytes(scenes[8].image), headers={**auth, "X-CAM-Method": "cam"}, timeout=60).status_code == 200
     assert requests.post(url, data=b"not an image", headers=auth, timeout=60).status_code == 400
     text = requests.get(f"{shapes_server.metrics_url}/metrics", timeout=30).text
-    assert "CamRequests{" in text
-    assert 'Method="cam"' in text
-    assert 'Output="png"' in text
-    assert "CamErrors{" in text
-    assert 'Kind="invalid_image"' in text
-    assert "CamMapTime{" in text
+    expected = ("CamRequests{", 'Method="cam"', 'Output="png"', "CamErrors{", 'Kind="invalid_image"', "CamMapTime{")
+    assert [fragment for fragment in expected if fragment not in text] == []
 
 
 def test_multipart_form_with_options_as_fields(shapes_server, scenes) -> None:

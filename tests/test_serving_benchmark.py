@@ -94,13 +94,16 @@ def test_benchmark_serves_every_variant_and_writes_its_report(tmp_path: Path) ->
     assert "| shapes | 2×1, b1 | gradcam on kserve | 2 |" in report
     for variant in VARIANTS:
         assert f"| shapes | 2×1, b1 | {variant} | 2 |" in report
-    assert "gradcam throughput ≥ 0.95× built-in plain" in report
-    assert "| shapes | 2×1, b1 | gradcam server CPU per request ≤ 1.00× built-in plain |" in report
-    assert "| shapes | 2×1, b1 | gradcam server CPU per request ≤ 1.08× our none |" in report
-    assert "## Throughput against CPU at saturation" in report
-    assert "server CPU ms/req" in report
-    assert "| shapes | 2×1, b1 | reference: pytorch-grad-cam throughput ÷ built-in plain |" in report
-    assert "| shapes | 2×1, b1 | reference: gradcam throughput ÷ pytorch-grad-cam |" in report
+    expected = (
+        "gradcam throughput ≥ 0.95× built-in plain",
+        "| shapes | 2×1, b1 | gradcam server CPU per request ≤ 1.00× built-in plain |",
+        "| shapes | 2×1, b1 | gradcam server CPU per request ≤ 1.08× our none |",
+        "## Throughput against CPU at saturation",
+        "server CPU ms/req",
+        "| shapes | 2×1, b1 | reference: pytorch-grad-cam throughput ÷ built-in plain |",
+        "| shapes | 2×1, b1 | reference: gradcam throughput ÷ pytorch-grad-cam |",
+    )
+    assert [line for line in expected if line not in report] == []
     for plot in ("serving-benchmark-throughput.png", "serving-benchmark-latency.png"):
         assert (tmp_path / "docs" / plot).read_bytes().startswith(b"\x89PNG")
 

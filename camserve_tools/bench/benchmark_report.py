@@ -30,6 +30,7 @@ class Settings:
 
     @property
     def label(self) -> str:
+        """For prose: every setting spelled out."""
         return f"{self.workers} worker(s) x {self.threads} thread(s), batch {self.batch_size}, delay {self.max_batch_delay_ms} ms"
 
     @property
@@ -39,6 +40,7 @@ class Settings:
 
     @property
     def slug(self) -> str:
+        """For file names: run dirs and archive stores of these settings."""
         return f"w{self.workers}t{self.threads}b{self.batch_size}d{self.max_batch_delay_ms}"
 
 

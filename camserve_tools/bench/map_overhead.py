@@ -79,6 +79,19 @@ def build(model_name: str) -> tuple[torch.nn.Module, tuple[int, int]]:
     return loaders[model_name]() if model_name in loaders else torchvision_model(model_name)
 
 
+# Our method -> its class in pytorch-grad-cam and in torchcam (None: that library lacks it).
+REFERENCE_CLASSES: dict[str, tuple[str | None, str | None]] = {
+    "cam": (None, "CAM"),
+    "gradcam": ("GradCAM", "GradCAM"),
+    "gradcampp": ("GradCAMPlusPlus", "GradCAMpp"),
+    "xgradcam": ("XGradCAM", "XGradCAM"),
+    "hirescam": ("HiResCAM", None),
+    "layercam": ("LayerCAM", "LayerCAM"),
+    "eigencam": ("EigenCAM", None),
+    "scorecam": ("ScoreCAM", "ScoreCAM"),
+}
+
+
 def _reference(library: str, method: str, model: torch.nn.Module, layer: str) -> Callable[[torch.Tensor], object] | None:
     """The same method from a reference library, or None where that library lacks it."""
     module = model.get_submodule(layer)
@@ -86,18 +99,10 @@ def _reference(library: str, method: str, model: torch.nn.Module, layer: str) ->
     if library == "pytorch-grad-cam":
         import pytorch_grad_cam as pgc
 
-        classes = {
-            "gradcam": pgc.GradCAM,
-            "gradcampp": pgc.GradCAMPlusPlus,
-            "xgradcam": pgc.XGradCAM,
-            "hirescam": pgc.HiResCAM,
-            "layercam": pgc.LayerCAM,
-            "eigencam": pgc.EigenCAM,
-            "scorecam": pgc.ScoreCAM,
-        }
-        if method not in classes:
+        class_name = REFERENCE_CLASSES.get(method, (None, None))[0]
+        if class_name is None:
             return None
-        cam = classes[method](model=model, target_layers=[module], reshape_transform=to_grid)
+        cam = getattr(pgc, class_name)(model=model, target_layers=[module], reshape_transform=to_grid)
         if method == "scorecam":
             cam.batch_size = 32
         return lambda x: cam(input_tensor=x, targets=None)  # 1.5.7: targets is required; None = each top class
@@ -116,20 +121,14 @@ def _reference(library: str, method: str, model: torch.nn.Module, layer: str) ->
         return predict_then_attribute
     from torchcam import methods as tc
 
-    classes = {
-        "cam": tc.CAM,
-        "gradcam": tc.GradCAM,
-        "gradcampp": tc.GradCAMpp,
-        "xgradcam": tc.XGradCAM,
-        "layercam": tc.LayerCAM,
-        "scorecam": tc.ScoreCAM,
-    }
-    if method not in classes:
+    torchcam_name = REFERENCE_CLASSES.get(method, (None, None))[1]
+    if torchcam_name is None:
         return None
+    torchcam_class = getattr(tc, torchcam_name)
 
     def run(x: torch.Tensor) -> object:
         # torchcam needs grads on the model's parameters path and its hooks live as long as the extractor.
-        with classes[method](model, target_layer=layer) as extractor, torch.set_grad_enabled(method != "cam" and method != "scorecam"):
+        with torchcam_class(model, target_layer=layer) as extractor, torch.set_grad_enabled(method != "cam" and method != "scorecam"):
             scores = model(x)
             return extractor(scores.argmax(dim=1).tolist(), scores)
 

@@ -22,6 +22,7 @@ from camserve_tools.archive.checks import MAX_INPUT_SIDE, MIN_INPUT_SIDE, Archiv
 from camserve_tools.archive.forms import ArchiveRequest, archive
 from camserve_tools.archive.packing import ROOT, archive_model_dir
 from camserve_tools.commands.common import EXIT_FAILED, EXIT_OK
+from camserve_tools.shared_fields import shared_fields
 
 BUILDER_DOC = """Build a checked, self-contained TorchServe archive (.mar) around camserve/serving/handler.py.
 
@@ -150,19 +151,13 @@ def build_main(argv: list[str] | None = None, prog: str | None = None) -> None:
         if args.torchvision and args.model:
             raise ArchiveError("give --model or --torchvision, not both")
         request = ArchiveRequest(
-            model=args.model or args.torchvision,
-            model_file=args.model_file,
-            class_name=args.class_name,
-            weights=args.weights,
-            exported=args.exported,
-            extra_files=tuple(Path(p) for p in args.extra_files.split(",") if p),
-            labels=args.labels,
-            name=args.name,
-            input_size=args.input_size,
-            mean=args.mean,
-            std=args.std,
-            method=args.method,
-            layers=tuple(name for name in args.layer.split(",") if name),
+            **shared_fields(
+                args,
+                ArchiveRequest,
+                model=args.model or args.torchvision,
+                extra_files=tuple(Path(p) for p in args.extra_files.split(",") if p),
+                layers=tuple(name for name in args.layer.split(",") if name),
+            )
         )
         print(archive(request, args.export_path))
     except ArchiveError as error:

@@ -7,6 +7,7 @@ missing files) - argparse's own code for a bad command line.
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import sys
@@ -19,6 +20,26 @@ EXIT_FAILED = 1
 EXIT_USAGE = 2
 
 EXIT_CODES_HELP = "exit codes: 0 all done; 1 {failed}; 2 usage error (bad arguments, missing files)"
+
+
+def add_command(subparsers: Any, name: str, summary: str, description: str | None, exit_codes: str) -> argparse.ArgumentParser:
+    """A subcommand's parser: `summary` in `camserve --help`, `description` (its module's docstring, as written)
+    above its options, `exit_codes` below them."""
+    parser: argparse.ArgumentParser = subparsers.add_parser(
+        name, help=summary, description=description, epilog=exit_codes, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    return parser
+
+
+def exit_status(ok: bool) -> int:
+    """EXIT_OK where the work all went well, else EXIT_FAILED."""
+    return EXIT_OK if ok else EXIT_FAILED
+
+
+def exit_codes(failed: str) -> str:
+    """The exit codes of a command that does a set of things: `failed` says when it exits 1."""
+    return EXIT_CODES_HELP.format(failed=failed)
+
 
 T = TypeVar("T")
 

@@ -35,16 +35,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from camserve_tools.commands.common import (
-    EXIT_CODES_HELP,
-    EXIT_FAILED,
-    EXIT_OK,
-    CommandFailed,
-    UsageError,
-    add_output_arguments,
-    check_out_dir,
-    emit,
-)
+from camserve_tools.commands import common
 from camserve_tools.commands.evaluate_report import metrics_report, people_table, shown, summary_markdown
 from camserve_tools.commands.evaluate_scoring import EvaluateSettings, Evaluation, evaluate_images, randomise_weights
 
@@ -82,12 +73,12 @@ class Threshold:
 
 
 def register(subparsers: Any) -> None:
-    parser = subparsers.add_parser(
+    parser = common.add_command(
+        subparsers,
         "evaluate",
-        help="quality of predictions and maps on a labelled set (COCO / VOC boxes), a CI gate",
-        description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-        epilog=EXIT_CODES_HELP.format(failed="a --min/--max threshold is breached (each is named on stderr), or an image failed")
+        "quality of predictions and maps on a labelled set (COCO / VOC boxes), a CI gate",
+        __doc__,
+        common.exit_codes("a --min/--max threshold is breached (each is named on stderr), or an image failed")
         + f"\nthreshold keys: {', '.join(METRIC_KEYS)}",
     )
     parser.add_argument("model", type=Path, metavar="MODEL", help="a .mar archive or a model directory with model-config.yaml")
@@ -110,7 +101,7 @@ def register(subparsers: Any) -> None:
     parser.add_argument("--worst", type=int, default=8, metavar="N", help="overlays of the N worst maps in DIR/worst/ (default: 8)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the re-initialised model of the sanity check (default: 0)")
     parser.add_argument("--no-sanity", action="store_true", help="skip the randomisation sanity check (halves the model time)")
-    add_output_arguments(parser)
+    common.add_output_arguments(parser)
     parser.set_defaults(run=run)
 
 
@@ -122,13 +113,13 @@ def parse_thresholds(raw_min: list[str], raw_max: list[str]) -> list[Threshold]:
             key, sep, value = raw.partition("=")
             key = key.strip()
             if not sep:
-                raise UsageError(f"--{bound} {raw!r}: expected KEY=VALUE, e.g. --{bound} top1=0.9")
+                raise common.UsageError(f"--{bound} {raw!r}: expected KEY=VALUE, e.g. --{bound} top1=0.9")
             if key not in METRIC_KEYS:
-                raise UsageError(f"--{bound} {raw!r}: unknown key {key!r}; known: {', '.join(METRIC_KEYS)}")
+                raise common.UsageError(f"--{bound} {raw!r}: unknown key {key!r}; known: {', '.join(METRIC_KEYS)}")
             try:
                 number = float(value)
             except ValueError:
-                raise UsageError(f"--{bound} {raw!r}: {value!r} is not a number") from None
+                raise common.UsageError(f"--{bound} {raw!r}: {value!r} is not a number") from None
             thresholds.append(Threshold(key, bound, number))
     return thresholds
 
@@ -140,29 +131,29 @@ def run(args: argparse.Namespace) -> int:
 
     thresholds = parse_thresholds(args.min, args.max)
     if min(args.batch_size, args.steps) < 1 or args.worst < 0:
-        raise UsageError("--batch-size and --steps must be at least 1, --worst at least 0")
+        raise common.UsageError("--batch-size and --steps must be at least 1, --worst at least 0")
     if not args.data.is_dir():
-        raise UsageError(f"DATA {args.data} is not a folder")
+        raise common.UsageError(f"DATA {args.data} is not a folder")
     if not args.boxes.exists():
-        raise UsageError(f"--boxes {args.boxes} does not exist")
-    out = check_out_dir(args.out)
+        raise common.UsageError(f"--boxes {args.boxes} does not exist")
+    out = common.check_out_dir(args.out)
     settings = EvaluateSettings(args.method, args.batch_size, args.steps, args.worst, args.seed, not args.no_sanity)
     started = time.perf_counter()
     try:
         model = open_model(args.model)
         randomised = open_model(args.model) if settings.sanity else None
     except ModelSourceError as error:
-        raise UsageError(str(error)) from None
+        raise common.UsageError(str(error)) from None
     except Exception as error:  # noqa: BLE001 - a damaged archive, or whatever the model's own code raises while loading
-        raise CommandFailed(f"{args.model} cannot be loaded: {type(error).__name__}: {error}") from None
+        raise common.CommandFailed(f"{args.model} cannot be loaded: {type(error).__name__}: {error}") from None
     try:
         check_method(model.pipeline, settings.method)
         try:
             annotated = read_annotations(args.boxes, args.data, model.labels)
         except AnnotationError as error:
-            raise UsageError(str(error)) from None
+            raise common.UsageError(str(error)) from None
         if not annotated.images:
-            raise UsageError(
+            raise common.UsageError(
                 f"no image of {args.data} has a box of a class the model knows "
                 f"(unmatched labels: {annotated.unmatched_labels[:10]}, missing images: {len(annotated.missing_images)}, "
                 f"data errors: {len(annotated.data_errors)}{describe_data_errors(annotated.data_errors, 3)})"
@@ -192,8 +183,8 @@ def run(args: argparse.Namespace) -> int:
             f"errors{describe_data_errors(annotated.data_errors, 3)}; all are counted in metrics.json (data_errors)",
             file=sys.stderr,
         )
-    emit(metrics, args.json, people_table(metrics))
-    return EXIT_OK if metrics["passed"] else EXIT_FAILED
+    common.emit(metrics, args.json, people_table(metrics))
+    return common.exit_status(metrics["passed"])
 
 
 def describe_data_errors(errors: list, count: int) -> str:
@@ -209,9 +200,9 @@ def check_method(pipeline: CamPipeline, method: str | None) -> None:
     try:
         options = parse_options({"method": method} if method else {}, pipeline.rules)
     except RequestError as error:
-        raise UsageError(str(error)) from None
+        raise common.UsageError(str(error)) from None
     if options.method is None:
-        raise UsageError("evaluate needs maps: --method none gives none")
+        raise common.UsageError("evaluate needs maps: --method none gives none")
 
 
 # -- outputs ---------------------------------------------------------------------------------------------------------

@@ -24,14 +24,14 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from camserve_tools.commands.common import (
-    EXIT_CODES_HELP,
-    EXIT_FAILED,
-    EXIT_OK,
     CommandFailed,
     UsageError,
+    add_command,
     add_output_arguments,
     check_out_dir,
     emit,
+    exit_codes,
+    exit_status,
     key_values,
     progress,
 )
@@ -87,12 +87,12 @@ class ExplainSummary:
 
 
 def register(subparsers: Any) -> None:
-    parser = subparsers.add_parser(
+    parser = add_command(
+        subparsers,
         "explain",
-        help="offline batch explanations of images (JSONL + heat maps), resumable",
-        description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-        epilog=EXIT_CODES_HELP.format(failed="some images failed (their lines carry the error)"),
+        "offline batch explanations of images (JSONL + heat maps), resumable",
+        __doc__,
+        exit_codes("some images failed (their lines carry the error)"),
     )
     parser.add_argument("model", type=Path, metavar="MODEL", help="a .mar archive or a model directory with model-config.yaml")
     parser.add_argument(
@@ -163,7 +163,7 @@ def run(args: argparse.Namespace) -> int:
             raise UsageError(str(error)) from None
     report = {**asdict(summary), "images_per_second": round(summary.images_per_second, 2)}
     emit(report, args.json, key_values(report))
-    return EXIT_FAILED if summary.failed else EXIT_OK
+    return exit_status(not summary.failed)
 
 
 def without_outputs(paths: list[Path], inputs: list[str], out: Path) -> list[Path]:

@@ -15,18 +15,19 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from camserve_tools.commands.common import EXIT_OK, CommandFailed, UsageError, add_output_arguments, emit, key_values
+from camserve_tools.commands.common import EXIT_OK, CommandFailed, UsageError, add_command, add_output_arguments, emit, key_values
+from camserve_tools.shared_fields import shared_fields
 
 
 def register(subparsers: Any) -> None:
     from camserve_tools.servers.torchserve import add_server_arguments
 
-    serve = subparsers.add_parser(
+    serve = add_command(
+        subparsers,
         "serve",
-        help="start TorchServe in the background (make serve)",
-        description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-        epilog="exit codes: 0 the server is up and every model answered a prediction; 1 it could not start "
+        "start TorchServe in the background (make serve)",
+        __doc__,
+        "exit codes: 0 the server is up and every model answered a prediction; 1 it could not start "
         "(a model that cannot load, a port in use, a server of this run dir already running); 2 usage error",
     )
     add_server_arguments(serve)
@@ -35,12 +36,12 @@ def register(subparsers: Any) -> None:
     serve.add_argument("--ray-nodes", type=int, default=1, help="--engine ray: nodes of the local Ray cluster (default: %(default)s)")
     add_output_arguments(serve)
     serve.set_defaults(run=run_serve)
-    stop = subparsers.add_parser(
+    stop = add_command(
+        subparsers,
         "stop",
-        help="stop the server of a run dir (make stop)",
-        description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-        epilog="exit codes: 0 stopped, or nothing was running; 2 usage error",
+        "stop the server of a run dir (make stop)",
+        __doc__,
+        "exit codes: 0 stopped, or nothing was running; 2 usage error",
     )
     add_server_arguments(stop)
     add_output_arguments(stop)
@@ -86,14 +87,7 @@ def _serve_on_kserve(args: argparse.Namespace) -> int:
 
     run_dir = args.run_dir.resolve()
     archives = [args.model_store.resolve() / entry.split("=", 1)[-1] for entry in args.models.split(",") if entry]
-    engine = KServeEngine(
-        run_dir=run_dir,
-        archives=archives,
-        host=args.host,
-        inference_port=args.inference_port,
-        grpc_port=args.grpc_port,
-        config=args.config.resolve(),
-    )
+    engine = KServeEngine(**shared_fields(args, KServeEngine, run_dir=run_dir, archives=archives, config=args.config.resolve()))
     _check_free(run_dir)
     if not args.quiet:
         print(f"starting KServe's model server ({args.models}) in {run_dir} ...", file=sys.stderr)

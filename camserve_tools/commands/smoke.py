@@ -25,12 +25,12 @@ from pathlib import Path, PurePosixPath
 from typing import Any
 
 from camserve_tools.commands.common import (
-    EXIT_CODES_HELP,
-    EXIT_FAILED,
-    EXIT_OK,
     UsageError,
+    add_command,
     add_output_arguments,
     emit,
+    exit_codes,
+    exit_status,
     format_table,
     progress,
 )
@@ -72,12 +72,12 @@ class ArchiveFacts:
 def register(subparsers: Any) -> None:
     from camserve_tools.servers.torchserve import ROOT
 
-    parser = subparsers.add_parser(
+    parser = add_command(
+        subparsers,
         "smoke",
-        help="start TorchServe with one archive, probe it, stop (before promoting it)",
-        description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-        epilog=EXIT_CODES_HELP.format(failed="the archive failed: unreadable, could not load, or a probe's answer was wrong"),
+        "start TorchServe with one archive, probe it, stop (before promoting it)",
+        __doc__,
+        exit_codes("the archive failed: unreadable, could not load, or a probe's answer was wrong"),
     )
     parser.add_argument("archive", type=Path, metavar="ARCHIVE.mar")
     parser.add_argument(
@@ -108,7 +108,7 @@ def run(args: argparse.Namespace) -> int:
     report = smoke_test(args.archive, args.config, args.timeout, args.run_dir, args.quiet, engine=args.engine)
     report["seconds"] = round(time.perf_counter() - started, 1)
     emit(report, args.json, people_table(report))
-    return EXIT_OK if report["ok"] else EXIT_FAILED
+    return exit_status(report["ok"])
 
 
 def smoke_test(

@@ -37,6 +37,7 @@ from camserve_tools.kserve.bundle import (
 )
 from camserve_tools.servers.process_group import start_in_own_session, stop_recorded
 from camserve_tools.servers.torchserve import TorchServe, free_port
+from camserve_tools.shared_fields import shared_fields
 
 ROOT = Path(__file__).resolve().parents[2]
 # Seconds the front gets to finish what it holds after SIGTERM, before it is killed.
@@ -79,19 +80,18 @@ class KServeLocal:
         properties = dict(read_properties(config))
         self.models = list(json.loads(properties["model_snapshot"])["models"])
         self.max_body_bytes = body_limit(config)
+        # TorchServe listens on this pod's host and ports of the same names.
         self.torchserve = TorchServe(
-            run_dir=self.run_dir / "torchserve",
-            config=config,
-            model_store=self.bundle / "model-store",
-            # The snapshot in the config decides what loads; the names only tell the start-up probe what to ask.
-            models=",".join(f"{name}={name}.mar" for name in self.models),
-            host=self.host,
-            inference_port=self.inference_port,
-            management_port=self.management_port,
-            metrics_port=self.metrics_port,
-            grpc_inference_port=self.grpc_inference_port,
-            grpc_management_port=self.grpc_management_port,
-            env=pod_environment(self.api),
+            **shared_fields(
+                self,
+                TorchServe,
+                run_dir=self.run_dir / "torchserve",
+                config=config,
+                model_store=self.bundle / "model-store",
+                # The snapshot in the config decides what loads; the names only tell the start-up probe what to ask.
+                models=",".join(f"{name}={name}.mar" for name in self.models),
+                env=pod_environment(self.api),
+            )
         )
 
     @classmethod
@@ -102,10 +102,12 @@ class KServeLocal:
 
     @property
     def url(self) -> str:
+        """KServe's model server, the pod's one port for clients (TorchServe behind it is the runtime's own)."""
         return f"http://{self.host}:{self.port}"
 
     @property
     def front_pid_file(self) -> Path:
+        """Where the running front's pid is kept, so that `make kserve-local-stop` stops that process and no other."""
         return self.run_dir / "front.pid"
 
     def start(self, timeout: float = 240.0) -> None:
@@ -191,18 +193,7 @@ def main() -> None:
     elif not (bundle / "config" / "config.properties").exists():
         print(f"nothing to stop in {run_dir}")
         return
-    local = KServeLocal(
-        run_dir=run_dir,
-        bundle=bundle,
-        api=args.api,
-        port=args.port,
-        inference_port=args.inference_port,
-        management_port=args.management_port,
-        metrics_port=args.metrics_port,
-        grpc_inference_port=args.grpc_inference_port,
-        grpc_management_port=args.grpc_management_port,
-        front_grpc_port=args.front_grpc_port,
-    )
+    local = KServeLocal(**shared_fields(args, KServeLocal, run_dir=run_dir, bundle=bundle))
     if args.action == "stop":
         local.stop()
         print(f"stopped the KServe front and TorchServe of {run_dir}")

@@ -15,8 +15,10 @@ class LocalEndpoint:
 
     @property
     def inference_url(self) -> str:
+        """Where clients send predictions and explanations."""
         return f"http://{self.host}:{self.inference_port}"
 
     @property
     def log_dir(self) -> Path:
+        """The server's own logs, read back when it does not come up."""
         return self.run_dir / "logs"

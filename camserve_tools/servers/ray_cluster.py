@@ -40,6 +40,7 @@ from camserve_tools.servers.ray_application import SERVE_CONFIG, ApplicationSett
 from camserve_tools.servers.readiness import wait_for_answers
 from camserve_tools.servers.short_paths import is_private_dir, short_private_dir
 from camserve_tools.servers.torchserve import DEFAULT_MODELS, ROOT, free_port, sample_image_png
+from camserve_tools.shared_fields import shared_fields
 
 RECORD = "ray-cluster.json"  # in the run dir: the temp dir, the ports, each node's `ray start` pid
 NODE_MARKER = "CAMSERVE_RAY_NODE"
@@ -222,14 +223,7 @@ class RayCluster(LocalEndpoint):
 
     def application_config(self) -> dict[str, Any]:
         """serve-config.yaml made this run's (camserve_tools/servers/ray_application.py)."""
-        settings = ApplicationSettings(
-            host=self.host,
-            port=self.inference_port,
-            archives=self.archives,
-            nodes=self.nodes,
-            max_body_bytes=self.max_body_bytes,
-            deployment_options=self.deployment_options,
-        )
+        settings = ApplicationSettings(**shared_fields(self, ApplicationSettings, port=self.inference_port))
         return application_config(self.serve_config, settings)
 
     def deploy(self, timeout: float) -> None:

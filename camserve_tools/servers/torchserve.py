@@ -104,14 +104,17 @@ class TorchServe(LocalEndpoint):
 
     @property
     def management_url(self) -> str:
+        """The management API: models registered, scaled, described."""
         return f"http://{self.host}:{self.management_port}"
 
     @property
     def metrics_url(self) -> str:
+        """Prometheus' `/metrics`, the handler's Cam* metrics among TorchServe's own."""
         return f"http://{self.host}:{self.metrics_port}"
 
     @property
     def tmp_dir(self) -> Path:
+        """The server's TMPDIR: TorchServe keeps one pid file per temp dir, so every instance has its own."""
         return self.run_dir / "tmp"
 
     @property
